@@ -1,0 +1,152 @@
+"""Input validation shared by the ``pp``/``tl`` functions: one clear error per bad input."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from sigmma_sc._constants import Keys
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def check_positive(value: float, name: str) -> float:
+    """Raise unless ``value`` is a finite number > 0."""
+    if not isinstance(value, int | float | np.integer | np.floating) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def get_table(sdata: SpatialData, table_key: str) -> AnnData:
+    """Return ``sdata.tables[table_key]`` or raise a KeyError listing the tables."""
+    if table_key not in sdata.tables:
+        raise KeyError(
+            f"No table {table_key!r} in the SpatialData object; available tables: {sorted(sdata.tables)}. "
+            "Pass `table_key=` with one of them."
+        )
+    return sdata.tables[table_key]
+
+
+def get_image(sdata: SpatialData, image_key: str | None) -> tuple[str, Any]:
+    """Return ``(key, element)`` for ``image_key`` (or the only image when ``None``)."""
+    if image_key is None:
+        if len(sdata.images) != 1:
+            raise KeyError(
+                f"`image_key` is required when the SpatialData object holds {len(sdata.images)} images "
+                f"({sorted(sdata.images)}); pass e.g. `image_key='he'`."
+            )
+        image_key = next(iter(sdata.images))
+    if image_key not in sdata.images:
+        raise KeyError(
+            f"No image {image_key!r} in the SpatialData object; available images: {sorted(sdata.images)}. "
+            "Pass `image_key=` with one of them (for Xenium + H&E read with `sg.io.xenium`, the H&E is 'he')."
+        )
+    return image_key, sdata.images[image_key]
+
+
+def annotated_element(sdata: SpatialData, table: AnnData, table_key: str) -> tuple[str, Any, str, str]:
+    """Return ``(element_key, element, region_key, instance_key)`` of the element a table annotates."""
+    from spatialdata.models import get_table_keys
+
+    try:
+        region, region_key, instance_key = get_table_keys(table)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"Table {table_key!r} annotates no SpatialData element (it has no 'spatialdata_attrs'). "
+            "Parse it with `spatialdata.models.TableModel.parse(table, region=..., region_key=..., instance_key=...)` "
+            "so that it annotates the cell shapes or points."
+        ) from e
+    regions = [region] if isinstance(region, str) else list(region)
+    if len(regions) != 1:
+        raise ValueError(
+            f"Table {table_key!r} annotates {len(regions)} elements ({regions}); sigmma_sc needs one cell element. "
+            "Subset the table to one region first."
+        )
+    key = regions[0]
+    for container in (sdata.shapes, sdata.points, sdata.labels):
+        if key in container:
+            return key, container[key], region_key, instance_key
+    raise ValueError(
+        f"Table {table_key!r} annotates the element {key!r}, which is not in the SpatialData object. "
+        "Add the cell shapes/points element or re-parse the table with the right `region`."
+    )
+
+
+def cell_coordinates(sdata: SpatialData, table: AnnData, table_key: str, coordinate_system: str) -> np.ndarray:
+    """Centroids ``(n_obs, 2)`` (x, y) of the table's cells in ``coordinate_system``, in table row order."""
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    key, element, region_key, instance_key = annotated_element(sdata, table, table_key)
+    systems = get_transformation(element, get_all=True)
+    if coordinate_system not in systems:
+        raise ValueError(
+            f"The cell element {key!r} is not in coordinate system {coordinate_system!r} "
+            f"(it is in {sorted(systems)}). Pass `coordinate_system=` with one the image shares."
+        )
+    centroids = sd.get_centroids(element, coordinate_system=coordinate_system)
+    centroids = centroids.compute() if hasattr(centroids, "compute") else centroids
+    ids = table.obs[instance_key].to_numpy()
+    try:
+        xy = centroids.loc[ids, ["x", "y"]].to_numpy(dtype=np.float64)
+    except KeyError as e:
+        raise ValueError(
+            f"Some `{instance_key}` values of table {table_key!r} are not in the index of element {key!r}; "
+            "the table and its element do not match."
+        ) from e
+    return xy
+
+
+def counts_matrix(table: AnnData, layer: str | None, table_key: str) -> sparse.csr_matrix:
+    """Return the count matrix as CSR float32 after checking it is finite and non-negative."""
+    if layer is not None and layer not in table.layers:
+        raise KeyError(f"No layer {layer!r} in table {table_key!r}; available layers: {sorted(table.layers)}.")
+    X = table.X if layer is None else table.layers[layer]
+    if X is None:
+        raise ValueError(f"Table {table_key!r} has no counts in `.X`; pass `layer=` naming the counts layer.")
+    if hasattr(X, "compute"):
+        X = X.compute()
+    X = sparse.csr_matrix(X, dtype=np.float32)
+    data = X.data
+    if not np.all(np.isfinite(data)):
+        raise ValueError(
+            f"The counts of table {table_key!r} contain NaN or infinite values; sigmma_sc needs raw counts. "
+            "Fill or drop those cells, or pass `layer=` naming the raw counts layer."
+        )
+    if data.size and data.min() < 0:
+        raise ValueError(
+            f"The counts of table {table_key!r} contain negative values (are they log-normalised or scaled?); "
+            "sigmma_sc needs raw counts. Pass `layer=` naming the raw counts layer."
+        )
+    return X
+
+
+def um_per_unit(sdata: SpatialData, coordinate_system: str, value: float | None) -> float:
+    """Micrometres per unit of ``coordinate_system``: ``value`` or what ``sg.io`` recorded in ``sdata.attrs``."""
+    if value is not None:
+        return check_positive(value, "um_per_unit")
+    recorded = (getattr(sdata, "attrs", None) or {}).get(Keys.UNS, {}).get("um_per_unit", {})
+    if coordinate_system in recorded:
+        return check_positive(recorded[coordinate_system], "um_per_unit")
+    raise ValueError(
+        f"The physical scale of coordinate system {coordinate_system!r} is unknown. Pass `um_per_unit=` "
+        "(micrometres per coordinate unit; for a Xenium run read with spatialdata-io, 'global' is in morphology "
+        "pixels: um_per_unit=0.2125), or read the run with `sg.io.xenium`, which records it."
+    )
+
+
+def require_obs(table: AnnData, keys: list[str], table_key: str, step: str) -> None:
+    """Raise a KeyError naming ``step`` when a column is missing from ``table.obs``."""
+    missing = [k for k in keys if k not in table.obs]
+    if missing:
+        raise KeyError(f"Table {table_key!r} lacks {missing} in `.obs`; run `{step}` first.")
+
+
+def categorical(values: Any, categories: list[str] | tuple[str, ...]) -> pd.Categorical:
+    """A pandas Categorical with fixed categories."""
+    return pd.Categorical(values, categories=list(categories))

@@ -1,0 +1,190 @@
+"""Lazy, physically scaled access to a SpatialData image element.
+
+The reader maps squares given in a coordinate system (e.g. a tile) onto the image pyramid level whose
+pixel size is closest to the requested one without being coarser, reads only the needed window
+(dask), and resamples it bilinearly onto the requested grid, so rotated or sheared registrations
+(an H&E aligned to Xenium) are handled exactly. The whole full-resolution image is never loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Level:
+    data: Any  # dask array (c, y, x)
+    to_cs: np.ndarray  # 3x3 affine: level pixel (x, y, 1) -> coordinate system
+    pixel_size_um: float
+
+
+def _levels(element: Any) -> list[Any]:
+    if hasattr(element, "children") and len(getattr(element, "children", {})):  # DataTree
+        keys = sorted(element.children, key=lambda k: int(k.replace("scale", "")))
+        return [next(iter(element[k].ds.data_vars.values())) for k in keys]
+    return [element]
+
+
+class ImageReader:
+    """Read physically scaled, registered windows of an image element.
+
+    Parameters
+    ----------
+    element
+        A SpatialData image (single-scale ``DataArray`` or multiscale ``DataTree``) with axes ``(c, y, x)``.
+    coordinate_system
+        The coordinate system windows are given in.
+    um_per_unit
+        Micrometres per unit of that coordinate system.
+    """
+
+    def __init__(self, element: Any, coordinate_system: str, um_per_unit: float) -> None:
+        from spatialdata.transformations import get_transformation
+
+        systems = get_transformation(element, get_all=True)
+        if coordinate_system not in systems:
+            raise ValueError(
+                f"The image is not in coordinate system {coordinate_system!r} (it is in {sorted(systems)}): "
+                "the image and the cells share no coordinate system. Register the image to the cells "
+                "(e.g. `sg.io.xenium(..., he_alignment=...)` or `spatialdata.transformations.set_transformation`)."
+            )
+        base = systems[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+        arrays = _levels(element)
+        if arrays[0].dims != ("c", "y", "x"):
+            raise ValueError(f"Expected a 2D image with axes ('c', 'y', 'x'), got {arrays[0].dims}.")
+        h0, w0 = arrays[0].shape[1:]
+        self.um_per_unit = float(um_per_unit)
+        self.n_channels = int(arrays[0].shape[0])
+        self.dtype = np.dtype(arrays[0].dtype)
+        self.shape = (h0, w0)
+        self.levels: list[_Level] = []
+        unit_per_px0 = float(np.sqrt(abs(np.linalg.det(base[:2, :2]))))
+        if unit_per_px0 <= 0:
+            raise ValueError("The image's transformation to the coordinate system is singular.")
+        for arr in arrays:
+            h, w = arr.shape[1:]
+            fx, fy = w0 / w, h0 / h
+            level_to_px0 = np.diag([fx, fy, 1.0])
+            self.levels.append(
+                _Level(
+                    data=arr.data,
+                    to_cs=base @ level_to_px0,
+                    pixel_size_um=unit_per_px0 * float(np.sqrt(fx * fy)) * self.um_per_unit,
+                )
+            )
+        self.pixel_size_um = self.levels[0].pixel_size_um
+        self.fill = 255 if (self.n_channels == 3 and self.dtype == np.uint8) else 0
+        self._intensity_range: tuple[float, float] | None = None
+
+    # geometry ---------------------------------------------------------------------------------
+    def extent(self) -> tuple[float, float, float, float]:
+        """Axis-aligned bounding box ``(xmin, ymin, xmax, ymax)`` of the image in the coordinate system."""
+        h, w = self.shape
+        corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=float).T
+        xy = (self.levels[0].to_cs @ corners)[:2]
+        return float(xy[0].min()), float(xy[1].min()), float(xy[0].max()), float(xy[1].max())
+
+    def to_pixels(self, xy: np.ndarray, level: int = 0) -> np.ndarray:
+        """Map coordinate-system points ``(n, 2)`` to continuous pixel coordinates (x, y) of ``level``."""
+        inv = np.linalg.inv(self.levels[level].to_cs)
+        pts = np.c_[xy, np.ones(len(xy))] @ inv.T
+        return pts[:, :2]
+
+    def contains(self, xy: np.ndarray) -> np.ndarray:
+        """Whether each coordinate-system point ``(n, 2)`` lies on the image."""
+        px = self.to_pixels(xy)
+        h, w = self.shape
+        return (px[:, 0] >= 0) & (px[:, 0] <= w) & (px[:, 1] >= 0) & (px[:, 1] <= h)
+
+    def level_for(self, pixel_size_um: float) -> int:
+        """Index of the coarsest level whose pixels are not coarser than ``pixel_size_um`` (1% tolerance)."""
+        ok = [i for i, lv in enumerate(self.levels) if lv.pixel_size_um <= pixel_size_um * 1.01]
+        return ok[-1] if ok else 0
+
+    # intensity --------------------------------------------------------------------------------
+    def intensity_range(self) -> tuple[float, float]:
+        """Robust display range (0.5th-99.9th percentile of the coarsest level) used to map to uint8."""
+        if self._intensity_range is None:
+            if self.dtype == np.uint8 and self.n_channels == 3:
+                self._intensity_range = (0.0, 255.0)
+            else:
+                arr = np.asarray(
+                    self.levels[-1].data.compute() if hasattr(self.levels[-1].data, "compute") else self.levels[-1].data
+                )
+                lo, hi = np.percentile(arr, [0.5, 99.9])
+                self._intensity_range = (float(lo), float(max(hi, lo + 1)))
+        return self._intensity_range
+
+    def to_uint8(self, arr: np.ndarray) -> np.ndarray:
+        """Map raw intensities to uint8 with :meth:`intensity_range` (RGB uint8 passes through)."""
+        if arr.dtype == np.uint8 and self.n_channels == 3:
+            return arr
+        lo, hi = self.intensity_range()
+        return np.clip((arr.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+
+    # reading ----------------------------------------------------------------------------------
+    def read_square(self, x0: float, y0: float, size: float, out_px: int, *, level: int | None = None) -> np.ndarray:
+        """Read the square ``[x0, x0+size) x [y0, y0+size)`` (coordinate-system units) as ``(C, out_px, out_px)`` uint8.
+
+        Output pixel ``(i, j)`` samples the point ``(x0 + (j + 0.5) * size / out_px, y0 + (i + 0.5) * size / out_px)``;
+        points off the image get the background value (white for RGB, 0 otherwise).
+        """
+        if level is None:
+            level = self.level_for(size * self.um_per_unit / out_px)
+        lv = self.levels[level]
+        step = size / out_px
+        centers = x0 + (np.arange(out_px) + 0.5) * step, y0 + (np.arange(out_px) + 0.5) * step
+        gx, gy = np.meshgrid(centers[0], centers[1])
+        px = self.to_pixels(np.c_[gx.ravel(), gy.ravel()], level) - 0.5  # pixel centres sit at index + 0.5
+        h, w = lv.data.shape[1:]
+        lo = np.floor(px.min(0)).astype(int) - 1
+        hi = np.ceil(px.max(0)).astype(int) + 2
+        cx0, cy0 = max(lo[0], 0), max(lo[1], 0)
+        cx1, cy1 = min(hi[0], w), min(hi[1], h)
+        out = np.full((self.n_channels, out_px, out_px), self.fill, dtype=np.uint8)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        window = lv.data[:, cy0:cy1, cx0:cx1]
+        window = np.asarray(window.compute() if hasattr(window, "compute") else window)
+        window = self.to_uint8(window)
+        coords = np.stack([px[:, 1] - cy0, px[:, 0] - cx0])
+        for c in range(self.n_channels):
+            out[c] = (
+                ndimage.map_coordinates(
+                    window[c].astype(np.float32), coords, order=1, mode="constant", cval=float(self.fill)
+                )
+                .reshape(out_px, out_px)
+                .round()
+                .clip(0, 255)
+                .astype(np.uint8)
+            )
+        return out
+
+    def thumbnail(self, max_pixel_size_um: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
+        """A low-resolution uint8 ``(C, h, w)`` view of the image and its 3x3 affine (pixel ``(x, y, 1)`` -> coordinates).
+
+        Uses the coarsest pyramid level not coarser than ``max_pixel_size_um``; without a pyramid, the
+        level is strided so that at most ~16 megapixels are read.
+        """
+        level = self.level_for(max_pixel_size_um)
+        lv = self.levels[level]
+        data = lv.data
+        h, w = data.shape[1:]
+        stride = max(1, int(np.ceil(np.sqrt(h * w / 16e6))))
+        if stride > 1:
+            logger.warning(
+                "The image has no pyramid level near %.1f µm/px; subsampling level %d by %d.",
+                max_pixel_size_um,
+                level,
+                stride,
+            )
+            data = data[:, ::stride, ::stride]
+        arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
+        return self.to_uint8(arr), lv.to_cs @ np.diag([stride, stride, 1.0])

@@ -1,0 +1,54 @@
+"""Tile images of a tiled section, read lazily at the tiling's physical pixel size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sigmma_sc._constants import Keys
+from sigmma_sc._utils._validate import get_image, get_table
+
+from ._image import ImageReader
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+
+def tile_params(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE) -> dict:
+    """The parameters ``sg.pp.tile`` recorded in the tile table, or a clear error."""
+    if tile_key not in sdata.tables:
+        raise KeyError(f"No tile table {tile_key!r} in the SpatialData object; run `sg.pp.tile` first.")
+    params = sdata.tables[tile_key].uns.get(Keys.UNS, {}).get("tile")
+    if params is None:
+        raise KeyError(f"Table {tile_key!r} is not a sigmma tile table; run `sg.pp.tile` first.")
+    return params
+
+
+def tile_reader(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE, image_key: str | None = None) -> ImageReader:
+    """An :class:`ImageReader` on the tiled image (or on ``image_key``, e.g. an H&E of the same section)."""
+    params = tile_params(sdata, tile_key)
+    key, image = get_image(sdata, image_key or params["image_key"])
+    return ImageReader(image, params["coordinate_system"], params["um_per_unit"])
+
+
+def iter_tile_images(
+    sdata: SpatialData,
+    *,
+    tile_key: str = Keys.TILE_TABLE,
+    image_key: str | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield each tile's image as a ``(C, tile_px, tile_px)`` uint8 array, in tile-table order.
+
+    Only the window of the best pyramid level under each tile is read (see :class:`ImageReader`).
+    """
+    params = tile_params(sdata, tile_key)
+    reader = tile_reader(sdata, tile_key, image_key)
+    obs = get_table(sdata, tile_key).obs
+    x0, y0 = obs[Keys.TILE_X0].to_numpy(), obs[Keys.TILE_Y0].to_numpy()
+    size, out_px = float(params["tile_size"]), int(params["tile_px"])
+    level = reader.level_for(params["pixel_size_um"])
+    for i in range(len(obs)) if indices is None else indices:
+        yield reader.read_square(float(x0[i]), float(y0[i]), size, out_px, level=level)

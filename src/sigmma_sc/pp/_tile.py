@@ -1,0 +1,374 @@
+"""``sg.pp.tile``: square tiles of physical size over a registered image, with a spatial split."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage, sparse
+
+from sigmma_sc._constants import GRID, SPLITS, Keys
+from sigmma_sc._utils._validate import (
+    categorical,
+    cell_coordinates,
+    check_positive,
+    counts_matrix,
+    get_image,
+    get_table,
+)
+from sigmma_sc._utils._validate import um_per_unit as _um_per_unit
+from sigmma_sc.data._image import ImageReader
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
+
+MIN_CROP_PX = 4
+
+
+def tile(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    table_key: str = "table",
+    coordinate_system: str = "global",
+    tile_size_um: float = 128.0,
+    pixel_size_um: float = 0.5,
+    um_per_unit: float | None = None,
+    layer: str | None = None,
+    min_tissue_fraction: float = 0.05,
+    min_cells: int = 1,
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_region_tiles: int | None = None,
+    cells_outside: Literal["raise", "drop"] = "raise",
+    seed: int = 0,
+    key_added: str = Keys.TILE_TABLE,
+    inplace: bool = True,
+) -> tuple[gpd.GeoDataFrame, AnnData, pd.DataFrame] | None:
+    """Cut a section into square tiles of physical size and split them spatially into train/val/test.
+
+    The tile grid is laid over the image's extent in ``coordinate_system``. A tile is kept when it holds at
+    least ``min_cells`` cells and at least ``min_tissue_fraction`` of it is tissue (detected on a low-resolution
+    pyramid level); the others are dropped as background and counted in the log. Tiles are grouped into
+    square regions of ``split_region_tiles`` x ``split_region_tiles`` tiles and whole regions are assigned to
+    train, validation and test, so that validation and test tiles lie in regions spatially disjoint from the
+    training regions.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object with an image and a cell table annotating cell shapes or points.
+    image_key
+        Image element to tile (H&E, or a morphology stain such as Xenium's DAPI). Optional if there is one image.
+    table_key
+        Cell table (counts in ``.X`` or ``layer``).
+    coordinate_system
+        Coordinate system shared by the image and the cells; tiles are defined in it.
+    tile_size_um
+        Tile side in micrometres (the paper: 256 px at 0.5 µm/px = 128 µm).
+    pixel_size_um
+        Pixel size at which the image is read for the model, in micrometres.
+    um_per_unit
+        Micrometres per unit of ``coordinate_system``. Default: the value recorded by :func:`sigmma_sc.io.xenium`.
+    layer
+        Layer of the cell table holding raw counts (``None``: ``.X``).
+    min_tissue_fraction
+        Minimum tissue fraction of a kept tile.
+    min_cells
+        Minimum number of cells of a kept tile.
+    split_fractions
+        Train, validation and test fractions of tiles.
+    split_region_tiles
+        Side of a split region in tiles (default: about 50 regions over the section).
+    cells_outside
+        What to do with cells whose centroid lies off the image: ``'raise'`` or ``'drop'`` them (tile ``-1``).
+    seed
+        Seed of the split.
+    key_added
+        Key of the tile table; the tile shapes are ``f"{image_key}_sigmma_tiles"``.
+    inplace
+        Write into ``sdata`` and return ``None``; otherwise return the results and leave ``sdata`` unchanged.
+
+    Returns
+    -------
+    ``None`` if ``inplace``, else ``(tile_shapes, tile_table, cell_assignments)``. In place, writes:
+
+    - ``sdata.shapes[f'{image_key}_sigmma_tiles']``: square tile polygons in ``coordinate_system``.
+    - ``sdata.tables[key_added]``: one row per kept tile annotating those shapes; ``.X`` summed counts of its
+      cells; ``.obs`` ``tile_id``, ``tile_row``, ``tile_col``, ``x0``, ``y0``, ``n_cells``, ``tissue_fraction``,
+      ``split`` (train/val/test), ``split_region``; ``.uns['sigmma']['tile']`` the parameters.
+    - cell table ``.obs['sigmma_tile']`` (row of the tile table, ``-1`` if dropped),
+      ``.obs['sigmma_micro_block']`` (0-15, row-major 4x4) and ``.obs['sigmma_meso_block']`` (0-3, 2x2),
+      ``.obsm['sigmma_spatial']`` (centroids in ``coordinate_system``).
+    """
+    tile_size_um = check_positive(tile_size_um, "tile_size_um")
+    pixel_size_um = check_positive(pixel_size_um, "pixel_size_um")
+    if not 0 <= min_tissue_fraction <= 1:
+        raise ValueError(f"`min_tissue_fraction` must be in [0, 1], got {min_tissue_fraction}.")
+    fractions = np.asarray(split_fractions, dtype=float)
+    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
+        raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {split_fractions}.")
+    if cells_outside not in ("raise", "drop"):
+        raise ValueError(f"`cells_outside` must be 'raise' or 'drop', got {cells_outside!r}.")
+
+    image_key, image = get_image(sdata, image_key)
+    table = get_table(sdata, table_key)
+    scale = _um_per_unit(sdata, coordinate_system, um_per_unit)
+    reader = ImageReader(image, coordinate_system, scale)
+
+    tile_px = MIN_CROP_PX * max(1, round(tile_size_um / pixel_size_um / MIN_CROP_PX))
+    if tile_size_um / pixel_size_um / GRID["micro"] < MIN_CROP_PX:
+        raise ValueError(
+            f"A {tile_size_um} µm tile at {pixel_size_um} µm/px gives micro crops of "
+            f"{tile_size_um / pixel_size_um / GRID['micro']:.1f} px; at least {MIN_CROP_PX} px are needed. "
+            "Increase `tile_size_um` or decrease `pixel_size_um`."
+        )
+    native_crop = tile_size_um / reader.pixel_size_um / GRID["micro"]
+    if native_crop < MIN_CROP_PX:
+        raise ValueError(
+            f"The image's full resolution is {reader.pixel_size_um:.3g} µm/px, so a micro crop of a {tile_size_um} µm "
+            f"tile spans only {native_crop:.1f} image pixels (at least {MIN_CROP_PX} needed). Increase `tile_size_um`, "
+            "or check `um_per_unit` and the image's transformation."
+        )
+
+    counts = counts_matrix(table, layer, table_key)
+    xy = cell_coordinates(sdata, table, table_key, coordinate_system)
+    on_image = reader.contains(xy)
+    if not on_image.all():
+        n_off = int((~on_image).sum())
+        if cells_outside == "raise":
+            raise ValueError(
+                f"{n_off} of {len(xy)} cell centroids lie outside image {image_key!r} in {coordinate_system!r}. "
+                "Check the image registration (alignment file) and `coordinate_system`, or pass "
+                "`cells_outside='drop'` to leave those cells untiled."
+            )
+        logger.warning("%d cells lie outside image %r and are left untiled (tile -1).", n_off, image_key)
+
+    size = tile_size_um / scale  # tile side in coordinate-system units
+    xmin, ymin, xmax, ymax = reader.extent()
+    n_cols, n_rows = max(1, int(np.ceil((xmax - xmin) / size))), max(1, int(np.ceil((ymax - ymin) / size)))
+
+    col = np.floor((xy[:, 0] - xmin) / size).astype(np.int64)
+    row = np.floor((xy[:, 1] - ymin) / size).astype(np.int64)
+    col, row = np.clip(col, 0, n_cols - 1), np.clip(row, 0, n_rows - 1)
+    grid_id = np.where(on_image, row * n_cols + col, -1)
+    n_cells_grid = np.bincount(grid_id[grid_id >= 0], minlength=n_rows * n_cols)
+
+    tissue = _tissue_fraction(reader, xmin, ymin, size, n_rows, n_cols)
+    keep = (n_cells_grid >= max(min_cells, 1)) & (tissue >= min_tissue_fraction)
+    kept_grid = np.flatnonzero(keep)
+    if kept_grid.size == 0:
+        raise ValueError(
+            "No tile holds enough cells and tissue. Check `tile_size_um`, `min_cells`, `min_tissue_fraction` "
+            "and that the cells lie on the tissue of the image."
+        )
+    tile_of_grid = np.full(n_rows * n_cols, -1, dtype=np.int64)
+    tile_of_grid[kept_grid] = np.arange(kept_grid.size)
+    cell_tile = np.where(grid_id >= 0, tile_of_grid[np.maximum(grid_id, 0)], -1)
+
+    t_row, t_col = kept_grid // n_cols, kept_grid % n_cols
+    x0, y0 = xmin + t_col * size, ymin + t_row * size
+    n_bg = int((~keep & (n_cells_grid > 0)).sum())
+    n_dropped_cells = int((cell_tile < 0).sum())
+    logger.info(
+        "Kept %d of %d grid tiles (%d empty, %d with cells dropped as background); %d of %d cells are tiled.",
+        kept_grid.size, keep.size, int((n_cells_grid == 0).sum()), n_bg, len(xy) - n_dropped_cells, len(xy),
+    )  # fmt: skip
+
+    # blocks inside each tile (row-major)
+    blocks = {}
+    tiled = cell_tile >= 0
+    for scale_name in ("micro", "meso"):
+        g = GRID[scale_name]
+        bx = np.clip(np.floor((xy[:, 0] - (xmin + col * size)) / (size / g)), 0, g - 1).astype(np.int64)
+        by = np.clip(np.floor((xy[:, 1] - (ymin + row * size)) / (size / g)), 0, g - 1).astype(np.int64)
+        blocks[scale_name] = np.where(tiled, by * g + bx, -1)
+
+    split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
+
+    # summed counts per tile
+    idx = np.flatnonzero(tiled)
+    member = sparse.csr_matrix(
+        (np.ones(idx.size, dtype=np.float32), (cell_tile[idx], idx)), shape=(kept_grid.size, len(xy))
+    )
+    summed = (member @ counts).tocsr()
+
+    shapes_key = Keys.tile_shapes(image_key)
+    params = {
+        "image_key": image_key,
+        "table_key": table_key,
+        "shapes_key": shapes_key,
+        "coordinate_system": coordinate_system,
+        "tile_size_um": tile_size_um,
+        "tile_size": size,
+        "tile_px": int(tile_px),
+        "pixel_size_um": tile_size_um / tile_px,
+        "um_per_unit": scale,
+        "layer": layer,
+        "grid_origin": [float(xmin), float(ymin)],
+        "grid_shape": [n_rows, n_cols],
+        "min_tissue_fraction": float(min_tissue_fraction),
+        "min_cells": int(min_cells),
+        "split_fractions": [float(f) for f in fractions],
+        "seed": int(seed),
+        "n_dropped_cells": n_dropped_cells,
+    }
+    shapes = _tile_shapes(x0, y0, size, coordinate_system)
+    tile_table = _tile_table(
+        summed, table, shapes_key, t_row, t_col, x0, y0, member, tissue[kept_grid], split, region, params
+    )
+    cells = pd.DataFrame(
+        {
+            Keys.CELL_TILE: cell_tile,
+            Keys.block("micro"): blocks["micro"],
+            Keys.block("meso"): blocks["meso"],
+        },
+        index=table.obs_names,
+    )
+    if not inplace:
+        return shapes, tile_table, cells
+
+    sdata.shapes[shapes_key] = shapes
+    sdata.tables[key_added] = tile_table
+    for key in cells:
+        table.obs[key] = cells[key].to_numpy()
+    table.obsm[Keys.CELL_SPATIAL] = xy
+    for key in (shapes_key, key_added):
+        logger.info("Wrote %r.", key)
+    logger.info(
+        "Wrote cell table %r .obs[%r, %r, %r] and .obsm[%r].",
+        table_key, Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso"), Keys.CELL_SPATIAL,
+    )  # fmt: skip
+    return None
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=256)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1)
+    return float(centers[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
+def tissue_mask(thumb: np.ndarray) -> np.ndarray:
+    """Tissue mask of a low-resolution uint8 ``(C, h, w)`` image.
+
+    RGB (brightfield, e.g. H&E): tissue is darker or more saturated than the white glass. One channel
+    (fluorescence, e.g. DAPI): tissue is brighter than the dark background after smoothing.
+    """
+    img = thumb.astype(np.float32)
+    if img.shape[0] == 3:
+        gray = img.mean(0)
+        sat = img.max(0) - img.min(0)
+        thr = min(_otsu(gray), 235.0) if np.ptp(gray) > 10 else 235.0
+        mask = (gray < thr) | (sat > 25)
+    else:
+        smooth = ndimage.gaussian_filter(img.max(0), 2)
+        if np.ptp(smooth) < 1:
+            return np.zeros(smooth.shape, dtype=bool)
+        mask = smooth > _otsu(smooth)
+    mask = ndimage.binary_closing(mask, iterations=2)
+    return ndimage.binary_fill_holes(mask) if mask.mean() < 0.999 else mask
+
+
+def _tissue_fraction(
+    reader: ImageReader, xmin: float, ymin: float, size: float, n_rows: int, n_cols: int
+) -> np.ndarray:
+    """Fraction of each grid tile covered by tissue, sampled on a 16x16 grid of points per tile."""
+    thumb, to_cs = reader.thumbnail(max_pixel_size_um=max(size * reader.um_per_unit / 32, reader.pixel_size_um))
+    mask = tissue_mask(thumb)
+    g = 16
+    offs = (np.arange(g) + 0.5) / g * size
+    ox, oy = np.meshgrid(offs, offs)
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    px = xmin + cols[:, None] * size + ox.ravel()[None]
+    py = ymin + rows[:, None] * size + oy.ravel()[None]
+    inv = np.linalg.inv(to_cs)
+    tx = inv[0, 0] * px + inv[0, 1] * py + inv[0, 2]
+    ty = inv[1, 0] * px + inv[1, 1] * py + inv[1, 2]
+    ix, iy = np.floor(tx).astype(np.int64), np.floor(ty).astype(np.int64)
+    h, w = mask.shape
+    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    hit = np.zeros(ix.shape, dtype=bool)
+    hit[inside] = mask[iy[inside], ix[inside]]
+    return hit.mean(1)
+
+
+def _spatial_split(
+    rows: np.ndarray, cols: np.ndarray, fractions: np.ndarray, region_tiles: int | None, seed: int
+) -> tuple[pd.Categorical, np.ndarray]:
+    """Assign whole square regions of tiles to train/val/test with tile counts close to ``fractions``."""
+    n = rows.size
+    if region_tiles is None:
+        region_tiles = max(1, round(np.sqrt(n / 50)))
+    elif int(region_tiles) < 1:
+        raise ValueError(f"`split_region_tiles` must be >= 1, got {region_tiles}.")
+    rr, rc = rows // int(region_tiles), cols // int(region_tiles)
+    _, region = np.unique(rr * (cols.max() + 1) + rc, return_inverse=True)
+    sizes = np.bincount(region)
+    order = np.random.default_rng(seed).permutation(sizes.size)
+    targets = fractions * n
+    assigned = np.zeros(sizes.size, dtype=np.int64)  # 0 train, 1 val, 2 test
+    filled = np.zeros(3)
+    for r in order:  # validation, then test regions until their targets are met; the rest is training
+        s = 1 if filled[1] < targets[1] else 2 if filled[2] < targets[2] else 0
+        assigned[r] = s
+        filled[s] += sizes[r]
+    split = np.asarray(SPLITS)[assigned[region]]
+    return categorical(split, SPLITS), region
+
+
+def _tile_shapes(x0: np.ndarray, y0: np.ndarray, size: float, coordinate_system: str) -> gpd.GeoDataFrame:
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    polys = shapely.box(x0, y0, x0 + size, y0 + size)
+    gdf = gpd.GeoDataFrame(geometry=polys, index=pd.RangeIndex(x0.size, name=Keys.TILE_ID))
+    return ShapesModel.parse(gdf, transformations={coordinate_system: Identity()})
+
+
+def _tile_table(
+    summed: sparse.csr_matrix,
+    table: AnnData,
+    shapes_key: str,
+    t_row: np.ndarray,
+    t_col: np.ndarray,
+    x0: np.ndarray,
+    y0: np.ndarray,
+    member: sparse.csr_matrix,
+    tissue: np.ndarray,
+    split: pd.Categorical,
+    region: np.ndarray,
+    params: dict,
+) -> AnnData:
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    n = t_row.size
+    obs = pd.DataFrame(
+        {
+            Keys.TILE_ID: np.arange(n),
+            Keys.REGION: pd.Categorical([shapes_key] * n),
+            Keys.TILE_ROW: t_row,
+            Keys.TILE_COL: t_col,
+            Keys.TILE_X0: x0,
+            Keys.TILE_Y0: y0,
+            Keys.N_CELLS: np.asarray(member.sum(1)).ravel().astype(np.int64),
+            Keys.TISSUE_FRACTION: tissue.astype(np.float32),
+            Keys.SPLIT: split,
+            Keys.SPLIT_REGION: region.astype(np.int64),
+        },
+        index=pd.Index([f"tile_{i}" for i in range(n)]),
+    )
+    adata = ad.AnnData(X=summed, obs=obs, var=pd.DataFrame(index=table.var_names.copy()))
+    adata.uns[Keys.UNS] = {"tile": params}
+    return TableModel.parse(adata, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.TILE_ID)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a small synthetic SpatialData section with a registered image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _section import make_section
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-network", action="store_true", default=False, help="run tests that need internet")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+_SKIPS = {  # marker -> (skip?, reason)
+    "gpu": (lambda config: not _cuda(), "needs a CUDA device"),
+    "network": (lambda config: not config.getoption("--run-network"), "needs --run-network"),
+    "data": (lambda config: not SHARED_DATA.exists(), f"needs the real data in {SHARED_DATA}"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker, (should_skip, reason) in _SKIPS.items():
+        if should_skip(config):
+            skip = pytest.mark.skip(reason=reason)
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def _section_master():
+    return make_section()
+
+
+@pytest.fixture
+def section(_section_master):
+    """A fresh deep copy of the default synthetic section for each test."""
+    import spatialdata as sd
+
+    sdata = sd.deepcopy(_section_master)
+    sdata.attrs["sigmma"] = {"um_per_unit": {"global": 0.5}}
+    return sdata

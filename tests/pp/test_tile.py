@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from _section import make_section
+
+import sigmma_sc as sg
+from sigmma_sc._constants import Keys
+
+
+def _run(sdata, **kwargs):
+    kwargs = {"image_key": "he", "tile_size_um": 16.0, "pixel_size_um": 0.5, **kwargs}
+    sg.pp.tile(sdata, **kwargs)
+    return sdata.tables[Keys.TILE_TABLE], sdata.tables["table"]
+
+
+@pytest.mark.parametrize("cells_in_um", [False, True])
+def test_cells_land_in_their_tile_and_block_under_affine(cells_in_um):
+    sdata = make_section(rotation_deg=17.0, offset=(40.0, -25.0), unit_per_px=1.3, cells_in_um=cells_in_um)
+    tiles, cells = _run(sdata)
+    polys = sdata.shapes[Keys.tile_shapes("he")].geometry.to_numpy()
+    xy = cells.obsm[Keys.CELL_SPATIAL]
+    tile_of = cells.obs[Keys.CELL_TILE].to_numpy()
+    assert (tile_of >= 0).all()
+    # brute force: the polygon that contains each centroid
+    pts = shapely.points(xy)
+    for i in np.random.default_rng(0).choice(len(xy), 60, replace=False):
+        inside = np.flatnonzero(shapely.contains(polys, pts[i]) | shapely.touches(polys, pts[i]))
+        assert tile_of[i] in inside
+        b = polys[tile_of[i]].bounds
+        side = b[2] - b[0]
+        for scale, g in (("micro", 4), ("meso", 2)):
+            blk = cells.obs[Keys.block(scale)].iloc[i]
+            by, bx = divmod(blk, g)
+            box = shapely.box(
+                b[0] + bx * side / g, b[1] + by * side / g, b[0] + (bx + 1) * side / g, b[1] + (by + 1) * side / g
+            )
+            assert box.buffer(1e-9).contains(pts[i])
+    # every cell in exactly one kept tile: counts add up
+    assert tiles.obs[Keys.N_CELLS].sum() == len(cells)
+    assert np.allclose(np.asarray(tiles.X.sum(0)).ravel(), np.asarray(cells.X.sum(0)).ravel())
+
+
+def test_registration_dot_lands_at_cell_position():
+    """A bright dot in the image at a cell's location appears at that cell's position in its tile image."""
+    from sigmma_sc.data import iter_tile_images
+
+    sdata = make_section(rotation_deg=30.0, offset=(10.0, 5.0), unit_per_px=0.8, scale_factors=[2, 2], n_cells=50)
+    img = sdata.images["he"]
+    # paint a small black dot at the pixel of cell 0 in every pyramid level via its centroid
+    sg.pp.tile(sdata, image_key="he", tile_size_um=32.0, pixel_size_um=0.5)
+    cells = sdata.tables["table"]
+    xy = cells.obsm[Keys.CELL_SPATIAL][0]
+    reader = sg.data.ImageReader(img, "global", 0.5)
+    for lv in range(len(reader.levels)):
+        px = reader.to_pixels(xy[None], lv)[0]
+        arr = img[f"scale{lv}"]["image"]
+        data = arr.data.compute()
+        r = max(1, int(round(2 / 2**lv)))
+        iy, ix = int(px[1]), int(px[0])
+        data[:, iy - r : iy + r + 1, ix - r : ix + r + 1] = 0
+        img[f"scale{lv}"]["image"].data = __import__("dask.array").array.from_array(data)
+    t = int(cells.obs[Keys.CELL_TILE].iloc[0])
+    tile_img = next(iter_tile_images(sdata, indices=[t]))
+    params = sdata.tables[Keys.TILE_TABLE].uns["sigmma"]["tile"]
+    obs = sdata.tables[Keys.TILE_TABLE].obs.iloc[t]
+    exp = (xy - [obs["x0"], obs["y0"]]) / params["tile_size"] * params["tile_px"]
+    dark = tile_img.astype(int).sum(0)
+    iy, ix = np.unravel_index(dark.argmin(), dark.shape)
+    assert abs(ix + 0.5 - exp[0]) <= 2.5
+    assert abs(iy + 0.5 - exp[1]) <= 2.5
+
+
+@pytest.mark.parametrize(("unit_per_px", "scale_factors", "pixel_size_um", "level"), [
+    (1.0, None, 0.5, 0),  # native 0.5 µm/px
+    (0.5, [2, 2], 0.5, 1),  # native 0.25 µm/px: level 1 is 0.5 µm/px
+    (0.25, [2, 2], 1.0, 2),  # native 0.125 µm/px: level 2 is 0.5 µm/px, closest not coarser than 1.0
+    (2.0, None, 0.5, 0),  # native 1 µm/px: upsampled
+])  # fmt: skip
+def test_tile_pixel_size_and_level(unit_per_px, scale_factors, pixel_size_um, level):
+    """Stripes of a known physical period keep that period (in output pixels) at any resolution and level."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    from sigmma_sc.data import iter_tile_images
+
+    sdata = make_section(unit_per_px=unit_per_px, scale_factors=scale_factors, image_px=512, n_cells=200)
+    period_um = 8.0
+    reader = sg.data.ImageReader(sdata.images["he"], "global", 0.5)
+    assert reader.level_for(pixel_size_um) == level
+    old = sdata.images["he"]
+    w = 512
+    x_um = (np.arange(w) + 0.5) * reader.levels[0].pixel_size_um
+    stripe = ((np.sin(2 * np.pi * x_um / period_um) > 0) * 200 + 20).astype(np.uint8)
+    sdata.images["he"] = Image2DModel.parse(
+        np.broadcast_to(stripe, (3, w, w)).copy(),
+        dims=("c", "y", "x"),
+        scale_factors=scale_factors,
+        transformations=get_transformation(old, get_all=True),
+    )
+    sg.pp.tile(sdata, image_key="he", tile_size_um=32.0, pixel_size_um=pixel_size_um, min_tissue_fraction=0.0)
+    params = sdata.tables[Keys.TILE_TABLE].uns["sigmma"]["tile"]
+    assert params["tile_px"] == round(32 / pixel_size_um)
+    tile_img = next(iter_tile_images(sdata, indices=[0]))
+    assert tile_img.shape == (3, params["tile_px"], params["tile_px"])
+    profile = tile_img[0].astype(float).mean(0) - tile_img[0].mean()
+    spectrum = np.abs(np.fft.rfft(profile))
+    freq = np.fft.rfftfreq(profile.size)[spectrum[1:].argmax() + 1]
+    assert 1 / freq == pytest.approx(period_um / pixel_size_um, rel=0.08)
+
+
+def test_background_tiles_dropped_and_cells_accounted():
+    sdata = make_section(n_cells=300)
+    tiles, cells = _run(sdata, tile_size_um=10.0)
+    params = tiles.uns["sigmma"]["tile"]
+    n_rows, n_cols = params["grid_shape"]
+    assert len(tiles) < n_rows * n_cols  # margin tiles without tissue or cells are gone
+    assert (tiles.obs[Keys.N_CELLS] >= 1).all()
+    assert (tiles.obs[Keys.TISSUE_FRACTION] >= 0.05).all()
+    tile_of = cells.obs[Keys.CELL_TILE].to_numpy()
+    assert ((tile_of >= 0).sum() + params["n_dropped_cells"]) == len(cells)
+    counts = np.bincount(tile_of[tile_of >= 0], minlength=len(tiles))
+    assert np.array_equal(counts, tiles.obs[Keys.N_CELLS].to_numpy())
+
+
+def test_min_cells_drops_cells_and_counts_them():
+    sdata = make_section(n_cells=300)
+    tiles, cells = _run(sdata, tile_size_um=10.0, min_cells=5)
+    tile_of = cells.obs[Keys.CELL_TILE].to_numpy()
+    dropped = (tile_of < 0).sum()
+    assert dropped == tiles.uns["sigmma"]["tile"]["n_dropped_cells"] > 0
+    assert (cells.obs.loc[tile_of < 0, Keys.block("micro")] == -1).all()
+
+
+def test_split_fractions_and_spatial_disjointness():
+    sdata = make_section(n_cells=3000, image_px=512)
+    tiles, _ = _run(sdata, tile_size_um=8.0, split_region_tiles=2)
+    obs = tiles.obs
+    frac = obs[Keys.SPLIT].value_counts(normalize=True)
+    assert frac["train"] == pytest.approx(0.8, abs=0.05)
+    assert frac["val"] == pytest.approx(0.1, abs=0.04)
+    assert frac["test"] == pytest.approx(0.1, abs=0.04)
+    # a split region holds one split only, and regions are 2x2 tile blocks
+    assert (obs.groupby(Keys.SPLIT_REGION, observed=True)[Keys.SPLIT].nunique() == 1).all()
+    assert (obs.groupby(Keys.SPLIT_REGION)[Keys.TILE_ROW].agg(lambda r: r.max() - r.min()) <= 1).all()
+    # deterministic for a seed, different for another
+    again = make_section(n_cells=3000, image_px=512)
+    tiles2, _ = _run(again, tile_size_um=8.0, split_region_tiles=2)
+    assert (tiles2.obs[Keys.SPLIT] == obs[Keys.SPLIT]).all()
+    tiles3, _ = _run(make_section(n_cells=3000, image_px=512), tile_size_um=8.0, split_region_tiles=2, seed=1)
+    assert not (tiles3.obs[Keys.SPLIT] == obs[Keys.SPLIT]).all()
+
+
+def test_fluorescence_image_tissue_detection():
+    sdata = make_section(rgb=False, n_cells=300)
+    tiles, _ = _run(sdata, tile_size_um=10.0)
+    assert len(tiles) > 0
+    assert tiles.obs[Keys.TISSUE_FRACTION].median() > 0.5
+
+
+def test_zarr_round_trip(section, tmp_path):
+    import spatialdata as sd
+
+    sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+    sg.pp.cell_graph(section, n_comps=5)
+    path = tmp_path / "section.zarr"
+    section.write(path)
+    back = sd.read_zarr(path)
+    t0, t1 = section.tables[Keys.TILE_TABLE], back.tables[Keys.TILE_TABLE]
+    assert t1.obs[Keys.SPLIT].tolist() == t0.obs[Keys.SPLIT].tolist()
+    assert np.allclose(t1.X.toarray(), t0.X.toarray())
+    assert t1.uns["sigmma"]["tile"]["tile_px"] == t0.uns["sigmma"]["tile"]["tile_px"]
+    c0, c1 = section.tables["table"], back.tables["table"]
+    for key in (Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso")):
+        assert np.array_equal(c0.obs[key].to_numpy(), c1.obs[key].to_numpy())
+    assert (c1.obsp["sigmma_connectivities"] != c0.obsp["sigmma_connectivities"]).nnz == 0
+    assert np.allclose(c1.obsm["sigmma_features"], c0.obsm["sigmma_features"])
+    shp = back.shapes[Keys.tile_shapes("he")]
+    assert len(shp) == len(t1)
+    assert back.attrs["sigmma"]["um_per_unit"]["global"] == 0.5
+    from spatialdata.models import get_table_keys
+
+    assert get_table_keys(t1)[0] == Keys.tile_shapes("he")
+
+
+def test_inplace_false_leaves_sdata_unchanged(section):
+    before_tables, before_shapes = set(section.tables), set(section.shapes)
+    shapes, tiles, cells = sg.pp.tile(section, image_key="he", tile_size_um=16.0, inplace=False)
+    assert set(section.tables) == before_tables
+    assert set(section.shapes) == before_shapes
+    assert Keys.CELL_TILE not in section.tables["table"].obs
+    assert len(shapes) == len(tiles)
+    assert len(cells) == section.tables["table"].n_obs
+
+
+# ---- bad input: one clear error each, nothing written ----------------------------------------------
+
+
+def _assert_untouched(sdata):
+    assert Keys.TILE_TABLE not in sdata.tables
+    assert not any(k.endswith(Keys.TILE_SHAPES_SUFFIX) for k in sdata.shapes)
+    assert Keys.CELL_TILE not in sdata.tables["table"].obs
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"image_key": "nope"}, "No image 'nope'.*image_key"),
+    ({"table_key": "nope"}, "No table 'nope'.*table_key"),
+    ({"tile_size_um": 0}, "tile_size_um.*positive"),
+    ({"tile_size_um": -5}, "tile_size_um.*positive"),
+    ({"pixel_size_um": 0}, "pixel_size_um.*positive"),
+    ({"tile_size_um": 4.0, "pixel_size_um": 0.5}, "micro crops.*Increase `tile_size_um`"),
+    ({"tile_size_um": 6.0, "pixel_size_um": 0.1}, "full resolution.*Increase `tile_size_um`"),
+    ({"coordinate_system": "other"}, "coordinate system 'other'"),
+    ({"split_fractions": (0.5, 0.1, 0.1)}, "split_fractions"),
+])  # fmt: skip
+def test_bad_arguments(section, kwargs, match):
+    with pytest.raises((ValueError, KeyError), match=match):
+        sg.pp.tile(section, **{"image_key": "he", "tile_size_um": 16.0, **kwargs})
+    _assert_untouched(section)
+
+
+def test_unknown_physical_scale(section):
+    section.attrs.clear()
+    with pytest.raises(ValueError, match="um_per_unit="):
+        sg.pp.tile(section, image_key="he")
+    _assert_untouched(section)
+    sg.pp.tile(section, image_key="he", um_per_unit=0.5, tile_size_um=16.0)
+
+
+def test_table_annotating_nothing(section):
+    import anndata as ad
+
+    section.tables["table"] = ad.AnnData(section.tables["table"].X.copy())
+    with pytest.raises(ValueError, match="annotates no SpatialData element.*TableModel.parse"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+
+
+def test_no_shared_coordinate_system(section):
+    from spatialdata.transformations import Identity, remove_transformation, set_transformation
+
+    set_transformation(section.images["he"], Identity(), to_coordinate_system="aligned")
+    remove_transformation(section.images["he"], "global")
+    with pytest.raises(ValueError, match="share no coordinate system"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+    _assert_untouched(section)
+
+
+def test_cells_outside_image(section):
+    from spatialdata.transformations import Scale, set_transformation
+
+    set_transformation(section.images["he"], Scale([0.5, 0.5], axes=("x", "y")), to_coordinate_system="global")
+    with pytest.raises(ValueError, match="outside image.*cells_outside='drop'"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+    _assert_untouched(section)
+    sg.pp.tile(section, image_key="he", tile_size_um=16.0, cells_outside="drop")
+    tile_of = section.tables["table"].obs[Keys.CELL_TILE]
+    assert (tile_of == -1).any()
+    assert (tile_of >= 0).any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0])
+def test_bad_counts(section, bad):
+    X = section.tables["table"].X.copy()
+    X[3, 2] = bad
+    section.tables["table"].X = X
+    with pytest.raises(ValueError, match="raw counts"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+    _assert_untouched(section)

@@ -39,10 +39,12 @@ def iter_tile_images(
     tile_key: str = Keys.TILE_TABLE,
     image_key: str | None = None,
     indices: Sequence[int] | np.ndarray | None = None,
+    n_workers: int = 4,
 ) -> Iterator[np.ndarray]:
     """Yield each tile's image as a ``(C, tile_px, tile_px)`` uint8 array, in tile-table order.
 
-    Only the window of the best pyramid level under each tile is read (see :class:`ImageReader`).
+    Only the window of the best pyramid level under each tile is read (see :class:`ImageReader`);
+    ``n_workers`` threads read ahead (image decoding and resampling release the GIL).
     """
     params = tile_params(sdata, tile_key)
     reader = tile_reader(sdata, tile_key, image_key)
@@ -50,5 +52,18 @@ def iter_tile_images(
     x0, y0 = obs[Keys.TILE_X0].to_numpy(), obs[Keys.TILE_Y0].to_numpy()
     size, out_px = float(params["tile_size"]), int(params["tile_px"])
     level = reader.level_for(params["pixel_size_um"])
-    for i in range(len(obs)) if indices is None else indices:
-        yield reader.read_square(float(x0[i]), float(y0[i]), size, out_px, level=level)
+    order = np.arange(len(obs)) if indices is None else np.asarray(indices, dtype=np.int64)
+    read = lambda i: reader.read_square(float(x0[i]), float(y0[i]), size, out_px, level=level)
+    if n_workers <= 1:
+        yield from map(read, order)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n_workers) as pool:
+        window = 4 * n_workers  # bounded read-ahead: memory stays O(window) tiles
+        futures = [pool.submit(read, i) for i in order[:window]]
+        for j in range(order.size):
+            if j + window < order.size:
+                futures.append(pool.submit(read, order[j + window]))
+            yield futures[j].result()
+            futures[j] = None

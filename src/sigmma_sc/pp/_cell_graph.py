@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import sparse
@@ -29,6 +30,7 @@ def cell_graph(
     layer: str | None = None,
     key_added: str = Keys.GRAPH,
     features_key: str = Keys.FEATURES,
+    pca_from: Mapping[str, Any] | None = None,
     inplace: bool = True,
 ) -> tuple[sparse.csr_matrix, sparse.csr_matrix, np.ndarray] | None:
     """Build each tile's k-nearest-neighbour cell graph and the cells' node features.
@@ -63,6 +65,10 @@ def cell_graph(
         Prefix of the ``.obsp`` keys.
     features_key
         ``.obsm`` key the computed PCA is written to.
+    pca_from
+        A PCA recorded by an earlier run (``table.uns['sigmma']['cell_graph']['pca']`` of the training section,
+        or ``model.meta['pca']``) to project this section's cells into the same node-feature space instead of
+        fitting a new PCA; the gene panels must match.
     inplace
         Write into ``sdata`` and return ``None``; otherwise return ``(connectivities, distances, features)``.
 
@@ -92,7 +98,19 @@ def cell_graph(
     if features is None:
         train_tiles = np.flatnonzero(tiles.obs[Keys.SPLIT].to_numpy() == "train")
         fit_mask = np.isin(tile_of_cell, train_tiles)
-        X = log_pca(counts_matrix(table, layer, table_key), fit_mask, n_comps)
+        counts = counts_matrix(table, layer, table_key)
+        if pca_from is None:
+            pca = fit_log_pca(counts, fit_mask, n_comps)
+            pca["var_names"] = table.var_names.astype(str).to_numpy()
+        else:
+            pca = dict(pca_from)
+            names = np.asarray(pca["var_names"]).astype(str)
+            if names.size != table.n_vars or not np.array_equal(names, table.var_names.astype(str).to_numpy()):
+                raise ValueError(
+                    "The genes of this section differ from those of `pca_from`; node features must share one space. "
+                    "Subset both sections to the shared genes (same order) or use `features=` with a shared embedding."
+                )
+        X = apply_log_pca(counts, pca)
         feature_source = features_key
     else:
         if features not in table.obsm:
@@ -118,7 +136,8 @@ def cell_graph(
         "n_neighs": int(n_neighs),
         "features_key": feature_source,
         "n_features": int(X.shape[1]),
-        "n_comps": int(n_comps) if features is None else None,
+        "n_comps": int(X.shape[1]) if features is None else None,
+        "pca": pca if features is None else None,
         "key_added": key_added,
         "tile_key": tile_key,
         "distance_unit": f"{params['coordinate_system']} units ({params['um_per_unit']} µm)",
@@ -174,25 +193,42 @@ def knn_within_tiles(
     return conn, dist
 
 
-def log_pca(counts: sparse.csr_matrix, fit_mask: np.ndarray, n_comps: int) -> np.ndarray:
-    """PCA of log-normalised counts, fitted on the rows in ``fit_mask`` and applied to all rows."""
-    if fit_mask.sum() < 2:
-        raise ValueError("Fewer than 2 cells lie in training tiles; cannot fit the PCA of node features.")
+def _log_normalise(counts: sparse.csr_matrix, target_sum: float) -> sparse.csr_matrix:
     lib = np.asarray(counts.sum(1)).ravel()
-    target = float(np.median(lib[fit_mask][lib[fit_mask] > 0])) if (lib[fit_mask] > 0).any() else 1.0
-    scale = np.divide(target, lib, out=np.zeros_like(lib), where=lib > 0)
+    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
     X = sparse.diags(scale.astype(np.float32)) @ counts
     X.data = np.log1p(X.data)
-    n_comps = int(min(n_comps, X.shape[1] - 1, fit_mask.sum() - 1))
+    return X
+
+
+def fit_log_pca(counts: sparse.csr_matrix, fit_mask: np.ndarray, n_comps: int) -> dict[str, Any]:
+    """Fit a PCA of log-normalised counts on the rows in ``fit_mask``.
+
+    Counts are scaled to the median library size of the fitted rows and ``log1p``-transformed. Returns
+    ``{'target_sum', 'mean', 'components'}`` (``components``: genes x comps), for :func:`apply_log_pca`.
+    """
+    if fit_mask.sum() < 2:
+        raise ValueError("Fewer than 2 cells lie in training tiles; cannot fit the PCA of node features.")
+    lib = np.asarray(counts.sum(1)).ravel()[fit_mask]
+    target = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
+    Xf = _log_normalise(counts[fit_mask], target)
+    n_comps = int(min(n_comps, Xf.shape[1] - 1, Xf.shape[0] - 1))
     if n_comps < 1:
         raise ValueError("Too few genes or training cells for a PCA of node features; pass `features=` instead.")
-    Xf = X[fit_mask]
     mean = np.asarray(Xf.mean(0)).ravel()
     # covariance eigendecomposition: exact, fast for Xenium-sized panels (a few hundred to a few thousand genes)
     cov = (Xf.T @ Xf).toarray() / Xf.shape[0] - np.outer(mean, mean)
-    evals, evecs = np.linalg.eigh(cov.astype(np.float64))
+    _, evecs = np.linalg.eigh(cov.astype(np.float64))
     comps = evecs[:, ::-1][:, :n_comps]
     # deterministic sign: the largest-magnitude loading of each component is positive
     signs = np.sign(comps[np.abs(comps).argmax(0), np.arange(n_comps)])
     comps = comps * np.where(signs == 0, 1, signs)
+    return {"target_sum": target, "mean": mean.astype(np.float32), "components": comps.astype(np.float32)}
+
+
+def apply_log_pca(counts: sparse.csr_matrix, pca: Mapping[str, Any]) -> np.ndarray:
+    """Project counts onto a PCA from :func:`fit_log_pca`."""
+    X = _log_normalise(counts, float(pca["target_sum"]))
+    comps = np.asarray(pca["components"], dtype=np.float64)
+    mean = np.asarray(pca["mean"], dtype=np.float64)
     return (np.asarray(X @ comps) - mean @ comps).astype(np.float32)

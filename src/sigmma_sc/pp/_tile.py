@@ -319,8 +319,8 @@ def _spatial_split(
     targets = fractions * n
     assigned = np.zeros(sizes.size, dtype=np.int64)  # 0 train, 1 val, 2 test
     filled = np.zeros(3)
-    for r in order:  # validation, then test regions until their targets are met; the rest is training
-        s = 1 if filled[1] < targets[1] else 2 if filled[2] < targets[2] else 0
+    for r in order:  # each region goes to the split furthest below its target (ties: train, val, test)
+        s = int(np.argmax(targets - filled))
         assigned[r] = s
         filled[s] += sizes[r]
     split = np.asarray(SPLITS)[assigned[region]]

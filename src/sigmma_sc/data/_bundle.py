@@ -1,0 +1,163 @@
+"""SpatialData -> :class:`~sigmma_sc.model.TrainingBundle`: the only bridge to the pure-torch model."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import sparse
+
+from .._constants import GRID, SCALES, SPLITS, Keys
+from .._utils._validate import get_table, require_obs
+from ..pp._cell_graph import knn_within_tiles
+from ._tiles import tile_params
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from ..model import TrainingBundle
+
+logger = logging.getLogger(__name__)
+
+
+def candidate_edges(xy: np.ndarray, group: np.ndarray, k: int, exclude: sparse.csr_matrix) -> np.ndarray:
+    """Undirected candidate edges ``(2, E)``: each cell's ``k`` nearest cells of its group that ``exclude`` lacks."""
+    conn, _ = knn_within_tiles(xy, group, k, group=group)
+    sym = ((conn + conn.T) > 0).astype(np.int8)
+    sym = (sym - sym.multiply((exclude + exclude.T) > 0)).tocoo()
+    keep = sym.data > 0
+    return np.vstack([sym.row[keep], sym.col[keep]]).astype(np.int64)
+
+
+def build_bundle(
+    sdata: SpatialData,
+    *,
+    table_key: str = "table",
+    tile_key: str = Keys.TILE_TABLE,
+    graph_key: str = Keys.GRAPH,
+    n_candidates: int | None = None,
+    require_image_features: bool = True,
+) -> tuple[TrainingBundle, np.ndarray]:
+    """Collect what the model needs from a tiled, graphed section into a :class:`~sigmma_sc.model.TrainingBundle`.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object processed by :func:`sigmma_sc.pp.tile` and :func:`sigmma_sc.pp.cell_graph`.
+    table_key
+        Cell table.
+    tile_key
+        Tile table.
+    graph_key
+        Prefix of the cell graph in the cell table's ``.obsp``.
+    n_candidates
+        Candidate edges per cell for stochastic edge addition (default: the graph's ``n_neighs``).
+    require_image_features
+        Raise if the tile table has no cached backbone features.
+
+    Returns
+    -------
+    The bundle, and for each of its cells (ordered by tile) the row of the cell table it came from.
+    """
+    from ..model import TrainingBundle
+
+    params = tile_params(sdata, tile_key)
+    tiles = get_table(sdata, tile_key)
+    cells = get_table(sdata, table_key)
+    require_obs(cells, [Keys.CELL_TILE], table_key, "sg.pp.tile")
+    graph = cells.uns.get(Keys.UNS, {}).get("cell_graph")
+    if graph is None or Keys.connectivities(graph_key) not in cells.obsp:
+        raise KeyError(f"Table {table_key!r} has no SIGMMA cell graph; run `sg.pp.cell_graph` first.")
+    feats_key = graph["features_key"]
+    if feats_key not in cells.obsm:
+        raise KeyError(f"Node features `.obsm[{feats_key!r}]` are missing; run `sg.pp.cell_graph` again.")
+
+    tile_of = cells.obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
+    if tile_of.max(initial=-1) >= tiles.n_obs:
+        raise ValueError(
+            f"Cell table {table_key!r} refers to tiles that tile table {tile_key!r} lacks; run `sg.pp.tile` again."
+        )
+    rows = np.flatnonzero(tile_of >= 0)
+    rows = rows[np.argsort(tile_of[rows], kind="stable")]
+    t = tile_of[rows]
+    cell_ptr = np.zeros(tiles.n_obs + 1, dtype=np.int64)
+    np.cumsum(np.bincount(t, minlength=tiles.n_obs), out=cell_ptr[1:])
+
+    x = np.asarray(cells.obsm[feats_key], dtype=np.float32)[rows]
+    xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64)[rows]
+    size = float(params["tile_size"])
+    origin = np.c_[tiles.obs[Keys.TILE_X0].to_numpy(), tiles.obs[Keys.TILE_Y0].to_numpy()][t]
+    pos = np.clip((xy - origin) / size, 0.0, np.nextafter(1.0, 0.0)).astype(np.float32)
+
+    conn = cells.obsp[Keys.connectivities(graph_key)].tocsr()[rows][:, rows].tocoo()
+    edge_index = np.vstack([conn.row, conn.col]).astype(np.int64)
+
+    # candidate edges for stochastic edge addition (neighbour-patch constraint): same meso block / same tile
+    k = int(n_candidates or graph["n_neighs"])
+    g_micro = GRID["micro"]
+    micro = (np.minimum((pos[:, 1] * g_micro).astype(np.int64), g_micro - 1) * g_micro
+             + np.minimum((pos[:, 0] * g_micro).astype(np.int64), g_micro - 1))  # fmt: skip
+    same_micro = micro[conn.row] == micro[conn.col]
+    n = rows.size
+    micro_edges = sparse.csr_matrix(
+        (np.ones(int(same_micro.sum()), dtype=np.int8), (conn.row[same_micro], conn.col[same_micro])), shape=(n, n)
+    )
+    g_meso = GRID["meso"]
+    meso = (np.minimum((pos[:, 1] * g_meso).astype(np.int64), g_meso - 1) * g_meso
+            + np.minimum((pos[:, 0] * g_meso).astype(np.int64), g_meso - 1))  # fmt: skip
+    cand_meso = candidate_edges(xy, t * (g_meso * g_meso) + meso, k, micro_edges)
+    linked = micro_edges + sparse.csr_matrix(
+        (np.ones(cand_meso.shape[1], dtype=np.int8), (cand_meso[0], cand_meso[1])), shape=(n, n)
+    )
+    cand_macro = candidate_edges(xy, t, k, linked)
+
+    image_features = None
+    keys = [Keys.BACKBONE.format(scale=s) for s in SCALES]
+    if all(key in tiles.obsm for key in keys):
+        image_features = {s: np.asarray(tiles.obsm[key], dtype=np.float32) for s, key in zip(SCALES, keys, strict=True)}
+    elif require_image_features:
+        raise KeyError(
+            f"Tile table {tile_key!r} has no cached backbone features; run `sg.tl.featurize` (or `sg.tl.train_sigmma`, "
+            "which featurizes) first."
+        )
+    split = tiles.obs[Keys.SPLIT].map({s: i for i, s in enumerate(SPLITS)}).to_numpy().astype(np.int8)
+    meta = {
+        "features_key": feats_key,
+        "n_features": int(x.shape[1]),
+        "tile_size_um": float(params["tile_size_um"]),
+        "pixel_size_um": float(params["pixel_size_um"]),
+        "n_neighs": int(graph["n_neighs"]),
+        "n_candidates": k,
+        "backbone": tiles.uns.get(Keys.UNS, {}).get("backbone", {}).get("name"),
+        "var_names_hash": _hash_names(cells.var_names),
+        "pca": _jsonable(graph.get("pca")),
+    }
+    bundle = TrainingBundle(
+        x=x,
+        cell_ptr=cell_ptr,
+        pos=pos,
+        edge_index=edge_index,
+        cand_meso=cand_meso,
+        cand_macro=cand_macro,
+        image_features=image_features,
+        split=split,
+        meta=meta,
+    )
+    logger.info(
+        "Bundle: %d tiles, %d cells, %d graph edges, %d meso and %d macro candidate edges.",
+        tiles.n_obs, n, edge_index.shape[1], cand_meso.shape[1], cand_macro.shape[1],
+    )  # fmt: skip
+    return bundle, rows
+
+
+def _hash_names(names) -> str:
+    import hashlib
+
+    return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()[:16]
+
+
+def _jsonable(d):
+    if d is None:
+        return None
+    return {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray | list) else v) for k, v in d.items()}

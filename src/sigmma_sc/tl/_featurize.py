@@ -1,0 +1,111 @@
+"""``sg.tl.featurize``: frozen-backbone multi-crop features of every tile, cached in the tile table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._constants import SCALES, Keys
+from .._utils._validate import get_table
+from ..data._tiles import iter_tile_images, tile_params
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
+
+
+def featurize(
+    sdata: SpatialData,
+    *,
+    backbone: str = "efficientnet_lite0",
+    tile_key: str = Keys.TILE_TABLE,
+    image_key: str | None = None,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    overwrite: bool = False,
+    inplace: bool = True,
+) -> dict[str, np.ndarray] | None:
+    """Encode every tile with a frozen image backbone: 4x4 micro, 2x2 meso and 1 macro crop, mean-pooled per scale.
+
+    Each crop is resized to the backbone's input size and normalised as the backbone expects; a one-channel
+    morphology image (e.g. DAPI) is replicated to three channels. Features are computed once and cached in
+    the tile table with the backbone's name; a re-run with the same backbone and image reuses them.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object processed by :func:`sigmma_sc.pp.tile`.
+    backbone
+        ``'efficientnet_lite0'`` (offline default, ImageNet weights), ``'uni'`` (UNI ViT-L/16, needs Hugging
+        Face access), or any timm model name.
+    tile_key
+        Tile table.
+    image_key
+        Image to encode (default: the tiled image).
+    pretrained
+        Load pretrained weights (``False``: random initialisation, for tests and speed benchmarks).
+    weights
+        Local weights file for the backbone architecture.
+    batch_size
+        Tiles per forward pass (21 crops each).
+    device
+        Torch device (default: :attr:`sigmma_sc.settings.device`, else CUDA when available, else CPU).
+    overwrite
+        Recompute even if features of the same backbone are cached.
+    inplace
+        Write into the tile table and return ``None``; otherwise return the features.
+
+    Returns
+    -------
+    ``None`` if ``inplace``, else scale -> ``(n_tiles, n_features)`` array. In place, writes:
+
+    - tile table ``.obsm['sigmma_backbone_{scale}']`` for micro, meso and macro;
+    - tile table ``.uns['sigmma']['backbone']``: name, feature width, image key and pixel size.
+    """
+    from .._settings import settings
+    from ..nn import MultiCropEncoder, build_backbone
+    from ..nn import featurize as _featurize
+
+    params = tile_params(sdata, tile_key)
+    tiles = get_table(sdata, tile_key)
+    image_key = image_key or params["image_key"]
+    if image_key not in sdata.images:
+        raise KeyError(f"No image {image_key!r} in the SpatialData object; available: {sorted(sdata.images)}.")
+    record = {"name": str(weights) if weights else backbone, "pretrained": bool(pretrained), "image_key": image_key}
+    cached = tiles.uns.get(Keys.UNS, {}).get("backbone", {})
+    keys = {s: Keys.BACKBONE.format(scale=s) for s in SCALES}
+    if (
+        inplace
+        and not overwrite
+        and all(k in tiles.obsm for k in keys.values())
+        and all(cached.get(k) == v for k, v in record.items())
+    ):
+        logger.info("Reusing cached %r features of %d tiles.", record["name"], tiles.n_obs)
+        return None
+
+    model, info = build_backbone(backbone, pretrained=pretrained, weights=weights)
+    encoder = MultiCropEncoder(model, info)
+    device = device or settings.device
+    logger.info("Encoding %d tiles x 21 crops with %s on %s.", tiles.n_obs, info.name, device or "auto")
+    feats = _featurize(
+        iter_tile_images(sdata, tile_key=tile_key, image_key=image_key),
+        encoder,
+        batch_size=batch_size,
+        device=device,
+        total=tiles.n_obs,
+    )
+    if not inplace:
+        return feats
+    for s in SCALES:
+        tiles.obsm[keys[s]] = feats[s].astype(np.float32)
+    uns = dict(tiles.uns.get(Keys.UNS, {}))
+    uns["backbone"] = {**info.to_dict(), **record, "pixel_size_um": params["pixel_size_um"]}
+    tiles.uns[Keys.UNS] = uns
+    logger.info("Wrote tile table %r .obsm%s and .uns['sigmma']['backbone'].", tile_key, list(keys.values()))
+    return None

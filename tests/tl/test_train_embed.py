@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _section import make_section
+
+import sigmma_sc as sg
+from sigmma_sc._constants import SCALES, Keys
+
+TINY = {"backbone": "test_efficientnet", "pretrained": False, "hidden": 16, "out_dim": 16, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def _prepared():
+    sdata = make_section(n_cells=700, image_px=200, rotation_deg=8.0)
+    sg.pp.tile(sdata, image_key="he", tile_size_um=8.0, pixel_size_um=0.25)
+    sg.pp.cell_graph(sdata, n_comps=8)
+    sg.tl.featurize(sdata, backbone="test_efficientnet", pretrained=False)
+    return sdata
+
+
+@pytest.fixture
+def prepared(_prepared):
+    import spatialdata as sd
+
+    sdata = sd.deepcopy(_prepared)
+    sdata.attrs["sigmma"] = {"um_per_unit": {"global": 0.5}}
+    return sdata
+
+
+def test_featurize_cache_reused(prepared, caplog):
+    import logging
+
+    tiles = prepared.tables[Keys.TILE_TABLE]
+    before = tiles.obsm[Keys.BACKBONE.format(scale="micro")].copy()
+    with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+        sg.tl.featurize(prepared, backbone="test_efficientnet", pretrained=False)
+    assert "Reusing cached" in caplog.text
+    assert np.array_equal(before, tiles.obsm[Keys.BACKBONE.format(scale="micro")])
+    assert tiles.uns["sigmma"]["backbone"]["name"] == "test_efficientnet"
+    for s in SCALES:
+        assert tiles.obsm[Keys.BACKBONE.format(scale=s)].shape == (tiles.n_obs, 256)
+
+
+def test_train_embed_shapes_loss_and_history(prepared):
+    model = sg.tl.train_sigmma(prepared, epochs=6, **TINY)
+    hist = prepared.tables[Keys.TILE_TABLE].uns["sigmma"]["training"]["history"]
+    assert len(hist["train_loss"]) == 6
+    assert np.isfinite(hist["train_loss"]).all()
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    sg.tl.embed(prepared, model)
+    tiles, cells = prepared.tables[Keys.TILE_TABLE], prepared.tables["table"]
+    for s in SCALES:
+        zi = tiles.obsm[Keys.EMB_IMAGE.format(scale=s)]
+        zs = tiles.obsm[Keys.EMB_ST.format(scale=s)]
+        zc = cells.obsm[Keys.EMB_CELL.format(scale=s)]
+        assert zi.shape == zs.shape == (tiles.n_obs, 16)
+        assert zc.shape == (cells.n_obs, 16)
+        assert np.allclose(np.linalg.norm(zi, axis=1), 1, atol=1e-4)
+        assert np.isfinite(zc[cells.obs[Keys.CELL_TILE] >= 0]).all()
+
+
+def test_seed_determinism_and_save_load(prepared, tmp_path):
+    import spatialdata as sd
+
+    m1 = sg.tl.train_sigmma(prepared, epochs=2, seed=3, **TINY)
+    other = sd.deepcopy(prepared)
+    m2 = sg.tl.train_sigmma(other, epochs=2, seed=3, **TINY)
+    sg.tl.embed(prepared, m1)
+    sg.tl.embed(other, m2)
+    key = Keys.EMB_CELL.format(scale="meso")
+    assert np.array_equal(prepared.tables["table"].obsm[key], other.tables["table"].obsm[key], equal_nan=True)
+    m1.save(tmp_path / "model.pt")
+    loaded = sg.model.SigmmaModel.load(tmp_path / "model.pt")
+    third = sd.deepcopy(prepared)
+    sg.tl.embed(third, loaded)
+    for k in (Keys.EMB_IMAGE.format(scale="micro"), Keys.EMB_ST.format(scale="macro")):
+        assert np.array_equal(third.tables[Keys.TILE_TABLE].obsm[k], prepared.tables[Keys.TILE_TABLE].obsm[k])
+
+
+def test_image_only_embedding(prepared):
+    model = sg.tl.train_sigmma(prepared, epochs=1, **TINY)
+    sg.tl.embed(prepared, model, table_key=None)
+    tiles = prepared.tables[Keys.TILE_TABLE]
+    assert Keys.EMB_IMAGE.format(scale="macro") in tiles.obsm
+    assert Keys.EMB_ST.format(scale="macro") not in tiles.obsm
+
+
+def test_train_before_preprocessing(section):
+    with pytest.raises(KeyError, match="run `sg.pp.tile` first"):
+        sg.tl.train_sigmma(section, **TINY)
+    sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+    with pytest.raises(KeyError, match="run `sg.pp.cell_graph` first"):
+        sg.tl.train_sigmma(section, **TINY)
+
+
+def test_too_few_training_tiles():
+    sdata = make_section(n_cells=100, image_px=64)
+    sg.pp.tile(sdata, image_key="he", tile_size_um=40.0, pixel_size_um=1.0)
+    assert sdata.tables[Keys.TILE_TABLE].n_obs == 1
+    sg.pp.cell_graph(sdata, n_comps=4)
+    with pytest.raises(ValueError, match="at least 2"):
+        sg.tl.train_sigmma(sdata, epochs=1, **TINY)
+
+
+def test_embed_with_mismatched_model(prepared):
+    model = sg.tl.train_sigmma(prepared, epochs=1, **TINY)
+    sg.pp.cell_graph(prepared, n_comps=5)  # other node-feature width
+    with pytest.raises(ValueError, match="trained on 8"):
+        sg.tl.embed(prepared, model)
+    sg.pp.cell_graph(prepared, n_comps=8)
+    sg.tl.featurize(prepared, backbone="test_vit", pretrained=False, overwrite=True)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        sg.tl.embed(prepared, model)
+
+
+def test_new_section_projected_with_training_pca(prepared):
+    """A second section gets node features in the training section's PCA space."""
+    sg.pp.cell_graph(prepared, n_comps=8)
+    pca = prepared.tables["table"].uns["sigmma"]["cell_graph"]["pca"]
+    new = make_section(n_cells=300, image_px=200, seed=5)
+    sg.pp.tile(new, image_key="he", tile_size_um=8.0, pixel_size_um=0.25)
+    sg.pp.cell_graph(new, pca_from=pca)
+    X = new.tables["table"].obsm[Keys.FEATURES]
+    assert X.shape[1] == 8
+    fresh = sg.pp.cell_graph(new, n_comps=8, inplace=False)[2]
+    assert not np.allclose(fresh, X)  # a refit would differ
+    bad = dict(pca)
+    bad["var_names"] = np.array([f"X{i}" for i in range(len(pca["var_names"]))])
+    with pytest.raises(ValueError, match="genes of this section differ"):
+        sg.pp.cell_graph(new, pca_from=bad)

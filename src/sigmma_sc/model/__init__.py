@@ -1,0 +1,12 @@
+"""The SIGMMA model: assembles :mod:`sigmma_sc.nn` parts; fit, save and load (pure torch).
+
+Imports only torch, torch_geometric, numpy and the standard library, so training runs on a bare
+GPU machine from a saved :class:`TrainingBundle`.
+"""
+
+from ._bundle import TileBatch, TrainingBundle
+from ._config import SigmmaConfig
+from ._sigmma import SigmmaModel
+from ._toy import toy_bundle
+
+__all__ = ["SigmmaConfig", "SigmmaModel", "TileBatch", "TrainingBundle", "toy_bundle"]

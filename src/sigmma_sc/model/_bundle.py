@@ -1,0 +1,361 @@
+"""The training bundle: every tensor SIGMMA trains on, pre-collated for on-device batching.
+
+Pure torch. The data layer builds a :class:`TrainingBundle` from SpatialData; training can then run
+on a bare GPU machine from ``TrainingBundle.load(path)`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._constants import GRID, SCALES, SPLITS
+from ..nn._edges import block_ids
+
+_FORMAT = "sigmma_sc.TrainingBundle"
+_VERSION = 1
+
+
+@dataclass(eq=False)
+class TileBatch:
+    """A batch of tiles gathered by :meth:`TrainingBundle.select`, re-indexed to batch-local rows.
+
+    Unpacks as the 7-tuple ``(x, pos, batch, edge_index, cand_meso, cand_macro, image_features)``;
+    ``num_tiles`` (tiles may have no cells) is an attribute.
+
+    Attributes
+    ----------
+    x
+        ``(n, F)`` node features.
+    pos
+        ``(n, 2)`` positions inside the tile.
+    batch
+        ``(n,)`` position of each cell's tile in the requested ``tile_idx``.
+    edge_index, cand_meso, cand_macro
+        ``(2, .)`` edges in batch-local rows.
+    image_features
+        Scale -> ``(B, D)`` float32 features, or ``None``.
+    num_tiles
+        ``B``, the number of requested tiles.
+    """
+
+    x: Tensor
+    pos: Tensor
+    batch: Tensor
+    edge_index: Tensor
+    cand_meso: Tensor
+    cand_macro: Tensor
+    image_features: dict[str, Tensor] | None
+    num_tiles: int
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(
+            (self.x, self.pos, self.batch, self.edge_index, self.cand_meso, self.cand_macro, self.image_features)
+        )
+
+
+def _tensor(a: Any, dtype: torch.dtype, name: str) -> Tensor:
+    if a is None:
+        raise ValueError(f"`{name}` is required.")
+    t = torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a)
+    if dtype.is_floating_point and not t.is_floating_point():
+        raise ValueError(f"`{name}` must be floating point, got {t.dtype}.")
+    if not dtype.is_floating_point and t.is_floating_point():
+        raise ValueError(f"`{name}` must be integer, got {t.dtype}.")
+    return t.to(dtype).contiguous()
+
+
+def _edges(a: Any, name: str, n: int, device: torch.device) -> Tensor:
+    if a is None:
+        return torch.empty(2, 0, dtype=torch.long, device=device)
+    t = _tensor(a, torch.long, name)
+    if t.ndim != 2 or t.shape[0] != 2:
+        raise ValueError(f"`{name}` must have shape (2, E), got {tuple(t.shape)}.")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise ValueError(f"`{name}` holds row indices outside [0, {n}).")
+    return t
+
+
+def _undirected_unique(ei: Tensor, n: int) -> Tensor:
+    """Both directions of every pair, without self loops or duplicates, sorted by source row."""
+    ei = torch.cat([ei, ei.flip(0)], dim=1)
+    ei = ei[:, ei[0] != ei[1]]
+    key = torch.unique(ei[0] * n + ei[1])
+    return torch.stack([key // n, key % n])
+
+
+def _ptr(counts: Tensor) -> Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+@dataclass(eq=False)
+class TrainingBundle:
+    """All tensors of a tiled section, with cells ordered by tile.
+
+    Parameters
+    ----------
+    x
+        ``(N, F)`` float32 node features.
+    cell_ptr
+        ``(T + 1,)`` int64; the cells of tile ``t`` are rows ``cell_ptr[t]:cell_ptr[t + 1]`` (may be empty).
+    pos
+        ``(N, 2)`` float32 position ``(x, y)`` of each cell inside its tile, as a fraction of the tile side, in ``[0, 1]``.
+    edge_index
+        ``(2, E)`` int64 kNN edges in global rows, both ends in the same tile; messages flow
+        ``edge_index[0] -> edge_index[1]``.
+    cand_meso, cand_macro
+        ``(2, .)`` int64 candidate edges for stochastic edge addition (the k nearest cells of each cell
+        in the same meso block / the same tile that are not kNN neighbours), or ``None``.
+    image_features
+        Scale -> ``(T, D)`` float32/float16 cached backbone features, or ``None`` (ST-only use).
+    split
+        ``(T,)`` int8: 0 train, 1 validation, 2 test (``None``: every tile is a training tile).
+    meta
+        JSON-able information (feature names or key, backbone name, tile size in micrometres, ...).
+
+    Notes
+    -----
+    At construction the inputs are validated (``ValueError`` on inconsistent shapes, NaN, positions outside
+    ``[0, 1]``, edges between tiles) and normalised:
+
+    - kNN edges are stably sorted by tile;
+    - each candidate set is made undirected (both directions), without self loops or duplicates;
+    - kNN pairs that cross a micro block inside one meso block join ``cand_meso``, kNN pairs that cross a
+      meso block join ``cand_macro`` (so with edge addition every kNN edge can still enter the graph of
+      its scale, sampled rather than fixed);
+    - ``cand_meso`` pairs that cross a meso block move to ``cand_macro``, and pairs in ``cand_meso`` are
+      removed from ``cand_macro`` (a pair is a candidate at one scale only).
+
+    The normalisation is idempotent, so ``save``/``load`` round-trips exactly.
+    """
+
+    x: Tensor
+    cell_ptr: Tensor
+    pos: Tensor
+    edge_index: Tensor
+    cand_meso: Tensor | None = None
+    cand_macro: Tensor | None = None
+    image_features: Mapping[str, Tensor] | None = None
+    split: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.x = _tensor(self.x, torch.float32, "x")
+        if self.x.ndim != 2:
+            raise ValueError(f"`x` must have shape (N, F), got {tuple(self.x.shape)}.")
+        n = self.x.shape[0]
+        if not torch.isfinite(self.x).all():
+            raise ValueError("`x` (node features) holds NaN or infinite values.")
+        self.cell_ptr = _tensor(self.cell_ptr, torch.long, "cell_ptr")
+        ptr = self.cell_ptr
+        if ptr.ndim != 1 or ptr.numel() < 2 or int(ptr[0]) != 0 or int(ptr[-1]) != n or bool((ptr.diff() < 0).any()):
+            raise ValueError(
+                f"`cell_ptr` must be a non-decreasing (T + 1,) vector from 0 to N = {n} (cells ordered by tile)."
+            )
+        t = ptr.numel() - 1
+        self.pos = _tensor(self.pos, torch.float32, "pos")
+        if self.pos.shape != (n, 2):
+            raise ValueError(f"`pos` must have shape (N, 2) = ({n}, 2), got {tuple(self.pos.shape)}.")
+        if not torch.isfinite(self.pos).all() or bool(((self.pos < 0) | (self.pos > 1)).any()):
+            raise ValueError("`pos` must be finite and in [0, 1] (position inside the tile as a fraction of its side).")
+
+        self._cell_tile = torch.repeat_interleave(torch.arange(t, device=ptr.device), ptr.diff())
+        edge_index = _edges(self.edge_index, "edge_index", n, ptr.device)
+        cands = {}
+        for name in ("cand_meso", "cand_macro"):
+            cands[name] = _undirected_unique(_edges(getattr(self, name), name, n, ptr.device), n)
+        for name, ei in (("edge_index", edge_index), *cands.items()):
+            if not bool((self._cell_tile[ei[0]] == self._cell_tile[ei[1]]).all()):
+                raise ValueError(f"`{name}` links cells of different tiles; edges must stay within a tile.")
+        order = torch.sort(self._cell_tile[edge_index[0]], stable=True).indices
+        self.edge_index = edge_index[:, order]
+        ids = {s: block_ids(self.pos, self._cell_tile, GRID[s]) for s in ("micro", "meso")}
+        src, dst = self.edge_index
+        same = {s: ids[s][src] == ids[s][dst] for s in ids}
+        meso = _undirected_unique(
+            torch.cat([cands["cand_meso"], self.edge_index[:, same["meso"] & ~same["micro"]]], 1), n
+        )
+        in_block = ids["meso"][meso[0]] == ids["meso"][meso[1]]
+        macro = torch.cat([cands["cand_macro"], meso[:, ~in_block], self.edge_index[:, ~same["meso"]]], 1)
+        macro = _undirected_unique(macro, n)
+        meso = meso[:, in_block]
+        macro = macro[:, ~torch.isin(macro[0] * n + macro[1], meso[0] * n + meso[1])]
+        self.cand_meso, self.cand_macro = meso, macro
+
+        if self.image_features is not None:
+            feats = {}
+            for s, f in self.image_features.items():
+                if s not in SCALES:
+                    raise ValueError(f"`image_features` keys must be scales {SCALES}, got {s!r}.")
+                f = torch.as_tensor(np.asarray(f) if not isinstance(f, Tensor) else f)
+                if f.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                    f = f.float()
+                if f.ndim != 2 or f.shape[0] != t:
+                    raise ValueError(
+                        f"`image_features[{s!r}]` must have shape (T, D) with T = {t}, got {tuple(f.shape)}."
+                    )
+                if not torch.isfinite(f).all():
+                    raise ValueError(f"`image_features[{s!r}]` holds NaN or infinite values.")
+                feats[s] = f.contiguous()
+            if len({f.shape[1] for f in feats.values()}) > 1:
+                raise ValueError("`image_features` must have the same width D at every scale.")
+            self.image_features = feats or None
+        if self.split is None:
+            self.split = torch.zeros(t, dtype=torch.int8, device=ptr.device)
+        self.split = _tensor(self.split, torch.int8, "split")
+        if self.split.shape != (t,) or bool(((self.split < 0) | (self.split > 2)).any()):
+            raise ValueError(f"`split` must be a (T,) = ({t},) vector of 0 (train), 1 (val), 2 (test).")
+        try:
+            json.dumps(self.meta)
+        except TypeError as e:
+            raise ValueError(f"`meta` must be JSON-able: {e}") from e
+        self._index()
+
+    def _index(self) -> None:
+        t = self.n_tiles
+        self._cell_count = self.cell_ptr.diff()
+        self._ptrs = {
+            name: _ptr(torch.bincount(self._cell_tile[getattr(self, name)[0]], minlength=t))
+            for name in ("edge_index", "cand_meso", "cand_macro")
+        }
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles ``T``."""
+        return self.cell_ptr.numel() - 1
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells ``N``."""
+        return self.x.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        """Node feature width ``F``."""
+        return self.x.shape[1]
+
+    @property
+    def image_dim(self) -> int | None:
+        """Width ``D`` of the image features (``None`` without them)."""
+        return None if not self.image_features else next(iter(self.image_features.values())).shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the tensors."""
+        return self.x.device
+
+    def tiles_in(self, split: int | str) -> Tensor:
+        """Indices of the tiles of a split (``0``/``"train"``, ``1``/``"val"``, ``2``/``"test"``)."""
+        code = SPLITS.index(split) if isinstance(split, str) else int(split)
+        return torch.nonzero(self.split == code).squeeze(1)
+
+    # ------------------------------------------------------------------ device and batching
+    def to(self, device: str | torch.device) -> TrainingBundle:
+        """A copy with every tensor on ``device`` (no re-validation)."""
+        new = object.__new__(type(self))
+        for k, v in self.__dict__.items():
+            if isinstance(v, Tensor):
+                v = v.to(device)
+            elif isinstance(v, dict) and v and all(isinstance(x, Tensor) for x in v.values()):
+                v = {kk: x.to(device) for kk, x in v.items()}
+            new.__dict__[k] = v
+        return new
+
+    def _gather(self, name: str, tile_idx: Tensor, shift: Tensor) -> Tensor:
+        ptr = self._ptrs[name]
+        count = ptr[tile_idx + 1] - ptr[tile_idx]
+        new_start = count.cumsum(0) - count
+        total = int(count.sum())
+        ids = torch.repeat_interleave(ptr[tile_idx] - new_start, count, output_size=total)
+        ids = ids + torch.arange(total, device=ids.device)
+        return getattr(self, name)[:, ids] + torch.repeat_interleave(shift, count, output_size=total)
+
+    def select(self, tile_idx: Tensor | np.ndarray | list[int]) -> TileBatch:
+        """Gather a batch of tiles on the bundle's device, re-indexed to batch-local rows.
+
+        Vectorised (``repeat_interleave`` over the tile pointers; no loop over tiles).
+
+        Parameters
+        ----------
+        tile_idx
+            ``(B,)`` tile indices (any order; repeats allowed).
+
+        Returns
+        -------
+        A :class:`TileBatch` (unpacks as ``x, pos, batch, edge_index, cand_meso, cand_macro, image_features``).
+        """
+        tile_idx = torch.as_tensor(tile_idx, dtype=torch.long, device=self.device).reshape(-1)
+        b = tile_idx.numel()
+        count = self._cell_count[tile_idx]
+        new_start = count.cumsum(0) - count
+        total = int(count.sum())
+        shift = self.cell_ptr[tile_idx] - new_start  # global row = local row + shift
+        batch = torch.repeat_interleave(torch.arange(b, device=self.device), count, output_size=total)
+        rows = torch.arange(total, device=self.device) + shift[batch]
+        feats = None
+        if self.image_features is not None:
+            feats = {s: f[tile_idx].float() for s, f in self.image_features.items()}
+        return TileBatch(
+            x=self.x[rows],
+            pos=self.pos[rows],
+            batch=batch,
+            edge_index=self._gather("edge_index", tile_idx, -shift),
+            cand_meso=self._gather("cand_meso", tile_idx, -shift),
+            cand_macro=self._gather("cand_macro", tile_idx, -shift),
+            image_features=feats,
+            num_tiles=b,
+        )
+
+    # ------------------------------------------------------------------ I/O
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dict of tensors and JSON-able values (``torch.load(weights_only=True)``-loadable)."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "x": self.x.cpu(),
+            "cell_ptr": self.cell_ptr.cpu(),
+            "pos": self.pos.cpu(),
+            "edge_index": self.edge_index.cpu(),
+            "cand_meso": self.cand_meso.cpu(),
+            "cand_macro": self.cand_macro.cpu(),
+            "image_features": None
+            if self.image_features is None
+            else {s: f.cpu() for s, f in self.image_features.items()},
+            "split": self.split.cpu(),
+            "meta": json.loads(json.dumps(self.meta)),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the bundle to ``path`` atomically (``torch.save`` of :meth:`state_dict`)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> TrainingBundle:
+        """Read a bundle written by :meth:`save` (re-validated)."""
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r} is not a sigmma_sc training bundle.")
+        d = {k: v for k, v in d.items() if k not in ("format", "version")}
+        bundle = cls(**d)
+        return bundle.to(map_location) if map_location is not None else bundle
+
+    def __repr__(self) -> str:
+        feats = "none" if self.image_features is None else f"{sorted(self.image_features)} x {self.image_dim}"
+        counts = [int((self.split == i).sum()) for i in range(3)]
+        return (
+            f"TrainingBundle({self.n_tiles} tiles (train/val/test {counts[0]}/{counts[1]}/{counts[2]}), "
+            f"{self.n_cells} cells x {self.n_features} features, {self.edge_index.shape[1]} kNN edges, "
+            f"{self.cand_meso.shape[1]}/{self.cand_macro.shape[1]} meso/macro candidates, image features {feats}, "
+            f"device {self.device})"
+        )

@@ -1,0 +1,345 @@
+"""SigmmaModel: the image heads, the hierarchical ST encoder and the ST heads; fit, save and load."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn._gnn import HierarchicalGraphEncoder
+from ..nn._loss import ProjectionHead, multiscale_info_nce
+from ._bundle import TileBatch, TrainingBundle
+from ._config import SigmmaConfig
+
+_FORMAT = "sigmma_sc.SigmmaModel"
+_VERSION = 1
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class SigmmaModel(nn.Module):
+    """SIGMMA: multi-scale contrastive alignment of tile images and cell graphs (paper §3).
+
+    Per scale ``s``: the cached backbone features of the tile (mean of the crop features, L2-normalised
+    as in the paper's Suppl. D.1) go through an image projection head; the hierarchical graph encoder's
+    pooled tile vector goes through an ST projection head; both land L2-normalised in a shared
+    ``out_dim``-dimensional space where the loss is ``sum_s InfoNCE_sym(z_s^I, z_s^S)``.
+
+    Parameters
+    ----------
+    config
+        Hyper-parameters (:class:`SigmmaConfig`). Parameters are initialised from ``config.seed``
+        (without touching the global RNG).
+    meta
+        JSON-able information saved with the model (feature names, backbone, ...).
+
+    Attributes
+    ----------
+    history
+        One dict per trained epoch (``epoch``, ``train_loss``, ``val_loss``, ``lr``, ``seconds``).
+    """
+
+    def __init__(self, config: SigmmaConfig, *, meta: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.config = config
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.history: list[dict[str, Any]] = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.st_encoder = HierarchicalGraphEncoder(
+                config.n_features,
+                hidden=config.hidden,
+                out=config.hidden,
+                layers_per_scale=config.layers_per_scale,
+                dropout=config.dropout,
+                tau_e=config.tau_e,
+                edge_addition=config.edge_addition,
+                use_graph=config.use_graph,
+                scales=config.scales,
+            )
+            self.image_heads = nn.ModuleDict(
+                {s: ProjectionHead(config.image_dim, config.out_dim, config.dropout) for s in config.scales}
+            )
+            self.st_heads = nn.ModuleDict(
+                {s: ProjectionHead(config.hidden, config.out_dim, config.dropout) for s in config.scales}
+            )
+
+    @classmethod
+    def from_bundle(cls, bundle: TrainingBundle, **config: Any) -> SigmmaModel:
+        """A model sized for ``bundle`` (``n_features``, ``image_dim``; other fields from ``config``)."""
+        if bundle.image_dim is None:
+            raise ValueError("The bundle has no image features; compute them first (frozen backbone features).")
+        config.setdefault("backbone", bundle.meta.get("backbone", SigmmaConfig.backbone))
+        if "backbone_info" in bundle.meta:
+            config.setdefault("backbone_info", bundle.meta["backbone_info"])
+        cfg = SigmmaConfig(n_features=bundle.n_features, image_dim=bundle.image_dim, **config)
+        return cls(cfg, meta=bundle.meta)
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        """Scales this model embeds."""
+        return self.config.scales
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ differentiable forward passes
+    def image_embeddings(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Image head outputs ``(B, out_dim)`` per scale (current mode, autograd on)."""
+        missing = [s for s in self.scales if s not in features]
+        if missing:
+            raise ValueError(f"Image features are missing for scales {missing}.")
+        return {s: self.image_heads[s](F.normalize(features[s].float(), dim=-1)) for s in self.scales}
+
+    def st_embeddings(self, batch: TileBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """ST tile embeddings ``(B, out_dim)`` and cell embeddings ``(n, out_dim)`` per scale (current mode)."""
+        out = self.st_encoder(
+            batch.x,
+            batch.pos,
+            batch.batch,
+            batch.edge_index,
+            batch.cand_meso,
+            batch.cand_macro,
+            num_tiles=batch.num_tiles,
+        )
+        tiles = {s: self.st_heads[s](out.pooled[s]) for s in self.scales}
+        cells = {s: self.st_heads[s](out.nodes[s]) for s in self.scales}
+        return tiles, cells
+
+    def embed_batch(self, batch: TileBatch) -> dict[str, Tensor]:
+        """Tile embeddings of both modalities, keys ``"image/{scale}"`` and ``"st/{scale}"``."""
+        if batch.image_features is None:
+            raise ValueError("Training needs image features; the bundle has none.")
+        img = self.image_embeddings(batch.image_features)
+        st = self.st_encoder(
+            batch.x,
+            batch.pos,
+            batch.batch,
+            batch.edge_index,
+            batch.cand_meso,
+            batch.cand_macro,
+            num_tiles=batch.num_tiles,
+        ).pooled
+        return {
+            **{f"image/{s}": img[s] for s in self.scales},
+            **{f"st/{s}": self.st_heads[s](st[s]) for s in self.scales},
+        }
+
+    def loss_from_embeddings(self, emb: Mapping[str, Tensor]) -> Tensor:
+        """``sum_s InfoNCE_sym(image/s, st/s)`` over the scales of the model."""
+        total, _ = multiscale_info_nce(
+            {s: emb[f"image/{s}"] for s in self.scales},
+            {s: emb[f"st/{s}"] for s in self.scales},
+            self.config.temperature,
+        )
+        return total
+
+    def forward(self, batch: TileBatch) -> Tensor:
+        """Contrastive loss of a batch of tiles."""
+        return self.loss_from_embeddings(self.embed_batch(batch))
+
+    # ------------------------------------------------------------------ inference helpers
+    def encode_image(
+        self, features: Mapping[str, Tensor | np.ndarray] | TrainingBundle, *, batch_size: int | None = None
+    ) -> dict[str, Tensor]:
+        """Image embeddings per scale; needs no ST input.
+
+        Runs in eval mode under ``torch.inference_mode`` in chunks of ``batch_size`` tiles.
+
+        Parameters
+        ----------
+        features
+            Scale -> ``(T, D)`` cached backbone features (tensors or arrays), or a bundle.
+        batch_size
+            Tiles per chunk (default ``config.batch_size``).
+
+        Returns
+        -------
+        Scale -> ``(T, out_dim)`` float32, L2-normalised; on the CPU for a bundle or numpy input, else on
+        the model's device.
+        """
+        if isinstance(features, TrainingBundle):
+            if features.image_features is None:
+                raise ValueError("The bundle has no image features.")
+            features = features.image_features
+        to_cpu = any(not isinstance(v, Tensor) for v in features.values()) or any(
+            v.device.type == "cpu" for v in features.values()
+        )
+        feats = {s: torch.as_tensor(np.asarray(v) if not isinstance(v, Tensor) else v) for s, v in features.items()}
+        n = next(iter(feats.values())).shape[0]
+        bs = batch_size or self.config.batch_size
+        device = self.device
+        chunks: dict[str, list[Tensor]] = {s: [] for s in self.scales}
+        with _eval(self), torch.inference_mode():
+            for start in range(0, n, bs):
+                part = {s: feats[s][start : start + bs].to(device) for s in feats if s in self.scales}
+                for s, z in self.image_embeddings(part).items():
+                    chunks[s].append(z.cpu() if to_cpu else z)
+        return {s: torch.cat(v) if v else torch.zeros(0, self.config.out_dim) for s, v in chunks.items()}
+
+    def encode_st(
+        self, data: TrainingBundle | TileBatch, *, batch_size: int | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """ST embeddings of tiles and cells per scale.
+
+        Runs in eval mode (deterministic edges) under ``torch.inference_mode``. Cell embeddings are each
+        cell's node embedding at that scale passed through the scale's ST projection head (for per-cell
+        microenvironment clustering). A tile without cells gets the head's image of a zero vector.
+
+        Parameters
+        ----------
+        data
+            A bundle (every tile, in chunks of ``batch_size`` tiles; results on the CPU, cells in bundle
+            order) or a :class:`TileBatch` (results on the model's device).
+        batch_size
+            Tiles per chunk (default ``config.batch_size``).
+
+        Returns
+        -------
+        Scale -> ``(T, out_dim)`` tile embeddings and scale -> ``(N, out_dim)`` cell embeddings.
+        """
+        device = self.device
+        with _eval(self), torch.inference_mode():
+            if isinstance(data, TileBatch):
+                return self.st_embeddings(data)
+            bundle = data.to(device)
+            bs = batch_size or self.config.batch_size
+            tiles: dict[str, list[Tensor]] = {s: [] for s in self.scales}
+            cells: dict[str, list[Tensor]] = {s: [] for s in self.scales}
+            for idx in torch.arange(bundle.n_tiles, device=device).split(bs):
+                t, c = self.st_embeddings(bundle.select(idx))
+                for s in self.scales:
+                    tiles[s].append(t[s].cpu())
+                    cells[s].append(c[s].cpu())
+        return {s: torch.cat(v) for s, v in tiles.items()}, {s: torch.cat(v) for s, v in cells.items()}
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        bundle: TrainingBundle,
+        *,
+        epochs: int | None = None,
+        device: str | torch.device | None = None,
+        seed: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Train on the bundle's training tiles; keep the weights of the best validation epoch.
+
+        AdamW (``lr``, ``weight_decay``) with StepLR (``step_size``, ``gamma``); each epoch shuffles the
+        training tiles (seeded generator) into batches of ``config.batch_size`` (a last partial batch is
+        kept if it has at least 2 tiles), optionally accumulated over ``micro_batch`` tiles with GradCache
+        (cross-micro-batch negatives kept); on CUDA out-of-memory the micro-batch is halved and the step
+        retried. The validation loss (eval mode, deterministic edges) is computed after every epoch and
+        the best-validation weights are restored at the end (without validation tiles: the last weights).
+        The whole bundle is moved to the device once. Seeded and deterministic on CPU; the global RNG
+        state of the caller is left untouched.
+
+        Parameters
+        ----------
+        bundle
+            Training data with image features and a train/val split.
+        epochs
+            Total epochs (default ``config.epochs``); with ``resume`` the run continues up to this number.
+        device
+            Torch device (``None``: ``sigmma_sc.settings.device``, else CUDA when available, else CPU).
+        seed
+            Training seed (shuffling, dropout, Gumbel noise; default ``config.seed``).
+        checkpoint_dir
+            Directory for ``last.pt``, written atomically after every epoch (model, optimiser, scheduler,
+            RNG states, history, best weights).
+        resume
+            Continue from ``checkpoint_dir/last.pt``; reaches the same weights and history as an
+            uninterrupted run with the same seed.
+        progress
+            Show a progress bar (also subject to ``sigmma_sc.settings.progress_bar``).
+
+        Returns
+        -------
+        The training history, also stored in :attr:`history`.
+        """
+        from ._train_loop import fit_model
+
+        if self.config.finetune_blocks:
+            raise NotImplementedError(
+                "Fine-tuning backbone blocks needs the tile pixels at training time; SigmmaModel.fit trains on "
+                "cached frozen-backbone features only. Use finetune_blocks=0."
+            )
+        history = fit_model(
+            self,
+            bundle,
+            epochs=self.config.epochs if epochs is None else epochs,
+            device=device,
+            seed=self.config.seed if seed is None else seed,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+        )
+        self.history = history
+        self.meta = {**bundle.meta, **self.meta}
+        return history
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path: str | Path) -> None:
+        """Write config, weights, meta and history to one file, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "sigmma_sc_version": _package_version(),
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "meta": self.meta,
+            "history": self.history,
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> SigmmaModel:
+        """Read a model written by :meth:`save` (in eval mode, on ``map_location`` or the CPU)."""
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r} is not a saved SigmmaModel.")
+        model = cls(SigmmaConfig.from_dict(d["config"]), meta=d.get("meta"))
+        model.load_state_dict(d["state_dict"])
+        model.history = list(d.get("history") or [])
+        model.eval()
+        return model.to(map_location) if map_location is not None else model
+
+    def __repr__(self) -> str:
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        return (
+            f"SigmmaModel(scales={list(c.scales)}, n_features={c.n_features}, image_dim={c.image_dim}, "
+            f"hidden={c.hidden}, out_dim={c.out_dim}, use_graph={c.use_graph}, edge_addition={c.edge_addition}, "
+            f"{n} parameters, {len(self.history)} epochs trained)"
+        )
+
+
+class _eval:
+    """Context manager: eval mode inside, the previous mode restored after."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)

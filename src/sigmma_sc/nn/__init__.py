@@ -1,0 +1,28 @@
+"""Pure-torch building blocks of SIGMMA (tensors in, tensors out; no SpatialData).
+
+Imports only torch, torch_geometric, numpy and the standard library (timm lazily).
+"""
+
+from ._edges import EdgeSampler, block_ids, same_block
+from ._gnn import GraphEncoderOutput, HierarchicalGraphEncoder, WeightedSAGEConv
+from ._image_encoder import BackboneInfo, MultiCropEncoder, build_backbone, featurize
+from ._loss import ProjectionHead, grad_cache_backward, info_nce, multiscale_info_nce
+from ._pool import AttentionalPooling
+
+__all__ = [
+    "AttentionalPooling",
+    "BackboneInfo",
+    "EdgeSampler",
+    "GraphEncoderOutput",
+    "HierarchicalGraphEncoder",
+    "MultiCropEncoder",
+    "ProjectionHead",
+    "WeightedSAGEConv",
+    "block_ids",
+    "build_backbone",
+    "featurize",
+    "grad_cache_backward",
+    "info_nce",
+    "multiscale_info_nce",
+    "same_block",
+]

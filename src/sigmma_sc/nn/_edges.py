@@ -1,0 +1,122 @@
+"""Block ids, edge masks and the stochastic edge sampler of the hierarchical ST encoder.
+
+Pure torch. A cell's *block* at a scale is the cell of a ``g x g`` grid over its tile
+(``g = GRID[scale]``: 4 micro, 2 meso, 1 macro) that contains it; block ``(bx, by)`` covers
+``x in [bx / g, (bx + 1) / g)`` and ``y in [by / g, (by + 1) / g)`` of the tile (positions are
+fractions of the tile side). The neighbour-patch constraint of the paper (§3.2) allows an edge
+at a scale only between cells of the same block at that scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._constants import GRID
+
+
+def block_ids(pos: Tensor, batch: Tensor, grid: int) -> Tensor:
+    """Global block id of every cell on a ``grid x grid`` partition of its tile.
+
+    Parameters
+    ----------
+    pos
+        ``(N, 2)`` position ``(x, y)`` of each cell inside its tile, as a fraction of the tile side
+        in ``[0, 1]`` (1 is folded into the last block).
+    batch
+        ``(N,)`` tile index of each cell.
+    grid
+        Blocks per tile side (``GRID[scale]``).
+
+    Returns
+    -------
+    ``(N,)`` int64 id, equal for two cells exactly when they share the tile and the block.
+    """
+    b = torch.floor(pos * grid).long().clamp_(0, grid - 1)
+    return (batch.long() * grid + b[:, 1]) * grid + b[:, 0]
+
+
+def same_block(edge_index: Tensor, pos: Tensor, batch: Tensor, grid: int) -> Tensor:
+    """Boolean ``(E,)`` mask of the edges whose two ends share a block on a ``grid x grid`` partition."""
+    ids = block_ids(pos, batch, grid)
+    return ids[edge_index[0]] == ids[edge_index[1]]
+
+
+def scale_mask(edge_index: Tensor, pos: Tensor, batch: Tensor, scale: str) -> Tensor:
+    """Mask of the edges allowed at ``scale`` (same tile and same block at that scale)."""
+    return same_block(edge_index, pos, batch, GRID[scale])
+
+
+def pair_ids(edge_index: Tensor, num_nodes: int) -> Tensor:
+    """Undirected pair id ``min(u, v) * num_nodes + max(u, v)`` of every edge (equal for ``u->v`` and ``v->u``)."""
+    lo = torch.minimum(edge_index[0], edge_index[1])
+    hi = torch.maximum(edge_index[0], edge_index[1])
+    return lo * num_nodes + hi
+
+
+class EdgeSampler(nn.Module):
+    r"""Score candidate edges and sample them with the Gumbel-sigmoid straight-through estimator.
+
+    The score of a candidate pair is :math:`s_{uv} = \sigma(\mathrm{MLP}([h_u, h_v]))` (paper §3.2),
+    symmetrised as the mean of the MLP logits of ``[h_u, h_v]`` and ``[h_v, h_u]`` so that ``u->v`` and
+    ``v->u`` get the same score. The first MLP layer is applied per node and gathered per edge
+    (``W [h_u, h_v] = W_a h_u + W_b h_v``), so no ``(E, 2 * in_channels)`` tensor is built.
+
+    Training: binary Concrete / Gumbel-sigmoid sample with logistic noise ``g`` shared by the two
+    directions of a pair, ``soft = sigmoid((logit + g) / tau)``, ``hard = 1[soft > 0.5]``, and the
+    returned weight is ``hard - soft.detach() + soft`` (value ``hard``, gradient of ``soft``).
+    Evaluation: deterministic ``hard = 1[s_uv > 0.5]``.
+
+    Parameters
+    ----------
+    in_channels
+        Width of the node embeddings ``h``.
+    hidden_channels
+        Width of the scorer's hidden layer (default ``max(in_channels // 4, 16)``).
+    tau
+        Temperature ``tau_e`` of the Gumbel-sigmoid.
+
+    Shapes
+    ------
+    - input: node embeddings ``(N, in_channels)``, candidate edges ``(2, E_c)``
+    - output: edge weights ``(E_c,)`` in ``{0, 1}`` (forward value)
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int | None = None, *, tau: float = 1.0):
+        super().__init__()
+        hidden_channels = hidden_channels or max(in_channels // 4, 16)
+        if tau <= 0:
+            raise ValueError(f"The edge temperature tau must be positive, got {tau}.")
+        self.tau = float(tau)
+        self.lin_u = nn.Linear(in_channels, hidden_channels)
+        self.lin_v = nn.Linear(in_channels, hidden_channels, bias=False)
+        self.act = nn.LeakyReLU()
+        self.out = nn.Linear(hidden_channels, 1)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the scorer."""
+        for lin in (self.lin_u, self.lin_v, self.out):
+            lin.reset_parameters()
+
+    def logits(self, h: Tensor, edge_index: Tensor) -> Tensor:
+        """Symmetric edge logits ``(E_c,)`` (``sigmoid`` of them is ``s_uv``)."""
+        a, b = self.lin_u(h), self.lin_v(h)
+        src, dst = edge_index[0], edge_index[1]
+        fwd = self.out(self.act(a[src] + b[dst]))
+        bwd = self.out(self.act(a[dst] + b[src]))
+        return (0.5 * (fwd + bwd)).squeeze(-1)
+
+    def forward(self, h: Tensor, edge_index: Tensor) -> Tensor:
+        """Sampled weights of the candidate edges (straight-through in training, thresholded in eval)."""
+        logit = self.logits(h, edge_index)
+        if not self.training:
+            return (logit > 0).to(logit.dtype)  # sigmoid(logit) > 0.5
+        if logit.numel() == 0:
+            return logit
+        # one logistic noise draw per undirected pair: both directions get the same sample
+        pairs, inverse = torch.unique(pair_ids(edge_index, h.shape[0]), return_inverse=True)
+        u = torch.rand(pairs.numel(), device=h.device, dtype=logit.dtype).clamp_(1e-6, 1 - 1e-6)
+        noise = (torch.log(u) - torch.log1p(-u))[inverse]
+        soft = torch.sigmoid((logit + noise) / self.tau)
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard - soft.detach() + soft

@@ -1,0 +1,265 @@
+"""Hierarchical graph encoder of the ST side (paper §3.2).
+
+Pure torch + torch_geometric. Inputs are batches of tiles as collated by
+:meth:`sigmma_sc.model.TrainingBundle.select`: node features, positions inside the tile,
+the tile index of each cell, the kNN edges and the precomputed candidate edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
+from torch_geometric.utils import scatter
+
+from .._constants import SCALES
+from ._edges import EdgeSampler, scale_mask
+from ._pool import AttentionalPooling, mean_pool
+
+
+class WeightedSAGEConv(MessagePassing):
+    r"""GraphSAGE layer with an edge-weighted mean aggregation.
+
+    .. math::
+        x'_i = W_l \frac{\sum_{j \in N(i)} w_{ji} x_j}{\max(\sum_{j \in N(i)} w_{ji}, \epsilon)} + W_r x_i
+
+    PyG's :class:`~torch_geometric.nn.conv.SAGEConv` takes no edge weights; here gradients flow
+    through ``edge_weight`` (the Gumbel-sampled edges of :class:`~sigmma_sc.nn.EdgeSampler`).
+    A node without incoming edge (or whose incoming weights are all 0) aggregates 0. Messages flow
+    along ``edge_index[0] -> edge_index[1]`` (PyG's ``source_to_target``). When
+    ``in_channels > out_channels`` the features are projected before aggregation (mean aggregation
+    is linear, so the result is the same at lower cost).
+
+    Parameters
+    ----------
+    in_channels
+        Input node feature width.
+    out_channels
+        Output node feature width.
+    bias
+        Add a bias to the neighbour branch.
+    eps
+        Floor of the weight sum in the denominator.
+
+    Shapes
+    ------
+    - input: node features ``(N, in_channels)``, edges ``(2, E)``, edge weights ``(E,)`` (optional, default 1)
+    - output: ``(N, out_channels)``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True, eps: float = 1e-6):
+        super().__init__(aggr="sum")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.eps = eps
+        self.lin_l = nn.Linear(in_channels, out_channels, bias=bias)
+        self.lin_r = nn.Linear(in_channels, out_channels, bias=False)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise both linear maps."""
+        super().reset_parameters()
+        self.lin_l.reset_parameters()
+        self.lin_r.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        """Aggregate weighted neighbour means and add the root term."""
+        n = x.shape[0]
+        if edge_weight is None:
+            edge_weight = x.new_ones(edge_index.shape[1])
+        edge_weight = edge_weight.to(x.dtype)
+        project_first = self.in_channels > self.out_channels
+        src = F.linear(x, self.lin_l.weight) if project_first else x
+        num = self.propagate(edge_index, x=src, edge_weight=edge_weight, size=(n, n))
+        den = scatter(edge_weight, edge_index[1], dim=0, dim_size=n, reduce="sum")
+        agg = num / den.clamp_min(self.eps).unsqueeze(-1)
+        if project_first:
+            out = agg if self.lin_l.bias is None else agg + self.lin_l.bias
+        else:
+            out = self.lin_l(agg)
+        return out + self.lin_r(x)
+
+    def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
+        return edge_weight.unsqueeze(-1) * x_j
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels})"
+
+
+@dataclass
+class GraphEncoderOutput:
+    """What :class:`HierarchicalGraphEncoder` returns.
+
+    Attributes
+    ----------
+    nodes
+        Scale -> node embeddings ``(N, out)``.
+    pooled
+        Scale -> tile embeddings ``(T, out)`` (zero rows for tiles without cells).
+    graphs
+        Scale -> ``(edge_index (2, E_s), edge_weight (E_s,))`` of the graph the scale's layers ran on
+        (every scale the hierarchy ran through, including finer scales not requested).
+    added
+        ``"meso"``/``"macro"`` -> ``(candidate edges (2, E_c), sampled weights (E_c,))`` after the
+        neighbour-patch mask (only with edge addition).
+    """
+
+    nodes: dict[str, Tensor]
+    pooled: dict[str, Tensor]
+    graphs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    added: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def _empty_edges(device: torch.device) -> Tensor:
+    return torch.empty(2, 0, dtype=torch.long, device=device)
+
+
+class HierarchicalGraphEncoder(nn.Module):
+    r"""Multi-scale ST encoder: stacked weighted-SAGE layers on growing cell graphs (paper §3.2).
+
+    ``G_micro`` keeps the kNN edges whose ends share a micro block (4x4 grid over the tile);
+    ``layers_per_scale`` SAGE layers give ``h_micro``. The candidate edges ``cand_meso`` (restricted
+    to pairs in the same meso block, 2x2 grid) are scored on ``h_micro`` and sampled by
+    :class:`~sigmma_sc.nn.EdgeSampler`; ``G_meso = G_micro (weight 1) + sampled edges (weight = sample)``
+    and more SAGE layers on ``h_micro`` give ``h_meso``. The same with ``cand_macro`` (restricted to the
+    tile) gives ``G_macro`` and ``h_macro``. Each requested scale is pooled per tile by global attention.
+
+    Ablations (paper Table 5): ``edge_addition=False`` uses fixed graphs (``G_meso`` = kNN edges inside
+    a meso block, ``G_macro`` = all kNN edges of the tile, weight 1, no scorer); ``use_graph=False`` is
+    BLEEP-style, no GNN: tile vector ``MLP(mean of the tile's node features)`` and cell vectors
+    ``MLP(x)``, the same for every scale; ``scales`` restricts the scales returned (the hierarchy still
+    runs through the finer scales needed to build the coarsest requested one).
+
+    Parameters
+    ----------
+    in_channels
+        Node feature width ``F``.
+    hidden
+        Width of the intermediate SAGE layers.
+    out
+        Width of each scale's node and tile embeddings.
+    layers_per_scale
+        SAGE layers per scale (paper: 2).
+    dropout
+        Dropout after every layer.
+    tau_e
+        Gumbel-sigmoid temperature of the edge sampler.
+    edge_addition
+        Stochastic edge addition (else fixed block-restricted kNN graphs).
+    use_graph
+        Message passing on cell graphs (else the BLEEP-style MLP).
+    scales
+        Scales to compute, a subset of ``("micro", "meso", "macro")``.
+
+    Shapes
+    ------
+    - input: ``x (N, F)``, ``pos (N, 2)`` in ``[0, 1]``, ``batch (N,)``, ``edge_index (2, E)``,
+      ``cand_meso (2, E_m)``, ``cand_macro (2, E_M)``
+    - output: :class:`GraphEncoderOutput` with ``nodes[s] (N, out)`` and ``pooled[s] (T, out)``
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int = 512,
+        out: int = 512,
+        *,
+        layers_per_scale: int = 2,
+        dropout: float = 0.1,
+        tau_e: float = 1.0,
+        edge_addition: bool = True,
+        use_graph: bool = True,
+        scales: Sequence[str] = SCALES,
+    ):
+        super().__init__()
+        scales = tuple(scales)
+        if not scales or any(s not in SCALES for s in scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {scales!r}.")
+        if layers_per_scale < 1:
+            raise ValueError(f"`layers_per_scale` must be >= 1, got {layers_per_scale}.")
+        self.scales = tuple(s for s in SCALES if s in scales)
+        self.in_channels, self.hidden, self.out = in_channels, hidden, out
+        self.dropout = dropout
+        self.edge_addition = edge_addition
+        self.use_graph = use_graph
+        self.act = nn.LeakyReLU()
+        # the hierarchy runs up to the coarsest requested scale
+        self._run = SCALES[: max(SCALES.index(s) for s in self.scales) + 1]
+
+        if not use_graph:
+            self.mlp = nn.Sequential(
+                nn.Linear(in_channels, hidden), nn.LeakyReLU(), nn.Dropout(dropout), nn.Linear(hidden, out)
+            )
+            return
+        self.convs = nn.ModuleDict()
+        dim = in_channels
+        for s in self._run:
+            widths = [hidden] * (layers_per_scale - 1) + [out]
+            layers = []
+            for w in widths:
+                layers.append(WeightedSAGEConv(dim, w))
+                dim = w
+            self.convs[s] = nn.ModuleList(layers)
+        self.samplers = nn.ModuleDict()
+        if edge_addition:
+            for s in self._run[1:]:
+                self.samplers[s] = EdgeSampler(out, tau=tau_e)
+        self.pools = nn.ModuleDict({s: AttentionalPooling(out) for s in self.scales})
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every layer."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def _layers(self, scale: str, h: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        for conv in self.convs[scale]:
+            h = F.dropout(self.act(conv(h, edge_index, edge_weight)), self.dropout, self.training)
+        return h
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        batch: Tensor,
+        edge_index: Tensor,
+        cand_meso: Tensor | None = None,
+        cand_macro: Tensor | None = None,
+        *,
+        num_tiles: int | None = None,
+    ) -> GraphEncoderOutput:
+        """Encode a batch of tiles (see the class docstring)."""
+        if num_tiles is None:
+            num_tiles = int(batch.max()) + 1 if batch.numel() else 0
+        if not self.use_graph:
+            cells = self.mlp(x)
+            tiles = self.mlp(mean_pool(x, batch, num_tiles))
+            return GraphEncoderOutput(nodes=dict.fromkeys(self.scales, cells), pooled=dict.fromkeys(self.scales, tiles))
+
+        device = x.device
+        cands = {"meso": cand_meso, "macro": cand_macro}
+        nodes: dict[str, Tensor] = {}
+        graphs: dict[str, tuple[Tensor, Tensor]] = {}
+        added: dict[str, tuple[Tensor, Tensor]] = {}
+        h = x
+        ei = wi = None
+        for s in self._run:
+            if s == "micro":
+                ei = edge_index[:, scale_mask(edge_index, pos, batch, "micro")]
+                wi = x.new_ones(ei.shape[1])
+            elif self.edge_addition:
+                cand = cands[s] if cands[s] is not None else _empty_edges(device)
+                cand = cand[:, scale_mask(cand, pos, batch, s)]  # neighbour-patch constraint
+                w = self.samplers[s](h, cand)
+                added[s] = (cand, w)
+                ei, wi = torch.cat([ei, cand], dim=1), torch.cat([wi, w.to(wi.dtype)])
+            else:
+                ei = edge_index[:, scale_mask(edge_index, pos, batch, s)]
+                wi = x.new_ones(ei.shape[1])
+            h = self._layers(s, h, ei, wi)
+            nodes[s], graphs[s] = h, (ei, wi)
+        pooled = {s: self.pools[s](nodes[s], batch, num_tiles) for s in self.scales}
+        return GraphEncoderOutput(nodes={s: nodes[s] for s in self.scales}, pooled=pooled, graphs=graphs, added=added)

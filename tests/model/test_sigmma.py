@@ -1,0 +1,251 @@
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from sigmma_sc._constants import SCALES
+from sigmma_sc.model import SigmmaConfig, SigmmaModel, TrainingBundle, toy_bundle
+from sigmma_sc.nn import grad_cache_backward
+
+
+def _equal_dicts(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_config_json_roundtrip():
+    cfg = SigmmaConfig(n_features=4, image_dim=6, scales=["macro", "micro"], micro_batch=8)
+    assert cfg.scales == ("micro", "macro")
+    back = SigmmaConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert (cfg.lr, cfg.weight_decay, cfg.temperature, cfg.step_size, cfg.gamma) == (1e-4, 1e-3, 0.01, 100, 0.1)
+    with pytest.raises(ValueError, match="subset"):
+        SigmmaConfig(n_features=4, image_dim=6, scales=("nano",))
+    with pytest.raises(ValueError, match="batch_size"):
+        SigmmaConfig(n_features=4, image_dim=6, batch_size=1)
+    with pytest.raises(TypeError, match="Unknown"):
+        SigmmaConfig.from_dict({"n_features": 1, "image_dim": 1, "foo": 2})
+
+
+def test_shapes(bundle, small_config):
+    model = SigmmaModel.from_bundle(bundle, **small_config)
+    tiles, cells = model.encode_st(bundle)
+    img = model.encode_image(bundle)
+    for s in SCALES:
+        assert tiles[s].shape == (bundle.n_tiles, 16)
+        assert cells[s].shape == (bundle.n_cells, 16)
+        assert img[s].shape == (bundle.n_tiles, 16)
+        torch.testing.assert_close(img[s].norm(dim=1), torch.ones(bundle.n_tiles))
+    assert model.training  # encode_* restore the mode
+    assert "SigmmaModel(" in repr(model)
+
+
+def test_fit_loss_decreases_on_learnable_signal():
+    b = toy_bundle(n_tiles=40, seed=0)
+    model = SigmmaModel.from_bundle(
+        b, hidden=32, out_dim=16, batch_size=16, epochs=30, dropout=0.0, lr=3e-3, temperature=0.1
+    )
+    history = model.fit(b, progress=False, device="cpu")
+    assert [h["epoch"] for h in history] == list(range(1, 31))
+    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "lr", "seconds"}
+    losses = np.array([h["train_loss"] for h in history])
+    vals = np.array([h["val_loss"] for h in history])
+    assert np.isfinite(losses).all()
+    assert np.isfinite(vals).all()
+    assert losses[-3:].mean() < 0.6 * losses[:3].mean()
+    assert vals.min() < 0.8 * vals[0]
+    # the learned spaces retrieve the paired tile far above chance (1 / 40)
+    img, (st, _) = model.encode_image(b), model.encode_st(b)
+    top1 = (img["micro"] @ st["micro"].T).argmax(1) == torch.arange(b.n_tiles)
+    assert top1.float().mean() > 0.25
+    assert model.history == history
+    assert not model.training
+
+
+def test_same_seed_identical_embeddings(bundle, small_config):
+    runs = []
+    for _ in range(2):
+        m = SigmmaModel.from_bundle(bundle, **small_config)
+        m.fit(bundle, progress=False)
+        runs.append((m.encode_st(bundle), m.encode_image(bundle), m.history))
+    (t1, c1), i1, h1 = runs[0]
+    (t2, c2), i2, h2 = runs[1]
+    _equal_dicts(t1, t2)
+    _equal_dicts(c1, c2)
+    _equal_dicts(i1, i2)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in h1] == [
+        {k: v for k, v in h.items() if k != "seconds"} for h in h2
+    ]
+    other = SigmmaModel.from_bundle(bundle, **small_config, seed=1)
+    assert not torch.equal(other.encode_image(bundle)["micro"], i1["micro"])
+
+
+def test_fit_leaves_global_rng_untouched(bundle, small_config):
+    state = torch.get_rng_state()
+    SigmmaModel.from_bundle(bundle, **small_config).fit(bundle, progress=False, epochs=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_save_load_identical(bundle, small_config, tmp_path):
+    m = SigmmaModel.from_bundle(bundle, **small_config)
+    m.fit(bundle, progress=False, epochs=1)
+    m.save(tmp_path / "sub" / "model.pt")
+    raw = torch.load(tmp_path / "sub" / "model.pt", weights_only=True)
+    assert raw["format"] == "sigmma_sc.SigmmaModel"
+    assert "config" in raw
+    m2 = SigmmaModel.load(tmp_path / "sub" / "model.pt", map_location="cpu")
+    assert m2.config == m.config
+    assert m2.history == m.history
+    assert m2.meta == m.meta
+    _equal_dicts(m.encode_st(bundle)[0], m2.encode_st(bundle)[0])
+    _equal_dicts(m.encode_st(bundle)[1], m2.encode_st(bundle)[1])
+    _equal_dicts(m.encode_image(bundle), m2.encode_image(bundle))
+
+
+def test_image_only_embedding(bundle, small_config):
+    m = SigmmaModel.from_bundle(bundle, **small_config).eval()
+    feats = {s: f.numpy() for s, f in bundle.image_features.items()}
+    out = m.encode_image(feats, batch_size=5)
+    ref = m.encode_image({s: torch.from_numpy(f) for s, f in feats.items()})
+    for s in SCALES:
+        torch.testing.assert_close(out[s], ref[s])
+    with pytest.raises(ValueError, match="missing"):
+        m.encode_image({"micro": feats["micro"]})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "scales"),
+    [
+        ({"use_graph": False}, SCALES),
+        ({"edge_addition": False}, SCALES),
+        ({"scales": ("macro",)}, ("macro",)),
+    ],
+)
+def test_ablations_train_and_embed(bundle, small_config, kwargs, scales):
+    m = SigmmaModel.from_bundle(bundle, **{**small_config, **kwargs})
+    history = m.fit(bundle, progress=False, epochs=1)
+    assert np.isfinite(history[0]["train_loss"])
+    tiles, cells = m.encode_st(bundle)
+    assert tuple(tiles) == scales == tuple(m.encode_image(bundle))
+    assert set(m.image_heads) == set(m.st_heads) == set(scales)
+    names = [n for n, _ in m.named_parameters()]
+    if kwargs.get("edge_addition") is False or kwargs.get("use_graph") is False:
+        assert not any("samplers" in n for n in names)
+    if kwargs.get("use_graph") is False:
+        assert not any("convs" in n for n in names)
+
+
+def test_grad_cache_equals_full_batch(bundle, small_config):
+    """Dropout 0 and eval-mode edges: micro-batched gradients equal full-batch gradients."""
+    m = SigmmaModel.from_bundle(bundle, **{**small_config, "dropout": 0.0}).eval()
+    idx = torch.arange(16)
+    m(bundle.select(idx)).backward()
+    full = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    loss = grad_cache_backward(lambda c: m.embed_batch(bundle.select(c)), list(idx.split(5)), m.loss_from_embeddings)
+    torch.testing.assert_close(loss, m(bundle.select(idx)).detach())
+    assert full
+    for n, p in m.named_parameters():
+        if n in full:
+            torch.testing.assert_close(p.grad, full[n], rtol=1e-4, atol=1e-6)
+
+
+def test_fit_with_micro_batches(bundle, small_config):
+    m = SigmmaModel.from_bundle(bundle, **{**small_config, "micro_batch": 3})
+    history = m.fit(bundle, progress=False, epochs=2)
+    assert all(np.isfinite(h["train_loss"]) for h in history)
+
+
+def test_resume_equals_uninterrupted(bundle, small_config, tmp_path):
+    cfg = {**small_config, "epochs": 4, "step_size": 2, "gamma": 0.5}
+    full = SigmmaModel.from_bundle(bundle, **cfg)
+    h_full = full.fit(bundle, progress=False, checkpoint_dir=tmp_path / "a")
+    part = SigmmaModel.from_bundle(bundle, **cfg)
+    part.fit(bundle, progress=False, epochs=2, checkpoint_dir=tmp_path / "b")
+    resumed = SigmmaModel.from_bundle(bundle, **cfg)
+    h_res = resumed.fit(bundle, progress=False, checkpoint_dir=tmp_path / "b", resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(h_full) == strip(h_res)
+    assert [r["lr"] for r in h_full] == [1e-4, 1e-4, 5e-5, 5e-5]
+    _equal_dicts(full.state_dict(), resumed.state_dict())
+    ckpt = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 4
+    assert len(ckpt["history"]) == 4
+    assert not list((tmp_path / "a").glob(".*tmp"))
+
+
+def test_best_validation_state_restored(bundle, small_config, tmp_path):
+    m = SigmmaModel.from_bundle(bundle, **{**small_config, "epochs": 3})
+    history = m.fit(bundle, progress=False, checkpoint_dir=tmp_path)
+    best = min(history, key=lambda h: h["val_loss"])
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    _equal_dicts(m.state_dict(), ckpt["best_state"])
+    from sigmma_sc.model._train_loop import evaluate
+
+    val = evaluate(m, bundle, bundle.tiles_in("val"), 8)
+    assert val == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_oom_halves_micro_batch(bundle, small_config, monkeypatch, caplog):
+    original = SigmmaModel.embed_batch
+
+    def flaky(self, batch):
+        if self.training and batch.num_tiles > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, batch)
+
+    monkeypatch.setattr(SigmmaModel, "embed_batch", flaky)
+    m = SigmmaModel.from_bundle(bundle, **small_config)
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc.model._train_loop"):
+        history = m.fit(bundle, progress=False, epochs=1)
+    assert np.isfinite(history[0]["train_loss"])
+    assert "micro_batch=4" in caplog.text
+    assert "micro_batch=2" in caplog.text
+
+    def always(self, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(SigmmaModel, "embed_batch", always)
+    with pytest.raises(RuntimeError, match="micro-batch of 1"):
+        SigmmaModel.from_bundle(bundle, **small_config).fit(bundle, progress=False, epochs=1)
+
+
+def test_tiles_with_zero_or_one_cell(small_config):
+    b = toy_bundle(n_tiles=20, min_cells=1, max_cells=3, n_empty=3, seed=4)
+    m = SigmmaModel.from_bundle(b, **small_config)
+    history = m.fit(b, progress=False, epochs=2)
+    assert np.isfinite(history[-1]["train_loss"])
+    tiles, cells = m.encode_st(b)
+    for s in SCALES:
+        assert torch.isfinite(tiles[s]).all()
+        assert torch.isfinite(cells[s]).all()
+
+
+def test_fit_errors(bundle, small_config, tmp_path):
+    m = SigmmaModel.from_bundle(bundle, **small_config)
+    parts = {k: getattr(bundle, k) for k in ("x", "cell_ptr", "pos", "edge_index", "cand_meso", "cand_macro")}
+    one_train = TrainingBundle(
+        **parts, image_features=bundle.image_features, split=torch.tensor([0] + [1] * (bundle.n_tiles - 1))
+    )
+    with pytest.raises(ValueError, match="at least 2 training tiles"):
+        m.fit(one_train, progress=False)
+    with pytest.raises(ValueError, match="image features"):
+        m.fit(TrainingBundle(**parts), progress=False)
+    wide = TrainingBundle(**{**parts, "x": torch.cat([bundle.x, bundle.x], 1)}, image_features=bundle.image_features)
+    with pytest.raises(ValueError, match="n_features"):
+        m.fit(wide, progress=False)
+    narrow = TrainingBundle(**parts, image_features={s: f[:, :5] for s, f in bundle.image_features.items()})
+    with pytest.raises(ValueError, match="image_dim"):
+        m.fit(narrow, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        m.fit(bundle, progress=False, resume=True)
+    tuned = SigmmaModel(dataclasses.replace(m.config, finetune_blocks=1))
+    with pytest.raises(NotImplementedError, match="finetune_blocks"):
+        tuned.fit(bundle, progress=False)
+    m.fit(bundle, progress=False, epochs=1, checkpoint_dir=tmp_path)
+    other = SigmmaModel.from_bundle(bundle, **{**small_config, "hidden": 8})
+    with pytest.raises(ValueError, match="different config"):
+        other.fit(bundle, progress=False, checkpoint_dir=tmp_path, resume=True)

@@ -1,0 +1,212 @@
+import pytest
+import torch
+from torch_geometric.nn import SAGEConv
+
+from sigmma_sc._constants import GRID, SCALES
+from sigmma_sc.nn import (
+    AttentionalPooling,
+    EdgeSampler,
+    HierarchicalGraphEncoder,
+    WeightedSAGEConv,
+    block_ids,
+    same_block,
+)
+from sigmma_sc.nn._gnn import WeightedSAGEConv as _Conv
+
+
+def _graph(n=7, e=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, n, (2, e), generator=g)
+
+
+@pytest.mark.parametrize(("cin", "cout"), [(5, 3), (5, 8)])
+def test_weighted_sage_matches_manual(cin, cout):
+    x, ei = _graph()
+    w = torch.rand(ei.shape[1])
+    conv = WeightedSAGEConv(cin, cout)
+    out = conv(x, ei, w)
+    num = torch.zeros(7, cin).index_add_(0, ei[1], w[:, None] * x[ei[0]])
+    den = torch.zeros(7).index_add_(0, ei[1], w).clamp_min(1e-6)
+    ref = conv.lin_l(num / den[:, None]) + conv.lin_r(x)
+    assert out.shape == (7, cout)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_sage_unit_weights_equal_pyg_sage_mean():
+    x, ei = _graph()
+    conv = WeightedSAGEConv(5, 4)
+    ref = SAGEConv(5, 4, aggr="mean")
+    with torch.no_grad():
+        ref.lin_l.weight.copy_(conv.lin_l.weight)
+        ref.lin_l.bias.copy_(conv.lin_l.bias)
+        ref.lin_r.weight.copy_(conv.lin_r.weight)
+    torch.testing.assert_close(conv(x, ei), ref(x, ei), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv(x, ei), conv(x, ei, torch.ones(ei.shape[1])))
+
+
+def test_weighted_sage_zero_weights_and_gradient():
+    x, ei = _graph()
+    conv = WeightedSAGEConv(5, 4)
+    w0 = torch.zeros(ei.shape[1])
+    torch.testing.assert_close(conv(x, ei, w0), conv.lin_l.bias + conv.lin_r(x))
+    w = torch.rand(ei.shape[1], requires_grad=True)
+    conv(x, ei, w).square().sum().backward()
+    assert w.grad is not None
+    assert w.grad.abs().sum() > 0
+    conv.reset_parameters()
+
+
+def test_block_ids_and_same_block():
+    pos = torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.3, 0.1], [0.9, 0.9], [1.0, 1.0], [0.1, 0.1]])
+    batch = torch.tensor([0, 0, 0, 0, 0, 1])
+    micro = block_ids(pos, batch, GRID["micro"])
+    assert micro[0] == micro[1] != micro[2]
+    assert micro[3] == micro[4]  # pos == 1 folds into the last block
+    assert micro[0] != micro[5]  # other tile
+    ei = torch.tensor([[0, 0, 0, 3], [1, 2, 5, 4]])
+    assert same_block(ei, pos, batch, GRID["meso"]).tolist() == [True, True, False, True]
+    assert same_block(ei, pos, batch, GRID["macro"]).tolist() == [True, True, False, True]
+
+
+def test_edge_sampler_symmetric_straight_through():
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, requires_grad=True)
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5, 0], [1, 0, 3, 2, 5, 4, 5]])
+    sampler = EdgeSampler(8, tau=0.5)
+    w = sampler(h, ei)
+    assert w.shape == (7,)
+    assert set(w.detach().tolist()) <= {0.0, 1.0}
+    assert w[0] == w[1]
+    assert w[2] == w[3]
+    assert w[4] == w[5]
+    (w * torch.arange(7.0)).sum().backward()
+    assert sampler.lin_u.weight.grad.abs().sum() > 0
+    assert h.grad.abs().sum() > 0
+    sampler.eval()
+    s = torch.sigmoid(sampler.logits(h, ei))
+    torch.testing.assert_close(sampler(h, ei), (s > 0.5).float())
+    torch.testing.assert_close(sampler.logits(h, ei)[0], sampler.logits(h, ei)[1])
+
+
+def test_attentional_pooling_empty_tile_is_zero():
+    pool = AttentionalPooling(4)
+    x = torch.randn(5, 4)
+    batch = torch.tensor([0, 0, 2, 2, 2])
+    z = pool(x, batch, num_tiles=4)
+    assert z.shape == (4, 4)
+    assert torch.isfinite(z).all()
+    assert (z[1] == 0).all()
+    assert (z[3] == 0).all()
+    assert (pool(x[:0], batch[:0], num_tiles=2) == 0).all()
+
+
+def _encoder(**kw):
+    torch.manual_seed(0)
+    return HierarchicalGraphEncoder(6, hidden=16, out=12, dropout=0.0, **kw)
+
+
+def _run(enc, b, **kw):
+    return enc(b.x, b.pos, b.batch, b.edge_index, b.cand_meso, b.cand_macro, num_tiles=b.num_tiles, **kw)
+
+
+def test_encoder_shapes_and_empty_tile(toy_batch):
+    out = _run(_encoder(), toy_batch)
+    n, t = toy_batch.x.shape[0], toy_batch.num_tiles
+    assert set(out.nodes) == set(out.pooled) == set(SCALES)
+    for s in SCALES:
+        assert out.nodes[s].shape == (n, 12)
+        assert out.pooled[s].shape == (t, 12)
+        assert torch.isfinite(out.pooled[s]).all()
+        assert (out.pooled[s][-1] == 0).all()  # the toy's last tile has no cells
+
+
+def test_added_edges_stay_in_their_block(toy_batch):
+    enc = _encoder()
+    b = toy_batch
+    cross = torch.stack([torch.arange(0, 20), torch.arange(20, 40)])  # deliberately crossing candidates
+    for mode in (True, False):
+        enc.train(mode)
+        out = enc(
+            b.x, b.pos, b.batch, b.edge_index, torch.cat([b.cand_meso, cross], 1), torch.cat([b.cand_macro, cross], 1)
+        )
+        for s in ("meso", "macro"):
+            cand, w = out.added[s]
+            assert cand.shape[1] == w.shape[0] > 0
+            assert same_block(cand, b.pos, b.batch, GRID[s]).all()
+        ei, _ = out.graphs["micro"]
+        assert same_block(ei, b.pos, b.batch, GRID["micro"]).all()
+        for s in SCALES:
+            ei, _ = out.graphs[s]
+            assert same_block(ei, b.pos, b.batch, GRID[s]).all()
+
+
+def test_gradients_reach_edge_scorer(toy_batch):
+    enc = _encoder()
+    enc.train()
+    out = _run(enc, toy_batch)
+    sum(z.square().sum() for z in out.pooled.values()).backward()
+    for s in ("meso", "macro"):
+        grads = [p.grad for p in enc.samplers[s].parameters()]
+        assert all(g is not None for g in grads)
+        assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_eval_is_deterministic_training_is_stochastic(toy_batch):
+    enc = _encoder().eval()
+    a, b = _run(enc, toy_batch), _run(enc, toy_batch)
+    for s in SCALES:
+        torch.testing.assert_close(a.pooled[s], b.pooled[s], rtol=0, atol=0)
+    enc.train()
+    torch.manual_seed(1)
+    w1 = _run(enc, toy_batch).added["meso"][1]
+    torch.manual_seed(2)
+    w2 = _run(enc, toy_batch).added["meso"][1]
+    assert not torch.equal(w1, w2)
+
+
+def test_no_edge_addition_uses_fixed_block_graphs(toy_batch):
+    enc = _encoder(edge_addition=False)
+    assert len(enc.samplers) == 0
+    assert not any("sampler" in name for name, _ in enc.named_parameters())
+    b = toy_batch
+    out = _run(enc, b)
+    assert out.added == {}
+    for s in SCALES:
+        ei, w = out.graphs[s]
+        ref = b.edge_index[:, same_block(b.edge_index, b.pos, b.batch, GRID[s])]
+        assert torch.equal(ei, ref)
+        assert (w == 1).all()
+    # candidates are ignored
+    out2 = enc(b.x, b.pos, b.batch, b.edge_index, None, None, num_tiles=b.num_tiles)
+    torch.testing.assert_close(out.pooled["macro"], out2.pooled["macro"])
+
+
+def test_use_graph_false_ignores_graph(toy_batch, monkeypatch):
+    enc = _encoder(use_graph=False)
+    assert not hasattr(enc, "convs")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the GNN must not run")
+
+    monkeypatch.setattr(_Conv, "forward", boom)
+    b = toy_batch
+    out = _run(enc, b)
+    empty = torch.empty(2, 0, dtype=torch.long)
+    out2 = enc(b.x, b.pos, b.batch, empty, None, None, num_tiles=b.num_tiles)
+    for s in SCALES:
+        assert out.pooled[s].shape == (b.num_tiles, 12)
+        torch.testing.assert_close(out.pooled[s], out2.pooled[s])
+        assert out.pooled[s] is out.pooled["micro"]
+    assert out.graphs == {}
+
+
+def test_single_scale_returns_only_that_scale(toy_batch):
+    enc = _encoder(scales=("macro",))
+    out = _run(enc, toy_batch)
+    assert set(out.nodes) == set(out.pooled) == {"macro"}
+    assert set(enc.pools) == {"macro"}
+    enc_micro = _encoder(scales=["micro"])
+    assert len(enc_micro.samplers) == 0
+    assert set(enc_micro.convs) == {"micro"}
+    with pytest.raises(ValueError, match="subset"):
+        _encoder(scales=("nano",))

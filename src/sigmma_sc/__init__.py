@@ -17,10 +17,10 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0.0.0"
 
-_SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "data", "model", "nn")
+_SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "data", "model", "nn", "metrics")
 
 if TYPE_CHECKING:
-    from . import data, datasets, io, model, nn, pl, pp, tl
+    from . import data, datasets, io, metrics, model, nn, pl, pp, tl
 
 __all__ = [*_SUBMODULES, "settings", "__version__"]
 

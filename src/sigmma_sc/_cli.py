@@ -1,0 +1,136 @@
+"""The ``sigmma`` command line: the SIGMMA pipeline for scripts and GPU jobs.
+
+``sigmma demo --out demo.zarr`` runs everything on the embedded synthetic Xenium section;
+``sigmma run --xenium DIR --out OUT.zarr`` on a Xenium run (optionally with its H&E);
+``sigmma bundle`` / ``sigmma train-bundle`` split preprocessing from training, so that training runs on a
+GPU machine with only torch installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("sigmma_sc")
+
+
+def _common_training(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
+    p.add_argument("--batch-size", type=int, default=1280, help="tiles per contrastive batch (default 1280)")
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="image backbone: efficientnet_lite0 (offline), uni, or a timm name",
+    )
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sigmma", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic Xenium section")
+    demo.add_argument("--out", type=Path, default=Path("sigmma_demo.zarr"), help="output SpatialData zarr")
+    demo.add_argument("--n-cells", type=int, default=None, help="cells of the synthetic section (default: the demo's)")
+    demo.add_argument(
+        "--image", choices=("he", "morphology_focus"), default="he", help="image to align with (default he)"
+    )
+    _common_training(demo, epochs=30)
+
+    run = sub.add_parser("run", help="tile, graph, train, embed and cluster a Xenium run")
+    run.add_argument("--xenium", type=Path, required=True, help="Xenium output folder")
+    run.add_argument("--he", type=Path, default=None, help="H&E image (OME-TIFF) registered to the run")
+    run.add_argument("--alignment", type=Path, default=None, help="H&E alignment CSV (3x3 affine from 10x)")
+    run.add_argument("--out", type=Path, required=True, help="output SpatialData zarr")
+    run.add_argument("--tile-size-um", type=float, default=128.0)
+    run.add_argument("--pixel-size-um", type=float, default=0.5)
+    run.add_argument("--model-out", type=Path, default=None, help="also save the trained model here")
+    _common_training(run, epochs=100)
+
+    bundle = sub.add_parser("bundle", help="featurize a processed zarr and save a training bundle (tensors)")
+    bundle.add_argument("zarr", type=Path)
+    bundle.add_argument("--out", type=Path, required=True)
+    bundle.add_argument("--backbone", default="efficientnet_lite0")
+
+    train = sub.add_parser("train-bundle", help="train on a saved bundle (needs only torch)")
+    train.add_argument("bundle", type=Path)
+    train.add_argument("--out", type=Path, required=True, help="where to save the model")
+    train.add_argument("--checkpoint-dir", type=Path, default=None)
+    train.add_argument("--resume", action="store_true")
+    _common_training(train, epochs=100)
+    return parser
+
+
+def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.0, pixel_size_um: float = 0.5):
+    import sigmma_sc as sg
+
+    t0 = time.perf_counter()
+    sg.pp.tile(sdata, image_key=image_key, tile_size_um=tile_size_um, pixel_size_um=pixel_size_um)
+    sg.pp.cell_graph(sdata)
+    model = sg.tl.train_sigmma(
+        sdata,
+        backbone=args.backbone,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    sg.tl.embed(sdata, model)
+    sg.tl.microenvironments(sdata)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out or remove it.")
+    sdata.write(out)
+    logger.warning(
+        "Wrote %s in %.0f s; open it with napari-spatialdata or spatialdata.read_zarr.", out, time.perf_counter() - t0
+    )
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sigmma`` console script."""
+    args = _parser().parse_args(argv)
+    import sigmma_sc as sg
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    sg.settings.progress_bar = not args.quiet
+
+    if args.command == "demo":
+        kwargs = {} if args.n_cells is None else {"n_cells": args.n_cells}
+        sdata = sg.datasets.demo(**kwargs)
+        _pipeline(sdata, args, args.image, args.out)
+    elif args.command == "run":
+        sdata = sg.io.xenium(args.xenium, he_image=args.he, he_alignment=args.alignment)
+        model = _pipeline(
+            sdata, args, "he" if args.he else "morphology_focus", args.out, args.tile_size_um, args.pixel_size_um
+        )
+        if args.model_out:
+            model.save(args.model_out)
+    elif args.command == "bundle":
+        import spatialdata as sd
+
+        sdata = sd.read_zarr(args.zarr)
+        sg.tl.featurize(sdata, backbone=args.backbone)
+        bundle, _ = sg.data.build_bundle(sdata)
+        bundle.save(args.out)
+        logger.warning("Saved %r to %s.", bundle, args.out)
+    elif args.command == "train-bundle":
+        from sigmma_sc.model import SigmmaModel, TrainingBundle
+
+        bundle = TrainingBundle.load(args.bundle)
+        model = SigmmaModel.from_bundle(bundle, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+        model.fit(bundle, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        model.save(args.out)
+        logger.warning("Saved the model to %s.", args.out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -89,11 +89,25 @@ def cell_coordinates(sdata: SpatialData, table: AnnData, table_key: str, coordin
             f"The cell element {key!r} is not in coordinate system {coordinate_system!r} "
             f"(it is in {sorted(systems)}). Pass `coordinate_system=` with one the image shares."
         )
-    centroids = sd.get_centroids(element, coordinate_system=coordinate_system)
-    centroids = centroids.compute() if hasattr(centroids, "compute") else centroids
     ids = table.obs[instance_key].to_numpy()
+    if hasattr(element, "geometry"):  # shapes: centroids of circles/polygons, mapped by the element's affine
+        import shapely
+
+        geom = element.geometry.to_numpy()
+        kinds = shapely.get_type_id(geom)
+        pts = shapely.centroid(geom) if np.any(kinds != 0) else geom
+        local = np.c_[shapely.get_x(pts), shapely.get_y(pts)]
+        affine = systems[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+        centroids = pd.DataFrame(local @ affine[:2, :2].T + affine[:2, 2], index=element.index, columns=["x", "y"])
+    else:  # points / labels
+        centroids = sd.get_centroids(element, coordinate_system=coordinate_system)
+        centroids = centroids.compute() if hasattr(centroids, "compute") else centroids
     try:
-        xy = centroids.loc[ids, ["x", "y"]].to_numpy(dtype=np.float64)
+        xy = (
+            centroids.loc[ids, ["x", "y"]].to_numpy(dtype=np.float64)
+            if not centroids.index.equals(pd.Index(ids))
+            else centroids[["x", "y"]].to_numpy(dtype=np.float64)
+        )
     except KeyError as e:
         raise ValueError(
             f"Some `{instance_key}` values of table {table_key!r} are not in the index of element {key!r}; "

@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--image", choices=("he", "morphology_focus"), default="he", help="image to align with (default he)"
     )
+    demo.add_argument(
+        "--input-size",
+        type=int,
+        default=112,
+        help="crop side for the backbone (default 112, fast on a CPU; 224 is native)",
+    )
     _common_training(demo, epochs=30)
 
     run = sub.add_parser("run", help="tile, graph, train, embed and cluster a Xenium run")
@@ -52,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tile-size-um", type=float, default=128.0)
     run.add_argument("--pixel-size-um", type=float, default=0.5)
     run.add_argument("--model-out", type=Path, default=None, help="also save the trained model here")
+    run.add_argument(
+        "--input-size", type=int, default=None, help="crop side for the backbone (default: the backbone's)"
+    )
     _common_training(run, epochs=100)
 
     bundle = sub.add_parser("bundle", help="featurize a processed zarr and save a training bundle (tensors)")

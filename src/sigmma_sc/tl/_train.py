@@ -28,6 +28,7 @@ def train_sigmma(
     backbone: str = "efficientnet_lite0",
     pretrained: bool = True,
     weights: str | Path | None = None,
+    input_size: int | None = None,
     epochs: int = 100,
     batch_size: int = 1280,
     device: str | None = None,
@@ -58,6 +59,8 @@ def train_sigmma(
         Use the backbone's pretrained weights.
     weights
         Local weights file for the backbone.
+    input_size
+        Side crops are resized to for the backbone (default: the backbone's; see :func:`sigmma_sc.tl.featurize`).
     epochs
         Training epochs (the paper: 100).
     batch_size
@@ -90,7 +93,7 @@ def train_sigmma(
     tiles = get_table(sdata, tile_key)
     featurize(
         sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
-        batch_size=featurize_batch_size, device=device,
+        input_size=input_size, batch_size=featurize_batch_size, device=device,
     )  # fmt: skip
     bundle, _ = build_bundle(sdata, table_key=table_key, tile_key=tile_key)
     n_train = int((bundle.split == 0).sum()) if bundle.split is not None else bundle.n_tiles

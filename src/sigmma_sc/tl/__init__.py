@@ -1,8 +1,19 @@
 """Tools: featurization, training, embedding."""
 
+from ._composition import microenvironment_composition
+from ._de import microenvironment_de
 from ._embed import embed
 from ._featurize import featurize
+from ._image_only import retrieve
 from ._microenvironments import microenvironments
 from ._train import train_sigmma
 
-__all__ = ["embed", "featurize", "microenvironments", "train_sigmma"]
+__all__ = [
+    "embed",
+    "featurize",
+    "microenvironment_composition",
+    "microenvironment_de",
+    "microenvironments",
+    "retrieve",
+    "train_sigmma",
+]

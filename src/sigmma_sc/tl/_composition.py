@@ -1,0 +1,94 @@
+"""``sg.tl.microenvironment_composition``: fractions of a categorical ``.obs`` column per microenvironment."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from .._constants import SCALES, Keys
+from .._utils._validate import get_table
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def microenvironment_labels(
+    cells: AnnData, *, scale: str = "micro", key: str | None = None, table_key: str = "table"
+) -> tuple[pd.Series, str]:
+    """The microenvironment labels of ``scale`` (or of ``.obs[key]``) as a categorical Series, and the key.
+
+    Raises a KeyError naming :func:`sigmma_sc.tl.microenvironments` when they have not been computed.
+    """
+    if key is None:
+        if scale not in SCALES:
+            raise ValueError(f"`scale` must be one of {SCALES}, got {scale!r}.")
+        key = Keys.MICROENV.format(scale=scale)
+        if key not in cells.obs:
+            raise KeyError(
+                f"Table {table_key!r} lacks `.obs[{key!r}]`; run `sg.tl.microenvironments(sdata, scale={scale!r})` first."
+            )
+    elif key not in cells.obs:
+        raise KeyError(f"Table {table_key!r} has no `.obs[{key!r}]`; available columns: {list(cells.obs.columns)}.")
+    labels = cells.obs[key]
+    if not isinstance(labels.dtype, pd.CategoricalDtype):
+        labels = labels.astype("category")
+    return labels, key
+
+
+def microenvironment_composition(
+    sdata: SpatialData,
+    *,
+    scale: str = "micro",
+    groupby: str = "cell_type",
+    table_key: str = "table",
+    normalize: bool = True,
+    key: str | None = None,
+) -> pd.DataFrame:
+    """Composition of each microenvironment in the categories of ``.obs[groupby]`` (paper Fig. 3b).
+
+    Cells without a microenvironment (untiled) or without a ``groupby`` value are left out.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData object processed by :func:`sigmma_sc.tl.microenvironments`.
+    scale
+        Scale of the microenvironments (``.obs['sigmma_microenv_{scale}']``).
+    groupby
+        Categorical ``.obs`` column of the cell table, e.g. a cell-type annotation.
+    table_key
+        Cell table.
+    normalize
+        Return fractions (each row sums to 1) instead of cell counts.
+    key
+        ``.obs`` column to use instead of the microenvironments of ``scale``.
+
+    Returns
+    -------
+    Microenvironment x category table (index named after the microenvironment column, columns after
+    ``groupby``), in the categories' order. Its ``attrs['n_cells']`` holds each microenvironment's number
+    of cells (a dict label -> count). Nothing is written to ``sdata``.
+    """
+    cells = get_table(sdata, table_key)
+    labels, key = microenvironment_labels(cells, scale=scale, key=key, table_key=table_key)
+    if groupby not in cells.obs:
+        raise KeyError(
+            f"Table {table_key!r} has no `.obs[{groupby!r}]`; pass `groupby=` naming a categorical column "
+            f"(available: {list(cells.obs.columns)})."
+        )
+    other = cells.obs[groupby]
+    if not isinstance(other.dtype, pd.CategoricalDtype):
+        other = other.astype("category")
+    counts = pd.crosstab(labels, other, dropna=True)
+    counts = counts.reindex(
+        index=[c for c in labels.cat.categories if c in counts.index],
+        columns=[c for c in other.cat.categories if c in counts.columns],
+        fill_value=0,
+    )
+    counts.index.name, counts.columns.name = key, groupby
+    n_cells = counts.sum(axis=1)
+    out = counts.div(n_cells.where(n_cells > 0, 1), axis=0) if normalize else counts
+    out.attrs["n_cells"] = {str(k): int(v) for k, v in n_cells.items()}
+    return out

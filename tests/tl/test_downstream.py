@@ -170,3 +170,23 @@ def test_de_small_groups_and_counts_layer(section):
     cells.obs["side"] = pd.Categorical(np.where(x > np.median(x), "right", "left"))
     de = sg.tl.microenvironment_de(section, key="side", groups=["right"], layer="counts", n_genes=5)
     assert all(int(g.removeprefix("GENE")) % 2 == 1 for g in de["gene"])
+
+
+def test_microenvironments_large_uses_working_knn():
+    """>= 4096 cells take scanpy's pynndescent path; it must run and recover planted clusters."""
+    import anndata as ad
+    import pandas as pd
+    import spatialdata as sd
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    labels = rng.integers(0, 4, n)
+    Z = rng.normal(size=(4, 16))[labels] + 0.3 * rng.normal(size=(n, 16))
+    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+    table = ad.AnnData(
+        obs=pd.DataFrame(index=[str(i) for i in range(n)]), obsm={"X_sigmma_micro": Z.astype(np.float32)}
+    )
+    sdata = sd.SpatialData(tables={"table": table})
+    sg.tl.microenvironments(sdata, scale="micro")
+    assert adjusted_rand_score(labels, sdata.tables["table"].obs["sigmma_microenv_micro"]) > 0.9

@@ -76,7 +76,10 @@ def microenvironments(
         if ok.sum() < 3:
             raise ValueError(f"Fewer than 3 cells have a {s} embedding; nothing to cluster.")
         tmp = ad.AnnData(obsm={"X": Z[ok]}, obs=pd.DataFrame(index=cells.obs_names[ok]))
-        sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, int(ok.sum()) - 1), metric="cosine")
+        k = min(n_neighbors, int(ok.sum()) - 1)
+        sc.pp.neighbors(
+            tmp, use_rep="X", n_neighbors=k, metric="cosine", transformer=_knn_transformer(int(ok.sum()), k, seed)
+        )
         sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
         labels = np.full(cells.n_obs, None, dtype=object)
         labels[ok] = tmp.obs["leiden"].astype(str).to_numpy()
@@ -97,3 +100,45 @@ def microenvironments(
     cells.uns[Keys.UNS] = uns
     logger.info("Wrote cell table %r .obs%s.", table_key, [key_added.format(scale=s) for s in out])
     return None
+
+
+def _knn_transformer(n_obs: int, n_neighbors: int, seed: int):
+    """Scanpy's default k-NN search, with its result as a ``csr_matrix``.
+
+    For >= 4096 cells scanpy uses pynndescent, whose ``csr_array`` output breaks scanpy 1.11's
+    ``getnnz`` call under scipy >= 1.17; wrapping the same transformer (UMAP's defaults, as scanpy sets
+    them) and converting its output avoids that. Smaller inputs use scanpy's exact default (``None``).
+    """
+    if n_obs < 4096:
+        return None
+    from pynndescent import PyNNDescentTransformer
+    from scipy import sparse
+    from sklearn.base import BaseEstimator, TransformerMixin
+
+    class _CSRMatrixKNN(TransformerMixin, BaseEstimator):
+        def __init__(self, n_neighbors: int = 15, metric: str = "cosine", random_state: int = 0):
+            self.n_neighbors = n_neighbors
+            self.metric = metric
+            self.random_state = random_state
+
+        def _inner(self):
+            return PyNNDescentTransformer(
+                n_neighbors=self.n_neighbors,
+                metric=self.metric,
+                random_state=self.random_state,
+                n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+                n_iters=max(5, round(np.log2(n_obs))),
+            )
+
+        def fit(self, X, y=None):
+            self.inner_ = self._inner().fit(X)
+            return self
+
+        def transform(self, X):
+            return sparse.csr_matrix(self.inner_.transform(X))
+
+        def fit_transform(self, X, y=None):
+            self.inner_ = self._inner()
+            return sparse.csr_matrix(self.inner_.fit_transform(X))
+
+    return _CSRMatrixKNN(n_neighbors=n_neighbors, metric="cosine", random_state=seed)

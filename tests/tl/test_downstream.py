@@ -172,6 +172,7 @@ def test_de_small_groups_and_counts_layer(section):
     assert all(int(g.removeprefix("GENE")) % 2 == 1 for g in de["gene"])
 
 
+@pytest.mark.slow  # pynndescent's numba compilation takes ~1 min on 2 cores
 def test_microenvironments_large_uses_working_knn():
     """>= 4096 cells take scanpy's pynndescent path; it must run and recover planted clusters."""
     import anndata as ad

@@ -242,9 +242,8 @@ def test_fit_errors(bundle, small_config, tmp_path):
         m.fit(narrow, progress=False)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         m.fit(bundle, progress=False, resume=True)
-    tuned = SigmmaModel(dataclasses.replace(m.config, finetune_blocks=1))
-    with pytest.raises(NotImplementedError, match="finetune_blocks"):
-        tuned.fit(bundle, progress=False)
+    with pytest.raises(ValueError, match="image_dim"):  # fine-tuning: tests/model/test_finetune.py
+        SigmmaModel(dataclasses.replace(m.config, finetune_blocks=1, backbone_pretrained=False))
     m.fit(bundle, progress=False, epochs=1, checkpoint_dir=tmp_path)
     other = SigmmaModel.from_bundle(bundle, **{**small_config, "hidden": 8})
     with pytest.raises(ValueError, match="different config"):

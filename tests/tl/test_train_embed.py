@@ -7,7 +7,7 @@ from _section import make_section
 import sigmma_sc as sg
 from sigmma_sc._constants import SCALES, Keys
 
-TINY = {"backbone": "test_efficientnet", "pretrained": False, "hidden": 16, "out_dim": 16, "batch_size": 64}
+TINY = {"backbone": "test_efficientnet", "pretrained": False, "hidden": 16, "out_dim": 16, "batch_size": 64, "lr": 1e-3}
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ class TileBatch:
     """A batch of tiles gathered by :meth:`TrainingBundle.select`, re-indexed to batch-local rows.
 
     Unpacks as the 7-tuple ``(x, pos, batch, edge_index, cand_meso, cand_macro, image_features)``;
-    ``num_tiles`` (tiles may have no cells) is an attribute.
+    ``num_tiles`` (tiles may have no cells) and ``tiles`` are attributes.
 
     Attributes
     ----------
@@ -44,6 +44,13 @@ class TileBatch:
         Scale -> ``(B, D)`` float32 features, or ``None``.
     num_tiles
         ``B``, the number of requested tiles.
+    tiles
+        ``(B, C, H, W)`` ``uint8`` tile images (fine-tuning), or ``None``.
+    edge_sections
+        ``(n_micro, n_meso, n_other)``: ``edge_index`` holds first the edges whose ends share a micro block,
+        then those sharing only a meso block, then the others, or ``None`` (any order).
+    candidates_in_blocks
+        ``cand_meso`` pairs are known to share a meso block and ``cand_macro`` pairs a tile.
     """
 
     x: Tensor
@@ -54,6 +61,9 @@ class TileBatch:
     cand_macro: Tensor
     image_features: dict[str, Tensor] | None
     num_tiles: int
+    tiles: Tensor | None = None
+    edge_sections: tuple[int, int, int] | None = None
+    candidates_in_blocks: bool = False
 
     def __iter__(self) -> Iterator[Any]:
         return iter(
@@ -91,6 +101,19 @@ def _undirected_unique(ei: Tensor, n: int) -> Tensor:
     return torch.stack([key // n, key % n])
 
 
+def _tile_images(a: Any, t: int) -> Tensor:
+    tiles = torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a)
+    if tiles.dtype != torch.uint8:
+        raise ValueError(f"`tiles` must be uint8 images (0..255), got {tiles.dtype}.")
+    if tiles.ndim != 4 or tiles.shape[0] != t or tiles.shape[1] not in (1, 3):
+        raise ValueError(
+            f"`tiles` must have shape (T, C, H, W) with T = {t} and C in {{1, 3}}, got {tuple(tiles.shape)}."
+        )
+    if tiles.shape[2] < 4 or tiles.shape[3] < 4:
+        raise ValueError(f"`tiles` must be at least 4x4 pixels, got {tiles.shape[2]}x{tiles.shape[3]}.")
+    return tiles.contiguous()
+
+
 def _ptr(counts: Tensor) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
@@ -117,6 +140,10 @@ class TrainingBundle:
         Scale -> ``(T, D)`` float32/float16 cached backbone features, or ``None`` (ST-only use).
     split
         ``(T,)`` int8: 0 train, 1 validation, 2 test (``None``: every tile is a training tile).
+    tiles
+        ``(T, C, H, W)`` ``uint8`` tile images (``C`` = 1 or 3, RGB 0..255 or one morphology channel), or
+        ``None``. Only needed to fine-tune backbone blocks (``SigmmaConfig.finetune_blocks > 0``), where the
+        image side is encoded from the pixels at every step instead of from ``image_features``.
     meta
         JSON-able information (feature names or key, backbone name, tile size in micrometres, ...).
 
@@ -125,7 +152,8 @@ class TrainingBundle:
     At construction the inputs are validated (``ValueError`` on inconsistent shapes, NaN, positions outside
     ``[0, 1]``, edges between tiles) and normalised:
 
-    - kNN edges are stably sorted by tile;
+    - kNN edges are stably sorted by tile, and inside a tile into those whose ends share a micro block, then
+      those that share only a meso block, then the others (so a batch can slice, not mask, the edges of each scale);
     - each candidate set is made undirected (both directions), without self loops or duplicates;
     - kNN pairs that cross a micro block inside one meso block join ``cand_meso``, kNN pairs that cross a
       meso block join ``cand_macro`` (so with edge addition every kNN edge can still enter the graph of
@@ -144,6 +172,7 @@ class TrainingBundle:
     cand_macro: Tensor | None = None
     image_features: Mapping[str, Tensor] | None = None
     split: Tensor | None = None
+    tiles: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -174,11 +203,13 @@ class TrainingBundle:
         for name, ei in (("edge_index", edge_index), *cands.items()):
             if not bool((self._cell_tile[ei[0]] == self._cell_tile[ei[1]]).all()):
                 raise ValueError(f"`{name}` links cells of different tiles; edges must stay within a tile.")
-        order = torch.sort(self._cell_tile[edge_index[0]], stable=True).indices
-        self.edge_index = edge_index[:, order]
         ids = {s: block_ids(self.pos, self._cell_tile, GRID[s]) for s in ("micro", "meso")}
-        src, dst = self.edge_index
+        src, dst = edge_index
         same = {s: ids[s][src] == ids[s][dst] for s in ids}
+        group = 2 - same["meso"].long() - same["micro"].long()  # 0 same micro block, 1 same meso block, 2 other
+        order = torch.sort(self._cell_tile[src] * 3 + group, stable=True).indices
+        self.edge_index, self._knn_group = edge_index[:, order], group[order]
+        same = {k: v[order] for k, v in same.items()}
         meso = _undirected_unique(
             torch.cat([cands["cand_meso"], self.edge_index[:, same["meso"] & ~same["micro"]]], 1), n
         )
@@ -207,6 +238,8 @@ class TrainingBundle:
             if len({f.shape[1] for f in feats.values()}) > 1:
                 raise ValueError("`image_features` must have the same width D at every scale.")
             self.image_features = feats or None
+        if self.tiles is not None:
+            self.tiles = _tile_images(self.tiles, t)
         if self.split is None:
             self.split = torch.zeros(t, dtype=torch.int8, device=ptr.device)
         self.split = _tensor(self.split, torch.int8, "split")
@@ -221,10 +254,15 @@ class TrainingBundle:
     def _index(self) -> None:
         t = self.n_tiles
         self._cell_count = self.cell_ptr.diff()
-        self._ptrs = {
-            name: _ptr(torch.bincount(self._cell_tile[getattr(self, name)[0]], minlength=t))
-            for name in ("edge_index", "cand_meso", "cand_macro")
-        }
+        # (start, count) per tile of each edge section: the kNN edges of groups 0/1/2 and the candidates
+        knn = torch.bincount(self._cell_tile[self.edge_index[0]] * 3 + self._knn_group, minlength=3 * t).view(t, 3)
+        knn_start = (_ptr(knn.reshape(-1))[:-1]).view(t, 3)
+        self._spans = {f"knn{g}": (knn_start[:, g].contiguous(), knn[:, g].contiguous()) for g in range(3)}
+        for name in ("cand_meso", "cand_macro"):
+            count = torch.bincount(self._cell_tile[getattr(self, name)[0]], minlength=t)
+            self._spans[name] = (_ptr(count)[:-1], count)
+        # host copies of the per-tile counts: `select` sizes its outputs from them without a device sync
+        self._host_counts = {"cells": self._cell_count.cpu()} | {k: c.cpu() for k, (_, c) in self._spans.items()}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -258,45 +296,70 @@ class TrainingBundle:
         return torch.nonzero(self.split == code).squeeze(1)
 
     # ------------------------------------------------------------------ device and batching
-    def to(self, device: str | torch.device) -> TrainingBundle:
-        """A copy with every tensor on ``device`` (no re-validation)."""
+    def to(self, device: str | torch.device, *, tiles: bool = True) -> TrainingBundle:
+        """A copy with every tensor on ``device`` (no re-validation).
+
+        Parameters
+        ----------
+        device
+            Target device.
+        tiles
+            Keep the tile images (``False``: the copy has ``tiles=None``, e.g. to train on cached features
+            without moving the pixels to the GPU).
+        """
         new = object.__new__(type(self))
         for k, v in self.__dict__.items():
-            if isinstance(v, Tensor):
+            if k == "tiles" and not tiles:
+                v = None
+            elif k == "_host_counts":
+                pass  # stays on the host
+            elif isinstance(v, Tensor):
                 v = v.to(device)
             elif isinstance(v, dict) and v and all(isinstance(x, Tensor) for x in v.values()):
                 v = {kk: x.to(device) for kk, x in v.items()}
+            elif k == "_spans":
+                v = {kk: (a.to(device), c.to(device)) for kk, (a, c) in v.items()}
             new.__dict__[k] = v
         return new
 
-    def _gather(self, name: str, tile_idx: Tensor, shift: Tensor) -> Tensor:
-        ptr = self._ptrs[name]
-        count = ptr[tile_idx + 1] - ptr[tile_idx]
+    def _gather(self, span: str, edges: Tensor, tile_idx: Tensor, shift: Tensor, total: int) -> Tensor:
+        start, count = (a[tile_idx] for a in self._spans[span])
         new_start = count.cumsum(0) - count
-        total = int(count.sum())
-        ids = torch.repeat_interleave(ptr[tile_idx] - new_start, count, output_size=total)
+        ids = torch.repeat_interleave(start - new_start, count, output_size=total)
         ids = ids + torch.arange(total, device=ids.device)
-        return getattr(self, name)[:, ids] + torch.repeat_interleave(shift, count, output_size=total)
+        return edges[:, ids] + torch.repeat_interleave(shift, count, output_size=total)
 
     def select(self, tile_idx: Tensor | np.ndarray | list[int]) -> TileBatch:
         """Gather a batch of tiles on the bundle's device, re-indexed to batch-local rows.
 
-        Vectorised (``repeat_interleave`` over the tile pointers; no loop over tiles).
+        Vectorised (``repeat_interleave`` over the tile pointers; no loop over tiles). The output sizes are
+        computed from host copies of the per-tile counts, so a CPU ``tile_idx`` (copied to the device
+        asynchronously) selects without any device-to-host synchronisation.
 
         Parameters
         ----------
         tile_idx
-            ``(B,)`` tile indices (any order; repeats allowed).
+            ``(B,)`` tile indices (any order; repeats allowed), preferably on the CPU.
 
         Returns
         -------
-        A :class:`TileBatch` (unpacks as ``x, pos, batch, edge_index, cand_meso, cand_macro, image_features``).
+        A :class:`TileBatch` (unpacks as ``x, pos, batch, edge_index, cand_meso, cand_macro, image_features``;
+        ``tiles`` holds the tile images when the bundle has them). Its kNN edges are ordered by section
+        (``edge_sections``: same micro block, same meso block only, other) and its candidates are restricted
+        to their blocks (``candidates_in_blocks``), so the graph encoder slices instead of masking.
         """
-        tile_idx = torch.as_tensor(tile_idx, dtype=torch.long, device=self.device).reshape(-1)
+        host_idx = torch.as_tensor(tile_idx, dtype=torch.long).reshape(-1).cpu()
+        totals = {k: int(c[host_idx].sum()) for k, c in self._host_counts.items()}
+        if isinstance(tile_idx, Tensor) and tile_idx.device == self.device:
+            tile_idx = tile_idx.long().reshape(-1)
+        elif self.device.type == "cuda":
+            tile_idx = host_idx.pin_memory().to(self.device, non_blocking=True)
+        else:
+            tile_idx = host_idx.to(self.device)
         b = tile_idx.numel()
         count = self._cell_count[tile_idx]
         new_start = count.cumsum(0) - count
-        total = int(count.sum())
+        total = totals["cells"]
         shift = self.cell_ptr[tile_idx] - new_start  # global row = local row + shift
         batch = torch.repeat_interleave(torch.arange(b, device=self.device), count, output_size=total)
         rows = torch.arange(total, device=self.device) + shift[batch]
@@ -307,17 +370,22 @@ class TrainingBundle:
             x=self.x[rows],
             pos=self.pos[rows],
             batch=batch,
-            edge_index=self._gather("edge_index", tile_idx, -shift),
-            cand_meso=self._gather("cand_meso", tile_idx, -shift),
-            cand_macro=self._gather("cand_macro", tile_idx, -shift),
+            edge_index=torch.cat(
+                [self._gather(f"knn{g}", self.edge_index, tile_idx, -shift, totals[f"knn{g}"]) for g in range(3)], 1
+            ),
+            cand_meso=self._gather("cand_meso", self.cand_meso, tile_idx, -shift, totals["cand_meso"]),
+            cand_macro=self._gather("cand_macro", self.cand_macro, tile_idx, -shift, totals["cand_macro"]),
             image_features=feats,
             num_tiles=b,
+            tiles=None if self.tiles is None else self.tiles[tile_idx],
+            edge_sections=(totals["knn0"], totals["knn1"], totals["knn2"]),
+            candidates_in_blocks=True,
         )
 
     # ------------------------------------------------------------------ I/O
     def state_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and JSON-able values (``torch.load(weights_only=True)``-loadable)."""
-        return {
+        d = {
             "format": _FORMAT,
             "version": _VERSION,
             "x": self.x.cpu(),
@@ -332,6 +400,9 @@ class TrainingBundle:
             "split": self.split.cpu(),
             "meta": json.loads(json.dumps(self.meta)),
         }
+        if self.tiles is not None:  # only when present: bundles without tiles stay readable by older versions
+            d["tiles"] = self.tiles.cpu()
+        return d
 
     def save(self, path: str | Path) -> None:
         """Write the bundle to ``path`` atomically (``torch.save`` of :meth:`state_dict`)."""
@@ -352,6 +423,8 @@ class TrainingBundle:
 
     def __repr__(self) -> str:
         feats = "none" if self.image_features is None else f"{sorted(self.image_features)} x {self.image_dim}"
+        if self.tiles is not None:
+            feats += f", tile images {tuple(self.tiles.shape[1:])} uint8"
         counts = [int((self.split == i).sum()) for i in range(3)]
         return (
             f"TrainingBundle({self.n_tiles} tiles (train/val/test {counts[0]}/{counts[1]}/{counts[2]}), "

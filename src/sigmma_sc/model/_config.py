@@ -8,6 +8,8 @@ from typing import Any
 
 from .._constants import SCALES
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
 
 @dataclass
 class SigmmaConfig:
@@ -52,11 +54,28 @@ class SigmmaConfig:
     micro_batch
         Tiles per forward pass under GradCache accumulation (``None``: the whole batch at once).
     backbone
-        Name of the image backbone the features were computed with.
+        Name of the image backbone (a :func:`~sigmma_sc.nn.build_backbone` name): the one the cached features
+        were computed with, or the one fine-tuned.
     backbone_info
-        Its :class:`~sigmma_sc.nn.BackboneInfo` as a dict (optional).
+        Its :class:`~sigmma_sc.nn.BackboneInfo` as a dict (optional; with fine-tuning, its ``input_size``,
+        ``mean`` and ``std`` override the backbone's defaults).
     finetune_blocks
-        Backbone blocks to fine-tune (only 0, frozen cached features, is supported by :meth:`SigmmaModel.fit`).
+        Backbone blocks to fine-tune. ``0`` (default): frozen backbone, training on the bundle's cached
+        ``image_features``. ``N > 0``: the model holds the backbone, its last ``N`` blocks (and final norm /
+        head conv) train with the heads and the GNN, and the image side is encoded from the bundle's ``tiles``
+        at every step (bf16 autocast on CUDA).
+    backbone_pretrained
+        With fine-tuning: start from the backbone's pretrained weights (``False``: random initialisation).
+    backbone_weights
+        With fine-tuning: a local state-dict file for the ``backbone`` architecture (overrides
+        ``backbone_pretrained``).
+    backbone_lr
+        Learning rate of the fine-tuned backbone parameters (the heads and the GNN use ``lr``).
+    precision
+        Arithmetic of the training and validation steps on CUDA (ignored on the CPU, which is always float32):
+        ``"fp32"`` (default, full float32), ``"tf32"`` (TensorFloat-32 matmuls, float32 storage) or ``"bf16"``
+        (bf16 autocast of the forward pass, with TF32 for the remaining float32 matmuls; attention pooling and
+        the loss stay in float32). The backbone of a fine-tuned model always runs under bf16 autocast on CUDA.
     seed
         Seed of the parameter initialisation (and the default training seed).
     """
@@ -82,6 +101,10 @@ class SigmmaConfig:
     backbone: str = "efficientnet_lite0"
     backbone_info: dict[str, Any] | None = field(default=None)
     finetune_blocks: int = 0
+    backbone_pretrained: bool = True
+    backbone_weights: str | None = None
+    backbone_lr: float = 1e-5
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,6 +123,14 @@ class SigmmaConfig:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
         if self.temperature <= 0 or self.tau_e <= 0:
             raise ValueError("`temperature` and `tau_e` must be positive.")
+        if int(self.finetune_blocks) < 0:
+            raise ValueError(f"`finetune_blocks` must be >= 0, got {self.finetune_blocks}.")
+        if self.lr <= 0 or self.backbone_lr <= 0:
+            raise ValueError("`lr` and `backbone_lr` must be positive.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"`precision` must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.backbone_weights is not None:
+            self.backbone_weights = str(self.backbone_weights)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""

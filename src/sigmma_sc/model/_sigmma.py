@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ..nn._gnn import HierarchicalGraphEncoder
 from ..nn._loss import ProjectionHead, multiscale_info_nce
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
+from ._finetune import as_tile_tensor, build_image_encoder, encode_tiles
 
 _FORMAT = "sigmma_sc.SigmmaModel"
 _VERSION = 1
@@ -34,6 +36,10 @@ class SigmmaModel(nn.Module):
     pooled tile vector goes through an ST projection head; both land L2-normalised in a shared
     ``out_dim``-dimensional space where the loss is ``sum_s InfoNCE_sym(z_s^I, z_s^S)``.
 
+    With ``config.finetune_blocks = N > 0`` the model also holds the backbone as :attr:`image_encoder`
+    (a :class:`~sigmma_sc.nn.MultiCropEncoder` whose last ``N`` blocks train) and the image features are
+    computed from the tile pixels (``TileBatch.tiles``) instead of read from the cache.
+
     Parameters
     ----------
     config
@@ -41,15 +47,45 @@ class SigmmaModel(nn.Module):
         (without touching the global RNG).
     meta
         JSON-able information saved with the model (feature names, backbone, ...).
+    image_encoder
+        With fine-tuning, a prebuilt encoder (default: built from ``config.backbone``,
+        ``config.backbone_pretrained``, ``config.backbone_weights`` and ``config.backbone_info``). Its
+        feature width must equal ``config.image_dim``.
 
     Attributes
     ----------
     history
         One dict per trained epoch (``epoch``, ``train_loss``, ``val_loss``, ``lr``, ``seconds``).
+    image_encoder
+        The fine-tuned :class:`~sigmma_sc.nn.MultiCropEncoder`, or ``None`` (frozen backbone, cached features).
     """
 
-    def __init__(self, config: SigmmaConfig, *, meta: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        config: SigmmaConfig,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        image_encoder: nn.Module | None = None,
+    ):
         super().__init__()
+        if image_encoder is None and config.finetune_blocks > 0:
+            image_encoder = build_image_encoder(
+                config.backbone,
+                config.backbone_info,
+                finetune_blocks=config.finetune_blocks,
+                pretrained=config.backbone_pretrained,
+                weights=config.backbone_weights,
+                seed=config.seed,
+            )
+        if image_encoder is not None:
+            if config.finetune_blocks < 1:
+                raise ValueError("An `image_encoder` is only used with `config.finetune_blocks > 0`.")
+            if image_encoder.info.num_features != config.image_dim:
+                raise ValueError(
+                    f"The backbone has {image_encoder.info.num_features} features but config.image_dim is "
+                    f"{config.image_dim}."
+                )
+            config = dataclasses.replace(config, backbone_info=image_encoder.info.to_dict())
         self.config = config
         self.meta: dict[str, Any] = dict(meta or {})
         self.history: list[dict[str, Any]] = []
@@ -72,17 +108,44 @@ class SigmmaModel(nn.Module):
             self.st_heads = nn.ModuleDict(
                 {s: ProjectionHead(config.hidden, config.out_dim, config.dropout) for s in config.scales}
             )
+        self.image_encoder = image_encoder  # after the heads: their initialisation does not depend on it
 
     @classmethod
     def from_bundle(cls, bundle: TrainingBundle, **config: Any) -> SigmmaModel:
-        """A model sized for ``bundle`` (``n_features``, ``image_dim``; other fields from ``config``)."""
+        """A model sized for ``bundle`` (``n_features``, ``image_dim``; other fields from ``config``).
+
+        With ``finetune_blocks > 0`` the backbone is built here (once) and ``image_dim`` is its feature
+        width; the bundle then needs ``tiles`` (its cached features are not used).
+        """
+        meta_info = bundle.meta.get("backbone_info")
+        if meta_info and ("backbone" not in config or meta_info.get("name") == config["backbone"]):
+            config.setdefault("backbone_info", meta_info)
+        config.setdefault("backbone", bundle.meta.get("backbone", SigmmaConfig.backbone))
+        if int(config.get("finetune_blocks", 0)) > 0:
+            if bundle.tiles is None:
+                raise ValueError(
+                    "Fine-tuning backbone blocks (finetune_blocks > 0) needs the tile images in the bundle "
+                    "(`TrainingBundle(tiles=...)`, uint8 (T, C, H, W)); this bundle has none."
+                )
+            encoder = build_image_encoder(
+                config["backbone"],
+                config.get("backbone_info"),
+                finetune_blocks=int(config["finetune_blocks"]),
+                pretrained=config.get("backbone_pretrained", SigmmaConfig.backbone_pretrained),
+                weights=config.get("backbone_weights"),
+                seed=config.get("seed", SigmmaConfig.seed),
+            )
+            cfg = SigmmaConfig(n_features=bundle.n_features, image_dim=encoder.info.num_features, **config)
+            return cls(cfg, meta=bundle.meta, image_encoder=encoder)
         if bundle.image_dim is None:
             raise ValueError("The bundle has no image features; compute them first (frozen backbone features).")
-        config.setdefault("backbone", bundle.meta.get("backbone", SigmmaConfig.backbone))
-        if "backbone_info" in bundle.meta:
-            config.setdefault("backbone_info", bundle.meta["backbone_info"])
         cfg = SigmmaConfig(n_features=bundle.n_features, image_dim=bundle.image_dim, **config)
         return cls(cfg, meta=bundle.meta)
+
+    @property
+    def finetuned(self) -> bool:
+        """Whether the model holds (and fine-tunes) its backbone."""
+        return self.image_encoder is not None
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -102,9 +165,8 @@ class SigmmaModel(nn.Module):
             raise ValueError(f"Image features are missing for scales {missing}.")
         return {s: self.image_heads[s](F.normalize(features[s].float(), dim=-1)) for s in self.scales}
 
-    def st_embeddings(self, batch: TileBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """ST tile embeddings ``(B, out_dim)`` and cell embeddings ``(n, out_dim)`` per scale (current mode)."""
-        out = self.st_encoder(
+    def _graph(self, batch: TileBatch) -> Any:
+        return self.st_encoder(
             batch.x,
             batch.pos,
             batch.batch,
@@ -112,25 +174,34 @@ class SigmmaModel(nn.Module):
             batch.cand_meso,
             batch.cand_macro,
             num_tiles=batch.num_tiles,
+            edge_sections=batch.edge_sections,
+            candidates_in_blocks=batch.candidates_in_blocks,
         )
+
+    def st_embeddings(self, batch: TileBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """ST tile embeddings ``(B, out_dim)`` and cell embeddings ``(n, out_dim)`` per scale (current mode)."""
+        out = self._graph(batch)
         tiles = {s: self.st_heads[s](out.pooled[s]) for s in self.scales}
         cells = {s: self.st_heads[s](out.nodes[s]) for s in self.scales}
         return tiles, cells
 
-    def embed_batch(self, batch: TileBatch) -> dict[str, Tensor]:
-        """Tile embeddings of both modalities, keys ``"image/{scale}"`` and ``"st/{scale}"``."""
+    def batch_image_features(self, batch: TileBatch) -> dict[str, Tensor]:
+        """Image features of a batch: cached (frozen backbone) or encoded from ``batch.tiles`` (fine-tuning)."""
+        if self.image_encoder is not None:
+            if batch.tiles is None:
+                raise ValueError(
+                    "This model fine-tunes its backbone: batches need the tile images (`TileBatch.tiles`), "
+                    "i.e. a bundle with `tiles`."
+                )
+            return encode_tiles(self.image_encoder, batch.tiles, self.scales)
         if batch.image_features is None:
             raise ValueError("Training needs image features; the bundle has none.")
-        img = self.image_embeddings(batch.image_features)
-        st = self.st_encoder(
-            batch.x,
-            batch.pos,
-            batch.batch,
-            batch.edge_index,
-            batch.cand_meso,
-            batch.cand_macro,
-            num_tiles=batch.num_tiles,
-        ).pooled
+        return batch.image_features
+
+    def embed_batch(self, batch: TileBatch) -> dict[str, Tensor]:
+        """Tile embeddings of both modalities, keys ``"image/{scale}"`` and ``"st/{scale}"``."""
+        img = self.image_embeddings(self.batch_image_features(batch))
+        st = self._graph(batch).pooled
         return {
             **{f"image/{s}": img[s] for s in self.scales},
             **{f"st/{s}": self.st_heads[s](st[s]) for s in self.scales},
@@ -151,7 +222,11 @@ class SigmmaModel(nn.Module):
 
     # ------------------------------------------------------------------ inference helpers
     def encode_image(
-        self, features: Mapping[str, Tensor | np.ndarray] | TrainingBundle, *, batch_size: int | None = None
+        self,
+        features: Mapping[str, Tensor | np.ndarray] | TrainingBundle | None = None,
+        *,
+        tiles: Tensor | np.ndarray | None = None,
+        batch_size: int | None = None,
     ) -> dict[str, Tensor]:
         """Image embeddings per scale; needs no ST input.
 
@@ -160,19 +235,47 @@ class SigmmaModel(nn.Module):
         Parameters
         ----------
         features
-            Scale -> ``(T, D)`` cached backbone features (tensors or arrays), or a bundle.
+            Scale -> ``(T, D)`` cached backbone features (tensors or arrays), or a bundle (its
+            ``image_features``; with a fine-tuned backbone its ``tiles``).
+        tiles
+            ``(T, C, H, W)`` tile images (``uint8`` or float in ``[0, 1]``), only for a fine-tuned model
+            (:attr:`finetuned`), whose backbone changed so that cached frozen-backbone features no longer apply.
         batch_size
-            Tiles per chunk (default ``config.batch_size``).
+            Tiles per chunk (default ``config.batch_size``; 64 for tile images).
 
         Returns
         -------
-        Scale -> ``(T, out_dim)`` float32, L2-normalised; on the CPU for a bundle or numpy input, else on
-        the model's device.
+        Scale -> ``(T, out_dim)`` float32, L2-normalised; on the CPU for a bundle or numpy/CPU input, else
+        on the model's device.
         """
+        if (features is None) == (tiles is None):
+            raise ValueError("Pass either `features` (cached features or a bundle) or `tiles=` (tile images).")
         if isinstance(features, TrainingBundle):
-            if features.image_features is None:
+            if self.finetuned:
+                if features.tiles is None:
+                    raise ValueError(
+                        "This model fine-tuned its backbone (finetune_blocks="
+                        f"{self.config.finetune_blocks}); it embeds tile images, but the bundle has no `tiles`."
+                    )
+                features, tiles = None, features.tiles
+            elif features.image_features is None:
                 raise ValueError("The bundle has no image features.")
-            features = features.image_features
+            else:
+                features = features.image_features
+        if tiles is not None:
+            if not self.finetuned:
+                raise ValueError(
+                    "This model was trained on cached frozen-backbone features and holds no backbone: compute the "
+                    f"features of the tiles with backbone {self.config.backbone!r} (`sigmma_sc.nn.featurize` or "
+                    "`sg.tl.featurize`) and pass them as `features`."
+                )
+            return self._encode_tile_images(as_tile_tensor(tiles), batch_size or 64)
+        if self.finetuned:
+            raise ValueError(
+                f"This model fine-tuned the last {self.config.finetune_blocks} blocks of its backbone, so cached "
+                "frozen-backbone features no longer match it: pass the tile images instead "
+                "(`model.encode_image(tiles=...)` or a bundle with `tiles`)."
+            )
         to_cpu = any(not isinstance(v, Tensor) for v in features.values()) or any(
             v.device.type == "cpu" for v in features.values()
         )
@@ -185,6 +288,17 @@ class SigmmaModel(nn.Module):
             for start in range(0, n, bs):
                 part = {s: feats[s][start : start + bs].to(device) for s in feats if s in self.scales}
                 for s, z in self.image_embeddings(part).items():
+                    chunks[s].append(z.cpu() if to_cpu else z)
+        return {s: torch.cat(v) if v else torch.zeros(0, self.config.out_dim) for s, v in chunks.items()}
+
+    def _encode_tile_images(self, tiles: Tensor, batch_size: int) -> dict[str, Tensor]:
+        device = self.device
+        to_cpu = tiles.device.type == "cpu"
+        chunks: dict[str, list[Tensor]] = {s: [] for s in self.scales}
+        with _eval(self), torch.inference_mode():
+            for part in tiles.split(batch_size):
+                feats = encode_tiles(self.image_encoder, part.to(device, non_blocking=True), self.scales)
+                for s, z in self.image_embeddings(feats).items():
                     chunks[s].append(z.cpu() if to_cpu else z)
         return {s: torch.cat(v) if v else torch.zeros(0, self.config.out_dim) for s, v in chunks.items()}
 
@@ -213,11 +327,11 @@ class SigmmaModel(nn.Module):
         with _eval(self), torch.inference_mode():
             if isinstance(data, TileBatch):
                 return self.st_embeddings(data)
-            bundle = data.to(device)
+            bundle = data.to(device, tiles=False)
             bs = batch_size or self.config.batch_size
             tiles: dict[str, list[Tensor]] = {s: [] for s in self.scales}
             cells: dict[str, list[Tensor]] = {s: [] for s in self.scales}
-            for idx in torch.arange(bundle.n_tiles, device=device).split(bs):
+            for idx in torch.arange(bundle.n_tiles).split(bs):
                 t, c = self.st_embeddings(bundle.select(idx))
                 for s in self.scales:
                     tiles[s].append(t[s].cpu())
@@ -242,7 +356,10 @@ class SigmmaModel(nn.Module):
         training tiles (seeded generator) into batches of ``config.batch_size`` (a last partial batch is
         kept if it has at least 2 tiles), optionally accumulated over ``micro_batch`` tiles with GradCache
         (cross-micro-batch negatives kept); on CUDA out-of-memory the micro-batch is halved and the step
-        retried. The validation loss (eval mode, deterministic edges) is computed after every epoch and
+        retried. With ``config.finetune_blocks > 0`` the image side is encoded from the bundle's tile images
+        at every step (bf16 autocast on CUDA) and the trainable backbone blocks get ``config.backbone_lr``.
+        A step has no device-to-host synchronisation (batches are indexed on the host, losses are summed on
+        the device and read once per epoch). The validation loss (eval mode, deterministic edges) is computed after every epoch and
         the best-validation weights are restored at the end (without validation tiles: the last weights).
         The whole bundle is moved to the device once. Seeded and deterministic on CPU; the global RNG
         state of the caller is left untouched.
@@ -250,7 +367,7 @@ class SigmmaModel(nn.Module):
         Parameters
         ----------
         bundle
-            Training data with image features and a train/val split.
+            Training data with image features (with fine-tuning: tile images) and a train/val split.
         epochs
             Total epochs (default ``config.epochs``); with ``resume`` the run continues up to this number.
         device
@@ -272,11 +389,6 @@ class SigmmaModel(nn.Module):
         """
         from ._train_loop import fit_model
 
-        if self.config.finetune_blocks:
-            raise NotImplementedError(
-                "Fine-tuning backbone blocks needs the tile pixels at training time; SigmmaModel.fit trains on "
-                "cached frozen-backbone features only. Use finetune_blocks=0."
-            )
         history = fit_model(
             self,
             bundle,
@@ -293,7 +405,7 @@ class SigmmaModel(nn.Module):
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | Path) -> None:
-        """Write config, weights, meta and history to one file, atomically."""
+        """Write config, weights (with fine-tuning: the whole backbone), meta and history to one file, atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -315,7 +427,18 @@ class SigmmaModel(nn.Module):
         d = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"{str(path)!r} is not a saved SigmmaModel.")
-        model = cls(SigmmaConfig.from_dict(d["config"]), meta=d.get("meta"))
+        config = SigmmaConfig.from_dict(d["config"])
+        encoder = None
+        if config.finetune_blocks > 0:  # the architecture only: every backbone weight is in the state dict
+            encoder = build_image_encoder(
+                config.backbone,
+                config.backbone_info,
+                finetune_blocks=config.finetune_blocks,
+                pretrained=False,
+                weights=None,
+                seed=config.seed,
+            )
+        model = cls(config, meta=d.get("meta"), image_encoder=encoder)
         model.load_state_dict(d["state_dict"])
         model.history = list(d.get("history") or [])
         model.eval()
@@ -327,7 +450,8 @@ class SigmmaModel(nn.Module):
         return (
             f"SigmmaModel(scales={list(c.scales)}, n_features={c.n_features}, image_dim={c.image_dim}, "
             f"hidden={c.hidden}, out_dim={c.out_dim}, use_graph={c.use_graph}, edge_addition={c.edge_addition}, "
-            f"{n} parameters, {len(self.history)} epochs trained)"
+            + (f"fine-tuned {c.backbone!r} ({c.finetune_blocks} blocks), " if self.finetuned else "")
+            + f"{n} parameters, {len(self.history)} epochs trained)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .._constants import GRID, SCALES
 from ._bundle import TrainingBundle
@@ -14,7 +15,12 @@ def _nearest(d: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np
     k = min(k, d.shape[1])
     if k == 0:
         return np.empty(0, int), np.empty(0, int)
-    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
+    if k < d.shape[1]:  # the k smallest per row (argpartition), then ordered by distance then column
+        part = np.argpartition(d, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(d, part, 1)
+        nn = np.take_along_axis(part, np.lexsort((part, vals), axis=1), 1)
+    else:
+        nn = np.argsort(d, axis=1, kind="stable")
     rows = np.repeat(np.arange(d.shape[0]), k)
     cols = nn.reshape(-1)
     keep = np.isfinite(d[rows, cols])
@@ -32,7 +38,10 @@ def toy_bundle(
     n_cand: int = 3,
     noise: float = 0.1,
     n_empty: int = 0,
+    tile_size: int | None = None,
+    channels: int = 3,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> TrainingBundle:
     """Random tiles with a learnable image <-> ST signal.
 
@@ -40,7 +49,9 @@ def toy_bundle(
     at every scale are a fixed random linear map of the mean cell feature plus ``noise``. Cells get
     the ``n_neighs`` nearest neighbours inside their tile (directed kNN, as squidpy) and ``n_cand``
     meso/macro candidates (nearest non-neighbours in the same meso block / tile). Splits are 8:1:1
-    in tile order; the last ``n_empty`` tiles have no cells.
+    in tile order; the last ``n_empty`` tiles have no cells. With ``tile_size``, the bundle also holds
+    ``uint8`` tile images whose 4x4 blocks are coloured by another random linear map of the mean cell
+    feature (plus pixel noise), for fine-tuning tests.
 
     Parameters
     ----------
@@ -54,12 +65,18 @@ def toy_bundle(
         Standard deviation of the noise added to the image features.
     n_empty
         Number of tiles without cells.
+    tile_size
+        Side of the tile images in pixels (``None``: no images).
+    channels
+        Channels of the tile images (1 or 3).
     seed
         Seed of :func:`numpy.random.default_rng`.
+    device
+        Device the bundle is validated and normalised on (default CPU; a GPU is much faster for large toys).
 
     Returns
     -------
-    The bundle (CPU).
+    The bundle, on ``device``.
     """
     rng = np.random.default_rng(seed)
     counts = rng.integers(min_cells, max_cells + 1, n_tiles)
@@ -104,14 +121,30 @@ def toy_bundle(
     n_val = max(n_tiles // 10, 2) if n_tiles >= 10 else 0
     split[n_tiles - 2 * n_val - n_empty : n_tiles - n_val - n_empty] = 1
     split[n_tiles - n_val - n_empty : n_tiles - n_empty] = 2
+    tiles = None
+    if tile_size is not None:  # drawn last: the other tensors do not depend on it
+        w = rng.normal(size=(n_features, channels * 16)) / np.sqrt(n_features)
+        blocks = (mean_x @ w).reshape(n_tiles, channels, 4, 4)
+        cells = np.arange(tile_size) * 4 // tile_size
+        img = (
+            128
+            + 40 * blocks[:, :, cells][:, :, :, cells]
+            + 8 * rng.normal(size=(n_tiles, channels, tile_size, tile_size))
+        )
+        tiles = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    def t(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")
+
     return TrainingBundle(
-        x=x,
-        cell_ptr=ptr,
-        pos=pos,
-        edge_index=cat(knn),
-        cand_meso=cat(cm),
-        cand_macro=cat(cM),
-        image_features=feats,
-        split=split,
+        x=t(x),
+        cell_ptr=t(ptr),
+        pos=t(pos),
+        edge_index=t(cat(knn)),
+        cand_meso=t(cat(cm)),
+        cand_macro=t(cat(cM)),
+        image_features={s: t(f) for s, f in feats.items()},
+        split=t(split),
+        tiles=t(tiles),
         meta={"source": "toy_bundle", "seed": seed},
     )

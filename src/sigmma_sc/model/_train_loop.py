@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ from .._settings import settings
 from .._utils._progress import track
 from ..nn._loss import grad_cache_backward
 from ._bundle import TrainingBundle
+from ._finetune import optimizer_groups
 
 if TYPE_CHECKING:
     from ._sigmma import SigmmaModel
@@ -23,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 # config fields that may differ between the run that wrote a checkpoint and the one resuming it
-_RESUMABLE = {"epochs", "micro_batch"}
+_RESUMABLE = {"epochs", "micro_batch", "precision"}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -41,6 +44,13 @@ def check_bundle(model: SigmmaModel, bundle: TrainingBundle) -> None:
         raise ValueError(
             f"The bundle has {bundle.n_features} node features but the model expects n_features={cfg.n_features}."
         )
+    if model.finetuned:
+        if bundle.tiles is None:
+            raise ValueError(
+                f"Fine-tuning backbone blocks (finetune_blocks={cfg.finetune_blocks}) needs the tile images: the "
+                "bundle has no `tiles` (uint8 (T, C, H, W))."
+            )
+        return
     if bundle.image_features is None:
         raise ValueError("Training needs image features: the bundle has none (compute frozen backbone features first).")
     missing = [s for s in cfg.scales if s not in bundle.image_features]
@@ -74,8 +84,43 @@ def _batches(idx: Tensor, size: int, *, merge_last: bool) -> list[Tensor]:
     return chunks
 
 
-def _train_step(model: SigmmaModel, data: TrainingBundle, idx: Tensor, optimizer: Any, state: dict[str, Any]) -> float:
-    """One optimiser step on the tiles ``idx``; halves the micro-batch and retries on CUDA OOM."""
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of fresh forward-pass contexts: bf16 autocast for ``precision="bf16"`` on CUDA, else no-op."""
+    if precision == "bf16" and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:  # noqa: FBT001 - internal
+    """Allow TensorFloat-32 matmuls and convolutions inside the block (restored after)."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def _train_step(
+    model: SigmmaModel,
+    data: TrainingBundle,
+    idx: Tensor,
+    optimizer: Any,
+    state: dict[str, Any],
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Tensor:
+    """One optimiser step on the tiles ``idx`` (CPU); halves the micro-batch and retries on CUDA OOM.
+
+    ``amp`` makes the context of the forward passes (:func:`autocast_for`). Returns the detached loss on
+    the device (no host synchronisation).
+    """
+
+    def embed(chunk: Tensor) -> dict[str, Tensor]:
+        with amp():
+            return model.embed_batch(data.select(chunk))
+
     device = data.device
     rng = _rng_states(device)
     while True:
@@ -84,14 +129,12 @@ def _train_step(model: SigmmaModel, data: TrainingBundle, idx: Tensor, optimizer
         try:
             mb = state["micro_batch"]
             if mb is None or mb >= idx.numel():
-                loss = model(data.select(idx))
+                loss = model.loss_from_embeddings(embed(idx))
                 loss.backward()
             else:
-                loss = grad_cache_backward(
-                    lambda chunk: model.embed_batch(data.select(chunk)), list(idx.split(mb)), model.loss_from_embeddings
-                )
+                loss = grad_cache_backward(embed, list(idx.split(mb)), model.loss_from_embeddings)
             optimizer.step()
-            return float(loss.detach())
+            return loss.detach()
         except torch.cuda.OutOfMemoryError:
             oom = True
         if oom:  # outside the except block, so the traceback's tensors can be freed
@@ -114,17 +157,25 @@ def _train_step(model: SigmmaModel, data: TrainingBundle, idx: Tensor, optimizer
             _set_rng_states(rng, device)
 
 
-def evaluate(model: SigmmaModel, data: TrainingBundle, idx: Tensor, batch_size: int) -> float:
+def evaluate(
+    model: SigmmaModel,
+    data: TrainingBundle,
+    idx: Tensor,
+    batch_size: int,
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> float:
     """Mean contrastive loss over the tiles ``idx`` (eval mode, deterministic edges; batches in order)."""
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=data.device), 0
     with torch.inference_mode():
         for chunk in _batches(idx, batch_size, merge_last=True):
-            total += float(model(data.select(chunk))) * chunk.numel()
+            with amp():
+                emb = model.embed_batch(data.select(chunk))
+            total += model.loss_from_embeddings(emb) * chunk.numel()
             count += chunk.numel()
     model.train(was)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -151,12 +202,12 @@ def fit_model(
     """Implementation of :meth:`SigmmaModel.fit` (see there)."""
     cfg = model.config
     check_bundle(model, bundle)
-    train_idx = bundle.tiles_in("train")
+    train_idx = bundle.tiles_in("train").cpu()  # batches are indexed on the host
     if train_idx.numel() < 2:
         raise ValueError(
             f"Training needs at least 2 training tiles (in-batch negatives); the bundle has {train_idx.numel()}."
         )
-    val_idx = bundle.tiles_in("val")
+    val_idx = bundle.tiles_in("val").cpu()
     if val_idx.numel() < 2:
         logger.warning(
             "%d validation tiles (< 2): no validation loss; the weights of the last epoch are kept.", val_idx.numel()
@@ -171,13 +222,16 @@ def fit_model(
         raise ValueError("`resume=True` needs `checkpoint_dir`.")
 
     model.to(device)
-    data = bundle.to(device)
-    val_idx = None if val_idx is None else val_idx.to(device)
+    data = bundle.to(device, tiles=model.finetuned)  # the pixels go to the device only to fine-tune
     fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
+    amp = autocast_for(cfg.precision, device)
+    tf32 = cfg.precision in ("tf32", "bf16") and device.type == "cuda"
+    with torch.random.fork_rng(devices=fork_devices), tf32_matmuls(tf32):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = optimizer_groups(model, model.image_encoder, cfg.lr, cfg.backbone_lr)
+        fused = {"fused": True} if device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
         state: dict[str, Any] = {"micro_batch": cfg.micro_batch}
         history: list[dict[str, Any]] = []
@@ -185,7 +239,7 @@ def fit_model(
 
         if resume and ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = {k: v for k, v in ckpt["config"].items() if k not in _RESUMABLE}
+            saved = {k: v for k, v in type(cfg).from_dict(ckpt["config"]).to_dict().items() if k not in _RESUMABLE}
             now = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE}
             if saved != now:
                 diff = sorted(k for k in now if saved.get(k) != now[k])
@@ -209,17 +263,17 @@ def fit_model(
         for epoch in bar if bar is not None else epochs_iter:
             t0 = time.perf_counter()
             model.train()
-            perm = train_idx[torch.randperm(train_idx.numel(), generator=generator)].to(device)
-            total, count = 0.0, 0
+            perm = train_idx[torch.randperm(train_idx.numel(), generator=generator)]  # stays on the host
+            total, count = torch.zeros((), device=device), 0
             for idx in _batches(perm, cfg.batch_size, merge_last=False):
-                total += _train_step(model, data, idx, optimizer, state) * idx.numel()
+                total += _train_step(model, data, idx, optimizer, state, amp) * idx.numel()
                 count += idx.numel()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            val = evaluate(model, data, val_idx, cfg.batch_size) if val_idx is not None else None
+            val = evaluate(model, data, val_idx, cfg.batch_size, amp) if val_idx is not None else None
             record = {
                 "epoch": epoch + 1,
-                "train_loss": total / count,
+                "train_loss": float(total) / count,
                 "val_loss": val,
                 "lr": lr,
                 "seconds": time.perf_counter() - t0,

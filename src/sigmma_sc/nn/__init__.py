@@ -4,8 +4,9 @@ Imports only torch, torch_geometric, numpy and the standard library (timm lazily
 """
 
 from ._edges import EdgeSampler, block_ids, same_block
+from ._featurize import featurize
 from ._gnn import GraphEncoderOutput, HierarchicalGraphEncoder, WeightedSAGEConv
-from ._image_encoder import BackboneInfo, MultiCropEncoder, build_backbone, featurize
+from ._image_encoder import BackboneInfo, MultiCropEncoder, build_backbone
 from ._loss import ProjectionHead, grad_cache_backward, info_nce, multiscale_info_nce
 from ._pool import AttentionalPooling
 

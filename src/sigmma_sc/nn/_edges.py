@@ -54,6 +54,22 @@ def pair_ids(edge_index: Tensor, num_nodes: int) -> Tensor:
     return lo * num_nodes + hi
 
 
+def _pair_uniform(key: Tensor, dtype: torch.dtype) -> Tensor:
+    """Uniform draws in ``[0, 1)``, one per distinct value of ``key``, shared by the entries with that value.
+
+    Sort-based, with static shapes only (unlike ``torch.unique``, no device-to-host synchronisation): one draw
+    per entry in sorted order, and each run of equal keys takes the draw of its first entry.
+    """
+    n = key.numel()
+    sorted_key, order = torch.sort(key, stable=True)
+    pos = torch.arange(n, device=key.device)
+    start = torch.ones(n, dtype=torch.bool, device=key.device)
+    start[1:] = sorted_key[1:] != sorted_key[:-1]
+    first = torch.where(start, pos, torch.zeros_like(pos)).cummax(0).values
+    u = torch.rand(n, device=key.device, dtype=dtype)
+    return torch.empty_like(u).index_put_((order,), u[first])
+
+
 class EdgeSampler(nn.Module):
     r"""Score candidate edges and sample them with the Gumbel-sigmoid straight-through estimator.
 
@@ -113,10 +129,9 @@ class EdgeSampler(nn.Module):
             return (logit > 0).to(logit.dtype)  # sigmoid(logit) > 0.5
         if logit.numel() == 0:
             return logit
-        # one logistic noise draw per undirected pair: both directions get the same sample
-        pairs, inverse = torch.unique(pair_ids(edge_index, h.shape[0]), return_inverse=True)
-        u = torch.rand(pairs.numel(), device=h.device, dtype=logit.dtype).clamp_(1e-6, 1 - 1e-6)
-        noise = (torch.log(u) - torch.log1p(-u))[inverse]
-        soft = torch.sigmoid((logit + noise) / self.tau)
+        # the noise and the sample in float32 even under autocast (bf16 would quantise the logistic noise)
+        u = _pair_uniform(pair_ids(edge_index, h.shape[0]), torch.float32).clamp_(1e-6, 1 - 1e-6)
+        noise = torch.log(u) - torch.log1p(-u)
+        soft = torch.sigmoid((logit.float() + noise) / self.tau)
         hard = (soft > 0.5).to(soft.dtype)
         return hard - soft.detach() + soft

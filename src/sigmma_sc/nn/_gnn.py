@@ -230,8 +230,21 @@ class HierarchicalGraphEncoder(nn.Module):
         cand_macro: Tensor | None = None,
         *,
         num_tiles: int | None = None,
+        edge_sections: tuple[int, int, int] | None = None,
+        candidates_in_blocks: bool = False,
     ) -> GraphEncoderOutput:
-        """Encode a batch of tiles (see the class docstring)."""
+        """Encode a batch of tiles (see the class docstring).
+
+        ``edge_sections`` and ``candidates_in_blocks`` (set by :meth:`sigmma_sc.model.TrainingBundle.select`)
+        declare that the inputs already satisfy the neighbour-patch constraint: ``edge_index`` is ordered
+        into ``(n_micro, n_meso, n_other)`` edges (same micro block, same meso block only, other) and the
+        candidates lie in their blocks. The graphs are then slices instead of boolean masks, so the forward
+        pass has only static shapes (no device-to-host synchronisation on CUDA); the result is the same.
+        """
+        if edge_sections is not None and sum(edge_sections) != edge_index.shape[1]:
+            raise ValueError(
+                f"`edge_sections` {tuple(edge_sections)} do not add up to the {edge_index.shape[1]} edges."
+            )
         if num_tiles is None:
             num_tiles = int(batch.max()) + 1 if batch.numel() else 0
         if not self.use_graph:
@@ -246,18 +259,25 @@ class HierarchicalGraphEncoder(nn.Module):
         added: dict[str, tuple[Tensor, Tensor]] = {}
         h = x
         ei = wi = None
+
+        def knn(scale: str) -> Tensor:  # the kNN edges allowed at `scale`
+            if edge_sections is None:
+                return edge_index[:, scale_mask(edge_index, pos, batch, scale)]
+            return edge_index[:, : sum(edge_sections[: SCALES.index(scale) + 1])]
+
         for s in self._run:
             if s == "micro":
-                ei = edge_index[:, scale_mask(edge_index, pos, batch, "micro")]
+                ei = knn("micro")
                 wi = x.new_ones(ei.shape[1])
             elif self.edge_addition:
                 cand = cands[s] if cands[s] is not None else _empty_edges(device)
-                cand = cand[:, scale_mask(cand, pos, batch, s)]  # neighbour-patch constraint
+                if not candidates_in_blocks:
+                    cand = cand[:, scale_mask(cand, pos, batch, s)]  # neighbour-patch constraint
                 w = self.samplers[s](h, cand)
                 added[s] = (cand, w)
                 ei, wi = torch.cat([ei, cand], dim=1), torch.cat([wi, w.to(wi.dtype)])
             else:
-                ei = edge_index[:, scale_mask(edge_index, pos, batch, s)]
+                ei = knn(s)
                 wi = x.new_ones(ei.shape[1])
             h = self._layers(s, h, ei, wi)
             nodes[s], graphs[s] = h, (ei, wi)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch_geometric.nn.aggr import AttentionalAggregation
 from torch_geometric.utils import scatter
@@ -12,7 +13,8 @@ class AttentionalPooling(nn.Module):
 
     ``z_t = sum_{i in t} softmax_t(gate(h_i)) * h_i`` with a two-layer gate MLP
     (PyG's :class:`~torch_geometric.nn.aggr.AttentionalAggregation`). A tile without cells gets a zero
-    vector (the softmax has no terms and the sum is empty), never NaN.
+    vector (the softmax has no terms and the sum is empty), never NaN. Under CUDA autocast the pooling
+    runs in float32 (softmax and sums over up to hundreds of cells).
 
     Parameters
     ----------
@@ -41,6 +43,9 @@ class AttentionalPooling(nn.Module):
         """Pool ``x`` over the nodes of each tile."""
         if x.shape[0] == 0:
             return x.new_zeros(num_tiles, x.shape[1])
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):  # the per-tile softmax and sums stay in float32
+            with torch.autocast("cuda", enabled=False):
+                return self.aggr(x.float(), index=batch, dim_size=num_tiles)
         return self.aggr(x, index=batch, dim_size=num_tiles)
 
 

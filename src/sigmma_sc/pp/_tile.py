@@ -159,7 +159,9 @@ def tile(
     grid_id = np.where(on_image, row * n_cols + col, -1)
     n_cells_grid = np.bincount(grid_id[grid_id >= 0], minlength=n_rows * n_cols)
 
-    tissue = _tissue_fraction(reader, xmin, ymin, size, n_rows, n_cols)
+    candidates = np.flatnonzero(n_cells_grid >= max(min_cells, 1))  # tissue is only measured where cells are
+    tissue = np.zeros(n_rows * n_cols, dtype=np.float64)
+    tissue[candidates] = _tissue_fraction(reader, xmin, ymin, size, candidates, n_cols)
     keep = (n_cells_grid >= max(min_cells, 1)) & (tissue >= min_tissue_fraction)
     kept_grid = np.flatnonzero(keep)
     if kept_grid.size == 0:
@@ -281,15 +283,18 @@ def tissue_mask(thumb: np.ndarray, pixel_size_um: float = 4.0) -> np.ndarray:
 
 
 def _tissue_fraction(
-    reader: ImageReader, xmin: float, ymin: float, size: float, n_rows: int, n_cols: int
+    reader: ImageReader, xmin: float, ymin: float, size: float, grid_ids: np.ndarray, n_cols: int
 ) -> np.ndarray:
-    """Fraction of each grid tile covered by tissue, sampled on a 16x16 grid of points per tile."""
-    thumb, to_cs = reader.thumbnail(max_pixel_size_um=max(size * reader.um_per_unit / 32, reader.pixel_size_um))
+    """Fraction of the grid tiles ``grid_ids`` covered by tissue, sampled on a 16x16 grid of points per tile.
+
+    The mask is computed on the pyramid level closest to 1/16 of the tile side per pixel.
+    """
+    thumb, to_cs = reader.thumbnail(max_pixel_size_um=max(size * reader.um_per_unit / 16, reader.pixel_size_um))
     mask = tissue_mask(thumb, float(np.sqrt(abs(np.linalg.det(to_cs[:2, :2])))) * reader.um_per_unit)
     g = 16
     offs = (np.arange(g) + 0.5) / g * size
     ox, oy = np.meshgrid(offs, offs)
-    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    rows, cols = np.divmod(grid_ids, n_cols)
     px = xmin + cols[:, None] * size + ox.ravel()[None]
     py = ymin + rows[:, None] * size + oy.ravel()[None]
     inv = np.linalg.inv(to_cs)

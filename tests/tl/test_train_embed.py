@@ -129,3 +129,21 @@ def test_new_section_projected_with_training_pca(prepared):
     bad["var_names"] = np.array([f"X{i}" for i in range(len(pca["var_names"]))])
     with pytest.raises(ValueError, match="genes of this section differ"):
         sg.pp.cell_graph(new, pca_from=bad)
+
+
+def test_finetune_through_tl(prepared, tmp_path):
+    """finetune_blocks reads tile images into the bundle, trains the last block, and embed encodes pixels."""
+    model = sg.tl.train_sigmma(prepared, epochs=1, finetune_blocks=1, **TINY)
+    assert model.finetuned
+    sg.tl.embed(prepared, model)
+    tiles = prepared.tables[Keys.TILE_TABLE]
+    z = tiles.obsm[Keys.EMB_IMAGE.format(scale="micro")]
+    assert z.shape == (tiles.n_obs, 16)
+    assert np.isfinite(z).all()
+    model.save(tmp_path / "ft.pt")
+    again = sg.model.SigmmaModel.load(tmp_path / "ft.pt")
+    import spatialdata as sd
+
+    other = sd.deepcopy(prepared)
+    sg.tl.embed(other, again)
+    assert np.allclose(other.tables[Keys.TILE_TABLE].obsm[Keys.EMB_IMAGE.format(scale="micro")], z, atol=1e-5)

@@ -85,13 +85,25 @@ def embed(
     if device is not None:
         model.to(device)
 
-    feats = {s: np.asarray(tiles.obsm[Keys.BACKBONE.format(scale=s)], dtype=np.float32) for s in SCALES}
-    if feats["macro"].shape[1] != cfg.image_dim:
-        raise ValueError(
-            f"The cached backbone features have {feats['macro'].shape[1]} dimensions, the model expects "
-            f"{cfg.image_dim}. Re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
-        )
-    z_img = model.encode_image(feats, batch_size=batch_size)
+    if getattr(model, "finetuned", False):  # its backbone changed: encode tile images, streamed in chunks
+        from ..data._tiles import iter_tile_images
+
+        chunks: dict[str, list] = {}
+        images = iter_tile_images(sdata, tile_key=tile_key, image_key=image_key)
+        while batch := [img for _, img in zip(range(batch_size), images, strict=False)]:
+            for s, z in model.encode_image(tiles=np.stack(batch), batch_size=batch_size).items():
+                chunks.setdefault(s, []).append(z.cpu())
+        import torch
+
+        z_img = {s: torch.cat(v) for s, v in chunks.items()}
+    else:
+        feats = {s: np.asarray(tiles.obsm[Keys.BACKBONE.format(scale=s)], dtype=np.float32) for s in SCALES}
+        if feats["macro"].shape[1] != cfg.image_dim:
+            raise ValueError(
+                f"The cached backbone features have {feats['macro'].shape[1]} dimensions, the model expects "
+                f"{cfg.image_dim}. Re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
+            )
+        z_img = model.encode_image(feats, batch_size=batch_size)
     written = []
     for s, z in z_img.items():
         tiles.obsm[Keys.EMB_IMAGE.format(scale=s)] = z.numpy()

@@ -78,7 +78,9 @@ def train_sigmma(
         Tiles per backbone forward pass.
     **config
         Further :class:`~sigmma_sc.model.SigmmaConfig` fields, e.g. ``hidden``, ``temperature``, ``lr``,
-        ``scales=('macro',)``, ``use_graph=False``, ``edge_addition=False`` (Table 5 ablations).
+        ``scales=('macro',)``, ``use_graph=False``, ``edge_addition=False`` (Table 5 ablations), or
+        ``finetune_blocks=N`` to fine-tune the backbone's last ``N`` blocks (tile images are then read into
+        the bundle and encoded at every step; ``backbone_lr`` sets their learning rate).
 
     Returns
     -------
@@ -95,7 +97,8 @@ def train_sigmma(
         sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
         input_size=input_size, batch_size=featurize_batch_size, device=device,
     )  # fmt: skip
-    bundle, _ = build_bundle(sdata, table_key=table_key, tile_key=tile_key)
+    finetune = int(config.get("finetune_blocks", 0) or 0) > 0
+    bundle, _ = build_bundle(sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune)
     n_train = int((bundle.split == 0).sum()) if bundle.split is not None else bundle.n_tiles
     if n_train < 2:
         raise ValueError(
@@ -103,11 +106,14 @@ def train_sigmma(
             "Use a smaller `tile_size_um` in `sg.pp.tile`, or a larger section."
         )
     info = tiles.uns[Keys.UNS]["backbone"]
+    if weights is not None:  # the architecture is `backbone`, its weights a local file
+        config.setdefault("backbone_weights", str(weights))
     model = SigmmaModel.from_bundle(
         bundle,
         epochs=epochs,
         batch_size=min(int(batch_size), n_train),
-        backbone=info["name"],
+        backbone=backbone,
+        backbone_pretrained=bool(pretrained),
         backbone_info={k: info[k] for k in ("name", "num_features", "input_size", "mean", "std", "is_vit")},
         seed=seed,
         **config,

@@ -48,7 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         default=112,
         help="crop side for the backbone (default 112, fast on a CPU; 224 is native)",
     )
-    _common_training(demo, epochs=30)
+    demo.add_argument(
+        "--hidden",
+        type=int,
+        default=128,
+        help="GNN and embedding width (default 128 for a CPU demo; the paper uses 512)",
+    )
+    _common_training(demo, epochs=20)
 
     run = sub.add_parser("run", help="tile, graph, train, embed and cluster a Xenium run")
     run.add_argument("--xenium", type=Path, required=True, help="Xenium output folder")
@@ -90,6 +96,7 @@ def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,
+        **({"hidden": args.hidden, "out_dim": args.hidden} if getattr(args, "hidden", None) else {}),
     )
     sg.tl.embed(sdata, model)
     sg.tl.microenvironments(sdata)

@@ -1,0 +1,544 @@
+"""The paper's Table 5 (ablation) plus a HEST-protocol column, on one section, in one command.
+
+Usage::
+
+    python benchmarks/paper_table.py --dataset bonemarrow            # real Xenium section (DAPI)
+    python benchmarks/paper_table.py --dataset synthetic             # synthetic Xenium section (H&E)
+    python benchmarks/paper_table.py --dataset bonemarrow --device cuda --paper-defaults   # GPU, Table 3 settings
+
+The section is tiled, graphed and featurized once (frozen backbone, 21 crops per tile); the featurized
+tile table and the training bundle are cached under ``bench_out/paper_table/`` (git-ignored), so re-runs
+skip featurization. Every row then trains on the same tiles and the same spatial split with each seed:
+
+1. frozen backbone, macro crop (no training; probe only, there is no shared space to retrieve in);
+2. frozen backbone, concatenation of the three scales (no training);
+3. BLEEP-style: single scale (macro), no cell graph (MLP on mean node features);
+4. cell graph, single scale (macro), fixed kNN graph;
+5. cell graph + multi-scale, fixed kNN graphs;
+6. full SIGMMA (cell graph + multi-scale + stochastic edge addition).
+
+Checkpoints are chosen on the validation loss (``SigmmaModel.fit``); probes fit on training tiles, pick
+ridge alpha on validation tiles (paper protocol) and report on test tiles (:mod:`sigmma_sc.metrics`).
+The markdown table goes to ``benchmarks/results/paper_table_<dataset>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+logger = logging.getLogger("paper_table")
+
+SCALES = ("micro", "meso", "macro")
+FRACTIONS = (0.05, 0.10, 0.15)
+
+# name, label, kind, SigmmaConfig overrides; (cell graph, multi-scale, graph sparsification) for Table 5 ticks
+ROWS: tuple[dict[str, Any], ...] = (
+    {"name": "backbone_macro", "label": "Frozen backbone (macro crop)", "ticks": ("", "", "")},
+    {"name": "backbone_concat", "label": "Frozen backbone (3-scale concat.)", "ticks": ("", "✓", "")},
+    {
+        "name": "bleep",
+        "label": "BLEEP-style (no graph, single scale)",
+        "ticks": ("", "", ""),
+        "config": {"scales": ("macro",), "use_graph": False, "edge_addition": False},
+    },
+    {
+        "name": "graph",
+        "label": "Cell graph, single scale",
+        "ticks": ("✓", "", ""),
+        "config": {"scales": ("macro",), "use_graph": True, "edge_addition": False},
+    },
+    {
+        "name": "graph_multiscale",
+        "label": "Cell graph + multi-scale",
+        "ticks": ("✓", "✓", ""),
+        "config": {"scales": SCALES, "use_graph": True, "edge_addition": False},
+    },
+    {
+        "name": "sigmma",
+        "label": "Full SIGMMA",
+        "ticks": ("✓", "✓", "✓"),
+        "config": {"scales": SCALES, "use_graph": True, "edge_addition": True},
+    },
+)
+
+
+# the paper's Table 5 (HEST1k-LUAD, UNI backbone, GPU) for reference: PCC, and R@10% in both directions
+PAPER_TABLE5: dict[str, dict[str, float]] = {
+    "bleep": {"pcc": 0.345, "i2s_r10": 0.694, "s2i_r10": 0.673},
+    "graph": {"pcc": 0.268, "i2s_r10": 0.639, "s2i_r10": 0.621},
+    "graph_multiscale": {"pcc": 0.645, "i2s_r10": 0.667, "s2i_r10": 0.685},
+    "sigmma": {"pcc": 0.741, "i2s_r10": 0.728, "s2i_r10": 0.768},
+}
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", choices=("bonemarrow", "synthetic"), required=True)
+    p.add_argument("--tile-size-um", type=float, default=None, help="tile side (default 128 µm, as in the paper)")
+    p.add_argument("--pixel-size-um", type=float, default=0.5, help="tile pixel size fed to the backbone")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests only)")
+    p.add_argument("--n-comps", type=int, default=50, help="PCA node features per cell")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--out-dim", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--paper-defaults", action="store_true", help="Table 3 settings (GPU): 100 epochs, 512 dims")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--rows", nargs="+", default=None, help=f"subset of {[r['name'] for r in ROWS]}")
+    p.add_argument("--eval-split", choices=("test", "val"), default="test", help="'val' for model selection")
+    p.add_argument("--n-cells", type=int, default=None, help="synthetic section: number of cells")
+    p.add_argument(
+        "--synthetic-source",
+        choices=("xenium", "section"),
+        default="xenium",
+        help="synthetic data: the Xenium writer + reader (sg.datasets) or the small test section (tests/_section.py)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "bench_out" / "paper_table")
+    p.add_argument("--out", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
+    p.add_argument("--tag", default="", help="suffix of the default output name")
+    p.add_argument("--from-json", type=Path, default=None, help="re-render the markdown of a finished run's JSON")
+    args = p.parse_args(argv)
+    _defaults(args)
+    return args
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    """CPU-feasible defaults; ``--paper-defaults`` for Table 3; ``--quick`` for tests. Explicit flags win."""
+    if args.paper_defaults:
+        d = {"epochs": 100, "batch_size": 1280, "hidden": 512, "out_dim": 512, "lr": 1e-4, "temperature": 0.01}
+        d |= {"dropout": 0.1, "weight_decay": 1e-3}
+    elif args.quick:
+        d = {"epochs": 2, "batch_size": 16, "hidden": 16, "out_dim": 16, "lr": 1e-3, "temperature": 0.07}
+        d |= {"dropout": 0.1, "weight_decay": 1e-3}
+    else:
+        # CPU: on the bone-marrow section (211 training tiles at 128 µm) the best validation epoch was <= 17 in
+        # every validation run (lr 1e-3 / 3e-3, temperature 0.07 / 0.01), so 15 epochs lose little
+        d = {"epochs": 15, "batch_size": 64, "hidden": 128, "out_dim": 128, "lr": 3e-3, "temperature": 0.07}
+        d |= {"dropout": 0.1, "weight_decay": 1e-3}
+    for k, v in d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.tile_size_um is None:
+        args.tile_size_um = 128.0
+    if args.n_cells is None:
+        args.n_cells = 600 if args.quick else 40_000
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_section(args: argparse.Namespace):
+    """``(sdata, image_key)`` of the requested section."""
+    if args.dataset == "bonemarrow":
+        from _bonemarrow import load_bonemarrow
+
+        return load_bonemarrow(), "dapi"
+    return _synthetic_section(args), "he"
+
+
+def _synthetic_section(args: argparse.Namespace):
+    """The synthetic Xenium section with its registered H&E (``sg.datasets``), or the small test section."""
+    if args.synthetic_source == "xenium":
+        from sigmma_sc.datasets import synthetic_xenium
+        from sigmma_sc.io import xenium
+
+        folder = args.cache_dir / f"synthetic_xenium_{args.n_cells}_0"
+        if not (folder / "experiment.xenium").exists():
+            logger.info("Writing the synthetic Xenium section to %s", folder)
+            synthetic_xenium(folder, n_cells=args.n_cells, seed=0, transcripts=False, overwrite=True)
+        return xenium(folder, he_image="auto")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _section import make_section
+
+    return make_section(n_cells=args.n_cells, image_px=256, n_genes=30)
+
+
+def _cache_name(args: argparse.Namespace) -> str:
+    n = f"_{args.synthetic_source}{args.n_cells}" if args.dataset == "synthetic" else ""
+    pre = "_random" if args.no_pretrained else ""
+    return f"{args.dataset}{n}_{args.tile_size_um:g}um_{args.pixel_size_um:g}px_{args.backbone}{pre}_pca{args.n_comps}"
+
+
+def prepare(args: argparse.Namespace):
+    """Tile, graph and featurize once; return ``(tile table, training bundle, info)`` from the cache."""
+    import anndata as ad
+
+    import sigmma_sc as sg
+    from sigmma_sc.model import TrainingBundle
+
+    folder = args.cache_dir / _cache_name(args)
+    files = {"tiles": folder / "tiles.h5ad", "bundle": folder / "bundle.pt", "info": folder / "info.json"}
+    if all(f.exists() for f in files.values()):
+        logger.info("Using the cached featurized section %s", folder)
+        return ad.read_h5ad(files["tiles"]), TrainingBundle.load(files["bundle"]), json.loads(files["info"].read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    sdata, image_key = load_section(args)
+    t_load = time.perf_counter() - t0
+    sg.pp.tile(sdata, image_key=image_key, tile_size_um=args.tile_size_um, pixel_size_um=args.pixel_size_um, seed=0)
+    sg.pp.cell_graph(sdata, n_comps=args.n_comps)
+    t1 = time.perf_counter()
+    sg.tl.featurize(sdata, backbone=args.backbone, pretrained=not args.no_pretrained, device=args.device)
+    t_feat = time.perf_counter() - t1
+    bundle, _ = sg.data.build_bundle(sdata)
+    tiles = sdata.tables["sigmma_tiles"]
+    cells = sdata.tables["table"]
+    info = {
+        "dataset": args.dataset,
+        "image_key": image_key,
+        "n_cells": int(cells.n_obs),
+        "n_cells_tiled": int(bundle.n_cells),
+        "n_genes": int(cells.n_vars),
+        "n_tiles": int(tiles.n_obs),
+        "split": {k: int(v) for k, v in tiles.obs["split"].value_counts().items()},
+        "cells_per_tile_median": float(np.median(tiles.obs["n_cells"])),
+        "tile_size_um": args.tile_size_um,
+        "pixel_size_um": args.pixel_size_um,
+        "backbone": args.backbone,
+        "pretrained": not args.no_pretrained,
+        "load_seconds": round(t_load, 1),
+        "featurize_seconds": round(t_feat, 1),
+        "featurize_device": args.device,
+    }
+    slim = ad.AnnData(X=tiles.X, obs=tiles.obs.copy(), var=pd.DataFrame(index=tiles.var_names.copy()))
+    for k, v in tiles.obsm.items():
+        slim.obsm[k] = np.asarray(v)
+    slim.write_h5ad(files["tiles"])
+    bundle.save(files["bundle"])
+    files["info"].write_text(json.dumps(info, indent=1))
+    logger.info("Cached the featurized section in %s (featurization %.0f s)", folder, t_feat)
+    return slim, bundle, info
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def _config(args: argparse.Namespace, row: dict[str, Any], n_train: int) -> dict[str, Any]:
+    cfg = {
+        "hidden": args.hidden,
+        "out_dim": args.out_dim,
+        "lr": args.lr,
+        "temperature": args.temperature,
+        "dropout": args.dropout,
+        "weight_decay": args.weight_decay,
+        "epochs": args.epochs,
+        "batch_size": max(2, min(args.batch_size, n_train)),
+    }
+    return cfg | dict(row.get("config", {}))
+
+
+def _score(tiles, embeddings: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    import sigmma_sc as sg
+
+    df = sg.metrics.evaluate(tiles, embeddings=embeddings, split=args.eval_split, n_genes=args.n_genes)
+    return {name: {k: float(v) for k, v in r.items()} for name, r in df.iterrows()}
+
+
+def run_backbone(row: dict[str, Any], tiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Frozen backbone features, no training: probes only (deterministic, so one 'seed')."""
+    keys = ["sigmma_backbone_macro"] if row["name"] == "backbone_macro" else [f"sigmma_backbone_{s}" for s in SCALES]
+    out = _score(tiles, {"model": keys}, args)
+    out["model"]["train_seconds"] = 0.0
+    return out
+
+
+def run_model(row: dict[str, Any], tiles, bundle, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Train one ablation row with one seed on the shared bundle; score its image (and ST) embeddings."""
+    from sigmma_sc.model import SigmmaModel
+
+    n_train = int((bundle.split == 0).sum())
+    cfg = _config(args, row, n_train)
+    model = SigmmaModel.from_bundle(bundle, seed=seed, **cfg)
+    t0 = time.perf_counter()
+    history = model.fit(bundle, seed=seed, device=args.device, progress=False)
+    seconds = time.perf_counter() - t0
+    z_img = model.encode_image(bundle)
+    z_st, _ = model.encode_st(bundle)
+    scored = tiles.copy()
+    for s in model.scales:
+        scored.obsm[f"X_sigmma_{s}_image"] = z_img[s].numpy()
+        scored.obsm[f"X_sigmma_{s}_st"] = z_st[s].numpy()
+    embeddings = {"model": [f"X_sigmma_{s}_image" for s in model.scales]}
+    if len(model.scales) > 1:
+        embeddings["macro"] = ["X_sigmma_macro_image"]
+    out = _score(scored, embeddings, args)
+    val = [h["val_loss"] for h in history if h["val_loss"] is not None]
+    best = int(np.argmin(val)) + 1 if val else len(history)
+    out["model"] |= {"train_seconds": seconds, "best_epoch": best, "epochs": len(history)}
+    out["model"]["best_val_loss"] = float(min(val)) if val else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- table
+def _agg(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std()) if v.size > 1 else 0.0
+
+
+def _fmt(values: list[float], digits: int = 3, *, std: bool = True) -> str:
+    m, s = _agg(values)
+    if np.isnan(m):
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if std and len(values) > 1 else f"{m:.{digits}f}"
+
+
+def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Row -> metric -> (mean, std) over seeds, for the 'model' embedding."""
+    out = {}
+    for name, runs in results.items():
+        keys = runs[0]["model"].keys()
+        out[name] = {k: _agg([r["model"][k] for r in runs]) for k in keys}
+    return out
+
+
+def render(results, info, args, argv, runtime: float, baseline: dict[str, dict[str, float]], date: str) -> str:
+    """The markdown report."""
+    import torch
+
+    rows = [r for r in ROWS if r["name"] in results]
+    split_name = "test" if args.eval_split == "test" else "validation (model selection)"
+    lines = [
+        f"# Paper Table 5 (+ HEST column) on `{args.dataset}`",
+        "",
+        f"- Command: `python benchmarks/paper_table.py {shlex.join(argv)}`",
+        f"- Date: {date}",
+        f"- Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+        f"(torch threads {args.threads or torch.get_num_threads()}), device `{args.device}`"
+        + (" — CPU run: fewer epochs and smaller dims than the paper's Table 3" if args.device == "cpu" else ""),
+        f"- Runtime: {runtime / 60:.1f} min in total (featurization "
+        f"{info.get('featurize_seconds', float('nan')):.0f} s on `{info.get('featurize_device')}`, cached and reused"
+        " across rows and seeds)",
+        f"- Data: {info['n_cells']:,} cells, {info['n_genes']} genes; {info['n_tiles']} tiles of "
+        f"{info['tile_size_um']:g} µm (median {info['cells_per_tile_median']:.0f} cells/tile; split "
+        f"{info['split']}), tile pixels {info['pixel_size_um']:g} µm, image `{info['image_key']}`",
+        f"- Backbone: `{info['backbone']}` (pretrained={info['pretrained']}), frozen, 21 crops/tile (4x4 micro, 2x2 "
+        "meso, 1 macro), mean-pooled per scale",
+        f"- Training: {args.epochs} epochs, batch {args.batch_size} tiles, hidden {args.hidden}, out {args.out_dim}, "
+        f"lr {args.lr:g}, temperature {args.temperature:g}, dropout {args.dropout:g}, weight decay "
+        f"{args.weight_decay:g}, AdamW + StepLR(100, 0.1); checkpoint = best validation loss; seeds {args.seeds}",
+        f"- Scored on the {split_name} tiles ({_n_eval(results)} tiles); probes fit on training tiles only, paper "
+        "protocol's ridge alpha chosen on validation tiles; cells: mean ± std over seeds (frozen backbone: "
+        "deterministic, one value)",
+        "",
+        "## Table 5 layout",
+        "",
+        "Probe = linear probe of the row's image embedding (all of its scales concatenated; single-scale rows: "
+        "macro). Retrieval = image ↔ ST on the same embedding (scales L2-normalised and concatenated). "
+        "PCC/MSE: paper protocol (tile-level, eq. 1-2, top 50 HVGs); HEST PCC: HEST-Benchmark protocol "
+        "(gene-wise PCC).",
+        "",
+        "| Row | Cell graph | Multi-scale | Graph sparsif. | MSE (↓) | PCC (↑) | HEST PCC (↑) "
+        "| I→ST R@5% | R@10% | R@15% | ST→I R@5% | R@10% | R@15% |",
+        "|---|:-:|:-:|:-:|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        runs = results[row["name"]]
+        col = lambda k, d=3, runs=runs: _fmt([r["model"][k] for r in runs], d)
+        ret = [col(f"{d} R@{p}%") for d in ("image->st", "st->image") for p in (5, 10, 15)]
+        lines.append(
+            f"| {row['label']} | {' | '.join(row['ticks'])} | {col('paper_mse', 4)} | {col('paper_pcc')} | "
+            f"{col('hest_gene_pcc')} | {' | '.join(ret)} |"
+        )
+    lines += [
+        "",
+        "Reference, no image: predicting every tile by the training tiles' mean expression gives paper-protocol "
+        f"PCC {baseline['paper']['pcc']:.3f} ± {baseline['paper']['pcc_std']:.3f} and MSE "
+        f"{baseline['paper']['mse']:.4f} (tile-level PCC across genes rewards the genes' mean levels; "
+        "gene-wise PCC is the discriminative probe metric).",
+        "",
+        "## Details",
+        "",
+        "Paper protocol: tile-level PCC and MSE as mean ± std over test tiles (seed mean), gene-wise PCC. HEST: "
+        "gene-wise PCC (HEST's `pearson_mean`), MSE with the training mean added back (= ridge with intercept) "
+        "and HEST's raw MSE without intercept (inflated by the squared gene means). Macro-only: the macro "
+        "embedding of multi-scale rows.",
+        "",
+        "| Row | paper PCC (tiles) | paper MSE (tiles) | paper gene PCC | HEST gene PCC | HEST MSE | HEST raw MSE "
+        "| macro-only PCC | macro-only HEST PCC | macro I→ST R@10% | macro ST→I R@10% | best epoch | train s/seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        runs = results[row["name"]]
+        m = lambda k, runs=runs: float(np.nanmean([r["model"].get(k, np.nan) for r in runs]))
+        macro = [r.get("macro", r["model"]) for r in runs]
+        mac = lambda k, macro=macro: _fmt([x[k] for x in macro])
+        trained = "config" in row
+        lines.append(
+            f"| {row['label']} | {m('paper_pcc'):.3f} ± {m('paper_pcc_std'):.3f} | {m('paper_mse'):.4f} ± "
+            f"{m('paper_mse_std'):.4f} | {_fmt([r['model']['paper_gene_pcc'] for r in runs])} | "
+            f"{_fmt([r['model']['hest_gene_pcc'] for r in runs])} | {m('hest_mse'):.4f} | {m('hest_mse_raw'):.3f} | "
+            f"{mac('paper_pcc')} | {mac('hest_gene_pcc')} | {mac('image->st R@10%')} | {mac('st->image R@10%')} | "
+            f"{_fmt([r['model'].get('best_epoch', np.nan) for r in runs], 0) if trained else '–'} | "
+            f"{m('train_seconds'):.0f} |"
+        )
+    lines += ["", "## What the numbers say", "", *answers(summarise(results), info | {"n_eval": _n_eval(results)}), ""]
+    return "\n".join(lines)
+
+
+def _pm(v: tuple[float, float]) -> str:
+    return f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def _n_eval(results) -> int:
+    return int(next(iter(results.values()))[0]["model"]["n_eval"])
+
+
+def answers(s: dict[str, dict[str, tuple[float, float]]], info: dict[str, Any]) -> list[str]:
+    """The project's questions, answered from the table (no interpretation beyond the numbers)."""
+    out = []
+    if "sigmma" not in s:
+        return ["(full SIGMMA row not run)"]
+    full = s["sigmma"]
+    n_train = int(info["split"].get("train", 0))
+    degenerate = n_train <= 256
+    metrics = (
+        ("paper_pcc", "paper-protocol tile PCC"),
+        ("paper_gene_pcc", "paper-protocol gene-wise PCC"),
+        ("hest_gene_pcc", "HEST PCC"),
+    )
+    for base in ("backbone_macro", "backbone_concat"):
+        if base not in s:
+            continue
+        for metric, label in metrics:
+            f, b = full[metric][0], s[base][metric][0]
+            rel = (f / b - 1) * 100 if b else float("nan")
+            verdict = f"{'meets' if rel >= 30 else 'misses'} the +30% goal"
+            if metric.startswith("hest") and degenerate:
+                verdict = (
+                    f"not a valid comparison: only {n_train} training tiles, so the backbone's PCA keeps {n_train} "
+                    "components and HEST's fixed penalty 100 / (n_components * 50) lets the ridge interpolate the "
+                    "training tiles"
+                )
+            out.append(
+                f"- Full SIGMMA vs frozen backbone ({base}), {label}: {f:.3f} vs {b:.3f} ({rel:+.1f}%; {verdict})"
+            )
+    if "bleep" in s:
+        b = s["bleep"]
+        for metric, label in metrics:
+            out.append(
+                f"- Full SIGMMA vs BLEEP-style, {label}: {_pm(full[metric])} vs {_pm(b[metric])} (mean ± std over seeds)"
+            )
+        n = int(info.get("n_eval") or 0)
+        if n:
+            chance = "/".join(f"{max(1, int(np.floor(p * n))) / n:.3f}" for p in FRACTIONS)
+            out.append(f"- Retrieval chance level on {n} tiles (R@5/10/15% = K/N): {chance}")
+        for d in ("image->st", "st->image"):
+            fr = [full[f"{d} R@{p}%"][0] for p in (5, 10, 15)]
+            br = [b[f"{d} R@{p}%"][0] for p in (5, 10, 15)]
+            out.append(
+                f"- Full SIGMMA vs BLEEP-style, {d} R@5/10/15%: {'/'.join(f'{x:.3f}' for x in fr)} vs "
+                f"{'/'.join(f'{x:.3f}' for x in br)}"
+            )
+    order = [n for n in PAPER_TABLE5 if n in s]
+    for metric, paper_key, label in (
+        ("paper_pcc", "pcc", "probe PCC"),
+        ("image->st R@10%", "i2s_r10", "image->ST R@10%"),
+        ("st->image R@10%", "s2i_r10", "ST->image R@10%"),
+    ):
+        ours = [s[n][metric][0] for n in order]
+        paper = [PAPER_TABLE5[n][paper_key] for n in order]
+        same = list(np.argsort(ours)) == list(np.argsort(paper))
+        out.append(
+            f"- Ranking of the trained rows {order} by {label}: ours {', '.join(f'{x:.3f}' for x in ours)}; paper "
+            f"{', '.join(f'{x:.3f}' for x in paper)}; same order as the paper: {'yes' if same else 'no'}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> Path:
+    """Run the benchmark; return the path of the markdown table."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.n_genes = 50
+    if args.from_json is not None:
+        return _rerender(args.from_json)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("sigmma_sc").setLevel(logging.WARNING)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    tiles, bundle, info = prepare(args)
+    logger.info("Section: %s", info)
+    import sigmma_sc as sg
+
+    rows = [r for r in ROWS if args.rows is None or r["name"] in args.rows]
+    unknown = set(args.rows or ()) - {r["name"] for r in ROWS}
+    if unknown:
+        raise SystemExit(f"Unknown rows {sorted(unknown)}; choose from {[r['name'] for r in ROWS]}.")
+    results: dict[str, list[dict[str, dict[str, float]]]] = {}
+    for row in rows:
+        if "config" not in row:
+            results[row["name"]] = [run_backbone(row, tiles, args)]
+            logger.info("%s: %s", row["name"], _brief(results[row["name"]][-1]["model"]))
+            continue
+        results[row["name"]] = []
+        for seed in args.seeds:
+            results[row["name"]].append(run_model(row, tiles, bundle, seed, args))
+            logger.info("%s seed %d: %s", row["name"], seed, _brief(results[row["name"]][-1]["model"]))
+    baseline = {p: sg.metrics.mean_baseline(tiles, protocol=p, eval_split=args.eval_split) for p in ("paper", "hest")}
+    runtime = time.perf_counter() - t_start
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    text = render(results, info, args, argv, runtime, baseline, date)
+    tag = f"_{args.tag}" if args.tag else ""
+    out = args.out or ROOT / "benchmarks" / "results" / f"paper_table_{args.dataset}{tag}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    raw = {
+        "argv": argv,
+        "date": date,
+        "info": info,
+        "results": results,
+        "baseline": baseline,
+        "runtime_seconds": runtime,
+    }
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float))
+    logger.info("Wrote %s (%.1f min)", out, runtime / 60)
+    print(text)
+    return out
+
+
+def _rerender(path: Path) -> Path:
+    """Markdown of a finished run from its JSON (same command-line arguments, current rendering code)."""
+    raw = json.loads(Path(path).read_text())
+    args = parse_args(raw["argv"])
+    text = render(raw["results"], raw["info"], args, raw["argv"], raw["runtime_seconds"], raw["baseline"], raw["date"])
+    out = Path(path).with_suffix(".md")
+    out.write_text(text)
+    print(text)
+    return out
+
+
+def _brief(m: dict[str, float]) -> str:
+    keys = ("paper_pcc", "paper_gene_pcc", "hest_gene_pcc", "image->st R@10%", "st->image R@10%", "train_seconds")
+    return ", ".join(f"{k}={m.get(k, float('nan')):.3f}" for k in keys)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Evaluation (paper Suppl. D.2): cross-modal retrieval and gene-expression linear probes of tile embeddings.
+
+Retrieval scores image -> ST and ST -> image Recall@p% with ``K = floor(p * N)`` on held-out tiles.
+Linear probes predict tile-level expression from image embeddings with PCA + ridge, under the paper's
+protocol (tile-level PCC and MSE across the top 50 HVGs, mean ± std over test tiles) and under
+HEST-Benchmark's (gene-wise PCC; fixed penalty, no intercept). Fitting sees training tiles only,
+validation tiles only pick the paper protocol's ridge penalty, test tiles are only scored; see
+:mod:`sigmma_sc.metrics._probe` for the details and for how the missing intercept affects HEST's MSE.
+"""
+
+from ._evaluate import evaluate
+from ._probe import ProbeResult, linear_probe, mean_baseline
+from ._retrieval import cross_modal_retrieval, recall_at
+
+__all__ = ["ProbeResult", "cross_modal_retrieval", "evaluate", "linear_probe", "mean_baseline", "recall_at"]

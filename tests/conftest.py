@@ -52,3 +52,17 @@ def section(_section_master):
     sdata = sd.deepcopy(_section_master)
     sdata.attrs["sigmma"] = {"um_per_unit": {"global": 0.5}}
     return sdata
+
+
+@pytest.fixture(autouse=True)
+def _single_torch_thread(request):
+    """nn/model tests use tiny tensors: one intra-op thread is faster and immune to CPU contention."""
+    if not any(part in ("nn", "model") for part in request.path.parts[-3:-1]):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

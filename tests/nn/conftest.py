@@ -2,15 +2,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to CPU contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy_batch():
     from sigmma_sc.model import toy_bundle

@@ -246,6 +246,8 @@ def test_zarr_opens_in_napari_spatialdata(written, display):
         timeout=600,
         check=False,
     )
+    if out.returncode != 0 and 'Could not load the Qt platform plugin "xcb"' in out.stderr:
+        pytest.skip("Qt's xcb platform plugin cannot load (missing libxcb-* libraries, see the `display` fixture)")
     xvfb = log.read_text()[-2000:] if log is not None else ""
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:] + "\nXvfb: " + xvfb
     assert "napari-spatialdata: ok" in out.stdout, out.stdout[-5000:]

@@ -51,6 +51,7 @@ FRACTIONS = (0.05, 0.10, 0.15)
 ROWS: tuple[dict[str, Any], ...] = (
     {"name": "backbone_macro", "label": "Frozen backbone (macro crop)", "ticks": ("", "", "")},
     {"name": "backbone_concat", "label": "Frozen backbone (3-scale concat.)", "ticks": ("", "✓", "")},
+    {"name": "n_cells", "label": "Reference: log cell count per tile (no image)", "ticks": ("", "", "")},
     {
         "name": "bleep",
         "label": "BLEEP-style (no graph, single scale)",
@@ -122,6 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
     p.add_argument("--tag", default="", help="suffix of the default output name")
     p.add_argument("--from-json", type=Path, default=None, help="re-render the markdown of a finished run's JSON")
+    p.add_argument("--add-to", type=Path, default=None, help="run --rows and merge them into a finished run's JSON")
     args = p.parse_args(argv)
     _defaults(args)
     return args
@@ -256,8 +258,15 @@ def _score(tiles, embeddings: dict[str, list[str]], args: argparse.Namespace) ->
 
 
 def run_backbone(row: dict[str, Any], tiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Frozen backbone features, no training: probes only (deterministic, so one 'seed')."""
-    keys = ["sigmma_backbone_macro"] if row["name"] == "backbone_macro" else [f"sigmma_backbone_{s}" for s in SCALES]
+    """Untrained rows (deterministic, so one 'seed'): frozen backbone features, or the tile's cell count alone."""
+    if row["name"] == "n_cells":
+        tiles = tiles.copy()
+        tiles.obsm["log_n_cells"] = np.log1p(tiles.obs["n_cells"].to_numpy(dtype=np.float64))[:, None]
+        keys = ["log_n_cells"]
+    elif row["name"] == "backbone_macro":
+        keys = ["sigmma_backbone_macro"]
+    else:
+        keys = [f"sigmma_backbone_{s}" for s in SCALES]
     out = _score(tiles, {"model": keys}, args)
     out["model"]["train_seconds"] = 0.0
     return out
@@ -315,7 +324,9 @@ def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str
     return out
 
 
-def render(results, info, args, argv, runtime: float, baseline: dict[str, dict[str, float]], date: str) -> str:
+def render(
+    results, info, args, argv, runtime: float, baseline: dict[str, dict[str, float]], date: str, extra=()
+) -> str:
     """The markdown report."""
     import torch
 
@@ -325,6 +336,7 @@ def render(results, info, args, argv, runtime: float, baseline: dict[str, dict[s
         f"# Paper Table 5 (+ HEST column) on `{args.dataset}`",
         "",
         f"- Command: `python benchmarks/paper_table.py {shlex.join(argv)}`",
+        *[f"- Rows added with: `python benchmarks/paper_table.py {shlex.join(a)}`" for a in extra],
         f"- Date: {date}",
         f"- Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"(torch threads {args.threads or torch.get_num_threads()}), device `{args.device}`"
@@ -395,6 +407,12 @@ def render(results, info, args, argv, runtime: float, baseline: dict[str, dict[s
             f"{_fmt([r['model'].get('best_epoch', np.nan) for r in runs], 0) if trained else '–'} | "
             f"{m('train_seconds'):.0f} |"
         )
+    notes = Path(__file__).resolve().parent / "results" / "paper_table_investigation.md"
+    if notes.exists():
+        lines += [
+            "",
+            "Investigation of these numbers (validation split only): `benchmarks/results/" + notes.name + "`.",
+        ]
     lines += ["", "## What the numbers say", "", *answers(summarise(results), info | {"n_eval": _n_eval(results)}), ""]
     return "\n".join(lines)
 
@@ -427,6 +445,11 @@ def answers(s: dict[str, dict[str, tuple[float, float]]], info: dict[str, Any]) 
             f, b = full[metric][0], s[base][metric][0]
             rel = (f / b - 1) * 100 if b else float("nan")
             verdict = f"{'meets' if rel >= 30 else 'misses'} the +30% goal"
+            if metric.startswith("hest") and "n_cells" in s and b < s["n_cells"][metric][0]:
+                verdict += (
+                    f"; but the backbone scores below the no-image cell-count reference "
+                    f"({s['n_cells'][metric][0]:.3f}), so HEST's pipeline, not the features, limits it here"
+                )
             if metric.startswith("hest") and degenerate:
                 verdict = (
                     f"not a valid comparison: only {n_train} training tiles, so the backbone's PCA keeps {n_train} "
@@ -436,6 +459,13 @@ def answers(s: dict[str, dict[str, tuple[float, float]]], info: dict[str, Any]) 
             out.append(
                 f"- Full SIGMMA vs frozen backbone ({base}), {label}: {f:.3f} vs {b:.3f} ({rel:+.1f}%; {verdict})"
             )
+    if "n_cells" in s:
+        c = s["n_cells"]
+        out.append(
+            f"- No image at all: the tile's log cell count alone reaches paper-protocol gene-wise PCC "
+            f"{c['paper_gene_pcc'][0]:.3f} and HEST PCC {c['hest_gene_pcc'][0]:.3f} (full SIGMMA: "
+            f"{full['paper_gene_pcc'][0]:.3f} and {full['hest_gene_pcc'][0]:.3f})"
+        )
     if "bleep" in s:
         b = s["bleep"]
         for metric, label in metrics:
@@ -463,8 +493,9 @@ def answers(s: dict[str, dict[str, tuple[float, float]]], info: dict[str, Any]) 
         paper = [PAPER_TABLE5[n][paper_key] for n in order]
         same = list(np.argsort(ours)) == list(np.argsort(paper))
         out.append(
-            f"- Ranking of the trained rows {order} by {label}: ours {', '.join(f'{x:.3f}' for x in ours)}; paper "
-            f"{', '.join(f'{x:.3f}' for x in paper)}; same order as the paper: {'yes' if same else 'no'}"
+            f"- Ranking of the trained rows {order} by {label}: ours {', '.join(_pm(s[n][metric]) for n in order)}; "
+            f"paper {', '.join(f'{x:.3f}' for x in paper)}; same order as the paper: {'yes' if same else 'no'} "
+            "(differences within the seed std are not resolved)"
         )
     return out
 
@@ -493,6 +524,9 @@ def main(argv: list[str] | None = None) -> Path:
     if unknown:
         raise SystemExit(f"Unknown rows {sorted(unknown)}; choose from {[r['name'] for r in ROWS]}.")
     results: dict[str, list[dict[str, dict[str, float]]]] = {}
+    if args.add_to is not None:
+        raw = json.loads(args.add_to.read_text())
+        results = raw["results"]
     for row in rows:
         if "config" not in row:
             results[row["name"]] = [run_backbone(row, tiles, args)]
@@ -502,6 +536,12 @@ def main(argv: list[str] | None = None) -> Path:
         for seed in args.seeds:
             results[row["name"]].append(run_model(row, tiles, bundle, seed, args))
             logger.info("%s seed %d: %s", row["name"], seed, _brief(results[row["name"]][-1]["model"]))
+    if args.add_to is not None:
+        order = [r["name"] for r in ROWS]
+        raw["results"] = dict(sorted(results.items(), key=lambda kv: order.index(kv[0])))
+        raw.setdefault("extra_commands", []).append(argv)
+        args.add_to.write_text(json.dumps(raw, indent=1, default=float))
+        return _rerender(args.add_to)
     baseline = {p: sg.metrics.mean_baseline(tiles, protocol=p, eval_split=args.eval_split) for p in ("paper", "hest")}
     runtime = time.perf_counter() - t_start
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -528,7 +568,10 @@ def _rerender(path: Path) -> Path:
     """Markdown of a finished run from its JSON (same command-line arguments, current rendering code)."""
     raw = json.loads(Path(path).read_text())
     args = parse_args(raw["argv"])
-    text = render(raw["results"], raw["info"], args, raw["argv"], raw["runtime_seconds"], raw["baseline"], raw["date"])
+    text = render(
+        raw["results"], raw["info"], args, raw["argv"], raw["runtime_seconds"], raw["baseline"], raw["date"],
+        raw.get("extra_commands", ()),
+    )  # fmt: skip
     out = Path(path).with_suffix(".md")
     out.write_text(text)
     print(text)

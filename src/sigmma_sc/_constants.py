@@ -54,6 +54,7 @@ class Keys:
     # cell table .obsm / .obs
     EMB_CELL: Final = "X_sigmma_{scale}"
     MICROENV: Final = "sigmma_microenv_{scale}"
+    PREDICTED_EXPRESSION: Final = "sigmma_expression_pred"  # tile table .obsm / .uns of sg.tl.predict_expression
 
     @staticmethod
     def connectivities(key_added: str = "sigmma") -> str:

@@ -172,3 +172,14 @@ def test_uni_architecture_random():
     assert info.is_vit
     assert info.num_features == 1024
     assert len(model.blocks) == 24
+
+
+def test_random_backbone_is_reproducible_and_leaves_the_rng_alone():
+    """Random weights come from a fixed seed (an image-only section featurized later gets the same features)."""
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a, _ = build_backbone("test_vit", pretrained=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b, _ = build_backbone("test_vit", pretrained=False)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k

@@ -30,6 +30,7 @@ def _synthetic(tmp_path_factory):
     sg.pp.cell_graph(sdata, n_comps=16)
     sg.tl.featurize(sdata, backbone=TINY["backbone"], pretrained=False)
     model = sg.tl.train_sigmma(sdata, epochs=8, **TINY)
+    sdata.attrs["_test_model"] = model  # for the image-only tests; not written anywhere
     sg.tl.embed(sdata, model)
     sg.tl.microenvironments(sdata)
     truth = pd.read_parquet(path / "sigmma_truth.parquet").set_index("cell_id")
@@ -139,6 +140,58 @@ def test_retrieve_from_an_image_only_section(synthetic):
     assert len(hits) == 4 * tiles.n_obs
     with pytest.raises(KeyError, match="with the cell table"):
         sg.tl.retrieve(synthetic, query="image", reference=image_only)
+
+
+def test_predict_expression_on_an_image_only_section(synthetic, tmp_path):
+    """Tile, embed and predict an image-only section (the same H&E, no cells) with a probe fitted on the ST section."""
+    import spatialdata as sd
+
+    model = synthetic.attrs["_test_model"]
+    keys = [Keys.EMB_IMAGE.format(scale=s) for s in ("micro", "meso", "macro")]
+    probe = sg.metrics.linear_probe(synthetic, keys, n_genes=10)
+    image_only = sd.SpatialData(images={"he": synthetic.images["he"]})
+    with pytest.raises(KeyError, match="run `sg.pp.tile` first"):
+        sg.tl.predict_expression(image_only, probe)
+    um = synthetic.attrs[Keys.UNS]["um_per_unit"]["global"]
+    sg.pp.tile(image_only, image_key="he", table_key=None, tile_size_um=96.0, pixel_size_um=2.0, um_per_unit=um)
+    tiles = image_only.tables[Keys.TILE_TABLE]
+    assert tiles.n_vars == 0
+    assert (tiles.obs[Keys.N_CELLS] == 0).all()
+    with pytest.raises(KeyError, match=r"table_key=None"):
+        sg.tl.predict_expression(image_only, probe)
+    sg.tl.featurize(image_only, backbone=TINY["backbone"], pretrained=False)
+    sg.tl.embed(image_only, model, table_key=None)
+    assert sg.tl.predict_expression(image_only, probe, inplace=False).shape == (tiles.n_obs, 10)
+    assert Keys.PREDICTED_EXPRESSION not in tiles.obsm  # inplace=False writes nothing
+    sg.tl.predict_expression(image_only, probe)
+    pred = tiles.obsm[Keys.PREDICTED_EXPRESSION]
+    assert list(pred.columns) == probe.genes
+    assert (pred.index == tiles.obs_names).all()
+    assert tiles.uns[Keys.PREDICTED_EXPRESSION]["protocol"] == "paper"
+
+    # every tissue tile is kept, so the ST section's test tiles are among them (same image, same grid) and get
+    # exactly the probe's own test predictions
+    st = synthetic.tables[Keys.TILE_TABLE]
+    pos = {(r, c): i for i, (r, c) in enumerate(zip(tiles.obs["tile_row"], tiles.obs["tile_col"], strict=True))}
+    test = st.obs.loc[probe.tiles["test"]]
+    rows = [pos[(r, c)] for r, c in zip(test["tile_row"], test["tile_col"], strict=True)]
+    np.testing.assert_allclose(pred.to_numpy()[rows], probe.y_pred, rtol=1e-4, atol=1e-4)
+    assert tiles.n_obs >= st.n_obs
+
+    image_only.write(tmp_path / "he_only.zarr")
+    back = sd.read_zarr(tmp_path / "he_only.zarr").tables[Keys.TILE_TABLE].obsm[Keys.PREDICTED_EXPRESSION]
+    np.testing.assert_array_equal(np.asarray(back), pred.to_numpy())
+
+    hest = sg.metrics.linear_probe(synthetic, keys, protocol="hest", n_genes=10)
+    out = sg.tl.predict_expression(image_only, hest, inplace=False).to_numpy()[rows]
+    np.testing.assert_allclose(out, hest.y_pred + hest.train_mean, rtol=1e-4, atol=1e-4)  # intercept added back
+    array_probe = sg.metrics.linear_probe(synthetic, np.asarray(st.obsm[keys[2]]), n_genes=10)
+    with pytest.raises(ValueError, match="fitted on an array"):
+        sg.tl.predict_expression(image_only, array_probe)
+    with pytest.raises(TypeError, match="ProbeResult"):
+        sg.tl.predict_expression(image_only, "probe")
+    with pytest.raises(ValueError, match="fitted on"):
+        probe.predict(np.zeros((2, 3)))
 
 
 def test_errors_before_microenvironments(section):

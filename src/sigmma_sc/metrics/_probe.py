@@ -93,6 +93,12 @@ class ProbeResult:
         ``(n_genes,)`` per-gene Pearson correlation across evaluation tiles (HEST's metric).
     gene_mse_raw
         ``(n_genes,)`` per-gene MSE of ``y_pred`` as is (HEST's ``l2_errors``).
+    embedding_keys
+        The tile-table ``.obsm`` keys the features came from (``None`` when an array was passed); used by
+        :meth:`predict` and :func:`sigmma_sc.tl.predict_expression` to read the same features elsewhere.
+    reducer
+        The fitted feature transform (HEST: ``StandardScaler`` + ``PCA``; paper: ``PCA``), fitted on the
+        training tiles.
     """
 
     protocol: str
@@ -112,6 +118,36 @@ class ProbeResult:
     gene_pcc: np.ndarray
     gene_mse_raw: np.ndarray
     notes: list[str] = field(default_factory=list)
+    embedding_keys: list[str] | None = None
+    reducer: object | None = field(default=None, repr=False)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted expression of the probe's genes for tile features ``x`` (same features as it was fitted on).
+
+        Parameters
+        ----------
+        x
+            ``(n_tiles, D)`` tile features, built like the features of the fit (same keys, same order).
+
+        Returns
+        -------
+        ``(n_tiles, n_genes)`` predictions on the protocol's target scale, with an intercept: ``log1p`` of
+        counts normalised to the training tiles' median total (paper) or ``log1p`` of summed raw counts
+        (HEST; the training mean is added back, see the module documentation).
+        """
+        if self.reducer is None:
+            raise ValueError("This probe holds no fitted feature transform; fit it with `sg.metrics.linear_probe`.")
+        x = np.asarray(x, dtype=np.float64)
+        n_features = getattr(self.reducer, "n_features_in_", x.shape[-1])
+        if x.ndim != 2 or x.shape[1] != n_features:
+            raise ValueError(
+                f"The probe was fitted on {n_features}-dimensional features ({self.embedding}); got shape "
+                f"{x.shape}. Embed the section with the same model and pass the same embedding keys."
+            )
+        if not np.isfinite(x).all():
+            raise ValueError("The features hold NaN or infinite values.")
+        pred = self.reducer.transform(x) @ self.coef.T + self.intercept
+        return pred + self.train_mean if self.protocol == "hest" else pred
 
     def summary(self) -> dict[str, float]:
         """Scalar scores.
@@ -344,6 +380,9 @@ def linear_probe(
         raise ValueError("`n_genes` and `n_components` must be >= 1.")
     tiles = tile_table(sdata, tile_key)
     x_all, name = embedding_matrix(tiles, embedding)
+    keys = (
+        None if isinstance(embedding, np.ndarray) else ([embedding] if isinstance(embedding, str) else list(embedding))
+    )
     train, ev = split_mask(tiles, "train"), split_mask(tiles, eval_split)
     val = split_mask(tiles, "val") if protocol == "paper" else np.zeros_like(train)  # HEST fixes alpha
     if int(train.sum()) < 2:
@@ -406,6 +445,8 @@ def linear_probe(
         gene_pcc=gene_pcc,
         gene_mse_raw=np.mean((y_true - y_pred) ** 2, axis=0),
         notes=notes,
+        embedding_keys=keys,
+        reducer=reduce,
     )
 
 

@@ -199,8 +199,20 @@ def build_backbone(
     Returns
     -------
     The module, mapping ``(B, 3, H, W)`` normalised float images to ``(B, num_features)`` (or
-    ``(B, num_classes)`` logits), and its :class:`BackboneInfo`.
+    ``(B, num_classes)`` logits), and its :class:`BackboneInfo`. Random weights are drawn from a fixed seed:
+    the same call gives the same module.
     """
+    # random initialisation (``pretrained=False`` and heads) is seeded, so that a random backbone gives the same
+    # features in every process, and the caller's RNG state is left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, info = _build_backbone(name, pretrained=pretrained, weights=weights, num_classes=num_classes)
+    return model, info
+
+
+def _build_backbone(
+    name: str, *, pretrained: bool, weights: str | Path | None, num_classes: int
+) -> tuple[nn.Module, BackboneInfo]:
     import timm
 
     key = name.lower()

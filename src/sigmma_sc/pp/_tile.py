@@ -35,7 +35,7 @@ def tile(
     sdata: SpatialData,
     *,
     image_key: str | None = None,
-    table_key: str = "table",
+    table_key: str | None = "table",
     coordinate_system: str = "global",
     tile_size_um: float = 128.0,
     pixel_size_um: float = 0.5,
@@ -66,7 +66,10 @@ def tile(
     image_key
         Image element to tile (H&E, or a morphology stain such as Xenium's DAPI). Optional if there is one image.
     table_key
-        Cell table (counts in ``.X`` or ``layer``).
+        Cell table (counts in ``.X`` or ``layer``). ``None`` tiles an image-only section (e.g. an H&E slide
+        without transcriptomics, to embed with :func:`sigmma_sc.tl.embed` and ``table_key=None``): every grid
+        tile with at least ``min_tissue_fraction`` tissue is kept, ``min_cells`` is ignored, and the tile
+        table has no genes and ``n_cells`` 0.
     coordinate_system
         Coordinate system shared by the image and the cells; tiles are defined in it.
     tile_size_um
@@ -117,7 +120,7 @@ def tile(
         raise ValueError(f"`cells_outside` must be 'raise' or 'drop', got {cells_outside!r}.")
 
     image_key, image = get_image(sdata, image_key)
-    table = get_table(sdata, table_key)
+    table = get_table(sdata, table_key) if table_key is not None else _empty_cell_table()
     scale = _um_per_unit(sdata, coordinate_system, um_per_unit)
     reader = ImageReader(image, coordinate_system, scale)
 
@@ -136,8 +139,11 @@ def tile(
             "or check `um_per_unit` and the image's transformation."
         )
 
-    counts = counts_matrix(table, layer, table_key)
-    xy = cell_coordinates(sdata, table, table_key, coordinate_system)
+    if table_key is None:
+        counts, xy = table.X, np.zeros((0, 2), dtype=np.float64)
+    else:
+        counts = counts_matrix(table, layer, table_key)
+        xy = cell_coordinates(sdata, table, table_key, coordinate_system)
     on_image = reader.contains(xy)
     if not on_image.all():
         n_off = int((~on_image).sum())
@@ -159,11 +165,18 @@ def tile(
     grid_id = np.where(on_image, row * n_cols + col, -1)
     n_cells_grid = np.bincount(grid_id[grid_id >= 0], minlength=n_rows * n_cols)
 
-    candidates = np.flatnonzero(n_cells_grid >= max(min_cells, 1))  # tissue is only measured where cells are
+    has_cells = n_cells_grid >= max(min_cells, 1) if table_key is not None else np.ones(n_rows * n_cols, dtype=bool)
+    candidates = np.flatnonzero(has_cells)  # tissue is only measured where cells are
     tissue = np.zeros(n_rows * n_cols, dtype=np.float64)
     tissue[candidates] = _tissue_fraction(reader, xmin, ymin, size, candidates, n_cols)
-    keep = (n_cells_grid >= max(min_cells, 1)) & (tissue >= min_tissue_fraction)
+    keep = has_cells & (tissue >= min_tissue_fraction)
     kept_grid = np.flatnonzero(keep)
+    if kept_grid.size == 0 and table_key is None:
+        raise ValueError(
+            f"No tile of image {image_key!r} holds at least {min_tissue_fraction:.0%} tissue. Check "
+            "`min_tissue_fraction` and that the image shows tissue on a brighter (H&E) or darker (fluorescence) "
+            "background."
+        )
     if kept_grid.size == 0:
         raise ValueError(
             "No tile holds enough cells and tissue. Check `tile_size_um`, `min_cells`, `min_tissue_fraction` "
@@ -237,16 +250,24 @@ def tile(
 
     sdata.shapes[shapes_key] = shapes
     sdata.tables[key_added] = tile_table
+    for key in (shapes_key, key_added):
+        logger.info("Wrote %r.", key)
+    if table_key is None:
+        return None
     for key in cells:
         table.obs[key] = cells[key].to_numpy()
     table.obsm[Keys.CELL_SPATIAL] = xy
-    for key in (shapes_key, key_added):
-        logger.info("Wrote %r.", key)
     logger.info(
         "Wrote cell table %r .obs[%r, %r, %r] and .obsm[%r].",
         table_key, Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso"), Keys.CELL_SPATIAL,
     )  # fmt: skip
     return None
+
+
+def _empty_cell_table() -> AnnData:
+    import anndata as ad
+
+    return ad.AnnData(X=sparse.csr_matrix((0, 0), dtype=np.float32))
 
 
 def _otsu(values: np.ndarray) -> float:

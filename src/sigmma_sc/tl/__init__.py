@@ -6,6 +6,7 @@ from ._embed import embed
 from ._featurize import featurize
 from ._image_only import retrieve
 from ._microenvironments import microenvironments
+from ._predict import predict_expression
 from ._train import train_sigmma
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "microenvironment_composition",
     "microenvironment_de",
     "microenvironments",
+    "predict_expression",
     "retrieve",
     "train_sigmma",
 ]

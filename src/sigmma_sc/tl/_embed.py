@@ -80,8 +80,12 @@ def embed(
                 f"({cfg.image_dim}). Re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
             )
         logger.warning("Cached features come from %r, the model from %r.", cached.get("name"), cfg.backbone)
-    if not cached:
-        featurize(sdata, backbone=cfg.backbone, tile_key=tile_key, image_key=image_key, device=device)
+    if not cached:  # featurize as for training: same weights and crop size
+        featurize(
+            sdata, backbone=cfg.backbone, tile_key=tile_key, image_key=image_key, device=device,
+            pretrained=cfg.backbone_pretrained, weights=cfg.backbone_weights,
+            input_size=(cfg.backbone_info or {}).get("input_size"),
+        )  # fmt: skip
     if device is not None:
         model.to(device)
 

@@ -1,0 +1,106 @@
+"""``sg.tl.predict_expression``: tile expression of an image-only section from a fitted linear probe."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .._constants import Keys
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from ..metrics import ProbeResult
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {
+    "paper": "log1p of counts normalised to the training tiles' median total count",
+    "hest": "log1p of summed raw counts",
+}
+
+
+def predict_expression(
+    sdata: SpatialData,
+    probe: ProbeResult,
+    *,
+    tile_key: str = Keys.TILE_TABLE,
+    key_added: str = Keys.PREDICTED_EXPRESSION,
+    inplace: bool = True,
+) -> pd.DataFrame | None:
+    """Predict each tile's expression from its image embedding with a probe fitted on another section.
+
+    The typical use is a section with an image and no transcriptomics (e.g. an H&E slide): tile it with
+    :func:`sigmma_sc.pp.tile`, embed it with :func:`sigmma_sc.tl.embed` and the model trained on a Xenium
+    section, and apply the linear probe fitted on that Xenium section's *training* tiles
+    (:func:`sigmma_sc.metrics.linear_probe`). Both sections must be embedded by the same model: the probe
+    reads the same tile-table ``.obsm`` keys it was fitted on.
+
+    Parameters
+    ----------
+    sdata
+        Section whose tiles are predicted, processed by :func:`sigmma_sc.tl.embed`.
+    probe
+        Probe from :func:`sigmma_sc.metrics.linear_probe`, fitted with ``.obsm`` key(s) (not an array).
+    tile_key
+        Tile table of ``sdata``.
+    key_added
+        Where the predictions are written.
+    inplace
+        Write into ``sdata`` and return ``None``; ``False`` returns the predictions and writes nothing.
+
+    Returns
+    -------
+    With ``inplace=True``, writes
+
+    - ``tiles.obsm['sigmma_expression_pred' | key_added]``: :class:`~pandas.DataFrame`, tiles x the probe's
+      genes, on the probe's target scale (paper protocol: ``log1p`` of counts normalised to the training
+      tiles' median total; HEST: ``log1p`` of summed raw counts);
+    - ``tiles.uns['sigmma_expression_pred' | key_added]``: ``protocol``, ``embedding``, ``genes``, ``units``,
+      ``alpha``, ``n_train_tiles``.
+
+    With ``inplace=False``, the same table is returned instead.
+    """
+    from ..metrics._probe import ProbeResult
+
+    if not isinstance(probe, ProbeResult):
+        raise TypeError(f"`probe` must be a ProbeResult from `sg.metrics.linear_probe`, got {type(probe).__name__}.")
+    if not probe.embedding_keys:
+        raise ValueError(
+            "This probe was fitted on an array, so its features cannot be read from another section. Fit it "
+            "with `.obsm` key(s), e.g. `sg.metrics.linear_probe(sdata, 'X_sigmma_macro_image')`."
+        )
+    from ..metrics._retrieval import tile_table
+
+    tiles = tile_table(sdata, tile_key)
+    missing = [k for k in probe.embedding_keys if k not in tiles.obsm]
+    if missing:
+        raise KeyError(
+            f"Tile table {tile_key!r} has no `.obsm` {missing} (available: {sorted(tiles.obsm)}). Embed this "
+            "section with the model the probe was fitted on: `sg.tl.embed(sdata, model, table_key=None)` for an "
+            "image-only section."
+        )
+    x = np.hstack([np.asarray(tiles.obsm[k], dtype=np.float64).reshape(tiles.n_obs, -1) for k in probe.embedding_keys])
+    ok = np.isfinite(x).all(1)
+    pred = np.full((tiles.n_obs, len(probe.genes)), np.nan)
+    if ok.any():
+        pred[ok] = probe.predict(x[ok])
+    if not ok.all():
+        logger.warning("%d tile(s) without a finite embedding get NaN predictions.", int((~ok).sum()))
+    df = pd.DataFrame(pred, index=tiles.obs_names.copy(), columns=pd.Index(probe.genes, dtype=str))
+    if not inplace:
+        return df
+    tiles.obsm[key_added] = df
+    tiles.uns[key_added] = {
+        "protocol": probe.protocol,
+        "embedding": list(probe.embedding_keys),
+        "genes": list(probe.genes),
+        "units": _UNITS[probe.protocol],
+        "alpha": float(probe.alpha),
+        "n_train_tiles": len(probe.tiles["train"]),
+    }
+    logger.info("Predicted %d genes for %d tiles into tiles.obsm[%r].", len(probe.genes), int(ok.sum()), key_added)
+    return None

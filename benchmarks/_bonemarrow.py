@@ -1,104 +1,14 @@
-"""Load the real Xenium bone-marrow section in ``../shared/data/xenium-bonemarrow`` into SpatialData.
-
-The folder holds the 10x HDF5 matrix, Celldega's centroids (in DAPI pixels of the full-resolution
-image) and the DAPI image as a DeepZoom JPEG pyramid; no H&E. The pyramid's levels become the levels of
-a multiscale image element (read lazily, tile by tile), the centroids a circles element, and the
-coordinate system 'global' is in full-resolution DAPI pixels (0.2125 µm).
-"""
+"""The real Xenium bone-marrow section in ``../shared/data/xenium-bonemarrow`` (see :func:`sigmma_sc.datasets.xenium_bonemarrow`)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import numpy as np
-
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xenium-bonemarrow"
-PIXEL_SIZE_UM = 0.2125
-
-
-def _dzi_level(files: Path, level: int, width: int, height: int, tile: int):
-    import dask
-    import dask.array as da
-    from PIL import Image
-
-    @dask.delayed
-    def read(path: Path) -> np.ndarray:
-        return np.asarray(Image.open(path).convert("L"))
-
-    n_cols, n_rows = -(-width // tile), -(-height // tile)
-    rows = []
-    for r in range(n_rows):
-        h = min(tile, height - r * tile)
-        row = []
-        for c in range(n_cols):
-            w = min(tile, width - c * tile)
-            row.append(da.from_delayed(read(files / str(level) / f"{c}_{r}.jpeg"), shape=(h, w), dtype=np.uint8))
-        rows.append(row)
-    return da.block(rows)[None]
-
-
-def dapi_pyramid(folder: Path = DATA, n_levels: int = 6):
-    """The DeepZoom DAPI pyramid as a SpatialData multiscale image (``(1, y, x)`` uint8, 'global' = level-0 px)."""
-    import xarray as xr
-    from spatialdata.models import Image2DModel
-    from spatialdata.transformations import Identity, Scale
-
-    dzi = (folder / "landscape" / "pyramid_images" / "dapi.dzi").read_text()
-    width, height = int(re.search(r'Width="(\d+)"', dzi).group(1)), int(re.search(r'Height="(\d+)"', dzi).group(1))
-    tile = int(re.search(r'TileSize="(\d+)"', dzi).group(1))
-    if int(re.search(r'Overlap="(\d+)"', dzi).group(1)) != 0:
-        raise ValueError("Only DeepZoom pyramids without tile overlap are supported.")
-    files = folder / "landscape" / "pyramid_images" / "dapi_files"
-    top = max(int(p.name) for p in files.iterdir() if p.name.isdigit())
-    tree = {}
-    for i in range(n_levels):
-        f = 2**i
-        w, h = -(-width // f), -(-height // f)
-        data = _dzi_level(files, top - i, w, h, tile)
-        arr = xr.DataArray(data, dims=("c", "y", "x"), coords={"c": [0]})
-        tf = Identity() if i == 0 else Scale([width / w, height / h], axes=("x", "y"))
-        tree[f"scale{i}"] = xr.Dataset({"image": Image2DModel.parse(arr, transformations={"global": tf})})
-    dt = xr.DataTree.from_dict(tree)
-    Image2DModel().validate(dt)
-    return dt
 
 
 def load_bonemarrow(folder: Path = DATA, *, n_levels: int = 6):
     """The whole section: DAPI image ``'dapi'``, circles ``'cell_circles'`` and table ``'table'`` (477 genes)."""
-    import anndata as ad
-    import geopandas as gpd
-    import pandas as pd
-    import scanpy as sc
-    import spatialdata as sd
-    from shapely import points
-    from spatialdata.models import ShapesModel, TableModel
-    from spatialdata.transformations import Identity
+    import sigmma_sc as sg
 
-    adata = sc.read_10x_h5(folder / "cell_feature_matrix.h5", gex_only=True)
-    adata.var_names_make_unique()
-    meta = pd.read_parquet(folder / "landscape" / "cell_metadata.parquet")
-    xy = np.stack(meta["geometry"].to_numpy()).astype(np.float64)
-    centroids = pd.DataFrame(xy, index=meta.index.astype(str), columns=["x", "y"])
-    adata = adata[adata.obs_names.isin(centroids.index)].copy()
-    xy = centroids.loc[adata.obs_names].to_numpy()
-    clusters = pd.read_parquet(folder / "landscape" / "cell_clusters" / "cluster.parquet")
-    adata.obs["celldega_cluster"] = pd.Categorical(clusters.reindex(adata.obs_names).iloc[:, 0].astype(str))
-    adata.obs["cell_id"] = adata.obs_names.to_numpy()
-    adata.obs["region"] = pd.Categorical(["cell_circles"] * adata.n_obs)
-    radius = 5.0 / PIXEL_SIZE_UM  # ~5 µm, display only
-    circles = ShapesModel.parse(
-        gpd.GeoDataFrame({"radius": radius}, geometry=points(xy), index=pd.Index(adata.obs_names, name="cell_id")),
-        transformations={"global": Identity()},
-    )
-    table = TableModel.parse(
-        ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var),
-        region="cell_circles",
-        region_key="region",
-        instance_key="cell_id",
-    )
-    sdata = sd.SpatialData(
-        images={"dapi": dapi_pyramid(folder, n_levels)}, shapes={"cell_circles": circles}, tables={"table": table}
-    )
-    sdata.attrs["sigmma"] = {"um_per_unit": {"global": PIXEL_SIZE_UM}}
-    return sdata
+    return sg.datasets.xenium_bonemarrow(folder, n_levels=n_levels)

@@ -253,3 +253,27 @@ def test_large_section_is_multiscale(tmp_path):
     assert len(he.children) >= 3
     get_model(he)().validate(he)
     assert he["scale0"]["image"].data.chunksize[1] <= 1024  # lazy, tile-wise
+
+
+@pytest.mark.data
+def test_xenium_bonemarrow_reads_the_real_section():
+    from conftest import SHARED_DATA
+
+    from sigmma_sc._constants import Keys
+
+    sdata = sg.datasets.xenium_bonemarrow(SHARED_DATA / "xenium-bonemarrow", n_levels=3)
+    cells = sdata.tables["table"]
+    assert cells.shape == (84_518, 477)
+    assert cells.obs["celldega_cluster"].nunique() == 35
+    assert sdata.attrs[Keys.UNS]["um_per_unit"]["global"] == pytest.approx(0.2125)
+    dapi = sdata.images["dapi"]
+    assert dapi["scale0"]["image"].shape == (1, 8571, 24134)  # full-resolution DeepZoom level
+    assert dapi["scale0"]["image"].data.chunksize == (1, 512, 512)  # lazy, one JPEG per chunk
+    xy = np.stack([sdata.shapes["cell_circles"].geometry.x, sdata.shapes["cell_circles"].geometry.y], 1)
+    assert (xy.min(0) >= 0).all()
+    assert (xy.max(0) <= [24134, 8571]).all()  # centroids in DAPI pixels
+
+
+def test_xenium_bonemarrow_explains_a_wrong_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="celldega_Xenium_data_human-bone-and-bone-marrow"):
+        sg.datasets.xenium_bonemarrow(tmp_path)

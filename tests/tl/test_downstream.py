@@ -225,9 +225,17 @@ def test_de_small_groups_and_counts_layer(section):
     assert all(int(g.removeprefix("GENE")) % 2 == 1 for g in de["gene"])
 
 
-@pytest.mark.slow  # pynndescent's numba compilation takes ~1 min on 2 cores
-def test_microenvironments_large_uses_working_knn():
-    """>= 4096 cells take scanpy's pynndescent path; it must run and recover planted clusters."""
+@pytest.mark.parametrize(
+    "approximate",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # pynndescent's numba compilation: ~1 min on 2 cores
+    ids=["exact", "pynndescent"],
+)
+def test_microenvironments_large_uses_working_knn(approximate, monkeypatch):
+    """Both k-NN paths (exact, and pynndescent above the size limit) run and recover planted clusters."""
+    from sigmma_sc.tl import _microenvironments
+
+    if approximate:
+        monkeypatch.setattr(_microenvironments, "EXACT_KNN_MAX_CELLS", 1000)
     import anndata as ad
     import pandas as pd
     import spatialdata as sd

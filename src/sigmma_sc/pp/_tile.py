@@ -190,10 +190,14 @@ def tile(
     x0, y0 = xmin + t_col * size, ymin + t_row * size
     n_bg = int((~keep & (n_cells_grid > 0)).sum())
     n_dropped_cells = int((cell_tile < 0).sum())
-    logger.info(
-        "Kept %d of %d grid tiles (%d empty, %d with cells dropped as background); %d of %d cells are tiled.",
-        kept_grid.size, keep.size, int((n_cells_grid == 0).sum()), n_bg, len(xy) - n_dropped_cells, len(xy),
-    )  # fmt: skip
+    if table_key is None:
+        logger.info("Kept %d of %d grid tiles with >= %.0f%% tissue (image only, no cells).",
+                    kept_grid.size, keep.size, 100 * min_tissue_fraction)  # fmt: skip
+    else:
+        logger.info(
+            "Kept %d of %d grid tiles (%d empty, %d with cells dropped as background); %d of %d cells are tiled.",
+            kept_grid.size, keep.size, int((n_cells_grid == 0).sum()), n_bg, len(xy) - n_dropped_cells, len(xy),
+        )  # fmt: skip
 
     # blocks inside each tile (row-major)
     blocks = {}

@@ -102,15 +102,21 @@ def microenvironments(
     return None
 
 
-def _knn_transformer(n_obs: int, n_neighbors: int, seed: int):
-    """Scanpy's default k-NN search, with its result as a ``csr_matrix``.
+#: up to this many cells the k-NN search is exact (brute force, seconds); above it approximate (pynndescent)
+EXACT_KNN_MAX_CELLS = 50_000
 
-    For >= 4096 cells scanpy uses pynndescent, whose ``csr_array`` output breaks scanpy 1.11's
-    ``getnnz`` call under scipy >= 1.17; wrapping the same transformer (UMAP's defaults, as scanpy sets
-    them) and converting its output avoids that. Smaller inputs use scanpy's exact default (``None``).
+
+def _knn_transformer(n_obs: int, n_neighbors: int, seed: int):
+    """The k-NN search: exact up to :data:`EXACT_KNN_MAX_CELLS` cells, else pynndescent as a ``csr_matrix``.
+
+    Exact search (scanpy's ``'sklearn'`` transformer) is both better and faster than pynndescent on tens of
+    thousands of cells, whose numba kernels take most of a minute to compile on first use. Above the limit
+    scanpy's default pynndescent search runs, wrapped: its ``csr_array`` output breaks scanpy 1.11's
+    ``getnnz`` call under scipy >= 1.17, so the same transformer (UMAP's defaults, as scanpy sets them)
+    is wrapped and its output converted.
     """
-    if n_obs < 4096:
-        return None
+    if n_obs <= EXACT_KNN_MAX_CELLS:
+        return "sklearn"
     from pynndescent import PyNNDescentTransformer
     from scipy import sparse
     from sklearn.base import BaseEstimator, TransformerMixin

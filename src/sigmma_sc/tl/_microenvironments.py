@@ -102,8 +102,9 @@ def microenvironments(
     return None
 
 
-#: up to this many cells the k-NN search is exact (brute force, seconds); above it approximate (pynndescent)
-EXACT_KNN_MAX_CELLS = 50_000
+#: up to this many cells the k-NN search is exact (brute force: ~7 s for 15,000 cells on 2 cores, growing with
+#: the square of the number of cells); above it approximate (pynndescent, ~40 s of numba compilation once)
+EXACT_KNN_MAX_CELLS = 20_000
 
 
 def _knn_transformer(n_obs: int, n_neighbors: int, seed: int):

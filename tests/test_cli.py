@@ -39,8 +39,10 @@ def test_run_then_evaluate(tmp_path, capsys):
     assert Keys.EMB_IMAGE.format(scale="macro") in tiles.obsm
     assert all(Keys.MICROENV.format(scale=s) in cells.obs for s in ("micro", "meso", "macro"))
     assert tiles.uns[Keys.UNS]["backbone"]["input_size"] == 32  # --input-size reaches featurization
-    with pytest.raises(FileExistsError, match="exists"):
+    with pytest.raises(FileExistsError, match="exists"):  # refused before any work
         main(["-q", "run", "--xenium", str(folder), "--out", str(out), *common])
+    with pytest.raises(SystemExit, match="--alignment needs --he"):
+        main(["-q", "run", "--xenium", str(folder), "--out", str(tmp_path / "x.zarr"), "--alignment", "a.csv"])
 
     capsys.readouterr()
     assert main(["-q", "evaluate", str(out), "--backbone", "--n-genes", "10", "--csv", str(tmp_path / "s.csv")]) == 0
@@ -49,8 +51,9 @@ def test_run_then_evaluate(tmp_path, capsys):
     assert "image->st R@10%" in printed
     assert "hest_gene_pcc" in printed
     scores = pd.read_csv(tmp_path / "s.csv", index_col=0)
-    assert {"all", "backbone macro"} <= set(scores.index)
-    assert scores.loc["all", "image->st R@10%"] >= 0
-    assert pd.isna(scores.loc["backbone macro", "image->st R@10%"])
+    assert {"all", "backbone_macro", "backbone_concat"} <= set(scores.index)
+    assert 0 <= scores.loc["all", "image->st R@10%"] <= 1
+    assert -1 <= scores.loc["all", "paper_gene_pcc"] <= 1
+    assert pd.isna(scores.loc["backbone_macro", "image->st R@10%"])  # no ST partner: no retrieval
     with pytest.raises(SystemExit, match="No such zarr"):
         main(["evaluate", str(tmp_path / "missing.zarr")])

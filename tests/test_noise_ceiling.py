@@ -33,5 +33,5 @@ def test_split_half_ceiling_bounds():
     assert np.nanmean(deep) > 0.95
     # every tile has the same composition: all variation is counting noise, the halves do not agree
     flat = np.broadcast_to(rng.gamma(2.0, 1.0, size=n_genes) * 20, (n_tiles, n_genes))
-    noise = ceiling(rng.poisson(flat).astype(float), train, ev, genes, rng)
-    assert np.nanmean(noise) < 0.25
+    noise = ceiling(rng.poisson(flat).astype(float), train, ev, genes, rng, repeats=3)
+    assert abs(np.nanmean(noise)) < 0.1  # the signed root does not inflate a zero ceiling

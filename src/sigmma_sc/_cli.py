@@ -61,10 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--xenium", type=Path, required=True, help="Xenium output folder")
     run.add_argument(
         "--he",
-        type=Path,
         default=None,
-        help="H&E image (OME-TIFF) registered to the run (default: the folder's *he_image.ome.tif if any; "
-        "without an H&E the DAPI morphology image is used)",
+        help="H&E image (OME-TIFF) registered to the run (default: the folder's *he_image.ome.tif with its "
+        "*he_imagealignment.csv, if any); 'none' to align the DAPI morphology image even when an H&E exists. "
+        "Without an H&E the DAPI morphology image is used.",
     )
     run.add_argument("--alignment", type=Path, default=None, help="H&E alignment CSV (3x3 affine from 10x)")
     run.add_argument("--out", type=Path, required=True, help="output SpatialData zarr")
@@ -110,6 +110,8 @@ def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.
     import sigmma_sc as sg
 
     t0 = time.perf_counter()
+    if out.exists():  # before hours of training, not after
+        raise FileExistsError(f"{out} exists; choose another --out or remove it.")
     sg.pp.tile(sdata, image_key=image_key, tile_size_um=tile_size_um, pixel_size_um=pixel_size_um)
     sg.pp.cell_graph(sdata)
     model = sg.tl.train_sigmma(
@@ -134,6 +136,8 @@ def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.
 
 
 def _evaluate(args) -> None:
+    import warnings
+
     import pandas as pd
     import spatialdata as sd
 
@@ -143,15 +147,22 @@ def _evaluate(args) -> None:
 
     if not args.zarr.exists():
         raise SystemExit(f"No such zarr: {args.zarr}")
-    sdata = sd.read_zarr(args.zarr, selection=("tables",))
+    with warnings.catch_warnings():  # reading only the tables: spatialdata warns that their elements are absent
+        warnings.simplefilter("ignore", UserWarning)
+        sdata = sd.read_zarr(args.zarr, selection=("tables",))
     if Keys.TILE_TABLE not in sdata.tables:
         raise SystemExit(f"{args.zarr} has no tile table {Keys.TILE_TABLE!r}; write it with `sigmma run` first.")
     tiles = sdata.tables[Keys.TILE_TABLE]
-    embeddings = default_embeddings(tiles)
+    try:
+        embeddings = default_embeddings(tiles)
+    except KeyError as e:
+        raise SystemExit(f"{args.zarr}: {e.args[0]}") from e
     if args.backbone:
         backbone = [Keys.BACKBONE.format(scale=s) for s in SCALES]
-        if all(k in tiles.obsm for k in backbone):
-            embeddings |= {"backbone macro": backbone[-1:], "backbone all": backbone}
+        if not all(k in tiles.obsm for k in backbone):
+            raise SystemExit(f"--backbone: {args.zarr} holds no frozen-backbone features ({backbone}).")
+        if not any(k.startswith("backbone") for k in embeddings):  # not already the default rows
+            embeddings |= {"backbone_macro": backbone[-1:], "backbone_concat": backbone}
     scores = sg.metrics.evaluate(tiles, embeddings=embeddings, protocols=args.protocols, split=args.split,
                                  n_genes=args.n_genes)  # fmt: skip
     cols = [c for c in scores.columns if "R@" in c] + [
@@ -186,7 +197,19 @@ def main(argv: list[str] | None = None) -> int:
         sdata = sg.datasets.demo(**kwargs)
         _pipeline(sdata, args, args.image, args.out)
     elif args.command == "run":
-        sdata = sg.io.xenium(args.xenium, he_image=args.he or "auto", he_alignment=args.alignment)
+        if args.out.exists():
+            raise FileExistsError(f"{args.out} exists; choose another --out or remove it.")
+        no_he = args.he is not None and str(args.he).lower() == "none"
+        if args.alignment is not None and (args.he is None or no_he):
+            raise SystemExit("--alignment needs --he: name the H&E image the alignment belongs to.")
+        try:
+            sdata = sg.io.xenium(
+                args.xenium, he_image=None if no_he else (args.he or "auto"), he_alignment=args.alignment
+            )
+        except FileNotFoundError as e:
+            if args.he is not None:
+                raise
+            raise SystemExit(f"{e}\nWith the command line: pass --he IMAGE --alignment CSV, or --he none.") from e
         model = _pipeline(
             sdata,
             args,

@@ -183,3 +183,5 @@ def test_random_backbone_is_reproducible_and_leaves_the_rng_alone():
     b, _ = build_backbone("test_vit", pretrained=False)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+    c, _ = build_backbone("test_vit", pretrained=False, seed=1)  # another seed, other weights
+    assert not torch.equal(a.state_dict()["patch_embed.proj.weight"], c.state_dict()["patch_embed.proj.weight"])

@@ -267,3 +267,28 @@ def test_bad_counts(section, bad):
     with pytest.raises(ValueError, match="raw counts"):
         sg.pp.tile(section, image_key="he", tile_size_um=16.0)
     _assert_untouched(section)
+
+
+def test_image_only_tiling_keeps_tissue_tiles_without_cells():
+    """``table_key=None``: an image without transcriptomics; the cell table, if any, is left untouched."""
+    sdata = make_section(n_cells=300, image_px=96)
+    sg.pp.tile(sdata, image_key="he", tile_size_um=16.0)
+    with_cells = sdata.tables[Keys.TILE_TABLE]
+    obs_before = sdata.tables["table"].obs.copy()
+    shapes, tiles, cells = sg.pp.tile(sdata, image_key="he", table_key=None, tile_size_um=16.0, inplace=False)
+    assert cells.empty
+    assert tiles.n_vars == 0
+    assert (tiles.obs[Keys.N_CELLS] == 0).all()
+    assert len(shapes) == tiles.n_obs
+    # every tile kept with cells is tissue, so it is kept without cells too (same grid)
+    grid = set(zip(tiles.obs[Keys.TILE_ROW], tiles.obs[Keys.TILE_COL], strict=True))
+    assert set(zip(with_cells.obs[Keys.TILE_ROW], with_cells.obs[Keys.TILE_COL], strict=True)) <= grid
+    assert (tiles.obs[Keys.TISSUE_FRACTION] >= 0.05).all()
+    sg.pp.tile(sdata, image_key="he", table_key=None, tile_size_um=16.0, key_added="he_only")
+    assert sdata.tables["table"].obs.equals(obs_before)
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel
+
+    blank = sd.SpatialData(images={"he": Image2DModel.parse(np.full((3, 64, 64), 255, np.uint8), dims=("c", "y", "x"))})
+    with pytest.raises(ValueError, match="No tile of image 'he' holds at least 5% tissue"):
+        sg.pp.tile(blank, image_key="he", table_key=None, tile_size_um=16.0, um_per_unit=1.0, inplace=False)

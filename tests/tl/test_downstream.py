@@ -142,7 +142,7 @@ def test_retrieve_from_an_image_only_section(synthetic):
         sg.tl.retrieve(synthetic, query="image", reference=image_only)
 
 
-def test_predict_expression_on_an_image_only_section(synthetic, tmp_path):
+def test_predict_expression_on_an_image_only_section(synthetic, tmp_path, caplog):
     """Tile, embed and predict an image-only section (the same H&E, no cells) with a probe fitted on the ST section."""
     import spatialdata as sd
 
@@ -167,7 +167,10 @@ def test_predict_expression_on_an_image_only_section(synthetic, tmp_path):
     pred = tiles.obsm[Keys.PREDICTED_EXPRESSION]
     assert list(pred.columns) == probe.genes
     assert (pred.index == tiles.obs_names).all()
-    assert tiles.uns[Keys.PREDICTED_EXPRESSION]["protocol"] == "paper"
+    record = tiles.uns[Keys.PREDICTED_EXPRESSION]
+    assert record["protocol"] == "paper"
+    assert record["target_sum"] == pytest.approx(np.median(np.asarray(st_train_totals(synthetic, probe))))
+    assert record["fitted_tile_size_um"] == 96.0
 
     # every tissue tile is kept, so the ST section's test tiles are among them (same image, same grid) and get
     # exactly the probe's own test predictions
@@ -177,6 +180,14 @@ def test_predict_expression_on_an_image_only_section(synthetic, tmp_path):
     rows = [pos[(r, c)] for r, c in zip(test["tile_row"], test["tile_col"], strict=True)]
     np.testing.assert_allclose(pred.to_numpy()[rows], probe.y_pred, rtol=1e-4, atol=1e-4)
     assert tiles.n_obs >= st.n_obs
+
+    import logging
+
+    other = tiles.copy()  # the same tiles, recorded as cut at another size: warned
+    other.uns["sigmma"] = {**other.uns["sigmma"], "tile": {**other.uns["sigmma"]["tile"], "tile_size_um": 48.0}}
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.tl.predict_expression(other, probe, inplace=False)
+    assert "tile_size_um = 96, this section was tiled with 48" in caplog.text
 
     image_only.write(tmp_path / "he_only.zarr")
     back = sd.read_zarr(tmp_path / "he_only.zarr").tables[Keys.TILE_TABLE].obsm[Keys.PREDICTED_EXPRESSION]
@@ -192,6 +203,11 @@ def test_predict_expression_on_an_image_only_section(synthetic, tmp_path):
         sg.tl.predict_expression(image_only, "probe")
     with pytest.raises(ValueError, match="fitted on"):
         probe.predict(np.zeros((2, 3)))
+
+
+def st_train_totals(sdata, probe):
+    st = sdata.tables[Keys.TILE_TABLE]
+    return np.asarray(st[probe.tiles["train"]].X.sum(1)).ravel()
 
 
 def test_errors_before_microenvironments(section):
@@ -236,6 +252,8 @@ def test_microenvironments_large_uses_working_knn(approximate, monkeypatch):
 
     if approximate:
         monkeypatch.setattr(_microenvironments, "EXACT_KNN_MAX_CELLS", 1000)
+    exact = _microenvironments._knn_transformer(5000, 15, 0) == "sklearn"
+    assert exact is not approximate
     import anndata as ad
     import pandas as pd
     import spatialdata as sd

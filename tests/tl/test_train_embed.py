@@ -147,3 +147,20 @@ def test_finetune_through_tl(prepared, tmp_path):
     other = sd.deepcopy(prepared)
     sg.tl.embed(other, again)
     assert np.allclose(other.tables[Keys.TILE_TABLE].obsm[Keys.EMB_IMAGE.format(scale="micro")], z, atol=1e-5)
+
+
+def test_embed_refuses_features_computed_otherwise(prepared):
+    """A model trained on 32 px crops must not embed features cached at another crop size."""
+    model = sg.tl.train_sigmma(prepared, epochs=1, **TINY)
+    sg.tl.featurize(prepared, backbone="test_efficientnet", pretrained=False, input_size=32, overwrite=True)
+    with pytest.raises(ValueError, match=r"crop input size: cached 32, model \d+"):
+        sg.tl.embed(prepared, model)
+    # a fresh section without cached features is featurized the model's way
+    del prepared.tables[Keys.TILE_TABLE].uns["sigmma"]["backbone"]
+    for s in SCALES:
+        del prepared.tables[Keys.TILE_TABLE].obsm[Keys.BACKBONE.format(scale=s)]
+    sg.tl.embed(prepared, model)
+    assert (
+        prepared.tables[Keys.TILE_TABLE].uns["sigmma"]["backbone"]["input_size"]
+        == model.config.backbone_info["input_size"]
+    )

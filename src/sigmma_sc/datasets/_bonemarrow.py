@@ -55,13 +55,15 @@ def _dapi_pyramid(folder: Path, n_levels: int = 6):
         raise ValueError("Only DeepZoom pyramids without tile overlap are supported.")
     files = folder / "landscape" / "pyramid_images" / "dapi_files"
     top = max(int(p.name) for p in files.iterdir() if p.name.isdigit())
+    if not 1 <= n_levels <= top + 1:
+        raise ValueError(f"`n_levels` must be between 1 and {top + 1} (the pyramid's levels), got {n_levels}.")
     tree = {}
     for i in range(n_levels):
         f = 2**i
         w, h = -(-width // f), -(-height // f)
         data = _dzi_level(files, top - i, w, h, tile)
         arr = xr.DataArray(data, dims=("c", "y", "x"), coords={"c": [0]})
-        tf = Identity() if i == 0 else Scale([width / w, height / h], axes=("x", "y"))
+        tf = Identity() if i == 0 else Scale([float(f), float(f)], axes=("x", "y"))  # DeepZoom: exact halvings
         tree[f"scale{i}"] = xr.Dataset({"image": Image2DModel.parse(arr, transformations={"global": tf})})
     dt = xr.DataTree.from_dict(tree)
     Image2DModel().validate(dt)

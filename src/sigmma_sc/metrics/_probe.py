@@ -99,6 +99,10 @@ class ProbeResult:
     reducer
         The fitted feature transform (HEST: ``StandardScaler`` + ``PCA``; paper: ``PCA``), fitted on the
         training tiles.
+    target_sum
+        Paper protocol: the training tiles' median total count every tile was normalised to (``None`` for HEST).
+    tiling
+        ``tile_size_um`` and ``pixel_size_um`` of the tiles the probe was fitted on (empty if unknown).
     """
 
     protocol: str
@@ -120,6 +124,8 @@ class ProbeResult:
     notes: list[str] = field(default_factory=list)
     embedding_keys: list[str] | None = None
     reducer: object | None = field(default=None, repr=False)
+    target_sum: float | None = None
+    tiling: dict[str, float] = field(default_factory=dict)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted expression of the probe's genes for tile features ``x`` (same features as it was fitted on).
@@ -391,7 +397,7 @@ def linear_probe(
         if not np.isfinite(x_all[mask]).all():
             raise ValueError(f"The embedding holds NaN or infinite values on {role} tiles.")
     counts = _counts(tiles, layer)
-    y_all, genes, _ = select_targets(
+    y_all, genes, target_info = select_targets(
         counts,
         tiles.var_names.to_numpy(),
         train,
@@ -447,6 +453,12 @@ def linear_probe(
         notes=notes,
         embedding_keys=keys,
         reducer=reduce,
+        target_sum=target_info.get("target_sum"),
+        tiling={
+            k: float(v)
+            for k, v in tiles.uns.get(Keys.UNS, {}).get("tile", {}).items()
+            if k in ("tile_size_um", "pixel_size_um")
+        },
     )
 
 

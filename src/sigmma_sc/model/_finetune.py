@@ -25,13 +25,10 @@ def build_image_encoder(
 ) -> MultiCropEncoder:
     """The fine-tunable :class:`~sigmma_sc.nn.MultiCropEncoder` of a model.
 
-    Built under ``torch.random.fork_rng`` seeded with ``seed`` (a random initialisation is reproducible and
-    the caller's RNG is untouched). ``input_size``/``mean``/``std`` of ``backbone_info`` (e.g. a smaller crop
+    A random initialisation is drawn from ``seed`` (reproducible; the caller's RNG is untouched). ``input_size``/``mean``/``std`` of ``backbone_info`` (e.g. a smaller crop
     size the cached features were computed at) override the backbone's defaults.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model, info = build_backbone(backbone, pretrained=pretrained and weights is None, weights=weights)
+    model, info = build_backbone(backbone, pretrained=pretrained and weights is None, weights=weights, seed=seed)
     if backbone_info:
         if "num_features" in backbone_info and int(backbone_info["num_features"]) != info.num_features:
             raise ValueError(

@@ -177,6 +177,7 @@ def build_backbone(
     pretrained: bool = True,
     weights: str | Path | None = None,
     num_classes: int = 0,
+    seed: int = 0,
 ) -> tuple[nn.Module, BackboneInfo]:
     """Build an image backbone mapping normalised images to pooled features.
 
@@ -195,17 +196,21 @@ def build_backbone(
         (overrides ``pretrained``).
     num_classes
         ``0`` (default) returns pooled features; ``> 0`` keeps an ImageNet-style classifier head.
+    seed
+        Seed of the random initialisation (random backbones and heads), drawn from a private CPU generator:
+        the caller's CPU and CUDA random states are left untouched.
 
     Returns
     -------
     The module, mapping ``(B, 3, H, W)`` normalised float images to ``(B, num_features)`` (or
-    ``(B, num_classes)`` logits), and its :class:`BackboneInfo`. Random weights are drawn from a fixed seed:
-    the same call gives the same module.
+    ``(B, num_classes)`` logits), and its :class:`BackboneInfo`. Random weights are drawn from ``seed``: the
+    same call gives the same module.
     """
     # random initialisation (``pretrained=False`` and heads) is seeded, so that a random backbone gives the same
-    # features in every process, and the caller's RNG state is left untouched
+    # features in every process; only the CPU generator is seeded (modules are built on the CPU), and
+    # fork_rng restores it, so neither the caller's CPU nor CUDA random state changes
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.random.default_generator.manual_seed(int(seed))
         model, info = _build_backbone(name, pretrained=pretrained, weights=weights, num_classes=num_classes)
     return model, info
 

@@ -99,7 +99,8 @@ def tile(
 
     Returns
     -------
-    ``None`` if ``inplace``, else ``(tile_shapes, tile_table, cell_assignments)``. In place, writes:
+    ``None`` if ``inplace``, else ``(tile_shapes, tile_table, cell_assignments)`` (``cell_assignments`` is
+    empty with ``table_key=None``). In place, writes:
 
     - ``sdata.shapes[f'{image_key}_sigmma_tiles']``: square tile polygons in ``coordinate_system``.
     - ``sdata.tables[key_added]``: one row per kept tile annotating those shapes; ``.X`` summed counts of its
@@ -319,18 +320,22 @@ def _tissue_fraction(
     g = 16
     offs = (np.arange(g) + 0.5) / g * size
     ox, oy = np.meshgrid(offs, offs)
-    rows, cols = np.divmod(grid_ids, n_cols)
-    px = xmin + cols[:, None] * size + ox.ravel()[None]
-    py = ymin + rows[:, None] * size + oy.ravel()[None]
+    ox, oy = ox.ravel()[None], oy.ravel()[None]
     inv = np.linalg.inv(to_cs)
-    tx = inv[0, 0] * px + inv[0, 1] * py + inv[0, 2]
-    ty = inv[1, 0] * px + inv[1, 1] * py + inv[1, 2]
-    ix, iy = np.floor(tx).astype(np.int64), np.floor(ty).astype(np.int64)
     h, w = mask.shape
-    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-    hit = np.zeros(ix.shape, dtype=bool)
-    hit[inside] = mask[iy[inside], ix[inside]]
-    return hit.mean(1)
+    out = np.empty(len(grid_ids), dtype=np.float64)
+    chunk = 65_536  # tiles per step: bounded memory on a whole slide tiled without cells
+    for start in range(0, len(grid_ids), chunk):
+        rows, cols = np.divmod(np.asarray(grid_ids[start : start + chunk]), n_cols)
+        px = xmin + cols[:, None] * size + ox
+        py = ymin + rows[:, None] * size + oy
+        ix = np.floor(inv[0, 0] * px + inv[0, 1] * py + inv[0, 2]).astype(np.int64)
+        iy = np.floor(inv[1, 0] * px + inv[1, 1] * py + inv[1, 2]).astype(np.int64)
+        inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+        hit = np.zeros(ix.shape, dtype=bool)
+        hit[inside] = mask[iy[inside], ix[inside]]
+        out[start : start + chunk] = hit.mean(1)
+    return out
 
 
 def _spatial_split(

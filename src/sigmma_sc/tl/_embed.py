@@ -80,16 +80,32 @@ def embed(
                 f"({cfg.image_dim}). Re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
             )
         logger.warning("Cached features come from %r, the model from %r.", cached.get("name"), cfg.backbone)
-    if not cached:  # featurize as for training: same weights and crop size
+    finetuned = getattr(model, "finetuned", False)
+    trained_size = (cfg.backbone_info or {}).get("input_size")
+    if cached and not finetuned:  # features computed otherwise than for training give silently wrong embeddings
+        differs = {
+            "crop input size": (cached.get("input_size"), trained_size),
+            "pretrained weights": (cached.get("pretrained"), cfg.backbone_pretrained),
+        }
+        differs = {k: v for k, v in differs.items() if None not in v and v[0] != v[1]}
+        if differs:
+            what = "; ".join(f"{k}: cached {a!r}, model {b!r}" for k, (a, b) in differs.items())
+            raise ValueError(
+                f"The tile table's cached backbone features were computed differently from the model's training "
+                f"features ({what}). Re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, "
+                f"input_size={trained_size}, pretrained={cfg.backbone_pretrained}, overwrite=True)`, or drop "
+                "the cached features and let `embed` compute them."
+            )
+    if not cached and not finetuned:  # featurize as for training: same weights and crop size
         featurize(
             sdata, backbone=cfg.backbone, tile_key=tile_key, image_key=image_key, device=device,
             pretrained=cfg.backbone_pretrained, weights=cfg.backbone_weights,
-            input_size=(cfg.backbone_info or {}).get("input_size"),
+            input_size=trained_size,
         )  # fmt: skip
     if device is not None:
         model.to(device)
 
-    if getattr(model, "finetuned", False):  # its backbone changed: encode tile images, streamed in chunks
+    if finetuned:  # its backbone changed: encode tile images, streamed in chunks
         from ..data._tiles import iter_tile_images
 
         chunks: dict[str, list] = {}

@@ -11,6 +11,7 @@ import pandas as pd
 from .._constants import Keys
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
     from ..metrics import ProbeResult
@@ -24,7 +25,7 @@ _UNITS = {
 
 
 def predict_expression(
-    sdata: SpatialData,
+    sdata: SpatialData | AnnData,
     probe: ProbeResult,
     *,
     tile_key: str = Keys.TILE_TABLE,
@@ -42,7 +43,7 @@ def predict_expression(
     Parameters
     ----------
     sdata
-        Section whose tiles are predicted, processed by :func:`sigmma_sc.tl.embed`.
+        Section whose tiles are predicted, processed by :func:`sigmma_sc.tl.embed` (or its tile table).
     probe
         Probe from :func:`sigmma_sc.metrics.linear_probe`, fitted with ``.obsm`` key(s) (not an array).
     tile_key
@@ -60,7 +61,10 @@ def predict_expression(
       genes, on the probe's target scale (paper protocol: ``log1p`` of counts normalised to the training
       tiles' median total; HEST: ``log1p`` of summed raw counts);
     - ``tiles.uns['sigmma_expression_pred' | key_added]``: ``protocol``, ``embedding``, ``genes``, ``units``,
-      ``alpha``, ``n_train_tiles``.
+      ``alpha``, ``n_train_tiles``, ``target_sum`` (paper protocol: the total count tiles were normalised to)
+      and the tile and pixel size the probe was fitted on (``fitted_tile_size_um``, ``fitted_pixel_size_um``).
+
+    A section tiled at another tile or pixel size than the probe's is predicted with a warning.
 
     With ``inplace=False``, the same table is returned instead.
     """
@@ -83,6 +87,14 @@ def predict_expression(
             "section with the model the probe was fitted on: `sg.tl.embed(sdata, model, table_key=None)` for an "
             "image-only section."
         )
+    here = tiles.uns.get(Keys.UNS, {}).get("tile", {})
+    for k, fitted in probe.tiling.items():
+        if k in here and not np.isclose(float(here[k]), fitted, rtol=0.01):
+            logger.warning(
+                "The probe was fitted on tiles with %s = %g, this section was tiled with %g: the embeddings and "
+                "the expression scale (summed counts grow with tile area) differ; tile both sections alike.",
+                k, fitted, float(here[k]),
+            )  # fmt: skip
     x = np.hstack([np.asarray(tiles.obsm[k], dtype=np.float64).reshape(tiles.n_obs, -1) for k in probe.embedding_keys])
     ok = np.isfinite(x).all(1)
     pred = np.full((tiles.n_obs, len(probe.genes)), np.nan)
@@ -101,6 +113,8 @@ def predict_expression(
         "units": _UNITS[probe.protocol],
         "alpha": float(probe.alpha),
         "n_train_tiles": len(probe.tiles["train"]),
+        **({"target_sum": float(probe.target_sum)} if probe.target_sum is not None else {}),
+        **{f"fitted_{k}": v for k, v in probe.tiling.items()},
     }
     logger.info("Predicted %d genes for %d tiles into tiles.obsm[%r].", len(probe.genes), int(ok.sum()), key_added)
     return None

@@ -110,8 +110,6 @@ def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.
     import sigmma_sc as sg
 
     t0 = time.perf_counter()
-    if out.exists():  # before hours of training, not after
-        raise FileExistsError(f"{out} exists; choose another --out or remove it.")
     sg.pp.tile(sdata, image_key=image_key, tile_size_um=tile_size_um, pixel_size_um=pixel_size_um)
     sg.pp.cell_graph(sdata)
     model = sg.tl.train_sigmma(
@@ -126,9 +124,7 @@ def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.
     )
     sg.tl.embed(sdata, model)
     sg.tl.microenvironments(sdata)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose another --out or remove it.")
-    sdata.write(out)
+    sdata.write(out)  # refuses an existing path (main checks it before any work)
     logger.warning(
         "Wrote %s in %.0f s; open it with napari-spatialdata or spatialdata.read_zarr.", out, time.perf_counter() - t0
     )
@@ -192,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     sg.settings.progress_bar = not args.quiet
 
+    if args.command in ("demo", "run") and args.out.exists():  # before any reading or training, not after
+        raise FileExistsError(f"{args.out} exists; choose another --out or remove it.")
     if args.command == "demo":
         kwargs = {} if args.n_cells is None else {"n_cells": args.n_cells}
         sdata = sg.datasets.demo(**kwargs)
         _pipeline(sdata, args, args.image, args.out)
     elif args.command == "run":
-        if args.out.exists():
-            raise FileExistsError(f"{args.out} exists; choose another --out or remove it.")
         no_he = args.he is not None and str(args.he).lower() == "none"
         if args.alignment is not None and (args.he is None or no_he):
             raise SystemExit("--alignment needs --he: name the H&E image the alignment belongs to.")

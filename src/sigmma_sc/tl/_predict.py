@@ -77,6 +77,7 @@ def predict_expression(
             "This probe was fitted on an array, so its features cannot be read from another section. Fit it "
             "with `.obsm` key(s), e.g. `sg.metrics.linear_probe(sdata, 'X_sigmma_macro_image')`."
         )
+    from ..metrics._probe import embedding_matrix
     from ..metrics._retrieval import tile_table
 
     tiles = tile_table(sdata, tile_key)
@@ -95,7 +96,7 @@ def predict_expression(
                 "the expression scale (summed counts grow with tile area) differ; tile both sections alike.",
                 k, fitted, float(here[k]),
             )  # fmt: skip
-    x = np.hstack([np.asarray(tiles.obsm[k], dtype=np.float64).reshape(tiles.n_obs, -1) for k in probe.embedding_keys])
+    x, _ = embedding_matrix(tiles, probe.embedding_keys)
     ok = np.isfinite(x).all(1)
     pred = np.full((tiles.n_obs, len(probe.genes)), np.nan)
     if ok.any():

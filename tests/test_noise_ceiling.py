@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "noise_ceiling.py"
+from _benchmarks import load_benchmark
 
 
 def _ceiling():
-    spec = importlib.util.spec_from_file_location("noise_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["noise_ceiling"] = module
-    spec.loader.exec_module(module)
-    return module.split_half_ceiling
+    return load_benchmark("noise_ceiling").split_half_ceiling
 
 
 def test_split_half_ceiling_bounds():

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table.py"
+from _benchmarks import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("paper_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_table"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper_table")
 
 
 def test_paper_table_end_to_end(tmp_path):

@@ -17,10 +17,41 @@ from pathlib import Path
 
 logger = logging.getLogger("sigmma_sc")
 
+#: optimiser steps of ``sigmma demo`` (fits the 5-minute CPU budget; early stopping usually ends sooner)
+DEMO_STEPS = 600
 
-def _common_training(p: argparse.ArgumentParser, epochs: int) -> None:
-    p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    p.add_argument("--batch-size", type=int, default=1280, help="tiles per contrastive batch (default 1280)")
+
+def _budget(args: argparse.Namespace) -> dict:
+    """The training-budget arguments given on the command line (others come from the preset)."""
+    out = {"preset": args.preset}
+    out |= {k: getattr(args, k) for k in ("steps", "epochs", "batch_size") if getattr(args, k) is not None}
+    return out
+
+
+def _common_training(p: argparse.ArgumentParser, steps: int | None = None) -> None:
+    p.add_argument(
+        "--preset",
+        choices=("default", "paper"),
+        default="default",
+        help="training settings: default (step budget, warm-up, early stopping) or paper (Table 3: 100 epochs of "
+        "1280-tile batches at lr 1e-4) (default: default)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=steps,
+        help=f"budget of optimiser steps (default: {steps or 'the preset, 1000'}; early stopping may end sooner)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="budget of epochs (default: none with the default preset, 100 paper)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per contrastive batch (default: the preset's, 256 capped at a quarter of the training tiles; "
+        "paper 1280)",
+    )
     p.add_argument(
         "--backbone",
         default="efficientnet_lite0",
@@ -55,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         default=128,
         help="GNN and embedding width (default 128 for a CPU demo; the paper uses 512)",
     )
-    _common_training(demo, epochs=40)
+    _common_training(demo, steps=DEMO_STEPS)
 
     run = sub.add_parser("run", help="tile, graph, train, embed and cluster a Xenium run")
     run.add_argument("--xenium", type=Path, required=True, help="Xenium output folder")
@@ -74,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--input-size", type=int, default=None, help="crop side for the backbone (default: the backbone's)"
     )
-    _common_training(run, epochs=100)
+    _common_training(run)
 
     ev = sub.add_parser(
         "evaluate",
@@ -102,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="where to save the model")
     train.add_argument("--checkpoint-dir", type=Path, default=None)
     train.add_argument("--resume", action="store_true")
-    _common_training(train, epochs=100)
+    _common_training(train)
     return parser
 
 
@@ -115,8 +146,7 @@ def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.
     model = sg.tl.train_sigmma(
         sdata,
         backbone=args.backbone,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
+        **_budget(args),
         device=args.device,
         seed=args.seed,
         input_size=getattr(args, "input_size", None),
@@ -230,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         from sigmma_sc.model import SigmmaModel, TrainingBundle
 
         bundle = TrainingBundle.load(args.bundle)
-        model = SigmmaModel.from_bundle(bundle, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+        model = SigmmaModel.from_bundle(bundle, **_budget(args), seed=args.seed)
         model.fit(bundle, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
         model.save(args.out)
         logger.warning("Saved the model to %s.", args.out)

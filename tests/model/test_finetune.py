@@ -229,8 +229,9 @@ def test_training_step_has_no_host_sync(tiled, finetune, micro_batch):
     model.to("meta").train()
     data = tiled.to("meta", tiles=finetune)
     opt = torch.optim.AdamW(optimizer_groups(model, model.image_encoder, 1e-3, 1e-5))
-    loss = _train_step(model, data, torch.arange(8), opt, {"micro_batch": micro_batch})
+    loss, stats = _train_step(model, data, torch.arange(8), opt, {"micro_batch": micro_batch})
     assert loss.device.type == "meta"
+    assert stats["grad_norm"].device.type == "meta"  # clipping and statistics stay on the device
     assert loss.shape == ()
     with torch.inference_mode():
         assert model.eval()(data.select(torch.arange(5))).device.type == "meta"

@@ -21,7 +21,20 @@ def test_config_json_roundtrip():
     assert cfg.scales == ("micro", "macro")
     back = SigmmaConfig.from_json(cfg.to_json())
     assert back == cfg
-    assert (cfg.lr, cfg.weight_decay, cfg.temperature, cfg.step_size, cfg.gamma) == (1e-4, 1e-3, 0.01, 100, 0.1)
+    assert (cfg.lr, cfg.weight_decay, cfg.temperature, cfg.steps, cfg.epochs) == (1e-3, 1e-3, 0.01, 1000, None)
+    paper = SigmmaConfig.preset("paper", n_features=4, image_dim=6)
+    assert (paper.lr, paper.batch_size, paper.epochs, paper.steps, paper.schedule) == (1e-4, 1280, 100, None, "step")
+    assert (paper.step_size, paper.gamma, paper.warmup, paper.patience, paper.max_grad_norm) == (100, 0.1, 0, None, None)
+    assert SigmmaConfig.from_json(paper.to_json()) == paper
+    assert SigmmaConfig.preset("default", n_features=4, image_dim=6, epochs=7).steps is None  # epochs alone: epochs
+    with pytest.raises(ValueError, match="budget"):
+        SigmmaConfig(n_features=4, image_dim=6, steps=None)
+    with pytest.raises(ValueError, match="preset"):
+        SigmmaConfig.preset("fast", n_features=4, image_dim=6)
+    with pytest.raises(ValueError, match="schedule"):
+        SigmmaConfig(n_features=4, image_dim=6, schedule="linear")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        SigmmaConfig(n_features=4, image_dim=6, max_grad_norm=0)
     with pytest.raises(ValueError, match="subset"):
         SigmmaConfig(n_features=4, image_dim=6, scales=("nano",))
     with pytest.raises(ValueError, match="batch_size"):
@@ -50,7 +63,8 @@ def test_fit_loss_decreases_on_learnable_signal():
     )
     history = model.fit(b, progress=False, device="cpu")
     assert [h["epoch"] for h in history] == list(range(1, 31))
-    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "lr", "seconds"}
+    base = {"epoch", "step", "train_loss", "train_chance", "val_loss", "val_chance", "lr", "grad_norm", "seconds"}
+    assert base <= set(history[0])
     losses = np.array([h["train_loss"] for h in history])
     vals = np.array([h["val_loss"] for h in history])
     assert np.isfinite(losses).all()
@@ -159,17 +173,31 @@ def test_fit_with_micro_batches(bundle, small_config):
     assert all(np.isfinite(h["train_loss"]) for h in history)
 
 
-def test_resume_equals_uninterrupted(bundle, small_config, tmp_path):
-    cfg = {**small_config, "epochs": 4, "step_size": 2, "gamma": 0.5}
+def test_resume_equals_uninterrupted(bundle, small_config, tmp_path, monkeypatch):
+    from sigmma_sc.model import _train_loop as train_loop
+
+    cfg = {**small_config, "epochs": 4, "steps": None, "schedule": "step", "step_size": 2, "gamma": 0.5, "warmup": 0}
     full = SigmmaModel.from_bundle(bundle, **cfg)
     h_full = full.fit(bundle, progress=False, checkpoint_dir=tmp_path / "a")
     part = SigmmaModel.from_bundle(bundle, **cfg)
-    part.fit(bundle, progress=False, epochs=2, checkpoint_dir=tmp_path / "b")
+    saves = []
+    real_save = train_loop._save_checkpoint
+
+    def killed_after_two_epochs(path, payload):
+        real_save(path, payload)
+        saves.append(payload["epoch"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the job is killed after its second checkpoint
+
+    monkeypatch.setattr(train_loop, "_save_checkpoint", killed_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(bundle, progress=False, checkpoint_dir=tmp_path / "b")
+    monkeypatch.setattr(train_loop, "_save_checkpoint", real_save)
     resumed = SigmmaModel.from_bundle(bundle, **cfg)
     h_res = resumed.fit(bundle, progress=False, checkpoint_dir=tmp_path / "b", resume=True)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
     assert strip(h_full) == strip(h_res)
-    assert [r["lr"] for r in h_full] == [1e-4, 1e-4, 5e-5, 5e-5]
+    assert [r["lr"] for r in h_full] == [1e-3, 1e-3, 5e-4, 5e-4]
     _equal_dicts(full.state_dict(), resumed.state_dict())
     ckpt = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 4
@@ -185,8 +213,9 @@ def test_best_validation_state_restored(bundle, small_config, tmp_path):
     _equal_dicts(m.state_dict(), ckpt["best_state"])
     from sigmma_sc.model._train_loop import evaluate
 
-    val = evaluate(m, bundle, bundle.tiles_in("val"), 8)
+    val, chance = evaluate(m, bundle, bundle.tiles_in("val"), m.diagnostics["batch_size"])
     assert val == pytest.approx(best["val_loss"], rel=1e-5)
+    assert chance == pytest.approx(best["val_chance"])
 
 
 def test_oom_halves_micro_batch(bundle, small_config, monkeypatch, caplog):

@@ -188,6 +188,19 @@ def test_training_curves(trained, model, tmp_path):
     ax2 = sg.pl.training_curves(trained)
     assert np.allclose(ax2.get_lines()[0].get_ydata(), ax.get_lines()[0].get_ydata())
     assert (tmp_path / "train.png").exists()
+    assert {"train chance", "validation chance"} <= set(labels)
+    chance = next(line for line in ax.get_lines() if line.get_label() == "validation chance")
+    assert np.allclose(chance.get_ydata(), [h["val_chance"] for h in model.history])
+    edges = sg.pl.training_curves(model, kind="edges")
+    edge_labels = {line.get_label() for line in edges.get_lines()}
+    assert {"meso: fraction sampled", "macro: mean probability"} <= edge_labels
+    grads = sg.pl.training_curves(model, kind="gradients")
+    assert grads.get_yscale() == "log"
+    assert "all parameters (before clipping)" in {line.get_label() for line in grads.get_lines()}
+    with pytest.raises(ValueError, match="kind"):
+        sg.pl.training_curves(model, kind="weights")
+    with pytest.raises(ValueError, match="no edge-addition statistics"):
+        sg.pl.training_curves([{"epoch": 1, "train_loss": 1.0}], kind="edges")
     with pytest.raises(KeyError, match="run `sg.pp.tile` and `sg.tl.train_sigmma` first"):
         sg.pl.training_curves(make_section(n_cells=10, image_px=32))
     with pytest.raises(ValueError, match="history is empty"):

@@ -55,7 +55,16 @@ class SigmmaModel(nn.Module):
     Attributes
     ----------
     history
-        One dict per trained epoch (``epoch``, ``train_loss``, ``val_loss``, ``lr``, ``seconds``).
+        One dict per trained epoch: ``epoch``, ``step`` (optimiser steps so far), ``train_loss``, ``val_loss``,
+        their chance levels ``train_chance`` / ``val_chance`` (the loss of embeddings that carry no information:
+        ``ln(batch)`` per scale), ``lr``, ``grad_norm`` (mean pre-clipping gradient norm), ``seconds`` and, with
+        edge addition, per coarser scale ``s``: ``edge_sampled_{s}`` (fraction of candidate edges sampled on),
+        ``edge_prob_{s}`` (mean edge probability), ``edge_candidates_{s}`` (candidates per batch) and
+        ``edge_grad_{s}`` (gradient norm of the edge scorer).
+    diagnostics
+        Health of the trained model (:func:`~sigmma_sc.model.training_diagnostics`): best validation loss and
+        its chance level, mean pairwise cosine and participation ratio of the tile embeddings per scale, the
+        warnings raised, and why training stopped.
     image_encoder
         The fine-tuned :class:`~sigmma_sc.nn.MultiCropEncoder`, or ``None`` (frozen backbone, cached features).
     """
@@ -89,6 +98,7 @@ class SigmmaModel(nn.Module):
         self.config = config
         self.meta: dict[str, Any] = dict(meta or {})
         self.history: list[dict[str, Any]] = []
+        self.diagnostics: dict[str, Any] = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.st_encoder = HierarchicalGraphEncoder(
@@ -111,10 +121,11 @@ class SigmmaModel(nn.Module):
         self.image_encoder = image_encoder  # after the heads: their initialisation does not depend on it
 
     @classmethod
-    def from_bundle(cls, bundle: TrainingBundle, **config: Any) -> SigmmaModel:
+    def from_bundle(cls, bundle: TrainingBundle, *, preset: str = "default", **config: Any) -> SigmmaModel:
         """A model sized for ``bundle`` (``n_features``, ``image_dim``; other fields from ``config``).
 
-        With ``finetune_blocks > 0`` the backbone is built here (once) and ``image_dim`` is its feature
+        ``preset`` names the starting values of the other fields (:meth:`SigmmaConfig.preset`: ``"default"``
+        or ``"paper"`` for Table 3); ``config`` overrides them. With ``finetune_blocks > 0`` the backbone is built here (once) and ``image_dim`` is its feature
         width; the bundle then needs ``tiles`` (its cached features are not used).
         """
         meta_info = bundle.meta.get("backbone_info")
@@ -135,11 +146,13 @@ class SigmmaModel(nn.Module):
                 weights=config.get("backbone_weights"),
                 seed=config.get("seed", SigmmaConfig.seed),
             )
-            cfg = SigmmaConfig(n_features=bundle.n_features, image_dim=encoder.info.num_features, **config)
+            cfg = SigmmaConfig.preset(
+                preset, n_features=bundle.n_features, image_dim=encoder.info.num_features, **config
+            )
             return cls(cfg, meta=bundle.meta, image_encoder=encoder)
         if bundle.image_dim is None:
             raise ValueError("The bundle has no image features; compute them first (frozen backbone features).")
-        cfg = SigmmaConfig(n_features=bundle.n_features, image_dim=bundle.image_dim, **config)
+        cfg = SigmmaConfig.preset(preset, n_features=bundle.n_features, image_dim=bundle.image_dim, **config)
         return cls(cfg, meta=bundle.meta)
 
     @property
@@ -352,9 +365,12 @@ class SigmmaModel(nn.Module):
     ) -> list[dict[str, Any]]:
         """Train on the bundle's training tiles; keep the weights of the best validation epoch.
 
-        AdamW (``lr``, ``weight_decay``) with StepLR (``step_size``, ``gamma``); each epoch shuffles the
-        training tiles (seeded generator) into batches of ``config.batch_size`` (a last partial batch is
-        kept if it has at least 2 tiles), optionally accumulated over ``micro_batch`` tiles with GradCache
+        AdamW (``lr``, ``weight_decay``) with a per-step learning-rate schedule (linear warm-up over ``warmup``
+        of the budget, then cosine decay, or the paper's StepLR), for ``config.steps`` optimiser steps or
+        ``epochs`` epochs, whichever comes first, stopping early when the validation loss has not improved for
+        ``config.patience`` steps; gradients are clipped to ``config.max_grad_norm``. Each epoch shuffles the
+        training tiles (seeded generator) into batches of :meth:`SigmmaConfig.batch_for` tiles (a last partial
+        batch is kept if it has at least 2 tiles), optionally accumulated over ``micro_batch`` tiles with GradCache
         (cross-micro-batch negatives kept); on CUDA out-of-memory the micro-batch is halved and the step
         retried. With ``config.finetune_blocks > 0`` the image side is encoded from the bundle's tile images
         at every step (bf16 autocast on CUDA) and the trainable backbone blocks get ``config.backbone_lr``.
@@ -369,7 +385,7 @@ class SigmmaModel(nn.Module):
         bundle
             Training data with image features (with fine-tuning: tile images) and a train/val split.
         epochs
-            Total epochs (default ``config.epochs``); with ``resume`` the run continues up to this number.
+            Epoch budget (default ``config.epochs``); with ``resume`` the run continues up to this number.
         device
             Torch device (``None``: ``sigmma_sc.settings.device``, else CUDA when available, else CPU).
         seed
@@ -385,7 +401,7 @@ class SigmmaModel(nn.Module):
 
         Returns
         -------
-        The training history, also stored in :attr:`history`.
+        The training history, also stored in :attr:`history` (health checks in :attr:`diagnostics`).
         """
         from ._train_loop import fit_model
 
@@ -393,6 +409,7 @@ class SigmmaModel(nn.Module):
             self,
             bundle,
             epochs=self.config.epochs if epochs is None else epochs,
+            steps=self.config.steps,
             device=device,
             seed=self.config.seed if seed is None else seed,
             checkpoint_dir=checkpoint_dir,
@@ -416,6 +433,7 @@ class SigmmaModel(nn.Module):
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "meta": self.meta,
             "history": self.history,
+            "diagnostics": self.diagnostics,
         }
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(payload, tmp)
@@ -441,6 +459,7 @@ class SigmmaModel(nn.Module):
         model = cls(config, meta=d.get("meta"), image_encoder=encoder)
         model.load_state_dict(d["state_dict"])
         model.history = list(d.get("history") or [])
+        model.diagnostics = dict(d.get("diagnostics") or {})
         model.eval()
         return model.to(map_location) if map_location is not None else model
 

@@ -1,4 +1,8 @@
-"""Training loop of :meth:`SigmmaModel.fit`: batching, GradCache steps, OOM fallback, checkpoints, resume."""
+"""Training loop of :meth:`SigmmaModel.fit`.
+
+Step budget, warm-up and schedule, GradCache steps, gradient clipping, OOM fallback, early stopping,
+checkpoints, resume, and the per-epoch health records.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from .._settings import settings
 from .._utils._progress import track
 from ..nn._loss import grad_cache_backward
 from ._bundle import TrainingBundle
+from ._diagnostics import chance_loss, training_diagnostics
 from ._finetune import optimizer_groups
 
 if TYPE_CHECKING:
@@ -26,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 # config fields that may differ between the run that wrote a checkpoint and the one resuming it
-_RESUMABLE = {"epochs", "micro_batch", "precision"}
+_RESUMABLE = {"epochs", "steps", "patience", "micro_batch", "precision"}
+#: the cosine schedule decays to this fraction of the peak learning rate
+_MIN_LR_RATIO = 0.01
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -103,6 +110,35 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:  # noqa: FBT001 - internal
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
+def _samplers(model: SigmmaModel) -> dict[str, torch.nn.Module]:
+    return dict(getattr(model.st_encoder, "samplers", None) or {})
+
+
+def _step_stats(model: SigmmaModel, max_grad_norm: float | None) -> dict[str, Tensor]:
+    """After ``backward``: the edge samplers' statistics and gradient norms, then clip (all on the device)."""
+    stats: dict[str, Tensor] = {}
+    for s, sampler in _samplers(model).items():
+        grads = [p.grad for p in sampler.parameters() if p.grad is not None]
+        if grads:
+            stats[f"edge_grad_{s}"] = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
+        last = getattr(sampler, "last_stats", None) or {}
+        if "sampled" in last:
+            stats[f"edge_sampled_{s}"] = last["sampled"].detach().float()
+        if "prob" in last:
+            stats[f"edge_prob_{s}"] = last["prob"].detach().float()
+        if "candidates" in last:
+            stats[f"edge_candidates_{s}"] = torch.as_tensor(float(last["candidates"]))
+    params = [p for p in model.parameters() if p.grad is not None]
+    if params:
+        if max_grad_norm is not None:
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            stats["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return stats
+
+
 def _train_step(
     model: SigmmaModel,
     data: TrainingBundle,
@@ -110,10 +146,11 @@ def _train_step(
     optimizer: Any,
     state: dict[str, Any],
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> Tensor:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """One optimiser step on the tiles ``idx`` (CPU); halves the micro-batch and retries on CUDA OOM.
 
-    ``amp`` makes the context of the forward passes (:func:`autocast_for`). Returns the detached loss on
+    ``amp`` makes the context of the forward passes (:func:`autocast_for`). The global gradient norm is clipped
+    to ``config.max_grad_norm``. Returns the detached loss and the step's statistics (:func:`_step_stats`) on
     the device (no host synchronisation).
     """
 
@@ -133,8 +170,9 @@ def _train_step(
                 loss.backward()
             else:
                 loss = grad_cache_backward(embed, list(idx.split(mb)), model.loss_from_embeddings)
+            stats = _step_stats(model, model.config.max_grad_norm)
             optimizer.step()
-            return loss.detach()
+            return loss.detach(), stats
         except torch.cuda.OutOfMemoryError:
             oom = True
         if oom:  # outside the except block, so the traceback's tensors can be freed
@@ -163,19 +201,54 @@ def evaluate(
     idx: Tensor,
     batch_size: int,
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> float:
-    """Mean contrastive loss over the tiles ``idx`` (eval mode, deterministic edges; batches in order)."""
+) -> tuple[float, float]:
+    """Mean contrastive loss over the tiles ``idx`` and its chance level (eval mode, deterministic edges)."""
     was = model.training
     model.eval()
     total, count = torch.zeros((), device=data.device), 0
+    chunks = _batches(idx, batch_size, merge_last=True)
     with torch.inference_mode():
-        for chunk in _batches(idx, batch_size, merge_last=True):
+        for chunk in chunks:
             with amp():
                 emb = model.embed_batch(data.select(chunk))
             total += model.loss_from_embeddings(emb) * chunk.numel()
             count += chunk.numel()
     model.train(was)
-    return float(total) / max(count, 1)
+    return float(total) / max(count, 1), chance_loss([c.numel() for c in chunks], len(model.scales))
+
+
+def embed_tiles(
+    model: SigmmaModel,
+    data: TrainingBundle,
+    idx: Tensor,
+    batch_size: int,
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, Tensor]:
+    """Eval-mode embeddings (``"image/{s}"``, ``"st/{s}"`` -> ``(len(idx), out_dim)``, float32 on the CPU)."""
+    was = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {}
+    with torch.inference_mode():
+        for chunk in idx.split(max(batch_size, 2)):
+            with amp():
+                emb = model.embed_batch(data.select(chunk))
+            for k, v in emb.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+    model.train(was)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int, schedule: str, steps_per_epoch: int, step_size: int,
+    gamma: float,
+) -> float:  # fmt: skip
+    """Learning-rate multiplier before optimiser step ``step`` (0-based): linear warm-up, then cosine or StepLR."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "step":
+        return gamma ** ((step // steps_per_epoch) // step_size)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return _MIN_LR_RATIO + (1 - _MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -188,11 +261,27 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def _budget(cfg: Any, n_train: int, epochs: int | None, steps: int | None) -> dict[str, int]:
+    """Batch size, batches per epoch, epoch and step budgets, warm-up steps."""
+    batch = cfg.batch_for(n_train)
+    per_epoch = max(len(_batches(torch.arange(n_train), batch, merge_last=False)), 1)
+    n_epochs = int(epochs) if epochs is not None else math.ceil(int(steps) / per_epoch)
+    total = n_epochs * per_epoch if steps is None else min(int(steps), n_epochs * per_epoch)
+    return {
+        "batch": batch,
+        "steps_per_epoch": per_epoch,
+        "epochs": n_epochs,
+        "steps": total,
+        "warmup_steps": round(cfg.warmup * total),
+    }
+
+
 def fit_model(
     model: SigmmaModel,
     bundle: TrainingBundle,
     *,
-    epochs: int,
+    epochs: int | None,
+    steps: int | None,
     device: str | torch.device | None,
     seed: int,
     checkpoint_dir: str | Path | None,
@@ -202,17 +291,36 @@ def fit_model(
     """Implementation of :meth:`SigmmaModel.fit` (see there)."""
     cfg = model.config
     check_bundle(model, bundle)
+    if epochs is None and steps is None:
+        raise ValueError("Give a training budget: `steps` or `epochs`.")
     train_idx = bundle.tiles_in("train").cpu()  # batches are indexed on the host
     if train_idx.numel() < 2:
         raise ValueError(
-            f"Training needs at least 2 training tiles (in-batch negatives); the bundle has {train_idx.numel()}."
+            f"Training needs at least 2 training tiles (in-batch negatives); the bundle has {train_idx.numel()}. "
+            "Use a smaller `tile_size_um` in `sg.pp.tile`, or a larger section."
         )
     val_idx = bundle.tiles_in("val").cpu()
     if val_idx.numel() < 2:
         logger.warning(
-            "%d validation tiles (< 2): no validation loss; the weights of the last epoch are kept.", val_idx.numel()
+            "%d validation tiles (< 2): no validation loss, no early stopping; the weights of the last epoch are "
+            "kept. Use a smaller `tile_size_um` in `sg.pp.tile` for more tiles.",
+            val_idx.numel(),
         )
         val_idx = None
+    plan = _budget(cfg, train_idx.numel(), epochs, steps)
+    batch = plan["batch"]
+    if batch < cfg.batch_size:
+        logger.info(
+            "Batches of %d tiles (batch_size=%d capped at max_batch_fraction=%g of the %d training tiles): %d "
+            "optimiser steps per epoch.",
+            batch, cfg.batch_size, cfg.max_batch_fraction, train_idx.numel(), plan["steps_per_epoch"],
+        )  # fmt: skip
+    logger.info(
+        "Training budget: %d optimiser steps (%d epochs of %d steps), warm-up %d steps, %s schedule%s.",
+        plan["steps"], plan["epochs"], plan["steps_per_epoch"], plan["warmup_steps"], cfg.schedule,
+        "" if cfg.patience is None or val_idx is None else f", early stopping after {cfg.patience} steps without "
+        "improvement",
+    )  # fmt: skip
     device = resolve_device(device)
     ckpt_path = None
     if checkpoint_dir is not None:
@@ -226,63 +334,103 @@ def fit_model(
     fork_devices = [device] if device.type == "cuda" else []
     amp = autocast_for(cfg.precision, device)
     tf32 = cfg.precision in ("tf32", "bf16") and device.type == "cuda"
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step, total_steps=plan["steps"], warmup_steps=plan["warmup_steps"], schedule=cfg.schedule,
+            steps_per_epoch=plan["steps_per_epoch"], step_size=cfg.step_size, gamma=cfg.gamma,
+        )  # fmt: skip
+
     with torch.random.fork_rng(devices=fork_devices), tf32_matmuls(tf32):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         groups = optimizer_groups(model, model.image_encoder, cfg.lr, cfg.backbone_lr)
         fused = {"fused": True} if device.type == "cuda" else {}
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         state: dict[str, Any] = {"micro_batch": cfg.micro_batch}
         history: list[dict[str, Any]] = []
-        best_state, best_val, start = None, math.inf, 0
+        best_state, best_val, best_step, start, step, stopped = None, math.inf, 0, 0, 0, "budget"
 
         if resume and ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            ckpt = load_checkpoint(ckpt_path)
             saved = {k: v for k, v in type(cfg).from_dict(ckpt["config"]).to_dict().items() if k not in _RESUMABLE}
             now = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE}
             if saved != now:
                 diff = sorted(k for k in now if saved.get(k) != now[k])
-                raise ValueError(f"The checkpoint in {str(ckpt_path)!r} was written with a different config ({diff}).")
+                raise ValueError(
+                    f"The checkpoint in {str(ckpt_path)!r} was written with a different config ({diff}); resume with "
+                    "the same settings, or use another `checkpoint_dir`."
+                )
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             generator.set_state(ckpt["generator"])
             _set_rng_states(ckpt["rng"], device)
             history, best_state, best_val = list(ckpt["history"]), ckpt["best_state"], float(ckpt["best_val"])
+            best_step, step = int(ckpt.get("best_step", 0)), int(ckpt.get("step", 0))
+            stopped = ckpt.get("stopped", "budget")
             state["micro_batch"] = ckpt["micro_batch"] if cfg.micro_batch is None else cfg.micro_batch
             start = int(ckpt["epoch"])
-            logger.info("Resuming from %s after epoch %d.", ckpt_path, start)
+            logger.info("Resuming from %s after epoch %d (step %d).", ckpt_path, start, step)
         elif resume:
             logger.warning("No checkpoint at %s; training from scratch.", ckpt_path)
 
-        epochs_iter = range(start, epochs)
+        epochs_iter = range(start, plan["epochs"])
         bar = (
-            track(epochs_iter, desc="Training SIGMMA", total=epochs, initial=start, unit="epoch") if progress else None
+            track(epochs_iter, desc="Training SIGMMA", total=plan["epochs"], initial=start, unit="epoch")
+            if progress
+            else None
         )
-        for epoch in bar if bar is not None else epochs_iter:
+        finished = stopped == "early stopping" or step >= plan["steps"]  # a resumed run that had ended
+        for epoch in [] if finished else (bar if bar is not None else epochs_iter):
             t0 = time.perf_counter()
             model.train()
             perm = train_idx[torch.randperm(train_idx.numel(), generator=generator)]  # stays on the host
-            total, count = torch.zeros((), device=device), 0
-            for idx in _batches(perm, cfg.batch_size, merge_last=False):
-                total += _train_step(model, data, idx, optimizer, state, amp) * idx.numel()
-                count += idx.numel()
+            total, sizes, sums = torch.zeros((), device=device), [], {}
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            val = evaluate(model, data, val_idx, cfg.batch_size, amp) if val_idx is not None else None
+            for idx in _batches(perm, batch, merge_last=False):
+                if step >= plan["steps"]:
+                    break
+                loss, stats = _train_step(model, data, idx, optimizer, state, amp)
+                total += loss * idx.numel()
+                sizes.append(idx.numel())
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0) + v
+                scheduler.step()
+                step += 1
+            val = chance = None
+            if val_idx is not None:
+                val, chance = evaluate(model, data, val_idx, batch, amp)
             record = {
                 "epoch": epoch + 1,
-                "train_loss": float(total) / count,
+                "step": step,
+                "train_loss": float(total) / max(sum(sizes), 1),
+                "train_chance": chance_loss(sizes, len(model.scales)),
                 "val_loss": val,
+                "val_chance": chance,
                 "lr": lr,
+                **{k: float(v) / len(sizes) for k, v in sums.items()},
                 "seconds": time.perf_counter() - t0,
             }
             history.append(record)
             if val is not None and val < best_val:
-                best_val, best_state = val, _cpu_state(model)
+                best_val, best_state, best_step = val, _cpu_state(model), step
+            if (
+                cfg.patience is not None
+                and val is not None
+                and step > plan["warmup_steps"]
+                and step - best_step >= cfg.patience
+            ):
+                stopped = "early stopping"
+            elif step >= plan["steps"]:
+                stopped = "budget"
             if bar is not None:
-                bar.set_postfix(train=f"{record['train_loss']:.4f}", val="-" if val is None else f"{val:.4f}")
+                bar.set_postfix(
+                    train=f"{record['train_loss']:.3f}",
+                    val="-" if val is None else f"{val:.3f}/{chance:.2f} chance",
+                    step=step,
+                )
             logger.debug("epoch %d: %s", epoch + 1, record)
             if ckpt_path is not None:
                 _save_checkpoint(
@@ -290,6 +438,7 @@ def fit_model(
                     {
                         "config": cfg.to_dict(),
                         "epoch": epoch + 1,
+                        "step": step,
                         "model": _cpu_state(model),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
@@ -298,13 +447,43 @@ def fit_model(
                         "history": history,
                         "best_state": best_state,
                         "best_val": best_val,
+                        "best_step": best_step,
+                        "stopped": stopped,
                         "micro_batch": state["micro_batch"],
                     },
                 )
+            if stopped == "early stopping" or step >= plan["steps"]:
+                break
         if bar is not None:
             bar.close()
+    if stopped == "early stopping":
+        logger.info(
+            "Early stopping at step %d: no validation improvement for %d steps (patience=%d).",
+            step, step - best_step, cfg.patience,
+        )  # fmt: skip
     if best_state is not None:
         model.load_state_dict(best_state)
         logger.info("Restored the weights of the best validation epoch (val loss %.4f).", best_val)
+    held = val_idx if val_idx is not None else train_idx
+    emb = embed_tiles(model, data, held, batch, amp) if held.numel() >= 2 else None
+    model.diagnostics = training_diagnostics(
+        history, emb, tiles="val" if val_idx is not None else "train", stopped=stopped
+    ) | {"batch_size": batch, "steps_per_epoch": plan["steps_per_epoch"], "steps": step}
     model.eval()
     return history
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint; a clear error when the file is not one (truncated, another format)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise ValueError(
+            f"Cannot read the checkpoint {str(path)!r} ({type(e).__name__}: {e}); it is corrupt or not a SIGMMA "
+            "checkpoint. Delete it (or use another `checkpoint_dir`) to train from scratch."
+        ) from e
+    if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
+        raise ValueError(
+            f"{str(path)!r} is not a SIGMMA training checkpoint; delete it or use another `checkpoint_dir`."
+        )
+    return ckpt

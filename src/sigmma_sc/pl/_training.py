@@ -1,9 +1,9 @@
-"""``sg.pl.training_curves``: training and validation loss per epoch."""
+"""``sg.pl.training_curves``: losses against chance, edge addition and gradient norms per epoch."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -17,20 +17,36 @@ if TYPE_CHECKING:
     from ..model import SigmmaModel
 
 
+KINDS = ("loss", "edges", "gradients")
+_SCALE_COLORS = {"micro": "#2ca02c", "meso": "#9467bd", "macro": "#8c564b"}
+
+
 def training_curves(
     model_or_sdata: SigmmaModel | SpatialData | list[dict[str, Any]] | dict[str, list[float]],
     *,
+    kind: Literal["loss", "edges", "gradients"] = "loss",
     tile_key: str = Keys.TILE_TABLE,
     log_scale: bool = False,
     ax: Axes | None = None,
     figsize: tuple[float, float] | None = None,
     save: str | Path | None = None,
 ) -> Axes:
-    """Training and validation loss per epoch; the kept (lowest validation loss) epoch is marked.
+    """Training curves per epoch: the losses against their chance levels, edge addition, or gradient norms.
 
-    The training loss is averaged over training batches and the validation loss over the validation
-    tiles, so their absolute levels differ when the batch sizes do (InfoNCE grows with the log of the
-    number of negatives): compare each curve's trend, not the two levels.
+    ``kind="loss"``: training and validation loss, each with its chance level (dashed; the loss of embeddings
+    that carry no information, ``ln(batch)`` per scale and direction), and the kept (lowest validation loss)
+    epoch. A healthy run falls well below the validation chance line; a validation loss that stays on it means
+    the model has not learned to match images with cells. The training loss is averaged over training batches
+    and the validation loss over the validation tiles, so compare each curve with its own chance line.
+
+    ``kind="edges"``: per coarser scale, the fraction of candidate edges sampled on and the mean edge
+    probability of the stochastic edge addition. Healthy: both move away from their start (about 0.5 for an
+    untrained scorer) and settle strictly between 0 and 1; a fraction stuck at 0 (no edges added) or at 1 (every
+    candidate added) means the scorer stopped learning which edges help.
+
+    ``kind="gradients"``: the global gradient norm before clipping (the clipping threshold dotted) and the
+    gradient norm of each edge scorer (log scale). Healthy: smooth, of the order of the clipping threshold or
+    below; norms orders of magnitude above it are exploding gradients.
 
     Parameters
     ----------
@@ -38,10 +54,12 @@ def training_curves(
         A trained :class:`~sigmma_sc.model.SigmmaModel` (its ``history``), a SpatialData object trained by
         :func:`sigmma_sc.tl.train_sigmma` (tile table ``.uns['sigmma']['training']['history']``), or the
         history itself (list of per-epoch dicts, or dict of lists).
+    kind
+        What to draw (see above).
     tile_key
         Tile table (with a SpatialData object).
     log_scale
-        Logarithmic loss axis.
+        Logarithmic y axis (always on for ``kind="gradients"``).
     ax
         Axes to draw into.
     figsize
@@ -53,30 +71,87 @@ def training_curves(
     -------
     The axes.
     """
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     hist = _history(model_or_sdata, tile_key)
     epochs = np.asarray(hist.get("epoch", np.arange(1, len(hist["train_loss"]) + 1)), dtype=float)
     fig, (a,) = new_axes(1, ax=ax, figsize=figsize, panel=(5.0, 3.5))
-    a.plot(epochs, _floats(hist["train_loss"]), "-o", ms=3, color="#1f77b4", label="train")
-    val = _floats(hist.get("val_loss", []))
-    if val.size and np.isfinite(val).any():
-        a.plot(epochs, val, "-o", ms=3, color="#ff7f0e", label="validation")
-        best = int(np.nanargmin(val))
-        a.axvline(epochs[best], color="0.5", ls=":", lw=1)
-        a.plot(
-            epochs[best], val[best], marker="*", ms=12, color="#d62728", ls="", label=f"kept: epoch {epochs[best]:g}"
-        )
+    if kind == "loss":
+        _draw_loss(a, hist, epochs)
+    elif kind == "edges":
+        _draw_edges(a, hist, epochs)
+    else:
+        _draw_gradients(a, hist, epochs, _clip(model_or_sdata, tile_key))
+        log_scale = True
     a.set_xlabel("epoch")
-    a.set_ylabel("loss (sum of per-scale InfoNCE)")
     if log_scale:
         a.set_yscale("log")
     if len(epochs) <= 12:
         a.set_xticks(epochs)
     for side in ("top", "right"):
         a.spines[side].set_visible(False)
-    a.legend(frameon=False)
-    a.set_title("SIGMMA training")
+    a.legend(frameon=False, fontsize="small")
+    a.set_title({"loss": "SIGMMA training", "edges": "Edge addition", "gradients": "Gradient norms"}[kind])
     save_figure(fig, save)
     return a
+
+
+def _draw_loss(a: Axes, hist: dict[str, list], epochs: np.ndarray) -> None:
+    a.plot(epochs, _floats(hist["train_loss"]), "-o", ms=3, color="#1f77b4", label="train")
+    chance = _floats(hist.get("train_chance", []))
+    if chance.size and np.isfinite(chance).any():
+        a.plot(epochs, chance, "--", lw=1, color="#1f77b4", alpha=0.6, label="train chance")
+    val = _floats(hist.get("val_loss", []))
+    if val.size and np.isfinite(val).any():
+        a.plot(epochs, val, "-o", ms=3, color="#ff7f0e", label="validation")
+        vchance = _floats(hist.get("val_chance", []))
+        if vchance.size and np.isfinite(vchance).any():
+            a.plot(epochs, vchance, "--", lw=1, color="#ff7f0e", alpha=0.6, label="validation chance")
+        best = int(np.nanargmin(val))
+        a.axvline(epochs[best], color="0.5", ls=":", lw=1)
+        a.plot(
+            epochs[best], val[best], marker="*", ms=12, color="#d62728", ls="", label=f"kept: epoch {epochs[best]:g}"
+        )
+    a.set_ylabel("loss (sum of per-scale InfoNCE)")
+
+
+def _draw_edges(a: Axes, hist: dict[str, list], epochs: np.ndarray) -> None:
+    scales = [s for s in _SCALE_COLORS if f"edge_sampled_{s}" in hist or f"edge_prob_{s}" in hist]
+    if not scales:
+        raise ValueError(
+            "The history has no edge-addition statistics: the model was trained without stochastic edge addition "
+            "(`edge_addition=False`, `use_graph=False` or a single scale)."
+        )
+    for s in scales:
+        c = _SCALE_COLORS[s]
+        if f"edge_sampled_{s}" in hist:
+            a.plot(epochs, _floats(hist[f"edge_sampled_{s}"]), "-", color=c, label=f"{s}: fraction sampled")
+        if f"edge_prob_{s}" in hist:
+            a.plot(epochs, _floats(hist[f"edge_prob_{s}"]), "--", color=c, label=f"{s}: mean probability")
+    a.set_ylim(-0.02, 1.02)
+    a.set_ylabel("candidate edges")
+
+
+def _draw_gradients(a: Axes, hist: dict[str, list], epochs: np.ndarray, clip: float | None) -> None:
+    if "grad_norm" not in hist:
+        raise ValueError("The history has no gradient norms (a model trained by an older version); train it again.")
+    a.plot(epochs, _floats(hist["grad_norm"]), "-", color="k", label="all parameters (before clipping)")
+    for s, c in _SCALE_COLORS.items():
+        if f"edge_grad_{s}" in hist:
+            a.plot(epochs, _floats(hist[f"edge_grad_{s}"]), "-", color=c, label=f"{s} edge scorer")
+    if clip is not None:
+        a.axhline(clip, color="0.5", ls=":", lw=1, label=f"clipping at {clip:g}")
+    a.set_ylabel("gradient norm (mean per step)")
+
+
+def _clip(obj, tile_key: str) -> float | None:
+    cfg = getattr(obj, "config", None)
+    if cfg is not None:
+        return cfg.max_grad_norm
+    if hasattr(obj, "tables") and tile_key in obj.tables:
+        value = obj.tables[tile_key].uns.get(Keys.UNS, {}).get("training", {}).get("config", {}).get("max_grad_norm")
+        return None if value is None or not np.isfinite(float(value)) else float(value)
+    return None
 
 
 def _floats(values) -> np.ndarray:

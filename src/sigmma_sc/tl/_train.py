@@ -29,8 +29,10 @@ def train_sigmma(
     pretrained: bool = True,
     weights: str | Path | None = None,
     input_size: int | None = None,
-    epochs: int = 100,
-    batch_size: int = 1280,
+    preset: str = "default",
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     device: str | None = None,
     seed: int | None = 0,
     checkpoint_dir: str | Path | None = None,
@@ -42,8 +44,14 @@ def train_sigmma(
 
     Runs :func:`sigmma_sc.tl.featurize` (cached frozen-backbone features; skipped when already cached),
     collects tiles, cell graphs and features into a :class:`~sigmma_sc.model.TrainingBundle`, and fits a
-    :class:`~sigmma_sc.model.SigmmaModel` on the training tiles with AdamW and StepLR, validating after each
-    epoch and keeping the weights of the best validation epoch. Trains on the GPU when one is available.
+    :class:`~sigmma_sc.model.SigmmaModel` on the training tiles (AdamW with warm-up and cosine decay over a
+    budget of optimiser steps, gradient clipping), validating after each epoch, stopping early when the
+    validation loss stops improving and keeping the weights of the best validation epoch. Trains on the GPU
+    when one is available.
+
+    The validation loss is logged next to its chance level (``ln(batch)`` per scale and direction); a warning
+    says when the best validation loss stays near chance or the embeddings collapse, naming what to change
+    (``model.diagnostics`` and ``.uns['sigmma']['training']['diagnostics']`` record the checks).
 
     Parameters
     ----------
@@ -61,11 +69,19 @@ def train_sigmma(
         Local weights file for the backbone.
     input_size
         Side crops are resized to for the backbone (default: the backbone's; see :func:`sigmma_sc.tl.featurize`).
+    preset
+        Starting values of the training settings: ``"default"`` (1000 optimiser steps, batches of at most 256
+        tiles and a quarter of the training tiles, lr 1e-3 with warm-up and cosine decay, early stopping,
+        clipping; see :class:`~sigmma_sc.model.SigmmaConfig`) or ``"paper"`` (Table 3: 100 epochs of full
+        batches of 1280 tiles, lr 1e-4, StepLR). Explicit arguments override the preset.
+    steps
+        Budget of optimiser steps (default: the preset's; training also stops after ``epochs``).
     epochs
-        Training epochs (the paper: 100).
+        Budget of epochs (default: the preset's). Giving only ``epochs`` with the default preset trains for
+        that many epochs (no step budget).
     batch_size
-        Tiles per optimisation step, all negatives of each other (the paper: 1280; capped by the number of
-        training tiles).
+        Tiles per optimisation step, all negatives of each other (default: the preset's; capped by
+        ``max_batch_fraction`` of the training tiles).
     device
         Torch device (default: :attr:`sigmma_sc.settings.device`, else CUDA when available, else CPU).
     seed
@@ -108,10 +124,11 @@ def train_sigmma(
     info = tiles.uns[Keys.UNS]["backbone"]
     if weights is not None:  # the architecture is `backbone`, its weights a local file
         config.setdefault("backbone_weights", str(weights))
+    budget = {k: v for k, v in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     model = SigmmaModel.from_bundle(
         bundle,
-        epochs=epochs,
-        batch_size=min(int(batch_size), n_train),
+        preset=preset,
+        **budget,
         backbone=backbone,
         backbone_pretrained=bool(pretrained),
         backbone_info={k: info[k] for k in ("name", "num_features", "input_size", "mean", "std", "is_vit")},
@@ -124,9 +141,8 @@ def train_sigmma(
     uns = dict(tiles.uns.get(Keys.UNS, {}))
     uns["training"] = {
         "config": model.config.to_dict(),
-        "history": {k: [float(h[k]) if h[k] is not None else float("nan") for h in history] for k in history[0]}
-        if history
-        else {},
+        "history": _columns(history),
+        "diagnostics": model.diagnostics,
         "version": _version(),
     }
     tiles.uns[Keys.UNS] = uns
@@ -134,6 +150,12 @@ def train_sigmma(
     if best is not None:
         logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
     return model
+
+
+def _columns(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-epoch records as columns of floats (NaN where an epoch lacks a value), for ``.uns``."""
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    return {k: [float(h[k]) if h.get(k) is not None else float("nan") for h in history] for k in keys}
 
 
 def _version() -> str:

@@ -1,0 +1,112 @@
+"""Health checks of a trained SIGMMA model: loss against its chance level, and embedding collapse."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+#: The best validation loss counts as "at chance" above this fraction of the chance level.
+NEAR_CHANCE = 0.97
+#: Embeddings count as collapsed above this mean pairwise cosine similarity ...
+COLLAPSE_COSINE = 0.95
+#: ... or below this participation ratio (effective number of dimensions).
+COLLAPSE_PR = 2.0
+
+
+def chance_loss(sizes: Sequence[int], n_scales: int) -> float:
+    """Mean symmetric InfoNCE (summed over scales) of uninformative embeddings, over batches of ``sizes`` tiles.
+
+    With embeddings that carry no information every partner is as likely as any other of the ``n`` tiles of its
+    batch, so each direction of each scale's InfoNCE is ``ln(n)``; batches are weighted by their tile counts, as
+    the training and validation losses are.
+    """
+    total = sum(sizes)
+    if total == 0:
+        return float("nan")
+    return n_scales * sum(n * math.log(n) for n in sizes) / total
+
+
+def mean_pairwise_cosine(z: Tensor) -> float:
+    """Mean cosine similarity of all pairs of distinct rows of ``z`` (1: all rows point the same way)."""
+    n = z.shape[0]
+    if n < 2:
+        return float("nan")
+    u = torch.nn.functional.normalize(z.double(), dim=1)
+    s = u.sum(0)
+    return float(((s @ s) - n) / (n * (n - 1)))
+
+
+def participation_ratio(z: Tensor) -> float:
+    """Effective number of dimensions of ``z``: ``(sum l)^2 / sum l^2`` over the eigenvalues ``l`` of its covariance."""
+    if z.shape[0] < 2:
+        return float("nan")
+    x = z.double() - z.double().mean(0)
+    lam = torch.linalg.svdvals(x) ** 2
+    denom = float((lam**2).sum())
+    return float(lam.sum() ** 2 / denom) if denom > 0 else 0.0
+
+
+def embedding_health(emb: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
+    """``{"mean_cosine": {key: c}, "participation_ratio": {key: pr}}`` for each embedding (keys like ``"st/macro"``)."""
+    return {
+        "mean_cosine": {k: mean_pairwise_cosine(v) for k, v in emb.items()},
+        "participation_ratio": {k: participation_ratio(v) for k, v in emb.items()},
+    }
+
+
+def training_diagnostics(
+    history: Sequence[Mapping[str, Any]], emb: Mapping[str, Tensor] | None, *, tiles: str, stopped: str
+) -> dict[str, Any]:
+    """Diagnose a finished training run and warn about what users must fix.
+
+    Parameters
+    ----------
+    history
+        Per-epoch records of the run (``val_loss``, ``val_chance``, ...).
+    emb
+        Embeddings of held-out tiles by the kept weights (``"image/{scale}"`` / ``"st/{scale}"`` -> ``(B, D)``), or
+        ``None``.
+    tiles
+        Which tiles ``emb`` holds (``"val"`` or ``"train"``), recorded.
+    stopped
+        Why training stopped (``"budget"``, ``"early stopping"``, ...), recorded.
+
+    Returns
+    -------
+    JSON-able dict: ``best_val_loss``, ``val_chance``, ``best_epoch``, ``stopped``, ``tiles``, ``mean_cosine``,
+    ``participation_ratio`` (per embedding) and ``warnings`` (the messages logged).
+    """
+    out: dict[str, Any] = {"stopped": stopped, "tiles": tiles, "warnings": []}
+    vals = [(h["val_loss"], h) for h in history if h.get("val_loss") is not None]
+    if vals:
+        best, rec = min(vals, key=lambda v: v[0])
+        chance = float(rec.get("val_chance", float("nan")))
+        out |= {"best_val_loss": float(best), "val_chance": chance, "best_epoch": int(rec["epoch"])}
+        if math.isfinite(chance) and best >= NEAR_CHANCE * chance:
+            out["warnings"].append(
+                f"The best validation loss ({best:.3f}) is within {100 * (1 - NEAR_CHANCE):.0f}% of its chance level "
+                f"({chance:.3f}: ln(batch) per scale and direction): the model has barely learned to match images "
+                "with cells. Train longer (`steps`), raise `lr`, lower `batch_size` (more steps per epoch), or "
+                "check that the image and the cells are registered (`sg.pl.microenvironments` draws both)."
+            )
+    if emb:
+        health = embedding_health(emb)
+        out |= health
+        for key, c in health["mean_cosine"].items():
+            pr, dim = health["participation_ratio"][key], emb[key].shape[1]
+            if c > COLLAPSE_COSINE or pr < COLLAPSE_PR:
+                out["warnings"].append(
+                    f"The {key.replace('/', ' ')} embeddings of the {tiles} tiles have collapsed (mean pairwise cosine "
+                    f"{c:.3f}, participation ratio {pr:.1f} of {dim} dimensions): tiles are hard to tell apart. "
+                    "Train more steps, use a smaller `batch_size` or a larger `lr`, or a higher `temperature`."
+                )
+    for msg in out["warnings"]:
+        logger.warning(msg)
+    return out

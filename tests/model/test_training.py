@@ -1,0 +1,140 @@
+"""The training loop's budget, schedule, clipping, early stopping and health checks (issue 14)."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sigmma_sc.model import SigmmaConfig, SigmmaModel, toy_bundle
+from sigmma_sc.model._diagnostics import chance_loss, mean_pairwise_cosine, participation_ratio
+from sigmma_sc.model._train_loop import lr_factor
+
+
+@pytest.fixture(scope="module")
+def learnable():
+    return toy_bundle(n_tiles=60, seed=0)
+
+
+def test_batch_capped_by_fraction_of_training_tiles():
+    cfg = SigmmaConfig(n_features=4, image_dim=4)  # batch 256, at most a quarter of the training tiles
+    assert cfg.batch_for(105) == 26
+    assert cfg.batch_for(10_000) == 256
+    assert cfg.batch_for(20) == 8  # at least 8 tiles ...
+    assert cfg.batch_for(5) == 5  # ... or all of them
+    paper = SigmmaConfig.preset("paper", n_features=4, image_dim=4)
+    assert paper.batch_for(105) == 105  # full batches, as Table 3
+
+
+def test_step_budget_and_warmup_cosine_schedule(learnable):
+    model = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=30, warmup=0.2, patience=None)
+    history = model.fit(learnable, progress=False)
+    # 48 training tiles, batches of 12 (a quarter): 4 steps per epoch, 30 steps = 7.5 epochs
+    assert model.diagnostics["batch_size"] == 12
+    assert [h["step"] for h in history] == [4, 8, 12, 16, 20, 24, 28, 30]
+    assert model.diagnostics["stopped"] == "budget"
+    factors = [lr_factor(i, total_steps=30, warmup_steps=6, schedule="cosine", steps_per_epoch=4, step_size=1,
+                         gamma=0.1) for i in range(30)]  # fmt: skip
+    assert factors[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])  # linear warm-up
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:], strict=False))  # then a monotone decay
+    assert factors[-1] == pytest.approx(0.01, abs=0.01)
+    # the recorded lr is the one of each epoch's first step
+    assert history[0]["lr"] == pytest.approx(1e-3 * factors[0])
+    assert history[2]["lr"] == pytest.approx(1e-3 * factors[8])
+
+
+def test_paper_step_schedule():
+    f = [lr_factor(i, total_steps=40, warmup_steps=0, schedule="step", steps_per_epoch=4, step_size=3, gamma=0.1)
+         for i in range(40)]  # fmt: skip
+    assert f[0] == f[11] == 1.0  # epochs 0-2
+    assert f[12] == pytest.approx(0.1)  # epoch 3
+    assert f[24] == pytest.approx(0.01)
+
+
+def test_early_stopping_keeps_best_and_stops(learnable):
+    model = SigmmaModel.from_bundle(
+        learnable, hidden=16, out_dim=16, steps=2000, patience=8, warmup=0, lr=3e-2, temperature=0.1
+    )
+    history = model.fit(learnable, progress=False)
+    steps = history[-1]["step"]
+    assert steps < 2000
+    assert model.diagnostics["stopped"] == "early stopping"
+    vals = [h["val_loss"] for h in history]
+    best = int(np.argmin(vals))
+    assert steps - history[best]["step"] >= 8  # stopped only after `patience` steps without improvement
+    assert all(h["step"] - history[best]["step"] < 8 for h in history[:-1] if h["step"] > history[best]["step"])
+    assert model.diagnostics["best_val_loss"] == pytest.approx(vals[best])
+
+
+def test_gradients_are_clipped_and_recorded(learnable):
+    torch.manual_seed(0)
+    clipped = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, epochs=1, max_grad_norm=1e-3, lr=1e-2)
+    before = {k: v.clone() for k, v in clipped.state_dict().items()}
+    history = clipped.fit(learnable, progress=False)
+    assert history[0]["grad_norm"] > 1e-3  # the recorded norm is the one before clipping
+    # AdamW's first step moves each parameter by about lr whatever the gradient's scale, so compare with SGD
+    model = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, max_grad_norm=0.5)
+    model.train()
+    batch = learnable.select(torch.arange(12))
+    model(batch).backward()
+    from sigmma_sc.model._train_loop import _step_stats
+
+    stats = _step_stats(model, 0.5)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert float(stats["grad_norm"]) > 0.5
+    assert float(total) == pytest.approx(0.5, rel=1e-4)
+    assert any(not torch.equal(before[k], v) for k, v in clipped.state_dict().items())
+
+
+def test_chance_level_matches_uninformative_embeddings():
+    assert chance_loss([10], 3) == pytest.approx(3 * math.log(10))
+    assert chance_loss([10, 30], 1) == pytest.approx((10 * math.log(10) + 30 * math.log(30)) / 40)
+    from sigmma_sc.nn import info_nce
+
+    z = torch.nn.functional.normalize(torch.ones(16, 8), dim=1)  # every tile the same: no information
+    assert float(info_nce(z, z, temperature=0.1)) == pytest.approx(math.log(16), rel=1e-5)
+
+
+def test_collapse_metrics():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(200, 32, generator=g)
+    collapsed = torch.ones(200, 32) + 1e-3 * torch.randn(200, 32, generator=g)
+    assert abs(mean_pairwise_cosine(spread)) < 0.05
+    assert mean_pairwise_cosine(collapsed) > 0.99
+    assert participation_ratio(spread) > 20
+    line = torch.randn(200, 1, generator=g) * torch.ones(1, 32)
+    assert participation_ratio(line) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_health_warnings_reach_the_user(learnable, caplog):
+    # lr far too small: the model stays at chance and its embeddings stay near-identical
+    model = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=4, lr=1e-9, warmup=0)
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc.model._diagnostics"):
+        model.fit(learnable, progress=False)
+    d = model.diagnostics
+    assert d["best_val_loss"] >= 0.97 * d["val_chance"]
+    assert any("within 3% of its chance level" in m for m in d["warnings"])
+    assert "raise `lr`" in caplog.text
+    assert set(d["mean_cosine"]) == {f"{m}/{s}" for m in ("image", "st") for s in model.scales}
+    # a model that learns: well below chance, no warning
+    good = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=150, lr=3e-3, temperature=0.1)
+    good.fit(learnable, progress=False)
+    assert good.diagnostics["best_val_loss"] < 0.8 * good.diagnostics["val_chance"]
+    assert not [m for m in good.diagnostics["warnings"] if "chance" in m]
+
+
+def test_diagnostics_and_new_history_survive_save_load(learnable, tmp_path):
+    model = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=8)
+    model.fit(learnable, progress=False)
+    model.save(tmp_path / "m.pt")
+    back = SigmmaModel.load(tmp_path / "m.pt")
+    assert back.diagnostics == model.diagnostics
+    assert back.history == model.history
+
+
+def test_corrupt_checkpoint_is_a_clear_error(learnable, tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    model = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=4)
+    with pytest.raises(ValueError, match="corrupt or not a SIGMMA checkpoint"):
+        model.fit(learnable, progress=False, checkpoint_dir=tmp_path, resume=True)

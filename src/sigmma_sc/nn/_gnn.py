@@ -22,17 +22,29 @@ from ._pool import AttentionalPooling, mean_pool
 
 
 class WeightedSAGEConv(MessagePassing):
-    r"""GraphSAGE layer with an edge-weighted mean aggregation.
+    r"""GraphSAGE layer with an edge-weighted mean aggregation that cannot blow up.
 
     .. math::
-        x'_i = W_l \frac{\sum_{j \in N(i)} w_{ji} x_j}{\max(\sum_{j \in N(i)} w_{ji}, \epsilon)} + W_r x_i
+        x'_i = W_l \frac{\sum_{j \in N(i)} w_{ji} x_j}{\max(\sum_{j \in N(i)} w_{ji}, 1)} + W_r x_i
 
     PyG's :class:`~torch_geometric.nn.conv.SAGEConv` takes no edge weights; here gradients flow
-    through ``edge_weight`` (the Gumbel-sampled edges of :class:`~sigmma_sc.nn.EdgeSampler`).
-    A node without incoming edge (or whose incoming weights are all 0) aggregates 0. Messages flow
+    through ``edge_weight`` (the Gumbel-sampled edges of :class:`~sigmma_sc.nn.EdgeSampler`). Messages flow
     along ``edge_index[0] -> edge_index[1]`` (PyG's ``source_to_target``). When
     ``in_channels > out_channels`` the features are projected before aggregation (mean aggregation
     is linear, so the result is the same at lower cost).
+
+    Why ``max(sum w, 1)``: the sampled weights are hard ``{0, 1}`` values (straight-through), so for a node
+    with at least one sampled edge the denominator is its number of sampled edges and the layer computes
+    exactly the mean over the edges that exist (the same forward pass as removing the zero-weight edges,
+    and PyG's mean ``SAGEConv`` for unit weights). A node whose incoming weights are all 0 (or that has no
+    incoming edge) aggregates 0, and the gradient of its aggregate with respect to an edge weight is
+    ``x_j``: exactly the change that switching that edge on makes, never amplified. Dividing by
+    ``max(sum w, eps)`` instead gives such a node a gradient of ``x_j / eps`` (a million-fold
+    amplification of the straight-through gradient for ``eps = 1e-6``), and dividing by the in-degree (dgl's weighted ``SAGEConv``)
+    would shrink the message of a node by its unsampled candidates, so the forward pass would no longer be
+    the mean over the graph's edges. Through a zero-weight edge, the gradient with respect to the
+    neighbour's features ``x_j`` is 0. Weights are meant to be non-negative; fractional weights whose sum is
+    below 1 give their weighted sum (not a mean that would scale them up).
 
     Parameters
     ----------
@@ -42,8 +54,6 @@ class WeightedSAGEConv(MessagePassing):
         Output node feature width.
     bias
         Add a bias to the neighbour branch.
-    eps
-        Floor of the weight sum in the denominator.
 
     Shapes
     ------
@@ -51,11 +61,10 @@ class WeightedSAGEConv(MessagePassing):
     - output: ``(N, out_channels)``
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True, eps: float = 1e-6):
+    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True):
         super().__init__(aggr="sum")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.eps = eps
         self.lin_l = nn.Linear(in_channels, out_channels, bias=bias)
         self.lin_r = nn.Linear(in_channels, out_channels, bias=False)
 
@@ -75,7 +84,9 @@ class WeightedSAGEConv(MessagePassing):
         src = F.linear(x, self.lin_l.weight) if project_first else x
         num = self.propagate(edge_index, x=src, edge_weight=edge_weight, size=(n, n))
         den = scatter(edge_weight, edge_index[1], dim=0, dim_size=n, reduce="sum")
-        agg = num / den.clamp_min(self.eps).unsqueeze(-1)
+        # never divide by less than 1 (class docstring); unlike clamp_min, the gradient still flows through
+        # a denominator of exactly 1 (a node with one sampled edge), as for any other mean
+        agg = num / torch.where(den >= 1, den, torch.ones_like(den)).unsqueeze(-1)
         if project_first:
             out = agg if self.lin_l.bias is None else agg + self.lin_l.bias
         else:

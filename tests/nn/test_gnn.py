@@ -249,7 +249,7 @@ def _grads(toy_batch, hard, *, masked, monkeypatch):
 
     b = toy_batch
     isolated = torch.arange(6)
-    keep = lambda e: e[:, ~(torch.isin(e[0], isolated) | torch.isin(e[1], isolated))]  # noqa: E731
+    keep = lambda e: e[:, ~(torch.isin(e[0], isolated) | torch.isin(e[1], isolated))]
     with monkeypatch.context() as m:
         m.setattr(EdgeSampler, "forward", forward)
         if masked:
@@ -266,9 +266,9 @@ def test_gradients_match_masked_reference(toy_batch, monkeypatch, samples):
     computed with the zero-weight edges removed (the former 1 / 1e-6 normalisation was 1e3-1e7x off here)."""
     gen = torch.Generator()
     if samples == "all_zero":
-        hard = lambda n: torch.zeros(n)  # noqa: E731
+        hard = lambda n: torch.zeros(n)
     else:
-        hard = lambda n: (torch.rand(n, generator=gen) < 0.3).float()  # noqa: E731
+        hard = lambda n: (torch.rand(n, generator=gen) < 0.3).float()
     gen.manual_seed(0)
     ours = _grads(toy_batch, hard, masked=False, monkeypatch=monkeypatch)
     gen.manual_seed(0)

@@ -284,3 +284,37 @@ def test_gradients_match_masked_reference(toy_batch, monkeypatch, samples):
                 assert g.norm() >= r.norm() / 20, name
         else:
             assert r.norm() / 1.5 <= g.norm() <= 1.5 * r.norm() + 1e-6 * scale, name
+
+
+def test_edge_sampler_last_stats(toy_batch):
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, requires_grad=True)
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5, 0], [1, 0, 3, 2, 5, 4, 5]])
+    sampler = EdgeSampler(8)
+    assert sampler.last_stats is None
+    w = sampler(h, ei)
+    stats = sampler.last_stats
+    assert set(stats) == {"sampled", "prob", "candidates"}
+    assert stats["candidates"] == 7
+    assert isinstance(stats["candidates"], int)
+    for key in ("sampled", "prob"):
+        assert isinstance(stats[key], torch.Tensor)
+        assert stats[key].shape == ()
+        assert stats[key].dtype == torch.float32
+        assert not stats[key].requires_grad
+    torch.testing.assert_close(stats["sampled"], w.detach().mean())
+    torch.testing.assert_close(stats["prob"], torch.sigmoid(sampler.logits(h, ei)).mean().detach())
+    sampler.eval()
+    sampler(h, ei[:, :2])
+    assert sampler.last_stats is stats  # evaluation passes do not overwrite the training statistics
+    sampler.train()
+    sampler(h, ei[:, :0])
+    assert sampler.last_stats["candidates"] == 0
+    assert float(sampler.last_stats["sampled"]) == float(sampler.last_stats["prob"]) == 0.0
+    # inside the encoder: one record per scale with edge addition, on the candidates after the block mask
+    enc = _encoder().train()
+    out = _run(enc, toy_batch)
+    for s in ("meso", "macro"):
+        cand, w = out.added[s]
+        assert enc.samplers[s].last_stats["candidates"] == cand.shape[1]
+        torch.testing.assert_close(enc.samplers[s].last_stats["sampled"], w.detach().mean())

@@ -318,3 +318,46 @@ def test_edge_sampler_last_stats(toy_batch):
         cand, w = out.added[s]
         assert enc.samplers[s].last_stats["candidates"] == cand.shape[1]
         torch.testing.assert_close(enc.samplers[s].last_stats["sampled"], w.detach().mean())
+
+
+def test_tile_graph_is_one_gnn_over_the_plain_knn_graph(toy_batch):
+    enc = _encoder(graph="tile", scales=("macro",), edge_addition=False)
+    b = toy_batch
+    assert set(enc.convs) == set(enc.pools) == {"macro"}
+    assert len(enc.samplers) == 0
+    assert len(enc.convs["macro"]) == 2
+    assert enc.convs["macro"][0].in_channels == 6  # straight from the node features
+    # the toy's kNN graph crosses micro and meso blocks: the tile graph keeps all of it
+    assert not same_block(b.edge_index, b.pos, b.batch, GRID["meso"]).all()
+    for out in (_run(enc, b), enc(b.x, b.pos, b.batch, b.edge_index, None, None, num_tiles=b.num_tiles)):
+        assert set(out.nodes) == set(out.pooled) == set(out.graphs) == {"macro"}
+        assert out.added == {}
+        assert out.nodes["macro"].shape == (b.x.shape[0], 12)
+        assert out.pooled["macro"].shape == (b.num_tiles, 12)
+        ei, w = out.graphs["macro"]
+        assert torch.equal(ei, b.edge_index)
+        assert (w == 1).all()
+    # the same as two plain SAGE layers over the kNN graph, then attention pooling
+    enc.eval()
+    h = b.x
+    for conv in enc.convs["macro"]:
+        h = enc.act(conv(h, b.edge_index))
+    ref = enc.pools["macro"](h, b.batch, b.num_tiles)
+    torch.testing.assert_close(_run(enc, b).pooled["macro"], ref)
+    # the sliced path of TrainingBundle.select gives the same graph as the masked one
+    sliced = _run(enc, b, edge_sections=b.edge_sections, candidates_in_blocks=True)
+    torch.testing.assert_close(sliced.pooled["macro"], ref)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"graph": "knn"}, "one of"),
+        ({"graph": "tile"}, "scales=\\('macro',\\)"),
+        ({"graph": "tile", "scales": ("macro",)}, "edge_addition=False"),
+        ({"graph": "tile", "scales": ("macro",), "edge_addition": False, "use_graph": False}, "use_graph"),
+    ],
+)
+def test_graph_switch_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _encoder(**kwargs)

@@ -124,6 +124,25 @@ class GraphEncoderOutput:
     added: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
+GRAPHS = ("hierarchical", "tile")
+
+
+def check_graph(graph: str, *, scales: Sequence[str], edge_addition: bool, use_graph: bool) -> None:
+    """Raise ``ValueError`` unless ``graph`` is one of :data:`GRAPHS` and consistent with the other switches."""
+    if graph not in GRAPHS:
+        raise ValueError(f"`graph` must be one of {GRAPHS}, got {graph!r}.")
+    if graph != "tile":
+        return
+    if not use_graph:
+        raise ValueError("`graph='tile'` is a cell-graph model; with `use_graph=False` leave `graph='hierarchical'`.")
+    if tuple(scales) != ("macro",) or edge_addition:
+        raise ValueError(
+            "`graph='tile'` (the single-scale graph ablation: one GNN over the tile's kNN graph, pooled once) needs "
+            f"`scales=('macro',)` and `edge_addition=False`; got scales={tuple(scales)!r}, "
+            f"edge_addition={edge_addition!r}."
+        )
+
+
 def _empty_edges(device: torch.device) -> Tensor:
     return torch.empty(2, 0, dtype=torch.long, device=device)
 
@@ -138,8 +157,11 @@ class HierarchicalGraphEncoder(nn.Module):
     and more SAGE layers on ``h_micro`` give ``h_meso``. The same with ``cand_macro`` (restricted to the
     tile) gives ``G_macro`` and ``h_macro``. Each requested scale is pooled per tile by global attention.
 
-    Ablations (paper Table 5): ``edge_addition=False`` uses fixed graphs (``G_meso`` = kNN edges inside
-    a meso block, ``G_macro`` = all kNN edges of the tile, weight 1, no scorer); ``use_graph=False`` is
+    Ablations (paper Table 5): ``edge_addition=False`` keeps the hierarchy with fixed graphs (``G_meso`` = kNN
+    edges inside a meso block, ``G_macro`` = all kNN edges of the tile, weight 1, no scorer);
+    ``graph="tile"`` (with ``scales=("macro",)`` and ``edge_addition=False``) is the single-scale graph row: one
+    stack of ``layers_per_scale`` SAGE layers over the tile's plain kNN graph (every kNN edge of the tile, no
+    block constraint, no edge addition), pooled once into the macro vector; ``use_graph=False`` is
     BLEEP-style, no GNN: tile vector ``MLP(mean of the tile's node features)`` and cell vectors
     ``MLP(x)``, the same for every scale; ``scales`` restricts the scales returned (the hierarchy still
     runs through the finer scales needed to build the coarsest requested one).
@@ -164,6 +186,9 @@ class HierarchicalGraphEncoder(nn.Module):
         Message passing on cell graphs (else the BLEEP-style MLP).
     scales
         Scales to compute, a subset of ``("micro", "meso", "macro")``.
+    graph
+        ``"hierarchical"`` (micro -> meso -> macro, see above) or ``"tile"`` (one GNN over the tile's kNN graph;
+        needs ``scales=("macro",)`` and ``edge_addition=False``).
 
     Shapes
     ------
@@ -184,6 +209,7 @@ class HierarchicalGraphEncoder(nn.Module):
         edge_addition: bool = True,
         use_graph: bool = True,
         scales: Sequence[str] = SCALES,
+        graph: str = "hierarchical",
     ):
         super().__init__()
         scales = tuple(scales)
@@ -191,14 +217,16 @@ class HierarchicalGraphEncoder(nn.Module):
             raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {scales!r}.")
         if layers_per_scale < 1:
             raise ValueError(f"`layers_per_scale` must be >= 1, got {layers_per_scale}.")
+        check_graph(graph, scales=scales, edge_addition=edge_addition, use_graph=use_graph)
+        self.graph = graph
         self.scales = tuple(s for s in SCALES if s in scales)
         self.in_channels, self.hidden, self.out = in_channels, hidden, out
         self.dropout = dropout
         self.edge_addition = edge_addition
         self.use_graph = use_graph
         self.act = nn.LeakyReLU()
-        # the hierarchy runs up to the coarsest requested scale
-        self._run = SCALES[: max(SCALES.index(s) for s in self.scales) + 1]
+        # the hierarchy runs up to the coarsest requested scale; the tile graph is one stack of layers
+        self._run = ("macro",) if graph == "tile" else SCALES[: max(SCALES.index(s) for s in self.scales) + 1]
 
         if not use_graph:
             self.mlp = nn.Sequential(
@@ -277,8 +305,8 @@ class HierarchicalGraphEncoder(nn.Module):
             return edge_index[:, : sum(edge_sections[: SCALES.index(scale) + 1])]
 
         for s in self._run:
-            if s == "micro":
-                ei = knn("micro")
+            if s == self._run[0]:  # the first graph: the fixed kNN edges allowed at that scale
+                ei = knn(s)
                 wi = x.new_ones(ei.shape[1])
             elif self.edge_addition:
                 cand = cands[s] if cands[s] is not None else _empty_edges(device)

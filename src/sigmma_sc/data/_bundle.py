@@ -67,7 +67,7 @@ def candidate_edges(
     ex = sparse.coo_matrix(exclude)
     nz = ex.data != 0
     r0, c0 = ex.row[nz].astype(np.int64), ex.col[nz].astype(np.int64)
-    ex_key = np.unique(np.concatenate([r0 * n + c0, c0 * n + r0]))  # both directions, sorted
+    ex_key = _sorted_unique(np.concatenate([r0 * n + c0, c0 * n + r0]))  # both directions
     degree = np.bincount(ex_key // n, minlength=n)
 
     m = valid.size
@@ -102,8 +102,14 @@ def candidate_edges(
     c = np.concatenate(cols_out)
     if r.size == 0:
         return empty
-    key = np.unique(np.concatenate([r * n + c, c * n + r]))
+    key = _sorted_unique(np.concatenate([r * n + c, c * n + r]))
     return np.vstack([key // n, key % n]).astype(np.int64)
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique`` of an int64 vector by sorting (several times faster than numpy's hash-based unique here)."""
+    a = np.sort(a)
+    return a[np.r_[True, a[1:] != a[:-1]]] if a.size else a
 
 
 def build_bundle(

@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} cores (2-core CPU, shared/loaded), torch threads {args.threads}",
         "",
     ]
+    print("\n".join(lines), flush=True)
     for name in args.sections:
+        start = len(lines)
         sdata, image_key = load(name)
         counts = candidate_counts(sdata, image_key)
         c = counts["current"]
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                 cells = [f"{v[k]:.3g} ({v[k] / ref[k]:.3g}x)" if ref[k] > 0 else f"{v[k]:.3g}" for k in KEYS]
                 lines.append(f"| {rule} | {agg} | {' | '.join(cells)} |")
         lines.append("")
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines[start:]), flush=True)
     if args.scale_cells:
         t = scale_timing(args.scale_cells)
         lines += [
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({t['meso']:.2f} per cell), macro {t['macro_s']:.1f} s ({t['macro']:.2f} per cell)",
             "",
         ]
-    print("\n".join(lines))
+        print("\n".join(lines[-2:]))
 
 
 if __name__ == "__main__":

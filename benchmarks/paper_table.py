@@ -12,10 +12,14 @@ skip featurization. Every row then trains on the same tiles and the same spatial
 
 1. frozen backbone, macro crop (no training; probe only, there is no shared space to retrieve in);
 2. frozen backbone, concatenation of the three scales (no training);
-3. BLEEP-style: single scale (macro), no cell graph (MLP on mean node features);
-4. cell graph, single scale (macro), fixed kNN graph;
-5. cell graph + multi-scale, fixed kNN graphs;
-6. full SIGMMA (cell graph + multi-scale + stochastic edge addition).
+3. BLEEP-style: single scale (macro), no cell graph (MLP on the tile's mean node features);
+4. cell graph, single scale: one GNN (``layers_per_scale`` SAGE layers) over the tile's plain 6-NN graph (every
+   kNN edge of the tile, no block constraint, no edge addition), pooled once, aligned with the macro crop only
+   (``graph="tile"``);
+5. cell graph + multi-scale: the micro -> meso -> macro hierarchy with fixed graphs (micro: kNN edges inside a
+   micro block; meso: inside a meso block; macro: all kNN edges of the tile), three losses;
+6. full SIGMMA: the same hierarchy with stochastic edge addition (candidates sampled into the meso and macro
+   graphs).
 
 Checkpoints are chosen on the validation loss (``SigmmaModel.fit``); probes fit on training tiles, pick
 ridge alpha on validation tiles (paper protocol) and report on test tiles (:mod:`sigmma_sc.metrics`).
@@ -62,19 +66,19 @@ ROWS: tuple[dict[str, Any], ...] = (
         "name": "graph",
         "label": "Cell graph, single scale",
         "ticks": ("✓", "", ""),
-        "config": {"scales": ("macro",), "use_graph": True, "edge_addition": False},
+        "config": {"scales": ("macro",), "use_graph": True, "edge_addition": False, "graph": "tile"},
     },
     {
         "name": "graph_multiscale",
         "label": "Cell graph + multi-scale",
         "ticks": ("✓", "✓", ""),
-        "config": {"scales": SCALES, "use_graph": True, "edge_addition": False},
+        "config": {"scales": SCALES, "use_graph": True, "edge_addition": False, "graph": "hierarchical"},
     },
     {
         "name": "sigmma",
         "label": "Full SIGMMA",
         "ticks": ("✓", "✓", "✓"),
-        "config": {"scales": SCALES, "use_graph": True, "edge_addition": True},
+        "config": {"scales": SCALES, "use_graph": True, "edge_addition": True, "graph": "hierarchical"},
     },
 )
 

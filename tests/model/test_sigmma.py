@@ -277,3 +277,32 @@ def test_fit_errors(bundle, small_config, tmp_path):
     other = SigmmaModel.from_bundle(bundle, **{**small_config, "hidden": 8})
     with pytest.raises(ValueError, match="different config"):
         other.fit(bundle, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_tile_graph_config_train_save_load(bundle, small_config, tmp_path):
+    tile = {"graph": "tile", "scales": ("macro",), "edge_addition": False}
+    cfg = SigmmaConfig(n_features=4, image_dim=6, **tile)
+    assert SigmmaConfig.from_json(cfg.to_json()) == cfg
+    assert SigmmaConfig(n_features=4, image_dim=6).graph == "hierarchical"
+    with pytest.raises(ValueError, match="edge_addition=False"):
+        SigmmaConfig(n_features=4, image_dim=6, graph="tile", scales=("macro",))
+    with pytest.raises(ValueError, match="one of"):
+        SigmmaConfig(n_features=4, image_dim=6, graph="flat")
+    m = SigmmaModel.from_bundle(bundle, **small_config, **tile)
+    names = [n for n, _ in m.named_parameters()]
+    assert not any("samplers" in n or "convs.micro" in n or "convs.meso" in n for n in names)
+    assert "graph='tile'" in repr(m)
+    m.fit(bundle, progress=False, epochs=1)
+    tiles, cells = m.encode_st(bundle)
+    assert tuple(tiles) == tuple(cells) == ("macro",)
+    assert cells["macro"].shape == (bundle.n_cells, 16)
+    m.save(tmp_path / "tile.pt")
+    m2 = SigmmaModel.load(tmp_path / "tile.pt")
+    assert m2.config == m.config
+    assert m2.config.graph == "tile"
+    _equal_dicts(m.encode_st(bundle)[0], m2.encode_st(bundle)[0])
+    _equal_dicts(m.encode_st(bundle)[1], m2.encode_st(bundle)[1])
+    # a config saved before the switch existed loads with the default
+    old = {k: v for k, v in m.config.to_dict().items() if k != "graph"} | {"scales": list(SCALES)}
+    old |= {"edge_addition": True}
+    assert SigmmaConfig.from_dict(old).graph == "hierarchical"

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .._constants import SCALES
+from ..nn._gnn import check_graph
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 SCHEDULES = ("cosine", "step")
@@ -72,6 +73,10 @@ class SigmmaConfig:
         Cell graph + GNN (``False``: BLEEP-style MLP on the mean node features).
     edge_addition
         Stochastic edge addition (``False``: fixed block-restricted kNN graphs).
+    graph
+        ``"hierarchical"`` (default: micro -> meso -> macro graphs with the neighbour-patch constraint) or
+        ``"tile"``: one GNN over the tile's plain kNN graph, pooled once (the paper's single-scale graph row of
+        Table 5; needs ``scales=("macro",)`` and ``edge_addition=False``).
     lr, weight_decay
         AdamW parameters (``lr`` is the peak learning rate after warm-up).
     steps
@@ -139,6 +144,7 @@ class SigmmaConfig:
     scales: tuple[str, ...] = SCALES
     use_graph: bool = True
     edge_addition: bool = True
+    graph: str = "hierarchical"
     lr: float = 1e-3
     weight_decay: float = 1e-3
     steps: int | None = 1000
@@ -166,6 +172,7 @@ class SigmmaConfig:
         if not given or set(given) - set(SCALES):
             raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {given!r}.")
         self.scales = tuple(s for s in SCALES if s in given)
+        check_graph(self.graph, scales=self.scales, edge_addition=self.edge_addition, use_graph=self.use_graph)
         for name in ("n_features", "image_dim", "hidden", "out_dim", "layers_per_scale", "step_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")

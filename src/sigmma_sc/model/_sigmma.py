@@ -111,6 +111,7 @@ class SigmmaModel(nn.Module):
                 edge_addition=config.edge_addition,
                 use_graph=config.use_graph,
                 scales=config.scales,
+                graph=config.graph,
             )
             self.image_heads = nn.ModuleDict(
                 {s: ProjectionHead(config.image_dim, config.out_dim, config.dropout) for s in config.scales}
@@ -469,6 +470,7 @@ class SigmmaModel(nn.Module):
         return (
             f"SigmmaModel(scales={list(c.scales)}, n_features={c.n_features}, image_dim={c.image_dim}, "
             f"hidden={c.hidden}, out_dim={c.out_dim}, use_graph={c.use_graph}, edge_addition={c.edge_addition}, "
+            + (f"graph={c.graph!r}, " if c.graph != "hierarchical" else "")
             + (f"fine-tuned {c.backbone!r} ({c.finetune_blocks} blocks), " if self.finetuned else "")
             + f"{n} parameters, {len(self.history)} epochs trained)"
         )

@@ -83,6 +83,12 @@ class EdgeSampler(nn.Module):
     returned weight is ``hard - soft.detach() + soft`` (value ``hard``, gradient of ``soft``).
     Evaluation: deterministic ``hard = 1[s_uv > 0.5]``.
 
+    Monitoring: after every forward pass in training mode, :attr:`last_stats` holds
+    ``{"sampled": fraction of the candidate edges sampled on, "prob": mean s_uv, "candidates": number of
+    candidate edges}``; the first two are detached 0-dim float32 tensors on the input's device (reading them
+    is the caller's choice of when to synchronise), the last an ``int`` known from the shapes. Without
+    candidates both fractions are 0. Evaluation passes leave it unchanged.
+
     Parameters
     ----------
     in_channels
@@ -96,6 +102,11 @@ class EdgeSampler(nn.Module):
     ------
     - input: node embeddings ``(N, in_channels)``, candidate edges ``(2, E_c)``
     - output: edge weights ``(E_c,)`` in ``{0, 1}`` (forward value)
+
+    Attributes
+    ----------
+    last_stats
+        Edge statistics of the last training-mode forward pass (``None`` before the first one).
     """
 
     def __init__(self, in_channels: int, hidden_channels: int | None = None, *, tau: float = 1.0):
@@ -108,6 +119,7 @@ class EdgeSampler(nn.Module):
         self.lin_v = nn.Linear(in_channels, hidden_channels, bias=False)
         self.act = nn.LeakyReLU()
         self.out = nn.Linear(hidden_channels, 1)
+        self.last_stats: dict[str, Tensor | int] | None = None
 
     def reset_parameters(self) -> None:
         """Re-initialise the scorer."""
@@ -128,10 +140,17 @@ class EdgeSampler(nn.Module):
         if not self.training:
             return (logit > 0).to(logit.dtype)  # sigmoid(logit) > 0.5
         if logit.numel() == 0:
+            zero = logit.new_zeros((), dtype=torch.float32).detach()
+            self.last_stats = {"sampled": zero, "prob": zero.clone(), "candidates": 0}
             return logit
         # the noise and the sample in float32 even under autocast (bf16 would quantise the logistic noise)
         u = _pair_uniform(pair_ids(edge_index, h.shape[0]), torch.float32).clamp_(1e-6, 1 - 1e-6)
         noise = torch.log(u) - torch.log1p(-u)
         soft = torch.sigmoid((logit.float() + noise) / self.tau)
         hard = (soft > 0.5).to(soft.dtype)
+        self.last_stats = {
+            "sampled": hard.mean().detach(),
+            "prob": torch.sigmoid(logit.detach().float()).mean(),
+            "candidates": int(edge_index.shape[1]),
+        }
         return hard - soft.detach() + soft

@@ -22,17 +22,29 @@ from ._pool import AttentionalPooling, mean_pool
 
 
 class WeightedSAGEConv(MessagePassing):
-    r"""GraphSAGE layer with an edge-weighted mean aggregation.
+    r"""GraphSAGE layer with an edge-weighted mean aggregation that cannot blow up.
 
     .. math::
-        x'_i = W_l \frac{\sum_{j \in N(i)} w_{ji} x_j}{\max(\sum_{j \in N(i)} w_{ji}, \epsilon)} + W_r x_i
+        x'_i = W_l \frac{\sum_{j \in N(i)} w_{ji} x_j}{\max(\sum_{j \in N(i)} w_{ji}, 1)} + W_r x_i
 
     PyG's :class:`~torch_geometric.nn.conv.SAGEConv` takes no edge weights; here gradients flow
-    through ``edge_weight`` (the Gumbel-sampled edges of :class:`~sigmma_sc.nn.EdgeSampler`).
-    A node without incoming edge (or whose incoming weights are all 0) aggregates 0. Messages flow
+    through ``edge_weight`` (the Gumbel-sampled edges of :class:`~sigmma_sc.nn.EdgeSampler`). Messages flow
     along ``edge_index[0] -> edge_index[1]`` (PyG's ``source_to_target``). When
     ``in_channels > out_channels`` the features are projected before aggregation (mean aggregation
     is linear, so the result is the same at lower cost).
+
+    Why ``max(sum w, 1)``: the sampled weights are hard ``{0, 1}`` values (straight-through), so for a node
+    with at least one sampled edge the denominator is its number of sampled edges and the layer computes
+    exactly the mean over the edges that exist (the same forward pass as removing the zero-weight edges,
+    and PyG's mean ``SAGEConv`` for unit weights). A node whose incoming weights are all 0 (or that has no
+    incoming edge) aggregates 0, and the gradient of its aggregate with respect to an edge weight is
+    ``x_j``: exactly the change that switching that edge on makes, never amplified. Dividing by
+    ``max(sum w, eps)`` instead gives such a node a gradient of ``x_j / eps`` (a million-fold
+    amplification of the straight-through gradient for ``eps = 1e-6``), and dividing by the in-degree (dgl's weighted ``SAGEConv``)
+    would shrink the message of a node by its unsampled candidates, so the forward pass would no longer be
+    the mean over the graph's edges. Through a zero-weight edge, the gradient with respect to the
+    neighbour's features ``x_j`` is 0. Weights are meant to be non-negative; fractional weights whose sum is
+    below 1 give their weighted sum (not a mean that would scale them up).
 
     Parameters
     ----------
@@ -42,8 +54,6 @@ class WeightedSAGEConv(MessagePassing):
         Output node feature width.
     bias
         Add a bias to the neighbour branch.
-    eps
-        Floor of the weight sum in the denominator.
 
     Shapes
     ------
@@ -51,11 +61,10 @@ class WeightedSAGEConv(MessagePassing):
     - output: ``(N, out_channels)``
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True, eps: float = 1e-6):
+    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True):
         super().__init__(aggr="sum")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.eps = eps
         self.lin_l = nn.Linear(in_channels, out_channels, bias=bias)
         self.lin_r = nn.Linear(in_channels, out_channels, bias=False)
 
@@ -75,7 +84,9 @@ class WeightedSAGEConv(MessagePassing):
         src = F.linear(x, self.lin_l.weight) if project_first else x
         num = self.propagate(edge_index, x=src, edge_weight=edge_weight, size=(n, n))
         den = scatter(edge_weight, edge_index[1], dim=0, dim_size=n, reduce="sum")
-        agg = num / den.clamp_min(self.eps).unsqueeze(-1)
+        # never divide by less than 1 (class docstring); unlike clamp_min, the gradient still flows through
+        # a denominator of exactly 1 (a node with one sampled edge), as for any other mean
+        agg = num / torch.where(den >= 1, den, torch.ones_like(den)).unsqueeze(-1)
         if project_first:
             out = agg if self.lin_l.bias is None else agg + self.lin_l.bias
         else:
@@ -113,6 +124,25 @@ class GraphEncoderOutput:
     added: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
+GRAPHS = ("hierarchical", "tile")
+
+
+def check_graph(graph: str, *, scales: Sequence[str], edge_addition: bool, use_graph: bool) -> None:
+    """Raise ``ValueError`` unless ``graph`` is one of :data:`GRAPHS` and consistent with the other switches."""
+    if graph not in GRAPHS:
+        raise ValueError(f"`graph` must be one of {GRAPHS}, got {graph!r}.")
+    if graph != "tile":
+        return
+    if not use_graph:
+        raise ValueError("`graph='tile'` is a cell-graph model; with `use_graph=False` leave `graph='hierarchical'`.")
+    if tuple(scales) != ("macro",) or edge_addition:
+        raise ValueError(
+            "`graph='tile'` (the single-scale graph ablation: one GNN over the tile's kNN graph, pooled once) needs "
+            f"`scales=('macro',)` and `edge_addition=False`; got scales={tuple(scales)!r}, "
+            f"edge_addition={edge_addition!r}."
+        )
+
+
 def _empty_edges(device: torch.device) -> Tensor:
     return torch.empty(2, 0, dtype=torch.long, device=device)
 
@@ -127,8 +157,11 @@ class HierarchicalGraphEncoder(nn.Module):
     and more SAGE layers on ``h_micro`` give ``h_meso``. The same with ``cand_macro`` (restricted to the
     tile) gives ``G_macro`` and ``h_macro``. Each requested scale is pooled per tile by global attention.
 
-    Ablations (paper Table 5): ``edge_addition=False`` uses fixed graphs (``G_meso`` = kNN edges inside
-    a meso block, ``G_macro`` = all kNN edges of the tile, weight 1, no scorer); ``use_graph=False`` is
+    Ablations (paper Table 5): ``edge_addition=False`` keeps the hierarchy with fixed graphs (``G_meso`` = kNN
+    edges inside a meso block, ``G_macro`` = all kNN edges of the tile, weight 1, no scorer);
+    ``graph="tile"`` (with ``scales=("macro",)`` and ``edge_addition=False``) is the single-scale graph row: one
+    stack of ``layers_per_scale`` SAGE layers over the tile's plain kNN graph (every kNN edge of the tile, no
+    block constraint, no edge addition), pooled once into the macro vector; ``use_graph=False`` is
     BLEEP-style, no GNN: tile vector ``MLP(mean of the tile's node features)`` and cell vectors
     ``MLP(x)``, the same for every scale; ``scales`` restricts the scales returned (the hierarchy still
     runs through the finer scales needed to build the coarsest requested one).
@@ -153,6 +186,9 @@ class HierarchicalGraphEncoder(nn.Module):
         Message passing on cell graphs (else the BLEEP-style MLP).
     scales
         Scales to compute, a subset of ``("micro", "meso", "macro")``.
+    graph
+        ``"hierarchical"`` (micro -> meso -> macro, see above) or ``"tile"`` (one GNN over the tile's kNN graph;
+        needs ``scales=("macro",)`` and ``edge_addition=False``).
 
     Shapes
     ------
@@ -173,6 +209,7 @@ class HierarchicalGraphEncoder(nn.Module):
         edge_addition: bool = True,
         use_graph: bool = True,
         scales: Sequence[str] = SCALES,
+        graph: str = "hierarchical",
     ):
         super().__init__()
         scales = tuple(scales)
@@ -180,14 +217,16 @@ class HierarchicalGraphEncoder(nn.Module):
             raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {scales!r}.")
         if layers_per_scale < 1:
             raise ValueError(f"`layers_per_scale` must be >= 1, got {layers_per_scale}.")
+        check_graph(graph, scales=scales, edge_addition=edge_addition, use_graph=use_graph)
+        self.graph = graph
         self.scales = tuple(s for s in SCALES if s in scales)
         self.in_channels, self.hidden, self.out = in_channels, hidden, out
         self.dropout = dropout
         self.edge_addition = edge_addition
         self.use_graph = use_graph
         self.act = nn.LeakyReLU()
-        # the hierarchy runs up to the coarsest requested scale
-        self._run = SCALES[: max(SCALES.index(s) for s in self.scales) + 1]
+        # the hierarchy runs up to the coarsest requested scale; the tile graph is one stack of layers
+        self._run = ("macro",) if graph == "tile" else SCALES[: max(SCALES.index(s) for s in self.scales) + 1]
 
         if not use_graph:
             self.mlp = nn.Sequential(
@@ -266,8 +305,8 @@ class HierarchicalGraphEncoder(nn.Module):
             return edge_index[:, : sum(edge_sections[: SCALES.index(scale) + 1])]
 
         for s in self._run:
-            if s == "micro":
-                ei = knn("micro")
+            if s == self._run[0]:  # the first graph: the fixed kNN edges allowed at that scale
+                ei = knn(s)
                 wi = x.new_ones(ei.shape[1])
             elif self.edge_addition:
                 cand = cands[s] if cands[s] is not None else _empty_edges(device)

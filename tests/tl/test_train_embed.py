@@ -164,3 +164,24 @@ def test_embed_refuses_features_computed_otherwise(prepared):
         prepared.tables[Keys.TILE_TABLE].uns["sigmma"]["backbone"]["input_size"]
         == model.config.backbone_info["input_size"]
     )
+
+
+def test_save_load_resume_after_zarr_round_trip(prepared, tmp_path):
+    """Read back from zarr, `.uns` holds numpy arrays; the model config and meta must stay plain JSON types."""
+    import json
+
+    import spatialdata as sd
+
+    prepared.write(tmp_path / "section.zarr")
+    back = sd.read_zarr(tmp_path / "section.zarr")
+    assert isinstance(back.tables[Keys.TILE_TABLE].uns["sigmma"]["backbone"]["mean"], np.ndarray)  # the trap
+    model = sg.tl.train_sigmma(back, epochs=1, checkpoint_dir=tmp_path / "ckpt", **TINY)
+    json.dumps(model.config.to_dict())
+    json.dumps(model.meta)
+    model.save(tmp_path / "model.pt")
+    loaded = sg.model.SigmmaModel.load(tmp_path / "model.pt")
+    assert loaded.config == model.config
+    resumed = sg.tl.train_sigmma(back, epochs=2, checkpoint_dir=tmp_path / "ckpt", resume=True, **TINY)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    sg.tl.embed(back, loaded)
+    assert np.isfinite(back.tables[Keys.TILE_TABLE].obsm[Keys.EMB_IMAGE.format(scale="macro")]).all()

@@ -60,7 +60,7 @@ def cell_graph(
     n_comps
         Number of principal components when ``features`` is ``None``.
     layer
-        Layer holding raw counts (``None``: ``.X``).
+        Layer holding raw counts (``None``: the ``layer`` given to :func:`sigmma_sc.pp.tile`, else ``.X``).
     key_added
         Prefix of the ``.obsp`` keys.
     features_key
@@ -98,7 +98,11 @@ def cell_graph(
     if features is None:
         train_tiles = np.flatnonzero(tiles.obs[Keys.SPLIT].to_numpy() == "train")
         fit_mask = np.isin(tile_of_cell, train_tiles)
-        counts = counts_matrix(table, layer, table_key)
+        if layer is None:  # the counts pp.tile summed
+            layer = params.get("layer")
+        else:
+            layer = str(layer)
+        counts = counts_matrix(table, layer, table_key, check_integer=layer != params.get("layer"))
         if pca_from is None:
             pca = fit_log_pca(counts, fit_mask, n_comps)
             pca["var_names"] = table.var_names.astype(str).to_numpy()
@@ -137,6 +141,7 @@ def cell_graph(
         "features_key": feature_source,
         "n_features": int(X.shape[1]),
         "n_comps": int(X.shape[1]) if features is None else None,
+        "layer": layer if features is None else None,
         "pca": pca if features is None else None,
         "key_added": key_added,
         "tile_key": tile_key,

@@ -158,3 +158,17 @@ def test_cell_graph_uses_the_layer_given_to_tile():
     got = sdata.tables["table"].obsm[Keys.FEATURES]
     assert np.allclose(got, ref.tables["table"].obsm[Keys.FEATURES], atol=1e-4)
     assert sdata.tables["table"].uns["sigmma"]["cell_graph"]["layer"] == "counts"
+
+
+def test_cells_without_edges_warn_with_their_share(caplog):
+    import logging
+
+    sdata = make_section(n_cells=150, image_px=256)
+    sg.pp.tile(sdata, image_key="he", tile_size_um=8.0, pixel_size_um=0.5)  # tiny tiles: many hold one cell
+    tile_of = sdata.tables["table"].obs[Keys.CELL_TILE].to_numpy()
+    alone = np.isin(tile_of, np.flatnonzero(np.bincount(tile_of[tile_of >= 0]) == 1)).sum()
+    assert alone > 0
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.cell_graph(sdata, n_comps=4)
+    assert f"{alone} of {(tile_of >= 0).sum()} tiled cells" in caplog.text
+    assert "no graph edge" in caplog.text

@@ -396,3 +396,19 @@ def test_pixel_size_much_finer_than_image_warns(section, caplog):
 def test_native_crop_message_does_not_contradict_itself(section):
     with pytest.raises(ValueError, match=r"spans only 3\.9\d? image pixels"):
         sg.pp.tile(section, image_key="he", tile_size_um=7.9, pixel_size_um=0.05)
+
+
+def test_small_section_warns_about_empty_splits(caplog):
+    import logging
+
+    sdata = make_section(n_cells=100, image_px=64)
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(sdata, image_key="he", tile_size_um=16.0, pixel_size_um=1.0)
+    tiles = sdata.tables[Keys.TILE_TABLE]
+    assert tiles.n_obs < 10
+    assert f"Only {tiles.n_obs} tiles" in caplog.text
+    assert "smaller `tile_size_um`" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(make_section(n_cells=3000, image_px=512), image_key="he", tile_size_um=8.0, split_region_tiles=2)
+    assert "Only" not in caplog.text

@@ -129,6 +129,7 @@ def cell_graph(
             raise ValueError(f"`.obsm[{features!r}]` has NaN or infinite values for tiled cells; fill or drop them.")
         feature_source = features
 
+    _warn_isolated(conn, tile_of_cell)
     if not inplace:
         return conn, dist, X
     table.obsp[Keys.connectivities(key_added)] = conn
@@ -154,6 +155,23 @@ def cell_graph(
         f" and .obsm[{features_key!r}]" if features is None else "", conn.nnz, int((tile_of_cell >= 0).sum()),
     )  # fmt: skip
     return None
+
+
+def _warn_isolated(conn: sparse.csr_matrix, tile_of_cell: np.ndarray) -> None:
+    """A WARNING with the share of tiled cells that have no graph edge (alone in their tile)."""
+    tiled = tile_of_cell >= 0
+    if not tiled.any():
+        return
+    isolated = tiled & (np.diff(conn.indptr) == 0)
+    share = isolated.sum() / tiled.sum()
+    if share >= 0.01:
+        n_tiles = np.unique(tile_of_cell[isolated]).size
+        logger.warning(
+            "%d of %d tiled cells (%.1f%%) have no graph edge: they are alone in their tile (%d tiles), so message "
+            "passing cannot reach them. Use a larger `tile_size_um`, or drop such tiles with `min_cells=2` in "
+            "`sg.pp.tile`.",
+            int(isolated.sum()), int(tiled.sum()), 100 * share, n_tiles,
+        )  # fmt: skip
 
 
 def knn_within_tiles(

@@ -219,6 +219,7 @@ def tile(
         blocks[scale_name] = np.where(tiled, by * g + bx, -1)
 
     split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
+    _warn_small_splits(split, fractions, tile_size_um)
 
     # summed counts per tile
     idx = np.flatnonzero(tiled)
@@ -276,6 +277,27 @@ def tile(
         table_key, Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso"), Keys.CELL_SPATIAL,
     )  # fmt: skip
     return None
+
+
+def _warn_small_splits(split: pd.Categorical, fractions: np.ndarray, tile_size_um: float) -> None:
+    """A WARNING with the fix when a split that should hold tiles holds fewer than 2."""
+    counts = pd.Series(np.asarray(split)).value_counts()
+    n = {s: int(counts.get(s, 0)) for s in SPLITS}
+    short = [s for s, f in zip(SPLITS, fractions, strict=True) if f > 0 and n[s] < 2]
+    if not short:
+        return
+    total = sum(n.values())
+    smaller = tile_size_um * np.sqrt(total / 50) if total < 50 else tile_size_um / 2
+    logger.warning(
+        "Only %d tiles: train/val/test = %d/%d/%d, so %s hold(s) fewer than 2 tiles (%s). Use a smaller "
+        "`tile_size_um` (e.g. %.3g instead of %g µm) for more tiles, or tile a larger section.",
+        total, n["train"], n["val"], n["test"], " and ".join(short),
+        "; ".join(
+            {"train": "training needs at least 2", "val": "no validation loss, the last epoch is kept",
+             "test": "held-out scores (retrieval, probes) need at least 2"}[s] for s in short
+        ),
+        smaller, tile_size_um,
+    )  # fmt: skip
 
 
 def _warn_untiled(

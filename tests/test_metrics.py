@@ -278,3 +278,15 @@ def test_ridge_path_matches_sklearn():
     path = _ridge_path_mse(x, y, xv, yv, (0.01, 1.0, 100.0))
     for a, mse in path.items():
         assert mse == pytest.approx(np.mean((Ridge(alpha=a).fit(x, y).predict(xv) - yv) ** 2))
+
+
+def test_evaluate_errors_on_too_few_tiles_name_the_fix():
+    """Two training tiles and one test tile: the errors say how to get more tiles (smaller tiles)."""
+    tiles = _tile_table(n=3)
+    tiles.obs["split"] = pd.Categorical(["train", "train", "test"], categories=["train", "val", "test"])
+    tiles.uns["sigmma"] = {"tile": {"tile_size_um": 128.0}}
+    with pytest.raises(ValueError, match=r"at least 2 'test' tiles.*3 tiles of 128 µm \(train/val/test 2/0/1\).*"
+                       r"smaller `tile_size_um`"):  # fmt: skip
+        sg.metrics.evaluate(tiles, embeddings=["emb"])
+    with pytest.raises(ValueError, match=r"no 'val' tiles.*smaller `tile_size_um`"):
+        sg.metrics.linear_probe(tiles, "emb", protocol="paper")

@@ -115,3 +115,60 @@ def test_errors(section, tiled):
     with pytest.raises(ValueError, match="NaN"):
         sg.pp.cell_graph(tiled, features="X_bad")
     assert "sigmma_connectivities" not in cells.obsp
+
+
+def _log_normalised_x(sdata):
+    """Counts in layer 'counts', log1p of normalised counts in `.X`, as public h5ad files often ship."""
+    cells = sdata.tables["table"]
+    counts = np.asarray(cells.X, dtype=np.float32)
+    cells.layers["counts"] = counts.copy()
+    lib = np.maximum(counts.sum(1, keepdims=True), 1)
+    cells.X = np.log1p(counts / lib * 1e4).astype(np.float32)
+    return counts
+
+
+def test_non_integer_counts_ask_for_the_counts_layer(caplog):
+    import logging
+
+    sdata = make_section(n_cells=300)
+    counts = _log_normalised_x(sdata)
+    with pytest.raises(ValueError, match=r"not integers.*log-normalised.*layer='counts'"):
+        sg.pp.tile(sdata, image_key="he", tile_size_um=16.0)
+    assert Keys.TILE_TABLE not in sdata.tables
+    del sdata.tables["table"].layers["counts"]  # nothing better to use: a warning, and the run goes on
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(sdata, image_key="he", tile_size_um=16.0)
+    assert "not integers" in caplog.text
+    sdata.tables["table"].layers["counts"] = counts
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(sdata, image_key="he", tile_size_um=16.0, layer="counts")
+    assert "not integers" not in caplog.text
+
+
+def test_cell_graph_uses_the_layer_given_to_tile():
+    """The PCA runs on the counts `pp.tile` summed (its `layer`), not on the log-normalised `.X`."""
+    ref = make_section(n_cells=600, image_px=256)
+    sg.pp.tile(ref, image_key="he", tile_size_um=16.0)
+    sg.pp.cell_graph(ref, n_comps=5)
+    sdata = make_section(n_cells=600, image_px=256)
+    _log_normalised_x(sdata)
+    sg.pp.tile(sdata, image_key="he", tile_size_um=16.0, layer="counts")
+    sg.pp.cell_graph(sdata, n_comps=5)
+    got = sdata.tables["table"].obsm[Keys.FEATURES]
+    assert np.allclose(got, ref.tables["table"].obsm[Keys.FEATURES], atol=1e-4)
+    assert sdata.tables["table"].uns["sigmma"]["cell_graph"]["layer"] == "counts"
+
+
+def test_cells_without_edges_warn_with_their_share(caplog):
+    import logging
+
+    sdata = make_section(n_cells=150, image_px=256)
+    sg.pp.tile(sdata, image_key="he", tile_size_um=8.0, pixel_size_um=0.5)  # tiny tiles: many hold one cell
+    tile_of = sdata.tables["table"].obs[Keys.CELL_TILE].to_numpy()
+    alone = np.isin(tile_of, np.flatnonzero(np.bincount(tile_of[tile_of >= 0]) == 1)).sum()
+    assert alone > 0
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.cell_graph(sdata, n_comps=4)
+    assert f"{alone} of {(tile_of >= 0).sum()} tiled cells" in caplog.text
+    assert "no graph edge" in caplog.text

@@ -292,3 +292,123 @@ def test_image_only_tiling_keeps_tissue_tiles_without_cells():
     blank = sd.SpatialData(images={"he": Image2DModel.parse(np.full((3, 64, 64), 255, np.uint8), dims=("c", "y", "x"))})
     with pytest.raises(ValueError, match="No tile of image 'he' holds at least 5% tissue"):
         sg.pp.tile(blank, image_key="he", table_key=None, tile_size_um=16.0, um_per_unit=1.0, inplace=False)
+
+
+# ---- image intensities and channels ----------------------------------------------------------------
+
+
+def _replace_image(sdata, img, key="he"):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    old = sdata.images[key]
+    sdata.images[key] = Image2DModel.parse(img, dims=("c", "y", "x"), transformations=get_transformation(old, get_all=True))
+
+
+def _tiled(sdata, **kwargs):
+    sg.pp.tile(sdata, image_key="he", tile_size_um=10.0, **kwargs)
+    return sdata.tables[Keys.TILE_TABLE], sdata.tables["table"]
+
+
+def test_float_rgb_image_in_unit_range_reads_like_uint8():
+    """Float H&E in [0, 1]: glass stays white (not grey) and areas off the image are background, not black."""
+    from sigmma_sc.data._image import ImageReader
+
+    ref = make_section(n_cells=300)
+    img = np.asarray(ref.images["he"].data)
+    sdata = make_section(n_cells=300)
+    _replace_image(sdata, img.astype(np.float32) / 255)
+    reader = ImageReader(sdata.images["he"], "global", 0.5)
+    assert reader.intensity_range() == (0.0, 1.0)
+    glass = reader.read_square(0.0, 0.0, 10.0, 8)  # image corner: glass (245)
+    assert glass.min() >= 244
+    off = reader.read_square(-100.0, -100.0, 10.0, 8)
+    assert (off == 255).all()
+    tiles, _ = _tiled(sdata)
+    ref_tiles, _ = _tiled(ref)
+    assert tiles.n_obs == ref_tiles.n_obs
+    assert np.allclose(tiles.obs[Keys.TISSUE_FRACTION], ref_tiles.obs[Keys.TISSUE_FRACTION])
+
+
+def test_saturated_artefact_does_not_hide_the_tissue(caplog):
+    """uint16 morphology with a saturated artefact on 2% of the area: tissue is still found, with a warning."""
+    import logging
+
+    ref = make_section(rgb=False, n_cells=300)
+    ref_tiles, ref_cells = _tiled(ref)
+    sdata = make_section(rgb=False, n_cells=300)
+    img = np.asarray(sdata.images["he"].data).copy()
+    side = int(np.sqrt(0.02) * img.shape[1])
+    img[:, :side, :side] = np.iinfo(np.uint16).max  # a bright artefact in a corner
+    _replace_image(sdata, img)
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        tiles, cells = _tiled(sdata)
+    assert "saturated" in caplog.text
+    assert tiles.n_obs >= 0.9 * ref_tiles.n_obs
+    assert (cells.obs[Keys.CELL_TILE] >= 0).sum() >= 0.9 * (ref_cells.obs[Keys.CELL_TILE] >= 0).sum()
+
+
+def test_warning_when_most_cells_are_untiled(section, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(section, image_key="he", tile_size_um=10.0, min_cells=8)
+    assert "are tiled" in caplog.text
+    assert "fewer than `min_cells`" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(section, image_key="he", tile_size_um=10.0)
+    assert "are tiled" not in caplog.text
+
+
+def test_rgba_image_is_composited_over_white():
+    """RGBA (transparent, black outside the tissue) tiles like the RGB image."""
+    ref = make_section(n_cells=300)
+    rgb = np.asarray(ref.images["he"].data)
+    tissue = (rgb != 245).any(0)
+    rgba = np.concatenate([np.where(tissue, rgb, 0), np.where(tissue, 255, 0)[None]]).astype(np.uint8)
+    sdata = make_section(n_cells=300)
+    _replace_image(sdata, rgba)
+    tiles, _ = _tiled(sdata)
+    ref_tiles, _ = _tiled(ref)
+    assert tiles.n_obs == ref_tiles.n_obs
+    from sigmma_sc.data._tiles import iter_tile_images
+
+    assert next(iter_tile_images(sdata, indices=[0])).shape[0] == 3
+
+
+def test_two_channel_image_refused_before_tiling(section):
+    img = np.zeros((2, 64, 64), dtype=np.uint16)
+    _replace_image(section, img)
+    with pytest.raises(ValueError, match=r"2 channels.*Store the channel to use as its own image element"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+    _assert_untouched(section)
+
+
+def test_pixel_size_much_finer_than_image_warns(section, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0, pixel_size_um=0.05, inplace=False)
+    assert "10x finer than image 'he'" in caplog.text
+
+
+def test_native_crop_message_does_not_contradict_itself(section):
+    with pytest.raises(ValueError, match=r"spans only 3\.9\d? image pixels"):
+        sg.pp.tile(section, image_key="he", tile_size_um=7.9, pixel_size_um=0.05)
+
+
+def test_small_section_warns_about_empty_splits(caplog):
+    import logging
+
+    sdata = make_section(n_cells=100, image_px=64)
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(sdata, image_key="he", tile_size_um=16.0, pixel_size_um=1.0)
+    tiles = sdata.tables[Keys.TILE_TABLE]
+    assert tiles.n_obs < 10
+    assert f"Only {tiles.n_obs} tiles" in caplog.text
+    assert "smaller `tile_size_um`" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(make_section(n_cells=3000, image_px=512), image_key="he", tile_size_um=8.0, split_region_tiles=2)
+    assert "Only" not in caplog.text

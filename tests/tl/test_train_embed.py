@@ -164,3 +164,70 @@ def test_embed_refuses_features_computed_otherwise(prepared):
         prepared.tables[Keys.TILE_TABLE].uns["sigmma"]["backbone"]["input_size"]
         == model.config.backbone_info["input_size"]
     )
+
+
+def test_save_load_resume_after_zarr_round_trip(prepared, tmp_path):
+    """Read back from zarr, `.uns` holds numpy arrays; the model config and meta must stay plain JSON types."""
+    import json
+
+    import spatialdata as sd
+
+    prepared.write(tmp_path / "section.zarr")
+    back = sd.read_zarr(tmp_path / "section.zarr")
+    assert isinstance(back.tables[Keys.TILE_TABLE].uns["sigmma"]["backbone"]["mean"], np.ndarray)  # the trap
+    model = sg.tl.train_sigmma(back, epochs=1, checkpoint_dir=tmp_path / "ckpt", **TINY)
+    json.dumps(model.config.to_dict())
+    json.dumps(model.meta)
+    model.save(tmp_path / "model.pt")
+    loaded = sg.model.SigmmaModel.load(tmp_path / "model.pt")
+    assert loaded.config == model.config
+    resumed = sg.tl.train_sigmma(back, epochs=2, checkpoint_dir=tmp_path / "ckpt", resume=True, **TINY)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    sg.tl.embed(back, loaded)
+    assert np.isfinite(back.tables[Keys.TILE_TABLE].obsm[Keys.EMB_IMAGE.format(scale="macro")]).all()
+
+
+def _assert_nothing_embedded(sdata):
+    tiles = sdata.tables[Keys.TILE_TABLE]
+    assert not any(k.startswith("X_sigmma") for k in tiles.obsm)
+    assert not any(k.startswith("X_sigmma") for k in sdata.tables["table"].obsm)
+    assert Keys.BACKBONE.format(scale="macro") not in tiles.obsm  # not even featurized
+
+
+def _new_section(rgb=True, tile_size_um=8.0, n_genes=30):
+    new = make_section(n_cells=300, image_px=200, seed=5, rgb=rgb, n_genes=n_genes)
+    sg.pp.tile(new, image_key="he", tile_size_um=tile_size_um, pixel_size_um=0.25)
+    return new
+
+
+def test_embed_checks_a_new_section_before_writing(prepared):
+    """Another tile size, modality, a refitted PCA or another gene panel: refused before anything is written."""
+    model = sg.tl.train_sigmma(prepared, epochs=1, **TINY)
+    pca = model.meta["pca"]
+
+    other_size = _new_section(tile_size_um=12.0)
+    sg.pp.cell_graph(other_size, pca_from=pca)
+    with pytest.raises(ValueError, match=r"trained on 8 µm tiles.*sg.pp.tile\(sdata, tile_size_um=8, pixel_size_um=0.25"):
+        sg.tl.embed(other_size, model)
+    _assert_nothing_embedded(other_size)
+
+    dapi = _new_section(rgb=False)
+    sg.pp.cell_graph(dapi, pca_from=pca)
+    with pytest.raises(ValueError, match="trained on an RGB brightfield image.*one-channel morphology stain"):
+        sg.tl.embed(dapi, model)
+    _assert_nothing_embedded(dapi)
+
+    refit = _new_section()
+    sg.pp.cell_graph(refit, n_comps=8)  # the default: a PCA fitted on the new section
+    with pytest.raises(ValueError, match=r"not from the model's training PCA.*pca_from=model.meta\['pca'\]"):
+        sg.tl.embed(refit, model)
+    _assert_nothing_embedded(refit)
+    sg.pp.cell_graph(refit, pca_from=pca)
+    sg.tl.embed(refit, model)
+    assert np.isfinite(refit.tables[Keys.TILE_TABLE].obsm[Keys.EMB_ST.format(scale="macro")]).all()
+
+    panel = _new_section(n_genes=31)
+    sg.pp.cell_graph(panel, n_comps=8)
+    with pytest.raises(ValueError, match="genes differ from those the model was trained on"):
+        sg.tl.embed(panel, model)
+    _assert_nothing_embedded(panel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,6 +14,8 @@ from sigmma_sc._constants import Keys
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
 
 
 def check_positive(value: float, name: str) -> float:
@@ -116,8 +119,14 @@ def cell_coordinates(sdata: SpatialData, table: AnnData, table_key: str, coordin
     return xy
 
 
-def counts_matrix(table: AnnData, layer: str | None, table_key: str) -> sparse.csr_matrix:
-    """Return the count matrix as CSR float32 after checking it is finite and non-negative."""
+def counts_matrix(
+    table: AnnData, layer: str | None, table_key: str, *, check_integer: bool = True
+) -> sparse.csr_matrix:
+    """Return the count matrix as CSR float32 after checking it is finite, non-negative and (``check_integer``) raw.
+
+    Non-integer values (log-normalised or scaled data, as many public h5ad files ship in ``.X``) raise an error
+    naming a layer of integer counts when the table has one, and log a warning otherwise.
+    """
     if layer is not None and layer not in table.layers:
         raise KeyError(f"No layer {layer!r} in table {table_key!r}; available layers: {sorted(table.layers)}.")
     X = table.X if layer is None else table.layers[layer]
@@ -137,7 +146,40 @@ def counts_matrix(table: AnnData, layer: str | None, table_key: str) -> sparse.c
             f"The counts of table {table_key!r} contain negative values (are they log-normalised or scaled?); "
             "sigmma_sc needs raw counts. Pass `layer=` naming the raw counts layer."
         )
+    if check_integer:
+        _check_integer_counts(data, table, layer, table_key)
     return X
+
+
+def _is_integer(values: np.ndarray, n: int = 1_000_000) -> bool:
+    sample = values[:: max(1, values.size // n)]
+    return bool(np.all(sample == np.round(sample)))
+
+
+def _check_integer_counts(data: np.ndarray, table: AnnData, layer: str | None, table_key: str) -> None:
+    if _is_integer(data):
+        return
+    where = "`.X`" if layer is None else f"layer {layer!r}"
+    example = float(data[np.flatnonzero(data != np.round(data))[0]])
+    raw = []
+    for name in table.layers:
+        if name == layer:
+            continue
+        M = table.layers[name]
+        values = M.data if sparse.issparse(M) else np.asarray(M).ravel()
+        if values.size and np.all(np.isfinite(values[:1000])) and values.min() >= 0 and _is_integer(values):
+            raw.append(name)
+    if raw:
+        raise ValueError(
+            f"The counts in {where} of table {table_key!r} are not integers (e.g. {example:.4g}: log-normalised?), "
+            f"and sigmma_sc sums and log-normalises raw counts itself. Pass `layer={raw[0]!r}` (layers with integer "
+            f"counts: {raw})."
+        )
+    logger.warning(
+        "The counts in %s of table %r are not integers (e.g. %.4g: log-normalised or scaled?); sigmma_sc sums "
+        "and log-normalises them as raw counts. Pass `layer=` naming the raw counts if the table has them.",
+        where, table_key, example,
+    )  # fmt: skip
 
 
 def um_per_unit(sdata: SpatialData, coordinate_system: str, value: float | None) -> float:

@@ -216,6 +216,7 @@ def build_bundle(
         "n_neighs": int(graph["n_neighs"]),
         "n_candidates": k,
         "backbone": tiles.uns.get(Keys.UNS, {}).get("backbone", {}).get("name"),
+        "image_modality": tiles.uns.get(Keys.UNS, {}).get("backbone", {}).get("modality"),
         "var_names_hash": _hash_names(cells.var_names),
         "pca": _jsonable(graph.get("pca")),
     }

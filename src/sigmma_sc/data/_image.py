@@ -61,8 +61,17 @@ class ImageReader:
             raise ValueError(f"Expected a 2D image with axes ('c', 'y', 'x'), got {arrays[0].dims}.")
         h0, w0 = arrays[0].shape[1:]
         self.um_per_unit = float(um_per_unit)
-        self.n_channels = int(arrays[0].shape[0])
-        self.dtype = np.dtype(arrays[0].dtype)
+        n_channels, self.dtype = int(arrays[0].shape[0]), np.dtype(arrays[0].dtype)
+        self.rgba = n_channels == 4 and self.dtype == np.uint8  # brightfield with alpha: composited over white
+        if n_channels not in (1, 3) and not self.rgba:
+            names = [str(c) for c in arrays[0].coords["c"].values] if "c" in arrays[0].coords else list(range(n_channels))
+            raise ValueError(
+                f"The image has {n_channels} channels ({names}, {self.dtype}); sigmma_sc reads a 1-channel "
+                "morphology stain (e.g. DAPI), an RGB or an RGBA (uint8) image. Store the channel to use as its own "
+                "image element and tile that, e.g. `img = spatialdata.get_pyramid_levels(sdata.images[KEY], n=0)"
+                f".sel(c=[{names[0]!r}]); sdata.images['stain'] = Image2DModel.parse(img, scale_factors=[2, 2, 2, 2])`."
+            )
+        self.n_channels = 3 if self.rgba else n_channels
         self.shape = (h0, w0)
         self.levels: list[_Level] = []
         unit_per_px0 = float(np.sqrt(abs(np.linalg.det(base[:2, :2]))))
@@ -80,7 +89,8 @@ class ImageReader:
                 )
             )
         self.pixel_size_um = self.levels[0].pixel_size_um
-        self.fill = 255 if (self.n_channels == 3 and self.dtype == np.uint8) else 0
+        self.brightfield = self.n_channels == 3  # RGB(A): white glass; 1 channel: dark background
+        self.fill = 255 if self.brightfield else 0
         self._intensity_range: tuple[float, float] | None = None
 
     # geometry ---------------------------------------------------------------------------------
@@ -110,24 +120,58 @@ class ImageReader:
 
     # intensity --------------------------------------------------------------------------------
     def intensity_range(self) -> tuple[float, float]:
-        """Robust display range (0.5th-99.9th percentile of the coarsest level) used to map to uint8."""
+        """Range of raw intensities mapped to 0..255 by :meth:`to_uint8`.
+
+        RGB(A): the full scale of the values (``[0, 1]`` for floats up to 1, ``[0, 255]`` for values up to 255,
+        else ``[0, 65535]`` or the maximum), so that white glass stays white. One channel (fluorescence): the
+        0.5th-99.9th percentile of the coarsest level, ignoring a saturated plateau (pixels at the maximum,
+        e.g. a small bright artefact) that would otherwise squash the tissue into a few grey levels.
+        """
         if self._intensity_range is None:
-            if self.dtype == np.uint8 and self.n_channels == 3:
+            if self.dtype == np.uint8 and self.brightfield:
                 self._intensity_range = (0.0, 255.0)
             else:
-                arr = np.asarray(
-                    self.levels[-1].data.compute() if hasattr(self.levels[-1].data, "compute") else self.levels[-1].data
-                )
-                lo, hi = np.percentile(arr, [0.5, 99.9])
-                self._intensity_range = (float(lo), float(max(hi, lo + 1)))
+                data = self.levels[-1].data[: self.n_channels]
+                arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
+                self._intensity_range = self._robust_range(arr)
         return self._intensity_range
 
+    def _robust_range(self, arr: np.ndarray) -> tuple[float, float]:
+        values = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr.ravel()
+        if values.size == 0:
+            return 0.0, 1.0
+        top = float(values.max())
+        if self.brightfield:
+            hi = 1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+            return 0.0, hi
+        saturated = values == top
+        share = float(saturated.mean())
+        if 1e-3 <= share <= 0.05 and float(values.min()) < top:
+            logger.warning(
+                "%.1f%% of the image's pixels are saturated at %g (an artefact?); they are left out of its "
+                "intensity range.",
+                100 * share,
+                top,
+            )
+            values = values[~saturated]
+        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.9]))
+        if hi <= lo:  # a flat image: any positive span (floats in [0, 1] must not get a span of 1)
+            hi = lo + (1.0 if np.issubdtype(self.dtype, np.integer) else max(abs(lo), 1e-6) * 1e-3 + 1e-6)
+        return lo, hi
+
     def to_uint8(self, arr: np.ndarray) -> np.ndarray:
-        """Map raw intensities to uint8 with :meth:`intensity_range` (RGB uint8 passes through)."""
-        if arr.dtype == np.uint8 and self.n_channels == 3:
+        """Map raw intensities of a window ``(C, h, w)`` to uint8 with :meth:`intensity_range` (RGB uint8 passes).
+
+        RGBA windows (4 channels) are composited over white first.
+        """
+        if self.rgba:
+            alpha = arr[3:4].astype(np.float32) / 255.0
+            arr = (arr[:3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+        if arr.dtype == np.uint8 and self.brightfield:
             return arr
         lo, hi = self.intensity_range()
-        return np.clip((arr.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+        arr = np.nan_to_num(arr.astype(np.float32), nan=lo)
+        return np.clip((arr - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
 
     # reading ----------------------------------------------------------------------------------
     def read_square(self, x0: float, y0: float, size: float, out_px: int, *, level: int | None = None) -> np.ndarray:

@@ -33,6 +33,11 @@ def tile_reader(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE, image_key: 
     return ImageReader(image, params["coordinate_system"], params["um_per_unit"])
 
 
+def image_modality(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE, image_key: str | None = None) -> str:
+    """``'brightfield'`` (RGB(A), e.g. H&E) or ``'fluorescence'`` (one channel, e.g. DAPI) of the tiled image."""
+    return "brightfield" if tile_reader(sdata, tile_key, image_key).brightfield else "fluorescence"
+
+
 def iter_tile_images(
     sdata: SpatialData,
     *,

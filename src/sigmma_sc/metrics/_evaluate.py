@@ -9,7 +9,15 @@ import pandas as pd
 
 from .._constants import SCALES, Keys
 from ._probe import linear_probe
-from ._retrieval import DEFAULT_FRACTIONS, available_scales, paired_embeddings, recall_at, split_mask, tile_table
+from ._retrieval import (
+    DEFAULT_FRACTIONS,
+    available_scales,
+    paired_embeddings,
+    recall_at,
+    split_mask,
+    tile_table,
+    too_few_tiles_hint,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -99,6 +107,11 @@ def evaluate(
         embeddings = {k: [k] for k in ([embeddings] if isinstance(embeddings, str) else embeddings)}
     embeddings = {name: [keys] if isinstance(keys, str) else list(keys) for name, keys in embeddings.items()}
     mask = split_mask(tiles, split)
+    if int(mask.sum()) < 2:
+        raise ValueError(
+            f"Scoring needs at least 2 {split!r} tiles with cells (retrieval ranks pairs), got {int(mask.sum())}. "
+            + too_few_tiles_hint(tiles)
+        )
     rows = {}
     for name, keys in embeddings.items():
         row: dict[str, float] = {"n_eval": int(mask.sum())}

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .._constants import Keys
-from ._retrieval import split_mask, tile_table
+from ._retrieval import split_mask, tile_table, too_few_tiles_hint
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -392,7 +392,7 @@ def linear_probe(
     train, ev = split_mask(tiles, "train"), split_mask(tiles, eval_split)
     val = split_mask(tiles, "val") if protocol == "paper" else np.zeros_like(train)  # HEST fixes alpha
     if int(train.sum()) < 2:
-        raise ValueError("The probe needs at least 2 training tiles.")
+        raise ValueError(f"The probe needs at least 2 training tiles. {too_few_tiles_hint(tiles)}")
     for role, mask in (("train", train), ("val", val), (eval_split, ev)):
         if not np.isfinite(x_all[mask]).all():
             raise ValueError(f"The embedding holds NaN or infinite values on {role} tiles.")

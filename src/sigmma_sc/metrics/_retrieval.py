@@ -46,8 +46,21 @@ def split_mask(tiles: AnnData, split: str) -> np.ndarray:
     if Keys.N_CELLS in tiles.obs:
         mask &= tiles.obs[Keys.N_CELLS].to_numpy() > 0
     if not mask.any():
-        raise ValueError(f"The tile table has no {split!r} tiles with cells.")
+        raise ValueError(f"The tile table has no {split!r} tiles with cells. {too_few_tiles_hint(tiles)}")
     return mask
+
+
+def too_few_tiles_hint(tiles: AnnData) -> str:
+    """The split's tile counts and the fix (smaller tiles) for errors about too few tiles."""
+    counts = tiles.obs[Keys.SPLIT].astype(str).value_counts()
+    split = "/".join(str(int(counts.get(s, 0))) for s in SPLITS)
+    size = tiles.uns.get(Keys.UNS, {}).get("tile", {}).get("tile_size_um")
+    at = f" of {size:g} µm" if size is not None else ""
+    return (
+        f"The section gives {tiles.n_obs} tiles{at} (train/val/test {split}): tile it with a smaller "
+        "`tile_size_um` in `sg.pp.tile` (then re-run `sg.pp.cell_graph`, training and `sg.tl.embed`) so that every "
+        "split holds at least 2 tiles."
+    )
 
 
 def recall_label(p: float) -> str:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .._constants import SCALES
+from .._utils._json import jsonable
 from ..nn._gnn import check_graph
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -206,6 +207,8 @@ class SigmmaConfig:
             raise ValueError(f"`precision` must be one of {PRECISIONS}, got {self.precision!r}.")
         if self.backbone_weights is not None:
             self.backbone_weights = str(self.backbone_weights)
+        if self.backbone_info is not None:  # plain types: read back from zarr it holds numpy arrays
+            self.backbone_info = jsonable(dict(self.backbone_info))
 
     @classmethod
     def preset(cls, name: str = "default", **fields_: Any) -> SigmmaConfig:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils._json import jsonable
 from ..nn._gnn import HierarchicalGraphEncoder
 from ..nn._loss import ProjectionHead, multiscale_info_nce
 from ._bundle import TileBatch, TrainingBundle
@@ -96,7 +97,7 @@ class SigmmaModel(nn.Module):
                 )
             config = dataclasses.replace(config, backbone_info=image_encoder.info.to_dict())
         self.config = config
-        self.meta: dict[str, Any] = dict(meta or {})
+        self.meta: dict[str, Any] = jsonable(dict(meta or {}))
         self.history: list[dict[str, Any]] = []
         self.diagnostics: dict[str, Any] = {}
         with torch.random.fork_rng(devices=[]):
@@ -418,7 +419,7 @@ class SigmmaModel(nn.Module):
             progress=progress,
         )
         self.history = history
-        self.meta = {**bundle.meta, **self.meta}
+        self.meta = jsonable({**bundle.meta, **self.meta})
         return history
 
     # ------------------------------------------------------------------ I/O

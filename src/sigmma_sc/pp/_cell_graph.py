@@ -60,7 +60,7 @@ def cell_graph(
     n_comps
         Number of principal components when ``features`` is ``None``.
     layer
-        Layer holding raw counts (``None``: ``.X``).
+        Layer holding raw counts (``None``: the ``layer`` given to :func:`sigmma_sc.pp.tile`, else ``.X``).
     key_added
         Prefix of the ``.obsp`` keys.
     features_key
@@ -98,7 +98,11 @@ def cell_graph(
     if features is None:
         train_tiles = np.flatnonzero(tiles.obs[Keys.SPLIT].to_numpy() == "train")
         fit_mask = np.isin(tile_of_cell, train_tiles)
-        counts = counts_matrix(table, layer, table_key)
+        if layer is None:  # the counts pp.tile summed
+            layer = params.get("layer")
+        else:
+            layer = str(layer)
+        counts = counts_matrix(table, layer, table_key, check_integer=layer != params.get("layer"))
         if pca_from is None:
             pca = fit_log_pca(counts, fit_mask, n_comps)
             pca["var_names"] = table.var_names.astype(str).to_numpy()
@@ -125,6 +129,7 @@ def cell_graph(
             raise ValueError(f"`.obsm[{features!r}]` has NaN or infinite values for tiled cells; fill or drop them.")
         feature_source = features
 
+    _warn_isolated(conn, tile_of_cell)
     if not inplace:
         return conn, dist, X
     table.obsp[Keys.connectivities(key_added)] = conn
@@ -137,6 +142,7 @@ def cell_graph(
         "features_key": feature_source,
         "n_features": int(X.shape[1]),
         "n_comps": int(X.shape[1]) if features is None else None,
+        "layer": layer if features is None else None,
         "pca": pca if features is None else None,
         "key_added": key_added,
         "tile_key": tile_key,
@@ -149,6 +155,23 @@ def cell_graph(
         f" and .obsm[{features_key!r}]" if features is None else "", conn.nnz, int((tile_of_cell >= 0).sum()),
     )  # fmt: skip
     return None
+
+
+def _warn_isolated(conn: sparse.csr_matrix, tile_of_cell: np.ndarray) -> None:
+    """A WARNING with the share of tiled cells that have no graph edge (alone in their tile)."""
+    tiled = tile_of_cell >= 0
+    if not tiled.any():
+        return
+    isolated = tiled & (np.diff(conn.indptr) == 0)
+    share = isolated.sum() / tiled.sum()
+    if share >= 0.01:
+        n_tiles = np.unique(tile_of_cell[isolated]).size
+        logger.warning(
+            "%d of %d tiled cells (%.1f%%) have no graph edge: they are alone in their tile (%d tiles), so message "
+            "passing cannot reach them. Use a larger `tile_size_um`, or drop such tiles with `min_cells=2` in "
+            "`sg.pp.tile`.",
+            int(isolated.sum()), int(tiled.sum()), 100 * share, n_tiles,
+        )  # fmt: skip
 
 
 def knn_within_tiles(

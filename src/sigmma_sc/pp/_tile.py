@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIN_CROP_PX = 4
+FINER_WARNING = 4  # warn when tiles are read this many times finer than the image's full resolution
 
 
 def tile(
@@ -133,12 +134,19 @@ def tile(
             "Increase `tile_size_um` or decrease `pixel_size_um`."
         )
     native_crop = tile_size_um / reader.pixel_size_um / GRID["micro"]
-    if native_crop < MIN_CROP_PX:
+    if native_crop < MIN_CROP_PX * (1 - 1e-6):
         raise ValueError(
-            f"The image's full resolution is {reader.pixel_size_um:.3g} µm/px, so a micro crop of a {tile_size_um} µm "
-            f"tile spans only {native_crop:.1f} image pixels (at least {MIN_CROP_PX} needed). Increase `tile_size_um`, "
+            f"The image's full resolution is {reader.pixel_size_um:.4g} µm/px, so a micro crop of a {tile_size_um} µm "
+            f"tile spans only {native_crop:.3g} image pixels (at least {MIN_CROP_PX} needed). Increase `tile_size_um`, "
             "or check `um_per_unit` and the image's transformation."
         )
+    if pixel_size_um * FINER_WARNING < reader.pixel_size_um:
+        logger.warning(
+            "`pixel_size_um=%g` is %.0fx finer than image %r's full resolution (%.4g µm/px): tiles are upsampled and "
+            "hold no more detail. Pass `pixel_size_um=%.4g` (or coarser), or check `um_per_unit` (%g µm per unit).",
+            pixel_size_um, reader.pixel_size_um / pixel_size_um, image_key, reader.pixel_size_um,
+            reader.pixel_size_um, scale,
+        )  # fmt: skip
 
     if table_key is None:
         counts, xy = table.X, np.zeros((0, 2), dtype=np.float64)
@@ -199,6 +207,7 @@ def tile(
             "Kept %d of %d grid tiles (%d empty, %d with cells dropped as background); %d of %d cells are tiled.",
             kept_grid.size, keep.size, int((n_cells_grid == 0).sum()), n_bg, len(xy) - n_dropped_cells, len(xy),
         )  # fmt: skip
+        _warn_untiled(grid_id, has_cells, tissue, min_tissue_fraction, n_dropped_cells, len(xy))
 
     # blocks inside each tile (row-major)
     blocks = {}
@@ -210,6 +219,7 @@ def tile(
         blocks[scale_name] = np.where(tiled, by * g + bx, -1)
 
     split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
+    _warn_small_splits(split, fractions, tile_size_um)
 
     # summed counts per tile
     idx = np.flatnonzero(tiled)
@@ -267,6 +277,53 @@ def tile(
         table_key, Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso"), Keys.CELL_SPATIAL,
     )  # fmt: skip
     return None
+
+
+def _warn_small_splits(split: pd.Categorical, fractions: np.ndarray, tile_size_um: float) -> None:
+    """A WARNING with the fix when a split that should hold tiles holds fewer than 2."""
+    counts = pd.Series(np.asarray(split)).value_counts()
+    n = {s: int(counts.get(s, 0)) for s in SPLITS}
+    short = [s for s, f in zip(SPLITS, fractions, strict=True) if f > 0 and n[s] < 2]
+    if not short:
+        return
+    total = sum(n.values())
+    smaller = tile_size_um * np.sqrt(total / 50) if total < 50 else tile_size_um / 2
+    logger.warning(
+        "Only %d tiles: train/val/test = %d/%d/%d, so %s hold(s) fewer than 2 tiles (%s). Use a smaller "
+        "`tile_size_um` (e.g. %.3g instead of %g µm) for more tiles, or tile a larger section.",
+        total, n["train"], n["val"], n["test"], " and ".join(short),
+        "; ".join(
+            {"train": "training needs at least 2", "val": "no validation loss, the last epoch is kept",
+             "test": "held-out scores (retrieval, probes) need at least 2"}[s] for s in short
+        ),
+        smaller, tile_size_um,
+    )  # fmt: skip
+
+
+def _warn_untiled(
+    grid_id: np.ndarray,
+    has_cells: np.ndarray,
+    tissue: np.ndarray,
+    min_tissue_fraction: float,
+    n_dropped: int,
+    n_cells: int,
+) -> None:
+    """A WARNING naming the causes and fixes when most cells end up in no tile."""
+    if n_cells == 0 or n_dropped <= n_cells / 2:
+        return
+    on = grid_id >= 0
+    off = int((~on).sum())
+    g = grid_id[on]
+    few = int((~has_cells[g]).sum())
+    background = int((has_cells[g] & (tissue[g] < min_tissue_fraction)).sum())
+    logger.warning(
+        "Only %d of %d cells (%.0f%%) are tiled: %d lie off the image, %d in tiles with fewer than `min_cells` cells "
+        "and %d in tiles where less than %.0f%% tissue was detected. Check the image (its intensities: a saturated "
+        "artefact or an unusual range hides the tissue) and the registration; lower `min_tissue_fraction` (0 keeps "
+        "every tile with cells) or `min_cells`.",
+        n_cells - n_dropped, n_cells, 100 * (n_cells - n_dropped) / n_cells, off, few, background,
+        100 * min_tissue_fraction,
+    )  # fmt: skip
 
 
 def _empty_cell_table() -> AnnData:

@@ -10,7 +10,7 @@ import numpy as np
 from .._constants import SCALES, Keys
 from .._utils._validate import get_table
 from ..data._bundle import _hash_names, build_bundle
-from ..data._tiles import tile_params
+from ..data._tiles import image_modality, tile_params
 from ._featurize import featurize
 
 if TYPE_CHECKING:
@@ -38,6 +38,12 @@ def embed(
     on; with ``table_key=None`` (an image-only section, e.g. an H&E without transcriptomics) only the image
     embeddings are written.
 
+    Before anything is computed or written, the section is checked against the model's training section:
+    the same tile size and pixel size, the same image modality (brightfield H&E or a fluorescence stain),
+    the same node features (for PCA features: the same gene panel and the model's PCA, i.e.
+    ``sg.pp.cell_graph(sdata, pca_from=model.meta['pca'])`` on a new section) and cached backbone features
+    computed as for training; a mismatch raises an error naming the fix.
+
     Parameters
     ----------
     sdata
@@ -64,15 +70,16 @@ def embed(
       untiled cells);
     - ``.uns['sigmma']['embed']`` of both tables: model configuration and backbone.
     """
-    tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
+    params = tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
     tiles = get_table(sdata, tile_key)
     cfg = model.config
     cached = tiles.uns.get(Keys.UNS, {}).get("backbone", {})
-    if (
-        cached
-        and cached.get("name") != cfg.backbone
-        and any(Keys.BACKBONE.format(scale=s) in tiles.obsm for s in SCALES)
-    ):
+    finetuned = getattr(model, "finetuned", False)
+    trained_size = (cfg.backbone_info or {}).get("input_size")
+    # every check before anything is computed or written
+    _check_tiling(model.meta or {}, params)
+    has_cached = all(Keys.BACKBONE.format(scale=s) in tiles.obsm for s in SCALES)
+    if cached and cached.get("name") != cfg.backbone and has_cached:
         if cached.get("num_features") != cfg.image_dim:
             raise ValueError(
                 f"The tile table's cached features come from backbone {cached.get('name')!r} "
@@ -80,8 +87,6 @@ def embed(
                 f"({cfg.image_dim}). Re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
             )
         logger.warning("Cached features come from %r, the model from %r.", cached.get("name"), cfg.backbone)
-    finetuned = getattr(model, "finetuned", False)
-    trained_size = (cfg.backbone_info or {}).get("input_size")
     if cached and not finetuned:  # features computed otherwise than for training give silently wrong embeddings
         differs = {
             "crop input size": (cached.get("input_size"), trained_size),
@@ -96,6 +101,29 @@ def embed(
                 f"input_size={trained_size}, pretrained={cfg.backbone_pretrained}, overwrite=True)`, or drop "
                 "the cached features and let `embed` compute them."
             )
+    use_cached = bool(cached) and not finetuned
+    if use_cached and cached.get("modality"):
+        modality = cached["modality"]
+    else:
+        modality = image_modality(sdata, tile_key, image_key or (cached.get("image_key") if use_cached else None))
+    _check_modality(model.meta or {}, modality, image_key or cached.get("image_key") or params["image_key"])
+    if use_cached and not has_cached:
+        raise KeyError(
+            f"Tile table {tile_key!r} records backbone features but lacks `.obsm` {[Keys.BACKBONE.format(scale=s) for s in SCALES]}; "
+            f"re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
+        )
+    if use_cached and np.shape(tiles.obsm[Keys.BACKBONE.format(scale="macro")])[1] != cfg.image_dim:
+        raise ValueError(
+            f"The cached backbone features have {np.shape(tiles.obsm[Keys.BACKBONE.format(scale='macro')])[1]} "
+            f"dimensions, the model expects {cfg.image_dim}. Re-run "
+            f"`sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
+        )
+    bundle = rows = cells = None
+    if table_key is not None:
+        cells = get_table(sdata, table_key)
+        bundle, rows = build_bundle(sdata, table_key=table_key, tile_key=tile_key, require_image_features=False)
+        _check_st_space(model, bundle.meta, cells)
+
     if not cached and not finetuned:  # featurize as for training: same weights and crop size
         featurize(
             sdata, backbone=cfg.backbone, tile_key=tile_key, image_key=image_key, device=device,
@@ -118,23 +146,16 @@ def embed(
         z_img = {s: torch.cat(v) for s, v in chunks.items()}
     else:
         feats = {s: np.asarray(tiles.obsm[Keys.BACKBONE.format(scale=s)], dtype=np.float32) for s in SCALES}
-        if feats["macro"].shape[1] != cfg.image_dim:
-            raise ValueError(
-                f"The cached backbone features have {feats['macro'].shape[1]} dimensions, the model expects "
-                f"{cfg.image_dim}. Re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
-            )
         z_img = model.encode_image(feats, batch_size=batch_size)
+    z_st = model.encode_st(bundle, batch_size=batch_size) if bundle is not None else None
+
     written = []
     for s, z in z_img.items():
         tiles.obsm[Keys.EMB_IMAGE.format(scale=s)] = z.numpy()
         written.append(Keys.EMB_IMAGE.format(scale=s))
     record = {"config": cfg.to_dict(), "backbone": cfg.backbone}
-
-    if table_key is not None:
-        cells = get_table(sdata, table_key)
-        bundle, rows = build_bundle(sdata, table_key=table_key, tile_key=tile_key, require_image_features=False)
-        _check_st_space(model, bundle.meta, cells)
-        z_tile, z_cell = model.encode_st(bundle, batch_size=batch_size)
+    if z_st is not None:
+        z_tile, z_cell = z_st
         for s in z_tile:
             tiles.obsm[Keys.EMB_ST.format(scale=s)] = z_tile[s].numpy()
             full = np.full((cells.n_obs, z_cell[s].shape[1]), np.nan, dtype=np.float32)
@@ -151,6 +172,36 @@ def embed(
     logger.info("Wrote tile table %r .obsm%s.", tile_key, written)
 
 
+def _check_tiling(trained: dict, params: dict) -> None:
+    """The section must be tiled as the model's training section: the same tile side and pixel size."""
+    want = {k: trained.get(k) for k in ("tile_size_um", "pixel_size_um")}
+    have = {k: params.get(k) for k in want}
+    if any(want[k] is None or have[k] is None for k in want):
+        return
+    if all(np.isclose(float(want[k]), float(have[k]), rtol=1e-3) for k in want):
+        return
+    raise ValueError(
+        f"The model was trained on {want['tile_size_um']:g} µm tiles read at {want['pixel_size_um']:.4g} µm/px; "
+        f"this section is tiled at {have['tile_size_um']:g} µm and {have['pixel_size_um']:.4g} µm/px, so its "
+        f"scales and image statistics differ. Tile it the model's way: `sg.pp.tile(sdata, "
+        f"tile_size_um={want['tile_size_um']:g}, pixel_size_um={want['pixel_size_um']:.4g})`, then "
+        "`sg.pp.cell_graph`."
+    )
+
+
+def _check_modality(trained: dict, modality: str, image_key: str) -> None:
+    want = trained.get("image_modality")
+    if want is None or want == modality:
+        return
+    kinds = {"brightfield": "an RGB brightfield image (H&E)", "fluorescence": "a one-channel morphology stain (DAPI)"}
+    raise ValueError(
+        f"The model was trained on {kinds.get(want, want)}, but image {image_key!r} of this section is "
+        f"{kinds.get(modality, modality)}; its backbone features live in another distribution. Embed with an image "
+        "of the training modality (`image_key=`, and `sg.tl.featurize(sdata, image_key=..., overwrite=True)` if "
+        "features are cached), or train a model on this modality."
+    )
+
+
 def _check_st_space(model: SigmmaModel, meta: dict, cells) -> None:
     trained = model.meta or {}
     if meta["n_features"] != model.config.n_features:
@@ -159,12 +210,40 @@ def _check_st_space(model: SigmmaModel, meta: dict, cells) -> None:
             f"was trained on {model.config.n_features}. Compute the same node features as for training "
             f"(`sg.pp.cell_graph(sdata, features={trained.get('features_key')!r})`)."
         )
-    if trained.get("features_key") == Keys.FEATURES and trained.get("var_names_hash") not in (
-        None,
-        _hash_names(cells.var_names),
-    ):
+    if trained.get("features_key") not in (None, meta["features_key"]):
+        raise ValueError(
+            f"The model was trained on node features `.obsm[{trained['features_key']!r}]`, this section's graph "
+            f"uses `.obsm[{meta['features_key']!r}]`. Compute the same node features as for training "
+            + (
+                "(`sg.pp.cell_graph(sdata, pca_from=model.meta['pca'])`)."
+                if trained.get("pca") is not None
+                else f"(`sg.pp.cell_graph(sdata, features={trained['features_key']!r})`)."
+            )
+        )
+    pca_features = trained.get("features_key") == Keys.FEATURES or trained.get("pca") is not None
+    if pca_features and trained.get("var_names_hash") not in (None, _hash_names(cells.var_names)):
         raise ValueError(
             "The section's genes differ from those the model was trained on, so its PCA node features live in "
-            "another space. Embed sections with the same gene panel, or train on shared node features "
-            "(e.g. a foundation-model embedding passed as `sg.pp.cell_graph(sdata, features=...)`)."
+            "another space. Embed sections with the same gene panel (subset both to the shared genes, same order), "
+            "or train on shared node features (e.g. a foundation-model embedding passed as "
+            "`sg.pp.cell_graph(sdata, features=...)`)."
         )
+    if pca_features and not _same_pca(trained.get("pca"), meta.get("pca")):
+        raise ValueError(
+            "This section's node features come from a PCA fitted on it, not from the model's training PCA, so they "
+            "live in another space (its cells' embeddings would not be comparable). Project the section with the "
+            "model's PCA: `sg.pp.cell_graph(sdata, pca_from=model.meta['pca'])`, then embed."
+        )
+
+
+def _same_pca(a: dict | None, b: dict | None) -> bool:
+    """Whether two recorded PCAs are the same projection (``None``: unknown, accepted)."""
+    if a is None or b is None:
+        return True
+    try:
+        return all(
+            np.shape(a[k]) == np.shape(b[k]) and np.allclose(np.asarray(a[k], float), np.asarray(b[k], float), atol=1e-6)
+            for k in ("components", "mean")
+        ) and np.isclose(float(a["target_sum"]), float(b["target_sum"]))
+    except (KeyError, TypeError, ValueError):
+        return True

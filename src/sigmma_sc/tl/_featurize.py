@@ -11,7 +11,7 @@ import numpy as np
 
 from .._constants import SCALES, Keys
 from .._utils._validate import get_table
-from ..data._tiles import iter_tile_images, tile_params
+from ..data._tiles import image_modality, iter_tile_images, tile_params
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -71,7 +71,8 @@ def featurize(
     ``None`` if ``inplace``, else scale -> ``(n_tiles, n_features)`` array. In place, writes:
 
     - tile table ``.obsm['sigmma_backbone_{scale}']`` for micro, meso and macro;
-    - tile table ``.uns['sigmma']['backbone']``: name, feature width, image key and pixel size.
+    - tile table ``.uns['sigmma']['backbone']``: name, feature width, image key, pixel size and image modality
+      (``'brightfield'`` or ``'fluorescence'``).
     """
     from .._settings import settings
     from ..nn import MultiCropEncoder, build_backbone
@@ -119,7 +120,10 @@ def featurize(
     for s in SCALES:
         tiles.obsm[keys[s]] = feats[s].astype(np.float32)
     uns = dict(tiles.uns.get(Keys.UNS, {}))
-    uns["backbone"] = {**info.to_dict(), **record, "pixel_size_um": params["pixel_size_um"]}
+    uns["backbone"] = {
+        **info.to_dict(), **record, "pixel_size_um": params["pixel_size_um"],
+        "modality": image_modality(sdata, tile_key, image_key),
+    }  # fmt: skip
     tiles.uns[Keys.UNS] = uns
     logger.info("Wrote tile table %r .obsm%s and .uns['sigmma']['backbone'].", tile_key, list(keys.values()))
     return None

@@ -1,6 +1,8 @@
-"""Readers: 10x Xenium runs with a registered H&E image, your own AnnData + image, into SpatialData."""
+"""Readers: Xenium (with H&E), MERSCOPE, CosMx, Visium HD, or your own AnnData + image, into SpatialData in µm."""
 
 from ._anndata import from_anndata
+from ._cosmx import cosmx
+from ._merscope import merscope
 from ._xenium import xenium
 
-__all__ = ["from_anndata", "xenium"]
+__all__ = ["cosmx", "from_anndata", "merscope", "xenium"]

@@ -112,7 +112,7 @@ def from_anndata(
     region_key = "region" if "region" not in table.obs else "sigmma_region"
     instance_key = "cell_index" if "cell_index" not in table.obs else "sigmma_cell_index"
     ids = np.arange(table.n_obs)
-    if "cell_id" not in table.obs:
+    if not any(str(c).lower() == "cell_id" for c in table.obs):  # spatialdata refuses case variants
         table.obs["cell_id"] = table.obs_names.astype(str)
     table.obs[region_key] = pd.Categorical([CELLS_KEY] * table.n_obs)
     table.obs[instance_key] = ids

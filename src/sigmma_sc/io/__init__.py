@@ -3,6 +3,7 @@
 from ._anndata import from_anndata
 from ._cosmx import cosmx
 from ._merscope import merscope
+from ._visium_hd import visium_hd
 from ._xenium import xenium
 
-__all__ = ["cosmx", "from_anndata", "merscope", "xenium"]
+__all__ = ["cosmx", "from_anndata", "merscope", "visium_hd", "xenium"]

@@ -140,19 +140,7 @@ def _mosaic(elements: list, *, gray: bool):
     width = max(f[0] + f[2].shape[2] for f in fovs) - x0
     height = max(f[1] + f[2].shape[1] for f in fovs) - y0
     n_c, dtype = fovs[0][2].shape[0], fovs[0][2].dtype
-    placed = [(fx - x0, fy - y0, arr) for fx, fy, arr in fovs]
-
-    def paste(block: np.ndarray, block_info=None) -> np.ndarray:
-        (_, _), (r0, r1), (q0, q1) = block_info[0]["array-location"]
-        out = np.zeros(block.shape, dtype)
-        for fx, fy, arr in placed:
-            h, w = arr.shape[1:]
-            ya, yb, xa, xb = max(r0, fy), min(r1, fy + h), max(q0, fx), min(q1, fx + w)
-            if yb > ya and xb > xa:
-                window = arr[:, ya - fy : yb - fy, xa - fx : xb - fx].compute(scheduler="synchronous")
-                out[:, ya - r0 : yb - r0, xa - q0 : xb - q0] = window
-        return out
-
+    paste = _Paste([(fx - x0, fy - y0, arr) for fx, fy, arr in fovs], dtype)
     template = da.zeros((n_c, height, width), dtype=dtype, chunks=(n_c, _MOSAIC_CHUNK, _MOSAIC_CHUNK))
     mosaic = template.map_blocks(paste, dtype=dtype)
     n_scales = int(np.clip(np.floor(np.log2(max(min(height, width) / 256, 1.0))), 0, 5))
@@ -163,3 +151,45 @@ def _mosaic(elements: list, *, gray: bool):
         scale_factors=[2] * n_scales or None,
         transformations={"global": Translation([x0, y0], axes=("x", "y"))},
     )
+
+
+class _Paste:
+    """Fills a mosaic block from the FOVs it overlaps; keeps the last few decoded FOVs (JPEG decoding is slow).
+
+    Picklable (the cache and its lock are dropped), so that forked or spawned readers can use it.
+    """
+
+    def __init__(self, placed: list, dtype: np.dtype, cache_size: int = 4) -> None:
+        self.placed, self.dtype, self.cache_size = placed, np.dtype(dtype), cache_size
+        self.__setstate__(self.__dict__)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.__dict__.update(state)
+        self._cache, self._lock = OrderedDict(), threading.Lock()
+
+    def _fov(self, i: int) -> np.ndarray:
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+            data = np.asarray(self.placed[i][2].compute(scheduler="synchronous"))
+            self._cache[i] = data
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return data
+
+    def __call__(self, block: np.ndarray, block_info=None) -> np.ndarray:
+        (_, _), (r0, r1), (q0, q1) = block_info[0]["array-location"]
+        out = np.zeros(block.shape, self.dtype)
+        for i, (fx, fy, arr) in enumerate(self.placed):
+            h, w = arr.shape[1:]
+            ya, yb, xa, xb = max(r0, fy), min(r1, fy + h), max(q0, fx), min(q1, fx + w)
+            if yb > ya and xb > xa:
+                out[:, ya - r0 : yb - r0, xa - q0 : xb - q0] = self._fov(i)[:, ya - fy : yb - fy, xa - fx : xb - fx]
+        return out

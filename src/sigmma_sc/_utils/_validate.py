@@ -182,17 +182,69 @@ def _check_integer_counts(data: np.ndarray, table: AnnData, layer: str | None, t
     )  # fmt: skip
 
 
+_UM_NAMES = ("um", "µm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres")
+
+
+def is_um_name(coordinate_system: str) -> bool:
+    """Whether a coordinate system's name says that its unit is the micrometre (``'microns'``, ``'global_um'``, ...)."""
+    name = str(coordinate_system).lower()
+    return name in _UM_NAMES or any(name.endswith(sep + u) for u in _UM_NAMES for sep in ("_", "-", " "))
+
+
 def um_per_unit(sdata: SpatialData, coordinate_system: str, value: float | None) -> float:
-    """Micrometres per unit of ``coordinate_system``: ``value`` or what ``sg.io`` recorded in ``sdata.attrs``."""
+    """Micrometres per unit of ``coordinate_system``.
+
+    In order: ``value``; what ``sg.io`` recorded in ``sdata.attrs['sigmma']['um_per_unit']``; 1 when the
+    coordinate system's name says it is in micrometres (e.g. ``'microns'``, ``'global_um'``).
+    """
     if value is not None:
         return check_positive(value, "um_per_unit")
     recorded = (getattr(sdata, "attrs", None) or {}).get(Keys.UNS, {}).get("um_per_unit", {})
     if coordinate_system in recorded:
         return check_positive(recorded[coordinate_system], "um_per_unit")
+    if is_um_name(coordinate_system):
+        logger.info(
+            "Coordinate system %r is taken to be in micrometres (um_per_unit=1) from its name.", coordinate_system
+        )
+        return 1.0
+    known = f" (recorded: {sorted(recorded)})" if recorded else ""
     raise ValueError(
-        f"The physical scale of coordinate system {coordinate_system!r} is unknown. Pass `um_per_unit=` "
+        f"The physical scale of coordinate system {coordinate_system!r} is unknown{known}. Pass `um_per_unit=` "
         "(micrometres per coordinate unit; for a Xenium run read with spatialdata-io, 'global' is in morphology "
-        "pixels: um_per_unit=0.2125), or read the run with `sg.io.xenium`, which records it."
+        "pixels: um_per_unit=0.2125), or read the section with a `sg.io` reader (`sg.io.xenium`, `sg.io.cosmx`, "
+        "`sg.io.merscope`, `sg.io.visium_hd`, `sg.io.from_anndata`), which records it."
+    )
+
+
+def shared_coordinate_system(sdata: SpatialData, image: Any, table: AnnData | None, table_key: str | None) -> str:
+    """The coordinate system that places both the image and the table's cells (``'global'`` when it does).
+
+    Raises with the systems of each when they share none, or when several are shared and none is ``'global'``.
+    """
+    from spatialdata.transformations import get_transformation
+
+    image_cs = set(get_transformation(image, get_all=True))
+    if table is None:
+        shared, what = image_cs, "the image"
+    else:
+        key, element, _, _ = annotated_element(sdata, table, table_key)
+        cell_cs = set(get_transformation(element, get_all=True))
+        shared, what = image_cs & cell_cs, f"the image and the cell element {key!r}"
+        if not shared:
+            raise ValueError(
+                f"The image (coordinate systems {sorted(image_cs)}) and the cell element {key!r} (coordinate systems "
+                f"{sorted(cell_cs)}) share no coordinate system. Register the image to the cells with "
+                "`spatialdata.transformations.set_transformation`, or read the section with a `sg.io` reader."
+            )
+    if "global" in shared or len(shared) == 1:
+        return "global" if "global" in shared else next(iter(shared))
+    recorded = (getattr(sdata, "attrs", None) or {}).get(Keys.UNS, {}).get("um_per_unit", {})
+    known = sorted(shared & set(recorded))
+    if len(known) == 1:
+        return known[0]
+    raise ValueError(
+        f"{what.capitalize()} share several coordinate systems ({sorted(shared)}); pass `coordinate_system=` "
+        "with one of them."
     )
 
 

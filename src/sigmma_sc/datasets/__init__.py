@@ -1,7 +1,15 @@
-"""Datasets: a synthetic 10x Xenium output folder with a registered H&E image, the demo, and a reader for a real section."""
+"""Datasets: synthetic Xenium, MERSCOPE, CosMx and Visium HD output folders, the demo, and a reader for a real section."""
 
 from ._bonemarrow import xenium_bonemarrow
 from ._demo import demo
+from ._layouts import synthetic_cosmx, synthetic_merscope, synthetic_visium_hd
 from ._synthetic import synthetic_xenium
 
-__all__ = ["demo", "synthetic_xenium", "xenium_bonemarrow"]
+__all__ = [
+    "demo",
+    "synthetic_cosmx",
+    "synthetic_merscope",
+    "synthetic_visium_hd",
+    "synthetic_xenium",
+    "xenium_bonemarrow",
+]

@@ -281,14 +281,14 @@ class _TiffLevel:
                 store.close()
 
 
-def _tiff_levels(path: Path):
-    """Lazy dask arrays of the pyramid levels of a tiled TIFF (``None`` if not tiled), and their dims."""
+def _tiff_levels(path: Path, *, tiled_only: bool = True):
+    """Lazy dask arrays of the pyramid levels of a tiled TIFF (``None`` if not tiled and ``tiled_only``), and dims."""
     import dask.array as da
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        if not series.keyframe.is_tiled:
+        if tiled_only and not series.keyframe.is_tiled:
             return None, None
         axes = series.axes
         shapes = [(lv.shape, lv.dtype) for lv in series.levels]

@@ -17,6 +17,7 @@ from sigmma_sc._utils._validate import (
     counts_matrix,
     get_image,
     get_table,
+    shared_coordinate_system,
 )
 from sigmma_sc._utils._validate import um_per_unit as _um_per_unit
 from sigmma_sc.data._image import ImageReader
@@ -37,7 +38,7 @@ def tile(
     *,
     image_key: str | None = None,
     table_key: str | None = "table",
-    coordinate_system: str = "global",
+    coordinate_system: str | None = None,
     tile_size_um: float = 128.0,
     pixel_size_um: float = 0.5,
     um_per_unit: float | None = None,
@@ -72,13 +73,16 @@ def tile(
         tile with at least ``min_tissue_fraction`` tissue is kept, ``min_cells`` is ignored, and the tile
         table has no genes and ``n_cells`` 0.
     coordinate_system
-        Coordinate system shared by the image and the cells; tiles are defined in it.
+        Coordinate system shared by the image and the cells; tiles are defined in it. Default: ``'global'`` when
+        both are in it, else the only one they share.
     tile_size_um
         Tile side in micrometres (the paper: 256 px at 0.5 µm/px = 128 µm).
     pixel_size_um
         Pixel size at which the image is read for the model, in micrometres.
     um_per_unit
-        Micrometres per unit of ``coordinate_system``. Default: the value recorded by :func:`sigmma_sc.io.xenium`.
+        Micrometres per unit of ``coordinate_system``. Default: the value recorded by the ``sigmma_sc.io`` readers
+        (:func:`sigmma_sc.io.xenium`, :func:`sigmma_sc.io.from_anndata`, ...) in ``sdata.attrs['sigmma']``, or 1 when
+        the coordinate system's name says micrometres (``'microns'``, ``'um'``, ``'global_um'``, ...).
     layer
         Layer of the cell table holding raw counts (``None``: ``.X``).
     min_tissue_fraction
@@ -123,6 +127,8 @@ def tile(
 
     image_key, image = get_image(sdata, image_key)
     table = get_table(sdata, table_key) if table_key is not None else _empty_cell_table()
+    if coordinate_system is None:
+        coordinate_system = shared_coordinate_system(sdata, image, table if table_key is not None else None, table_key)
     scale = _um_per_unit(sdata, coordinate_system, um_per_unit)
     reader = ImageReader(image, coordinate_system, scale)
 

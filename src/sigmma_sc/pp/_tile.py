@@ -160,9 +160,7 @@ def tile(
     xmin, ymin, xmax, ymax = reader.extent()
     n_cols, n_rows = max(1, int(np.ceil((xmax - xmin) / size))), max(1, int(np.ceil((ymax - ymin) / size)))
 
-    col = np.floor((xy[:, 0] - xmin) / size).astype(np.int64)
-    row = np.floor((xy[:, 1] - ymin) / size).astype(np.int64)
-    col, row = np.clip(col, 0, n_cols - 1), np.clip(row, 0, n_rows - 1)
+    row, col = grid_position(xy, (xmin, ymin), size, (n_rows, n_cols))
     grid_id = np.where(on_image, row * n_cols + col, -1)
     n_cells_grid = np.bincount(grid_id[grid_id >= 0], minlength=n_rows * n_cols)
 
@@ -267,6 +265,15 @@ def tile(
         table_key, Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso"), Keys.CELL_SPATIAL,
     )  # fmt: skip
     return None
+
+
+def grid_position(
+    xy: np.ndarray, origin: tuple[float, float], size: float, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each point on a grid of ``size`` squares from ``origin``, clipped to ``shape`` (rows, cols)."""
+    col = np.floor((xy[:, 0] - origin[0]) / size).astype(np.int64)
+    row = np.floor((xy[:, 1] - origin[1]) / size).astype(np.int64)
+    return np.clip(row, 0, shape[0] - 1), np.clip(col, 0, shape[1] - 1)
 
 
 def _empty_cell_table() -> AnnData:

@@ -62,7 +62,9 @@ def test_shifted_embedding_is_the_mean_of_per_shift_embeddings(trained):
     plain, sdata_plain = _cells(trained)
     for s in SCALES:
         key = Keys.EMB_ST.format(scale=s)
-        np.testing.assert_array_equal(sdata.tables[Keys.TILE_TABLE].obsm[key], sdata_plain.tables[Keys.TILE_TABLE].obsm[key])
+        np.testing.assert_array_equal(
+            sdata.tables[Keys.TILE_TABLE].obsm[key], sdata_plain.tables[Keys.TILE_TABLE].obsm[key]
+        )
 
 
 def test_integer_shifts_are_the_regular_offsets(trained):

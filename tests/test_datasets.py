@@ -28,6 +28,14 @@ def sdata_raw(run_dir):
 
 
 @pytest.fixture(scope="module")
+def contact_dir(tmp_path_factory):
+    return sg.datasets.synthetic_xenium(
+        tmp_path_factory.mktemp("xenium") / "contact", n_cells=N_CELLS, n_genes=60, seed=0, transcripts=False,
+        contact_program=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
 def truth(run_dir):
     return pd.read_parquet(run_dir / "sigmma_truth.parquet")
 
@@ -152,6 +160,64 @@ def test_chemokines_mark_hypoxic_tumour_cells(sdata_raw, truth):
         assert x[~high].mean() < 0.3
         other_tumour = ~high & (truth["cell_type"] == "tumour").to_numpy()
         assert x[other_tumour].mean() < 0.3
+
+
+def test_contact_programme_marks_tumour_cells_touching_t_cells(contact_dir):
+    from scipy.spatial import distance_matrix
+
+    run_dir = contact_dir
+    truth = pd.read_parquet(run_dir / "sigmma_truth.parquet")
+    sdata_raw = sg.io.xenium(run_dir)
+
+    cells = pd.read_parquet(run_dir / "cells.parquet")
+    xy = cells[["x_centroid", "y_centroid"]].to_numpy()
+    tumour = (truth["cell_type"] == "tumour").to_numpy()
+    t_cell = (truth["cell_type"] == "T_cell").to_numpy()
+    near = (distance_matrix(xy[tumour], xy[t_cell]) < 15.0).any(1)  # brute force: centroids closer than 15 µm
+    expected = np.zeros(len(truth), dtype=bool)
+    expected[np.flatnonzero(tumour)[near]] = True
+    contact = truth["contact"].to_numpy()
+    np.testing.assert_array_equal(contact, expected)
+    assert 10 <= contact.sum() < tumour.sum() / 2  # a cell-scale programme, not the whole tumour
+    table = sdata_raw.tables["table"]
+    record = json.loads((run_dir / "experiment.xenium").read_text())["sigmma_synthetic"]["contact_program"]
+    assert record["genes"] == ["CXCL10", "CD274", "IDO1"]
+    assert (record["receiver"], record["sender"], record["distance_um"]) == ("tumour", "T_cell", 15.0)
+    assert record["n_contacted"] == contact.sum()
+    for gene in record["genes"]:
+        x = np.asarray(table[:, gene].X.todense()).ravel()
+        assert x[contact].mean() > 3.0, gene
+        assert x[tumour & ~contact].mean() < 0.2, gene  # the same cell type without contact: background
+        assert x[~tumour].mean() < 0.2, gene
+    assert table.uns["sigmma_synthetic"]["contact_program"]["genes"] == record["genes"]
+
+
+def test_contact_programme_shows_in_the_he(contact_dir, run_dir, truth):
+    off, run_dir = run_dir, contact_dir  # the same section (seed) without and with the programme
+    truth_off, truth = truth, pd.read_parquet(contact_dir / "sigmma_truth.parquet")
+    assert not truth_off["contact"].any()  # off by default
+    assert "CXCL10" not in sg.io.xenium(off).tables["table"].var_names
+    pd.testing.assert_frame_equal(truth_off.drop(columns="contact"), truth.drop(columns="contact"))
+    cells = pd.read_parquet(run_dir / "cells.parquet")
+    matrix = np.loadtxt(run_dir / "sigmma_synthetic_he_imagealignment.csv", delimiter=",")
+    np.testing.assert_array_equal(matrix, np.loadtxt(off / "sigmma_synthetic_he_imagealignment.csv", delimiter=","))
+    he_on = tifffile.imread(run_dir / "sigmma_synthetic_he_image.ome.tif").astype(float).mean(2)
+    he_off = tifffile.imread(off / "sigmma_synthetic_he_image.ome.tif").astype(float).mean(2)
+    px = np.linalg.solve(matrix, np.column_stack([cells.x_centroid / PIXEL_SIZE, cells.y_centroid / PIXEL_SIZE,
+                                                  np.ones(len(cells))]).T).T  # fmt: skip
+    r = 12  # 6 µm at 0.5 µm/px: a tumour nucleus is ~4.6 µm, contacted ones ~6.2 µm
+
+    def dark_pixels(img, i):
+        row, col = int(px[i, 1]), int(px[i, 0])
+        return int((img[row - r : row + r + 1, col - r : col + r + 1] < 150).sum())
+
+    contact = truth["contact"].to_numpy()
+    tumour = (truth["cell_type"] == "tumour").to_numpy()
+    on = np.array([dark_pixels(he_on, i) - dark_pixels(he_off, i) for i in np.flatnonzero(contact)])
+    rest = np.array([dark_pixels(he_on, i) - dark_pixels(he_off, i) for i in np.flatnonzero(tumour & ~contact)])
+    assert np.median(on) > 40  # larger, darker nuclei
+    assert np.mean(on > 0) > 0.9
+    assert np.median(rest) == 0  # untouched tumour cells look the same
 
 
 def test_cell_types_and_domains(truth, sdata_raw):

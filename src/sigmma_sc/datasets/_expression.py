@@ -26,6 +26,9 @@ from ._tissue import (
 )
 
 CHEMOKINES = ("CXCL2", "CXCL6")
+# contact programme: interferon-gamma response of tumour cells touching a T cell (see _tissue.contact_mask)
+CONTACT_GENES = ("CXCL10", "CD274", "IDO1")
+CONTACT_FRACTION = 0.03  # expected fraction of a contacted cell's library per contact gene
 
 # marker genes per cell type, most specific first
 _MARKERS = {
@@ -46,12 +49,19 @@ _TUMOUR_REGION = ("MMP11", "COL11A1", "SPP1", "TGFB1")
 N_NEG_CONTROLS = 4
 
 
-def gene_panel(n_genes: int) -> list[str]:
-    """Gene names: real markers (by priority) then ``GENE_001``, ... up to ``n_genes``."""
+def gene_panel(n_genes: int, *, contact: bool = False) -> list[str]:
+    """Gene names: real markers (by priority) then ``GENE_001``, ... up to ``n_genes``.
+
+    With ``contact``, the contact-programme genes follow the chemokines (and push the last markers out);
+    without, the panel is the one of sections written before the programme existed.
+    """
     depth = max(len(m) for m in _MARKERS.values())
     round_robin = [m[i] for i in range(depth) for m in _MARKERS.values() if i < len(m)]
     programmes = (_LYMPHOID[0], _HYPOXIA[0], _TUMOUR_REGION[0])
-    named = [*CHEMOKINES, "PTPRC", *round_robin[:21], *programmes, *round_robin[21:]]
+    if contact:
+        named = [*CHEMOKINES, *CONTACT_GENES, "PTPRC", *round_robin[:18], *programmes, *round_robin[18:]]
+    else:
+        named = [*CHEMOKINES, "PTPRC", *round_robin[:21], *programmes, *round_robin[21:]]
     named = list(dict.fromkeys([*named, *_LYMPHOID, *_HYPOXIA, *_TUMOUR_REGION]))
     if n_genes < 20:
         raise ValueError(f"n_genes must be >= 20 to hold the marker panel, got {n_genes}.")
@@ -69,12 +79,14 @@ class ExpressionModel:
     chem_idx: np.ndarray  # column indices of CXCL2 / CXCL6
     chem_fraction: float  # expected fraction of a chemokine-high cell's library per chemokine gene
     library_median: np.ndarray  # per cell type
+    contact_idx: np.ndarray | None = None  # column indices of CONTACT_GENES
+    contact_fraction: float = CONTACT_FRACTION
     dispersion: float = 3.0
 
     @classmethod
-    def build(cls, rng: np.random.Generator, n_genes: int) -> ExpressionModel:
-        """Draw cell-type programmes and domain modulations."""
-        genes = gene_panel(n_genes)
+    def build(cls, rng: np.random.Generator, n_genes: int, *, contact: bool = False) -> ExpressionModel:
+        """Draw cell-type programmes and domain modulations (and the contact programme's genes with ``contact``)."""
+        genes = gene_panel(n_genes, contact=contact)
         col = {g: i for i, g in enumerate(genes)}
         n_t, n_d = len(CELL_TYPES), len(DOMAINS)
         base = np.exp(rng.normal(-1.0, 1.0, n_genes)) * 0.08  # low background for every gene
@@ -89,8 +101,9 @@ class ExpressionModel:
         for g, types in _SHARED.items():
             if g in col:
                 logw[list(types), col[g]] = rng.normal(2.5, 0.2, len(types))
-        for g in CHEMOKINES:
-            logw[:, col[g]] = np.log(0.004)
+        for g in (*CHEMOKINES, *CONTACT_GENES):
+            if g in col:
+                logw[:, col[g]] = np.log(0.004)
 
         logfc = np.zeros((n_d, n_genes))
         for d in range(n_d):  # meso/macro texture: sparse random domain effects on generic genes
@@ -112,7 +125,8 @@ class ExpressionModel:
         profiles = w / w.sum(-1, keepdims=True)
         library = np.array([180.0, 110.0, 70.0, 80.0, 130.0, 100.0, 100.0])
         chem_idx = np.array([col[g] for g in CHEMOKINES])
-        return cls(genes, profiles, chem_idx, 0.05, library)
+        contact_idx = np.array([col[g] for g in CONTACT_GENES]) if contact else None
+        return cls(genes, profiles, chem_idx, 0.05, library, contact_idx)
 
     def sample(
         self, rng: np.random.Generator, cells: Cells, start: int, stop: int
@@ -132,6 +146,11 @@ class ExpressionModel:
         mu[np.ix_(chem, self.chem_idx)] += (self.chem_fraction * lib[chem])[:, None] * rng.uniform(
             0.7, 1.3, (chem.sum(), 2)
         )
+        con = cells.contacted[start:stop]
+        if self.contact_idx is not None and con.any():
+            mu[np.ix_(con, self.contact_idx)] += (self.contact_fraction * lib[con])[:, None] * rng.uniform(
+                0.7, 1.3, (con.sum(), len(self.contact_idx))
+            )
         lam = rng.gamma(self.dispersion, mu / self.dispersion)
         counts = rng.poisson(lam).astype(np.int32)
         neg = rng.poisson(0.01, (n, N_NEG_CONTROLS)).astype(np.int32)

@@ -62,6 +62,14 @@ _NUCLEUS = {
 }
 _ALIGNED_TYPES = (FIBRO, ENDO, PERI)
 
+# planted contact programme (cell scale): tumour cells touching a T cell (centroids closer than
+# CONTACT_DISTANCE_UM) respond (interferon-gamma-like genes, see _expression.CONTACT_GENES) and their
+# nuclei swell and darken in the images (CONTACT_NUCLEUS_SCALE x axes, CONTACT_STAIN_SCALE x stain)
+CONTACT_RECEIVER, CONTACT_SENDER = TUMOUR, TCELL
+CONTACT_DISTANCE_UM = 15.0
+CONTACT_NUCLEUS_SCALE = 1.35
+CONTACT_STAIN_SCALE = 1.3
+
 
 @dataclass
 class Layout:
@@ -98,6 +106,7 @@ class Cells:
     hem: np.ndarray  # haematoxylin intensity
     dapi: np.ndarray  # DAPI intensity
     vesicular: np.ndarray  # central chromatin clearing in H&E (0 = dense)
+    contact: np.ndarray | None = None  # receiving cells of the planted contact programme (None: all False)
 
     @property
     def n(self) -> int:
@@ -108,6 +117,11 @@ class Cells:
     def chemokine_high(self) -> np.ndarray:
         """Tumour cells of hypoxic nests, which carry the planted CXCL2/CXCL6 programme."""
         return (self.cell_type == TUMOUR) & (self.domain == HYPOXIC)
+
+    @property
+    def contacted(self) -> np.ndarray:
+        """Receiving cells (tumour) within ``CONTACT_DISTANCE_UM`` of a T cell, which carry the contact programme."""
+        return np.zeros(self.n, dtype=bool) if self.contact is None else self.contact
 
     @property
     def in_tumour_region(self) -> np.ndarray:
@@ -242,8 +256,24 @@ def _paint_vessels(rng, domain, angle, grid, xx, yy) -> None:
         sub[ok & (d < r_in)] = LUMEN
 
 
-def place_cells(rng: np.random.Generator, layout: Layout, n_cells: int) -> Cells:
-    """Place exactly ``n_cells`` cells with domain-dependent density, type mixing and nuclear shape."""
+def contact_mask(x: np.ndarray, y: np.ndarray, cell_type: np.ndarray, distance: float = CONTACT_DISTANCE_UM) -> np.ndarray:
+    """Cells of ``CONTACT_RECEIVER`` type whose centroid lies closer than ``distance`` µm to a ``CONTACT_SENDER`` cell."""
+    out = np.zeros(len(x), dtype=bool)
+    receivers, senders = np.flatnonzero(cell_type == CONTACT_RECEIVER), np.flatnonzero(cell_type == CONTACT_SENDER)
+    if receivers.size == 0 or senders.size == 0:
+        return out
+    tree = cKDTree(np.column_stack([x[senders], y[senders]]))
+    d, _ = tree.query(np.column_stack([x[receivers], y[receivers]]), k=1, distance_upper_bound=distance)
+    out[receivers[d < distance]] = True
+    return out
+
+
+def place_cells(rng: np.random.Generator, layout: Layout, n_cells: int, *, contact: bool = True) -> Cells:
+    """Place exactly ``n_cells`` cells with domain-dependent density, type mixing and nuclear shape.
+
+    With ``contact``, tumour cells touching a T cell (see :func:`contact_mask`) get larger, darker nuclei;
+    no random draw depends on it, so everything else is the same with and without.
+    """
     density = _DENSITY[layout.domain]
     expected = density.sum() * layout.grid**2
     if expected <= 0:
@@ -295,6 +325,11 @@ def place_cells(rng: np.random.Generator, layout: Layout, n_cells: int) -> Cells
     b[pyk] *= 0.85
     hem[pyk] *= 1.25
     dapi[pyk] *= 1.3
+    contacted = contact_mask(x, y, cell_type) if contact else np.zeros(n_cells, dtype=bool)
+    a[contacted] *= CONTACT_NUCLEUS_SCALE
+    b[contacted] *= CONTACT_NUCLEUS_SCALE
+    hem[contacted] *= CONTACT_STAIN_SCALE
+    dapi[contacted] *= CONTACT_STAIN_SCALE
 
     # cell boundary: nucleus expansion up to 5 µm, limited by the neighbours (as in Xenium)
     tree = cKDTree(np.column_stack([x, y]))
@@ -315,6 +350,7 @@ def place_cells(rng: np.random.Generator, layout: Layout, n_cells: int) -> Cells
         hem=hem,
         dapi=dapi,
         vesicular=vesicular,
+        contact=contacted,
     )
 
 

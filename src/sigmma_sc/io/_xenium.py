@@ -77,6 +77,8 @@ def xenium(
     - ``images[he_key]``: the registered H&E (``c = ['r', 'g', 'b']``), when an H&E is given or found.
     - ``tables['table'].obs['cell_id']``: Xenium cell ids; the table annotates ``'cell_circles'``.
     - ``attrs['sigmma']['um_per_unit']``: µm per coordinate unit, per coordinate system.
+    - ``tables['table'].uns['sigmma_synthetic']['contact_program']``: for folders written by
+      :func:`sigmma_sc.datasets.synthetic_xenium`, the planted contact programme (genes, cell types, distance).
     """
     import spatialdata_io
 
@@ -109,6 +111,8 @@ def xenium(
         logger.info("Added the H&E image %s as images[%r]", he_path.name, he_key)
     if "table" in sdata.tables:
         _check_table(sdata, cells_as_circles=cells_as_circles)
+        if (synthetic.get("contact_program") or {}).get("enabled"):  # ground truth of sg.datasets.synthetic_xenium's contact programme
+            sdata.tables["table"].uns["sigmma_synthetic"] = {"contact_program": synthetic["contact_program"]}
     sdata.attrs["sigmma"] = {"um_per_unit": {"global": float(specs["pixel_size"])}}
     logger.info("Read Xenium run %s: %s", path, ", ".join(f"{k}={len(v)}" for k, v in _element_counts(sdata)))
     return sdata

@@ -174,9 +174,7 @@ def tile(
     xmin, ymin, xmax, ymax = reader.extent()
     n_cols, n_rows = max(1, int(np.ceil((xmax - xmin) / size))), max(1, int(np.ceil((ymax - ymin) / size)))
 
-    col = np.floor((xy[:, 0] - xmin) / size).astype(np.int64)
-    row = np.floor((xy[:, 1] - ymin) / size).astype(np.int64)
-    col, row = np.clip(col, 0, n_cols - 1), np.clip(row, 0, n_rows - 1)
+    row, col = grid_position(xy, (xmin, ymin), size, (n_rows, n_cols))
     grid_id = np.where(on_image, row * n_cols + col, -1)
     n_cells_grid = np.bincount(grid_id[grid_id >= 0], minlength=n_rows * n_cols)
 
@@ -330,6 +328,15 @@ def _warn_untiled(
         n_cells - n_dropped, n_cells, 100 * (n_cells - n_dropped) / n_cells, off, few, background,
         100 * min_tissue_fraction,
     )  # fmt: skip
+
+
+def grid_position(
+    xy: np.ndarray, origin: tuple[float, float], size: float, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each point on a grid of ``size`` squares from ``origin``, clipped to ``shape`` (rows, cols)."""
+    col = np.floor((xy[:, 0] - origin[0]) / size).astype(np.int64)
+    row = np.floor((xy[:, 1] - origin[1]) / size).astype(np.int64)
+    return np.clip(row, 0, shape[0] - 1), np.clip(col, 0, shape[1] - 1)
 
 
 def _empty_cell_table() -> AnnData:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,6 +13,7 @@ from .._utils._validate import get_table
 from ..data._bundle import _hash_names, build_bundle
 from ..data._tiles import image_modality, tile_params
 from ._featurize import featurize
+from ._shifts import check_shifts, shifted_cell_embeddings
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -30,6 +32,7 @@ def embed(
     image_key: str | None = None,
     batch_size: int = 256,
     device: str | None = None,
+    shifts: int | Sequence[tuple[float, float]] | None = None,
 ) -> None:
     """Write SIGMMA's per-scale embeddings of every tile and cell.
 
@@ -60,6 +63,16 @@ def embed(
         Tiles per forward pass.
     device
         Torch device (default: the model's).
+    shifts
+        Average each cell's embeddings over tile grids shifted by these ``(dx, dy)`` offsets, in fractions of
+        a micro block (32 µm for 128 µm tiles), each in ``[0, 1)``; an integer ``n`` means the ``n x n``
+        offsets ``(i / n, j / n)``, e.g. ``shifts=2`` for ``[(0, 0), (0.5, 0), (0, 0.5), (0.5, 0.5)]``. Include
+        ``(0, 0)`` to keep the section's own grid among them. Micro-scale message passing stops at micro-block
+        borders and every scale at tile borders, so cell embeddings otherwise follow the grid (Leiden on them
+        can draw the block grid); for each shift the tiled cells are re-tiled in memory, their per-tile 6-NN
+        graph rebuilt as :func:`sigmma_sc.pp.cell_graph` does, embedded, and the embeddings averaged (the
+        plain mean, not re-normalised). Costs one ST pass per shift; tile embeddings keep the section's grid.
+        ``None``: the section's grid only.
 
     Returns
     -------
@@ -67,10 +80,13 @@ def embed(
 
     - tile table ``.obsm['X_sigmma_{scale}_image']`` and (with ST) ``.obsm['X_sigmma_{scale}_st']``;
     - cell table ``.obsm['X_sigmma_{scale}']``: each cell's node embedding in the shared space (NaN for
-      untiled cells);
+      untiled cells); with ``shifts``, its mean over the shifted grids;
     - ``.uns['sigmma']['embed']`` of both tables: model configuration and backbone.
     """
     params = tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
+    shift_pairs = check_shifts(shifts)
+    if shift_pairs is not None and table_key is None:
+        raise ValueError("`shifts` re-tile the cells; pass the cell table as `table_key`, or `shifts=None`.")
     tiles = get_table(sdata, tile_key)
     cfg = model.config
     cached = tiles.uns.get(Keys.UNS, {}).get("backbone", {})
@@ -148,19 +164,26 @@ def embed(
         feats = {s: np.asarray(tiles.obsm[Keys.BACKBONE.format(scale=s)], dtype=np.float32) for s in SCALES}
         z_img = model.encode_image(feats, batch_size=batch_size)
     z_st = model.encode_st(bundle, batch_size=batch_size) if bundle is not None else None
+    shifted = None
+    if shift_pairs is not None:  # cell embeddings averaged over shifted grids (see _shifts.py), before any write
+        shifted, _ = shifted_cell_embeddings(
+            sdata, model, shift_pairs, table_key=table_key, tile_key=tile_key, batch_size=batch_size
+        )
 
     written = []
     for s, z in z_img.items():
         tiles.obsm[Keys.EMB_IMAGE.format(scale=s)] = z.numpy()
         written.append(Keys.EMB_IMAGE.format(scale=s))
     record = {"config": cfg.to_dict(), "backbone": cfg.backbone}
+    if shift_pairs is not None:
+        record["shifts"] = [list(p) for p in shift_pairs]
     if z_st is not None:
         z_tile, z_cell = z_st
         for s in z_tile:
             tiles.obsm[Keys.EMB_ST.format(scale=s)] = z_tile[s].numpy()
             full = np.full((cells.n_obs, z_cell[s].shape[1]), np.nan, dtype=np.float32)
             full[rows] = z_cell[s].numpy()
-            cells.obsm[Keys.EMB_CELL.format(scale=s)] = full
+            cells.obsm[Keys.EMB_CELL.format(scale=s)] = full if shifted is None else shifted[s]
             written.append(Keys.EMB_ST.format(scale=s))
         uns = dict(cells.uns.get(Keys.UNS, {}))
         uns["embed"] = record

@@ -1,5 +1,6 @@
-"""Readers: 10x Xenium runs with a registered H&E image, into SpatialData."""
+"""Readers: 10x Xenium runs with a registered H&E image, and whole-slide images, into SpatialData."""
 
+from ._wsi import wsi
 from ._xenium import xenium
 
-__all__ = ["xenium"]
+__all__ = ["wsi", "xenium"]

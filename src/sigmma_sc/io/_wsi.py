@@ -99,16 +99,17 @@ def wsi(
         mpp, source = (mpp_x, mpp_y if mpp_y is not None else mpp_x), "file"
     else:
         if mpp_x is not None and not np.isclose(mpp_x, pixel_size_um, rtol=0.01):
-            logger.warning(
-                "%s records %.4g µm/px; using pixel_size_um=%.4g as asked.", path.name, mpp_x, pixel_size_um
-            )
+            logger.warning("%s records %.4g µm/px; using pixel_size_um=%.4g as asked.", path.name, mpp_x, pixel_size_um)
         mpp, source = (pixel_size_um, pixel_size_um), "argument"
 
     levels = _levels(slide)
     transformation = Scale([float(mpp[0]), float(mpp[1])], axes=("x", "y"))
     if len(levels) == 1:
         image = Image2DModel.parse(
-            levels[0], dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={coordinate_system: transformation}
+            levels[0],
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            transformations={coordinate_system: transformation},
         )
     else:
         image = _datatree(levels, ("c", "y", "x"), ["r", "g", "b"])

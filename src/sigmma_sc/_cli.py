@@ -2,6 +2,7 @@
 
 ``sigmma demo --out demo.zarr`` runs everything on the embedded synthetic Xenium section;
 ``sigmma run --xenium DIR --out OUT.zarr`` on a Xenium run (optionally with its H&E);
+``sigmma predict --model MODEL --slide SLIDE --out OUT.zarr`` predicts tile expression of a new image-only slide;
 ``sigmma evaluate OUT.zarr`` scores the embeddings of a written run on its held-out test tiles;
 ``sigmma bundle`` / ``sigmma train-bundle`` split preprocessing from training, so that training runs on a
 GPU machine with only torch installed.
@@ -123,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--backbone", action="store_true", help="also score the frozen backbone's features")
     ev.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV file")
 
+    _predict_parser(sub)
+
     bundle = sub.add_parser("bundle", help="featurize a processed zarr and save a training bundle (tensors)")
     bundle.add_argument("zarr", type=Path)
     bundle.add_argument("--out", type=Path, required=True)
@@ -159,6 +162,53 @@ def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.
         "Wrote %s in %.0f s; open it with napari-spatialdata or spatialdata.read_zarr.", out, time.perf_counter() - t0
     )
     return model
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict tile expression (and the closest training tiles) of a new image-only whole-slide image",
+        description="Tile a whole-slide image (SVS, NDPI, OME-TIFF, ...) over its tissue at the model's tiling, embed "
+        "its image side, predict each tile's expression with the probe saved in the model (sg.tl.fit_probe) and "
+        "optionally retrieve the closest training tiles (sg.tl.attach_reference); write a zarr for "
+        "napari-spatialdata.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model saved by SigmmaModel.save / sigmma run --model-out")
+    p.add_argument("--slide", type=Path, required=True, help="whole-slide image file")
+    p.add_argument("--out", type=Path, required=True, help="output SpatialData zarr (tiles, tile table, overview)")
+    p.add_argument("--retrieve", type=int, default=0, metavar="N", help="closest training tiles per tile (default 0)")
+    p.add_argument("--pixel-size-um", type=float, default=None, help="slide pixel size if the file records none")
+    p.add_argument("--probe", default="expression", help="name of the model's probe (default expression)")
+    p.add_argument("--no-probe", action="store_true", help="no expression prediction (retrieval only)")
+    p.add_argument("--stain-normalize", action="store_true", help="Macenko-normalise to the training stains first")
+    p.add_argument("--min-tissue-fraction", type=float, default=0.05)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+
+
+def _predict(args) -> None:
+    import sigmma_sc as sg
+
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists; choose another --out or remove it.")
+    for what, path in (("--model", args.model), ("--slide", args.slide)):
+        if not path.exists():
+            raise SystemExit(f"{what}: no such file: {path}")
+    try:
+        sdata = sg.tl.predict_slide(
+            args.slide,
+            args.model,
+            pixel_size_um=args.pixel_size_um,
+            probe=None if args.no_probe else args.probe,
+            retrieve=args.retrieve,
+            stain_normalize=args.stain_normalize,
+            min_tissue_fraction=args.min_tissue_fraction,
+            device=args.device,
+            out=args.out,
+        )
+    except ValueError as e:
+        raise SystemExit(f"sigmma predict: {e}") from e
+    tiles = sdata.tables["sigmma_tiles"]
+    logger.warning("%d tissue tiles, %d predicted genes.", tiles.n_obs, tiles.n_vars)
 
 
 def _evaluate(args) -> None:
@@ -248,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             model.save(args.model_out)
     elif args.command == "evaluate":
         _evaluate(args)
+    elif args.command == "predict":
+        _predict(args)
     elif args.command == "bundle":
         import spatialdata as sd
 

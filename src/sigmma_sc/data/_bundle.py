@@ -10,7 +10,7 @@ from scipy import sparse
 
 from .._constants import GRID, SCALES, SPLITS, Keys
 from .._utils._validate import get_table, require_obs
-from ._tiles import tile_params
+from ._tiles import tile_params, tile_reader
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -213,6 +213,8 @@ def build_bundle(
         "n_features": int(x.shape[1]),
         "tile_size_um": float(params["tile_size_um"]),
         "pixel_size_um": float(params["pixel_size_um"]),
+        "image_key": params["image_key"],  # image modality, checked when the model predicts on new slides
+        "image_channels": tile_reader(sdata, tile_key).n_channels,
         "n_neighs": int(graph["n_neighs"]),
         "n_candidates": k,
         "backbone": tiles.uns.get(Keys.UNS, {}).get("backbone", {}).get("name"),

@@ -6,7 +6,17 @@ GPU machine from a saved :class:`TrainingBundle`.
 
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
+from ._inference import LinearProbe, RetrievalReference, inference_tiling
 from ._sigmma import SigmmaModel
 from ._toy import toy_bundle
 
-__all__ = ["SigmmaConfig", "SigmmaModel", "TileBatch", "TrainingBundle", "toy_bundle"]
+__all__ = [
+    "LinearProbe",
+    "RetrievalReference",
+    "SigmmaConfig",
+    "SigmmaModel",
+    "TileBatch",
+    "TrainingBundle",
+    "inference_tiling",
+    "toy_bundle",
+]

@@ -18,6 +18,14 @@ from ..nn._loss import ProjectionHead, multiscale_info_nce
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
 from ._finetune import as_tile_tensor, build_image_encoder, encode_tiles
+from ._inference import (
+    LinearProbe,
+    RetrievalReference,
+    inference_tiling,
+    probes_from_dict,
+    probes_to_dict,
+    reference_from_dict,
+)
 
 _FORMAT = "sigmma_sc.SigmmaModel"
 _VERSION = 1
@@ -66,6 +74,12 @@ class SigmmaModel(nn.Module):
         Health of the trained model (:func:`~sigmma_sc.model.training_diagnostics`): best validation loss and
         its chance level, mean pairwise cosine and participation ratio of the tile embeddings per scale, the
         warnings raised, and why training stopped.
+    probes
+        Name -> fitted :class:`~sigmma_sc.model.LinearProbe` of tile expression on image embeddings
+        (:func:`sigmma_sc.tl.fit_probe`), saved with the model.
+    reference
+        ST embeddings of the training tiles (:func:`sigmma_sc.tl.attach_reference`), saved with the model, to
+        retrieve the closest training tiles of a new slide's tiles.
     image_encoder
         The fine-tuned :class:`~sigmma_sc.nn.MultiCropEncoder`, or ``None`` (frozen backbone, cached features).
     """
@@ -100,6 +114,8 @@ class SigmmaModel(nn.Module):
         self.meta: dict[str, Any] = jsonable(dict(meta or {}))
         self.history: list[dict[str, Any]] = []
         self.diagnostics: dict[str, Any] = {}
+        self.probes: dict[str, LinearProbe] = {}
+        self.reference: RetrievalReference | None = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.st_encoder = HierarchicalGraphEncoder(
@@ -422,9 +438,45 @@ class SigmmaModel(nn.Module):
         self.meta = jsonable({**bundle.meta, **self.meta})
         return history
 
+    # ------------------------------------------------------------------ inference on new slides
+    @property
+    def tiling(self) -> dict[str, Any]:
+        """Tiling and image modality the model was trained with (see :func:`~sigmma_sc.model.inference_tiling`)."""
+        return inference_tiling(self.meta, self.config.backbone_info)
+
+    def add_probe(self, probe: Any, name: str = "expression", *, check: np.ndarray | None = None) -> LinearProbe:
+        """Attach a fitted expression probe (a :class:`~sigmma_sc.metrics.ProbeResult` or a :class:`LinearProbe`).
+
+        Parameters
+        ----------
+        probe
+            The probe; a ``ProbeResult`` is collapsed into one affine map.
+        name
+            Key in :attr:`probes` (replaces a probe of that name).
+        check
+            Features on which the collapsed map must reproduce the probe's predictions.
+
+        Returns
+        -------
+        The stored :class:`LinearProbe`.
+        """
+        lp = probe if isinstance(probe, LinearProbe) else LinearProbe.from_probe_result(probe, check=check)
+        scales = {k.split("_")[2] for k in lp.embedding_keys if k.startswith("X_sigmma_") and k.endswith("_image")}
+        if len(scales) != len(lp.embedding_keys) or not scales <= set(self.scales):
+            raise ValueError(
+                f"A probe saved with the model must read this model's image embeddings "
+                f"(X_sigmma_{{scale}}_image for scales {list(self.scales)}); got {lp.embedding_keys}."
+            )
+        self.probes[str(name)] = lp
+        return lp
+
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | Path) -> None:
-        """Write config, weights (with fine-tuning: the whole backbone), meta and history to one file, atomically."""
+        """Write the model to one file, atomically.
+
+        Config, weights (with fine-tuning: the whole backbone), meta, history, probes and retrieval reference,
+        as plain python and tensors (``torch.load(weights_only=True)`` reads it).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -436,6 +488,8 @@ class SigmmaModel(nn.Module):
             "meta": self.meta,
             "history": self.history,
             "diagnostics": self.diagnostics,
+            "probes": probes_to_dict(self.probes),
+            "reference": None if self.reference is None else self.reference.to_dict(),
         }
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(payload, tmp)
@@ -462,6 +516,8 @@ class SigmmaModel(nn.Module):
         model.load_state_dict(d["state_dict"])
         model.history = list(d.get("history") or [])
         model.diagnostics = dict(d.get("diagnostics") or {})
+        model.probes = probes_from_dict(d.get("probes"))
+        model.reference = reference_from_dict(d.get("reference"))
         model.eval()
         return model.to(map_location) if map_location is not None else model
 

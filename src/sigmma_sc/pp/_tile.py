@@ -358,16 +358,16 @@ def _otsu(values: np.ndarray) -> float:
 def tissue_mask(thumb: np.ndarray, pixel_size_um: float = 4.0) -> np.ndarray:
     """Tissue mask of a low-resolution uint8 ``(C, h, w)`` image with pixels of ``pixel_size_um``.
 
-    RGB (brightfield, e.g. H&E): tissue is darker or more saturated than the white glass. One channel
+    RGB (brightfield, e.g. H&E): tissue is darker or more saturated than the white glass, without pen marks
+    and dust (:func:`sigmma_sc.pp._tissue.brightfield_tissue_mask`). One channel
     (fluorescence, e.g. DAPI): after smoothing over ~12 µm, tissue is brighter than the background by a
     quarter of the Otsu threshold's height above it (sparse nuclei still count as tissue).
     """
     img = thumb.astype(np.float32)
-    if img.shape[0] == 3:
-        gray = img.mean(0)
-        sat = img.max(0) - img.min(0)
-        thr = min(_otsu(gray), 235.0) if np.ptp(gray) > 10 else 235.0
-        mask = (gray < thr) | (sat > 25)
+    if img.shape[0] == 3:  # brightfield: pen marks and dust removed, folds kept (see pp/_tissue.py)
+        from ._tissue import brightfield_tissue_mask
+
+        return brightfield_tissue_mask(thumb, pixel_size_um)
     else:
         smooth = ndimage.gaussian_filter(img.max(0), max(1.0, 12.0 / pixel_size_um))
         if np.ptp(smooth) < 1:

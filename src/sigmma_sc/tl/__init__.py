@@ -7,15 +7,19 @@ from ._featurize import featurize
 from ._image_only import retrieve
 from ._microenvironments import microenvironments
 from ._predict import predict_expression
+from ._slide import attach_reference, fit_probe, predict_slide
 from ._train import train_sigmma
 
 __all__ = [
+    "attach_reference",
     "embed",
     "featurize",
+    "fit_probe",
     "microenvironment_composition",
     "microenvironment_de",
     "microenvironments",
     "predict_expression",
+    "predict_slide",
     "retrieve",
     "train_sigmma",
 ]

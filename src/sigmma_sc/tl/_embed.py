@@ -159,10 +159,11 @@ def _check_st_space(model: SigmmaModel, meta: dict, cells) -> None:
             f"was trained on {model.config.n_features}. Compute the same node features as for training "
             f"(`sg.pp.cell_graph(sdata, features={trained.get('features_key')!r})`)."
         )
-    if trained.get("features_key") == Keys.FEATURES and trained.get("var_names_hash") not in (
-        None,
-        _hash_names(cells.var_names),
-    ):
+    pca = (cells.uns.get(Keys.UNS, {}).get("cell_graph") or {}).get("pca") or {}
+    section_genes = {_hash_names(cells.var_names)}  # a cohort model: the genes of the PCA the section was projected on
+    if pca.get("var_names") is not None:
+        section_genes.add(_hash_names(np.asarray(pca["var_names"]).astype(str)))
+    if trained.get("features_key") == Keys.FEATURES and trained.get("var_names_hash") not in (None, *section_genes):
         raise ValueError(
             "The section's genes differ from those the model was trained on, so its PCA node features live in "
             "another space. Embed sections with the same gene panel, or train on shared node features "

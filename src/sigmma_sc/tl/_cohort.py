@@ -1,0 +1,118 @@
+"""Training on a cohort: several tiled, graphed sections, one model (called by ``sg.tl.train_sigmma``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._constants import Keys
+from .._utils._validate import get_table
+from ..data._bundle import _hash_names, build_bundle
+from ..data._cohort import as_sections, prepare_cohort
+from ._featurize import featurize
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from ..model import SigmmaModel
+
+logger = logging.getLogger(__name__)
+
+
+def train_cohort(
+    sections: Sequence[SpatialData] | Mapping[str, SpatialData],
+    *,
+    table_key: str,
+    tile_key: str,
+    backbone: str,
+    pretrained: bool,
+    weights: str | Path | None,
+    input_size: int | None,
+    epochs: int,
+    batch_size: int,
+    device: str | None,
+    seed: int,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    featurize_batch_size: int,
+    split: str,
+    val_sections: Sequence[str] | str | None,
+    test_sections: Sequence[str] | str | None,
+    features: str | None,
+    n_comps: int | None,
+    layer: str | None,
+    config: dict[str, Any],
+) -> SigmmaModel:
+    """Implementation of :func:`sigmma_sc.tl.train_sigmma` for several sections (see there).
+
+    Returns
+    -------
+    The trained model; ``model.meta['sections']`` names the sections, ``model.meta['cohort']`` the split.
+    """
+    from .._settings import settings
+    from ..model import SigmmaModel, TrainingBundle
+    from ._train import _version
+
+    named = as_sections(sections)
+    info = prepare_cohort(
+        named, table_key=table_key, tile_key=tile_key, split=split, val_sections=val_sections,
+        test_sections=test_sections, features=features, n_comps=n_comps, layer=layer, seed=seed,
+    )  # fmt: skip
+    finetune = int(config.get("finetune_blocks", 0) or 0) > 0
+    bundles = []
+    for name, sdata in named.items():
+        featurize(
+            sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
+            input_size=input_size, batch_size=featurize_batch_size, device=device,
+        )  # fmt: skip
+        logger.info("Section %r:", name)
+        bundles.append(build_bundle(sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune)[0])
+    backbones = {get_table(s, tile_key).uns[Keys.UNS]["backbone"]["name"] for s in named.values()}
+    if len(backbones) > 1:
+        raise ValueError(f"The sections' cached features come from different backbones {sorted(backbones)}; "
+                         f"re-run `sg.tl.featurize(..., backbone={backbone!r}, overwrite=True)` on each.")  # fmt: skip
+    bundle = TrainingBundle.concat(bundles, names=list(named))
+    del bundles
+    if info["genes"] is not None:  # embed checks a section's genes against these
+        bundle.meta["var_names_hash"] = _hash_names(info["genes"])
+    bundle.meta["cohort"] = {k: info[k] for k in ("split", "val_sections", "test_sections")}
+    n_train = int((bundle.split == 0).sum())
+    if n_train < 2:
+        raise ValueError(
+            f"Only {n_train} training tile(s) in the cohort; contrastive training needs at least 2 (more in "
+            "practice). Hold out fewer sections or use a smaller `tile_size_um` in `sg.pp.tile`."
+        )
+    logger.info("Cohort bundle: %r", bundle)
+    first = get_table(next(iter(named.values())), tile_key).uns[Keys.UNS]["backbone"]
+    if weights is not None:
+        config.setdefault("backbone_weights", str(weights))
+    model = SigmmaModel.from_bundle(
+        bundle,
+        epochs=epochs,
+        batch_size=min(int(batch_size), n_train),
+        backbone=backbone,
+        backbone_pretrained=bool(pretrained),
+        backbone_info={k: first[k] for k in ("name", "num_features", "input_size", "mean", "std", "is_vit")},
+        seed=seed,
+        **config,
+    )
+    history = model.fit(
+        bundle, device=device or settings.device, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume
+    )
+    record = {
+        "config": model.config.to_dict(),
+        "history": {k: [float(h[k]) if h[k] is not None else float("nan") for h in history] for k in history[0]}
+        if history
+        else {},
+        "version": _version(),
+        "cohort": {"sections": info["sections"], **bundle.meta["cohort"]},
+    }
+    for sdata in named.values():
+        tiles = get_table(sdata, tile_key)
+        tiles.uns[Keys.UNS] = dict(tiles.uns.get(Keys.UNS, {})) | {"training": record}
+    best = min((h for h in history if h.get("val_loss") is not None), key=lambda h: h["val_loss"], default=None)
+    if best is not None:
+        logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
+    return model

@@ -116,3 +116,53 @@ def train_cohort(
     if best is not None:
         logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
     return model
+
+
+def save_cohort_bundles(
+    sections: Mapping[str, SpatialData],
+    out_dir: str | Path,
+    *,
+    table_key: str = "table",
+    tile_key: str = Keys.TILE_TABLE,
+    backbone: str = "efficientnet_lite0",
+    pretrained: bool = True,
+    input_size: int | None = None,
+    device: str | None = None,
+    split: str = "spatial",
+    val_sections: Sequence[str] | str | None = None,
+    test_sections: Sequence[str] | str | None = None,
+    features: str | None = None,
+) -> list[Path]:
+    """Bring a cohort's node features into one space, then featurize and save one bundle per section.
+
+    Sections are featurized and bundled one at a time; each ``out_dir/<name>.pt`` is written atomically and
+    a section whose bundle exists is skipped (a killed run resumes). Train on them with
+    ``TrainingBundle.load([...])`` or ``sigmma train-bundle out_dir/*.pt``.
+
+    Returns
+    -------
+    The bundle paths, in section order.
+    """
+    named = as_sections(sections)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; pass a folder for the cohort's bundles.")
+    info = prepare_cohort(named, table_key=table_key, tile_key=tile_key, split=split, val_sections=val_sections,
+                          test_sections=test_sections, features=features)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, sdata in named.items():
+        path = out_dir / f"{name}.pt"
+        paths.append(path)
+        if path.exists():
+            logger.info("Section %r: bundle %s exists; skipped.", name, path)
+            continue
+        featurize(sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, input_size=input_size,
+                  device=device)  # fmt: skip
+        bundle = build_bundle(sdata, table_key=table_key, tile_key=tile_key)[0]
+        if info["genes"] is not None:
+            bundle.meta["var_names_hash"] = _hash_names(info["genes"])
+        bundle.meta["cohort"] = {k: info[k] for k in ("split", "val_sections", "test_sections")}
+        bundle.save(path)
+        logger.info("Section %r: saved %r to %s.", name, bundle, path)
+    return paths

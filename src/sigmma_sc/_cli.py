@@ -273,14 +273,22 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bundle" and len(args.zarr) > 1:
         import spatialdata as sd
 
+        from sigmma_sc.model._distributed import init_from_env
         from sigmma_sc.tl._cohort import save_cohort_bundles
 
+        ctx, device = init_from_env(None)  # under torchrun: the sections are shared out over the ranks
         names = [p.stem for p in args.zarr]
         if len(set(names)) < len(names):
             raise SystemExit(f"The zarr names must be unique (they name the sections): {names}.")
         sections = {n: sd.read_zarr(p) for n, p in zip(names, args.zarr, strict=True)}
         save_cohort_bundles(sections, args.out, backbone=args.backbone, input_size=args.input_size, split=args.split,
-                            val_sections=args.val_sections, test_sections=args.test_sections)  # fmt: skip
+                            val_sections=args.val_sections, test_sections=args.test_sections,
+                            device=None if device is None else str(device),
+                            shard=None if ctx is None else (ctx.rank, ctx.world_size))  # fmt: skip
+        if ctx is not None:  # no barrier: ranks write only their own sections' files
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     elif args.command == "bundle":
         import spatialdata as sd
 

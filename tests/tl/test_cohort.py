@@ -165,3 +165,20 @@ def test_cohort_too_few_shared_genes_and_missing_graph(cohort):
         sg.tl.train_sigmma([cohort["a"], bare], epochs=1, **TINY)
     with pytest.raises(ValueError, match="apply to a cohort"):
         sg.tl.train_sigmma(cohort["a"], split="section", **TINY)
+
+
+def test_cohort_bundles_sharded_over_ranks_and_resumed(cohort, tmp_path, caplog):
+    from sigmma_sc.model import TrainingBundle
+    from sigmma_sc.tl._cohort import save_cohort_bundles
+
+    kw = {"backbone": "test_efficientnet", "pretrained": False, "input_size": 32}
+    paths = save_cohort_bundles(cohort, tmp_path, shard=(1, 2), **kw)  # rank 1 of 2: only section "b"
+    assert [p.exists() for p in paths] == [False, True, False]
+    save_cohort_bundles(cohort, tmp_path, shard=(0, 2), **kw)  # rank 0: "a" and "c"
+    assert all(p.exists() for p in paths)
+    with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+        save_cohort_bundles(cohort, tmp_path, **kw)  # a restarted run: nothing left to do
+    assert caplog.text.count("exists; skipped") == 3
+    joined = TrainingBundle.load(paths)  # the ranks' bundles share one node-feature space
+    assert joined.meta["sections"] == ["a", "b", "c"]
+    assert joined.meta["pca"] is not None

@@ -132,12 +132,15 @@ def save_cohort_bundles(
     val_sections: Sequence[str] | str | None = None,
     test_sections: Sequence[str] | str | None = None,
     features: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[Path]:
     """Bring a cohort's node features into one space, then featurize and save one bundle per section.
 
     Sections are featurized and bundled one at a time; each ``out_dir/<name>.pt`` is written atomically and
     a section whose bundle exists is skipped (a killed run resumes). Train on them with
-    ``TrainingBundle.load([...])`` or ``sigmma train-bundle out_dir/*.pt``.
+    ``TrainingBundle.load([...])`` or ``sigmma train-bundle out_dir/*.pt``. With ``shard=(rank, world_size)``
+    (``sigmma bundle`` under ``torchrun``) this process featurizes only sections ``rank, rank + world_size, ...``;
+    the shared PCA is seeded, so every rank computes the same one.
 
     Returns
     -------
@@ -150,10 +153,13 @@ def save_cohort_bundles(
     info = prepare_cohort(named, table_key=table_key, tile_key=tile_key, split=split, val_sections=val_sections,
                           test_sections=test_sections, features=features)  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = shard or (0, 1)
     paths = []
-    for name, sdata in named.items():
+    for i, (name, sdata) in enumerate(named.items()):
         path = out_dir / f"{name}.pt"
         paths.append(path)
+        if i % world != rank:
+            continue
         if path.exists():
             logger.info("Section %r: bundle %s exists; skipped.", name, path)
             continue

@@ -90,7 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     _common_training(demo, steps=DEMO_STEPS)
 
     run = sub.add_parser("run", help="tile, graph, train, embed and cluster a Xenium run")
-    run.add_argument("--xenium", type=Path, required=True, help="Xenium output folder")
+    run.add_argument(
+        "--xenium",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="Xenium output folder; several: one model over the cohort, each section written to OUT/<folder>.zarr",
+    )
     run.add_argument(
         "--he",
         default=None,
@@ -99,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "Without an H&E the DAPI morphology image is used.",
     )
     run.add_argument("--alignment", type=Path, default=None, help="H&E alignment CSV (3x3 affine from 10x)")
-    run.add_argument("--out", type=Path, required=True, help="output SpatialData zarr")
+    run.add_argument("--out", type=Path, required=True, help="output SpatialData zarr (several --xenium: a folder)")
     run.add_argument("--tile-size-um", type=float, default=128.0)
     run.add_argument("--pixel-size-um", type=float, default=0.5)
     run.add_argument("--model-out", type=Path, default=None, help="also save the trained model here")
@@ -126,13 +132,21 @@ def _parser() -> argparse.ArgumentParser:
 
     _predict_parser(sub)
 
-    bundle = sub.add_parser("bundle", help="featurize a processed zarr and save a training bundle (tensors)")
-    bundle.add_argument("zarr", type=Path)
-    bundle.add_argument("--out", type=Path, required=True)
+    bundle = sub.add_parser("bundle", help="featurize processed zarr(s) and save training bundles (tensors)")
+    bundle.add_argument("zarr", type=Path, nargs="+", help="tiled and graphed zarr; several: a cohort")
+    bundle.add_argument(
+        "--out", type=Path, required=True, help="bundle file; for several zarrs a folder of <zarr name>.pt files"
+    )
     bundle.add_argument("--backbone", default="efficientnet_lite0")
+    bundle.add_argument("--input-size", type=int, default=None, help="crop side for the backbone (default: its own)")
+    bundle.add_argument("--split", choices=("spatial", "section"), default="spatial", help="cohort split")
+    bundle.add_argument("--val-sections", nargs="*", default=(), help="with --split section: validation zarr names")
+    bundle.add_argument("--test-sections", nargs="*", default=(), help="with --split section: test zarr names")
 
-    train = sub.add_parser("train-bundle", help="train on a saved bundle (needs only torch)")
-    train.add_argument("bundle", type=Path)
+    train = sub.add_parser(
+        "train-bundle", help="train on saved bundle(s) (needs only torch; runs under `torchrun --nproc-per-node N`)"
+    )
+    train.add_argument("bundle", type=Path, nargs="+", help="bundle file(s); several are joined (one per section)")
     train.add_argument("--out", type=Path, required=True, help="where to save the model")
     train.add_argument("--checkpoint-dir", type=Path, default=None)
     train.add_argument("--resume", action="store_true")
@@ -211,6 +225,41 @@ def _predict(args) -> None:
     logger.warning("%d tissue tiles, %d predicted genes.", tiles.n_obs, tiles.n_vars)
 
 
+def _run_cohort(args) -> None:
+    """``sigmma run`` on several Xenium folders: one model over the cohort, each section written to OUT/<name>.zarr."""
+    import sigmma_sc as sg
+
+    if args.he is not None or args.alignment is not None:
+        raise SystemExit("With several --xenium folders, each folder's own H&E (or its DAPI) is used; drop --he.")
+    names = [p.name for p in args.xenium]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"The Xenium folder names must be unique (they name the sections): {names}.")
+    missing = [str(p) for p in args.xenium if not p.is_dir()]
+    if missing:
+        raise SystemExit(f"No such Xenium folder(s): {missing}.")
+    t0 = time.perf_counter()
+    sections = {}
+    for name, folder in zip(names, args.xenium, strict=True):
+        try:
+            sdata = sg.io.xenium(folder, he_image="auto")
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"{folder}: {e}") from e
+        image_key = "he" if "he" in sdata.images else "morphology_focus"
+        sg.pp.tile(sdata, image_key=image_key, tile_size_um=args.tile_size_um, pixel_size_um=args.pixel_size_um)
+        sg.pp.cell_graph(sdata)
+        sections[name] = sdata
+    model = sg.tl.train_sigmma(sections, backbone=args.backbone, **_budget(args),
+                               device=args.device, seed=args.seed, input_size=args.input_size)  # fmt: skip
+    args.out.mkdir(parents=True)
+    for name, sdata in sections.items():
+        sg.tl.embed(sdata, model)
+        sg.tl.microenvironments(sdata)
+        sdata.write(args.out / f"{name}.zarr")
+    if args.model_out:
+        model.save(args.model_out)
+    logger.warning("Wrote %d sections to %s in %.0f s.", len(sections), args.out, time.perf_counter() - t0)
+
+
 def _evaluate(args) -> None:
     import warnings
 
@@ -274,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {} if args.n_cells is None else {"n_cells": args.n_cells}
         sdata = sg.datasets.demo(**kwargs)
         _pipeline(sdata, args, args.image, args.out)
+    elif args.command == "run" and len(args.xenium) > 1:
+        _run_cohort(args)
     elif args.command == "run":
+        args.xenium = args.xenium[0]
         no_he = args.he is not None and str(args.he).lower() == "none"
         if args.alignment is not None and (args.he is None or no_he):
             raise SystemExit("--alignment needs --he: name the H&E image the alignment belongs to.")
@@ -300,22 +352,50 @@ def main(argv: list[str] | None = None) -> int:
         _evaluate(args)
     elif args.command == "predict":
         _predict(args)
+    elif args.command == "bundle" and len(args.zarr) > 1:
+        import spatialdata as sd
+
+        from sigmma_sc.model._distributed import init_from_env
+        from sigmma_sc.tl._cohort import save_cohort_bundles
+
+        ctx, device = init_from_env(None)  # under torchrun: the sections are shared out over the ranks
+        names = [p.stem for p in args.zarr]
+        if len(set(names)) < len(names):
+            raise SystemExit(f"The zarr names must be unique (they name the sections): {names}.")
+        sections = {n: sd.read_zarr(p) for n, p in zip(names, args.zarr, strict=True)}
+        save_cohort_bundles(sections, args.out, backbone=args.backbone, input_size=args.input_size, split=args.split,
+                            val_sections=args.val_sections, test_sections=args.test_sections,
+                            device=None if device is None else str(device),
+                            shard=None if ctx is None else (ctx.rank, ctx.world_size))  # fmt: skip
+        if ctx is not None:  # no barrier: ranks write only their own sections' files
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     elif args.command == "bundle":
         import spatialdata as sd
 
-        sdata = sd.read_zarr(args.zarr)
-        sg.tl.featurize(sdata, backbone=args.backbone)
+        sdata = sd.read_zarr(args.zarr[0])
+        sg.tl.featurize(sdata, backbone=args.backbone, input_size=args.input_size)
         bundle, _ = sg.data.build_bundle(sdata)
         bundle.save(args.out)
         logger.warning("Saved %r to %s.", bundle, args.out)
     elif args.command == "train-bundle":
         from sigmma_sc.model import SigmmaModel, TrainingBundle
+        from sigmma_sc.model._distributed import init_from_env
 
-        bundle = TrainingBundle.load(args.bundle)
+        ctx, device = init_from_env(args.device)  # under torchrun / srun: one process per device
+        bundle = TrainingBundle.load(args.bundle if len(args.bundle) > 1 else args.bundle[0])
         model = SigmmaModel.from_bundle(bundle, **_budget(args), seed=args.seed)
-        model.fit(bundle, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
-        model.save(args.out)
-        logger.warning("Saved the model to %s.", args.out)
+        model.fit(bundle, device=device or args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                  progress=ctx is None or ctx.is_main)  # fmt: skip
+        if ctx is None or ctx.is_main:
+            model.save(args.out)
+            logger.warning("Saved the model to %s.", args.out)
+        if ctx is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
     return 0
 
 

@@ -34,6 +34,8 @@ class Keys:
     TILE_COL: Final = "tile_col"
     TILE_X0: Final = "x0"
     TILE_Y0: Final = "y0"
+    SECTION: Final = "sigmma_section"  # section name of each tile in a cohort (sg.tl.train_sigmma on sections)
+    SPLIT_SPATIAL: Final = "split_spatial"  # the spatial split, kept when split="section" overwrites `split`
 
     # cell table .obs
     CELL_TILE: Final = "sigmma_tile"

@@ -54,7 +54,7 @@ def _retrieval_scales(tiles: AnnData, keys: Sequence[str]) -> list[str] | None:
 
 
 def evaluate(
-    sdata: SpatialData | AnnData,
+    sdata: SpatialData | AnnData | Sequence[SpatialData] | Mapping[str, SpatialData],
     *,
     embeddings: Mapping[str, str | Sequence[str]] | Sequence[str] | None = None,
     protocols: Sequence[Literal["paper", "hest"]] = ("paper", "hest"),
@@ -70,7 +70,10 @@ def evaluate(
     Parameters
     ----------
     sdata
-        SpatialData object holding the tile table, or the tile table itself.
+        SpatialData object holding the tile table, or the tile table itself, or a cohort (a list or mapping
+        name -> SpatialData, e.g. after ``sg.tl.train_sigmma(sections, split='section', test_sections=[...])``):
+        its tile tables are joined on their shared genes (:func:`sigmma_sc.data.cohort_tile_table`), so whole
+        held-out sections are scored and the probes are fitted on the training tiles of all sections.
     embeddings
         Row name -> ``.obsm`` key(s) of the tile table (several keys: concatenated), or a list of keys (named
         by themselves). Default: the SIGMMA image embedding of each scale and ``'all'`` scales concatenated;
@@ -100,6 +103,10 @@ def evaluate(
     ``{protocol}_gene_pcc_std``, ``{protocol}_mse_raw``, ``{protocol}_alpha`` (see
     :meth:`sigmma_sc.metrics.ProbeResult.summary`), plus ``n_eval``.
     """
+    if isinstance(sdata, Mapping) or (isinstance(sdata, Sequence) and not isinstance(sdata, str)):
+        from ..data._cohort import cohort_tile_table
+
+        sdata = cohort_tile_table(sdata, tile_key)
     tiles = tile_table(sdata, tile_key)
     if embeddings is None:
         embeddings = default_embeddings(tiles)

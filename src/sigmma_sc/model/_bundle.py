@@ -7,7 +7,7 @@ on a bare GPU machine from ``TrainingBundle.load(path)`` alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from ..nn._edges import block_ids
 
 _FORMAT = "sigmma_sc.TrainingBundle"
 _VERSION = 1
+# meta fields that the sections of a cohort bundle must share (one node-feature space, one tiling, one backbone)
+_CONCAT_MUST_MATCH = ("n_features", "features_key", "pca", "tile_size_um", "pixel_size_um", "backbone")
 
 
 @dataclass(eq=False)
@@ -145,7 +147,11 @@ class TrainingBundle:
         ``None``. Only needed to fine-tune backbone blocks (``SigmmaConfig.finetune_blocks > 0``), where the
         image side is encoded from the pixels at every step instead of from ``image_features``.
     meta
-        JSON-able information (feature names or key, backbone name, tile size in micrometres, ...).
+        JSON-able information (feature names or key, backbone name, tile size in micrometres, ...). A cohort
+        bundle (:meth:`concat`) lists its section names in ``meta['sections']``.
+    section
+        ``(T,)`` int64 index of each tile's section in ``meta['sections']`` (a cohort bundle), or ``None``
+        (one section).
 
     Notes
     -----
@@ -174,6 +180,7 @@ class TrainingBundle:
     split: Tensor | None = None
     tiles: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    section: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.x = _tensor(self.x, torch.float32, "x")
@@ -249,6 +256,14 @@ class TrainingBundle:
             json.dumps(self.meta)
         except TypeError as e:
             raise ValueError(f"`meta` must be JSON-able: {e}") from e
+        if self.section is not None:
+            self.section = _tensor(self.section, torch.long, "section")
+            n_sections = len(self.meta.get("sections") or [])
+            if self.section.shape != (t,) or bool(((self.section < 0) | (self.section >= n_sections)).any()):
+                raise ValueError(
+                    f"`section` must be a (T,) = ({t},) vector of indices into `meta['sections']` "
+                    f"({n_sections} names)."
+                )
         self._index()
 
     def _index(self) -> None:
@@ -402,6 +417,8 @@ class TrainingBundle:
         }
         if self.tiles is not None:  # only when present: bundles without tiles stay readable by older versions
             d["tiles"] = self.tiles.cpu()
+        if self.section is not None:  # likewise for the sections of a cohort bundle
+            d["section"] = self.section.cpu()
         return d
 
     def save(self, path: str | Path) -> None:
@@ -412,14 +429,117 @@ class TrainingBundle:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> TrainingBundle:
-        """Read a bundle written by :meth:`save` (re-validated)."""
+    def load(
+        cls, path: str | Path | Sequence[str | Path], map_location: str | torch.device | None = None
+    ) -> TrainingBundle:
+        """Read a bundle written by :meth:`save` (re-validated).
+
+        Parameters
+        ----------
+        path
+            A bundle file, or several (one per section): they are read one by one and joined with
+            :meth:`concat`, sections named by their file stems.
+        map_location
+            Device of the returned bundle (default: the CPU).
+
+        Returns
+        -------
+        The bundle.
+        """
+        if not isinstance(path, str | Path):
+            paths = [Path(p) for p in path]
+            if not paths:
+                raise ValueError("No bundle files given.")
+            names = [p.stem for p in paths]
+            if len(set(names)) < len(names):
+                names = [str(p) for p in paths]
+            bundle = cls.concat([cls.load(p) for p in paths], names=names)
+            return bundle.to(map_location) if map_location is not None else bundle
         d = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"{str(path)!r} is not a sigmma_sc training bundle.")
         d = {k: v for k, v in d.items() if k not in ("format", "version")}
         bundle = cls(**d)
         return bundle.to(map_location) if map_location is not None else bundle
+
+    @classmethod
+    def concat(cls, bundles: Sequence[TrainingBundle], *, names: Sequence[str] | None = None) -> TrainingBundle:
+        """Join the bundles of several sections into one cohort bundle (tiles in order, splits kept).
+
+        Parameters
+        ----------
+        bundles
+            One bundle per section (a cohort bundle counts as its sections). Their node features must live in
+            one space (same ``n_features``, ``features_key`` and recorded PCA) and their image features come
+            from one backbone; the tile and pixel sizes must agree.
+        names
+            Section names (default: ``meta['sections']`` of cohort bundles, else ``section_0``, ...).
+
+        Returns
+        -------
+        The cohort bundle, on the CPU: ``section`` gives each tile's index in ``meta['sections']``; meta fields
+        that differ between sections (other than the checked ones) are set to ``None``.
+        """
+        bundles = list(bundles)
+        if not bundles or not all(isinstance(b, TrainingBundle) for b in bundles):
+            raise ValueError("`concat` needs a non-empty sequence of TrainingBundle objects.")
+        if names is not None and len(names) != len(bundles):
+            raise ValueError(f"Got {len(names)} names for {len(bundles)} bundles.")
+        section_names: list[str] = []
+        codes = []
+        for i, b in enumerate(bundles):
+            own = list(b.meta.get("sections") or []) if b.section is not None else []
+            if own and names is None:
+                offset = len(section_names)
+                section_names += [str(n) for n in own]
+                codes.append(b.section.cpu() + offset)
+            else:
+                section_names.append(str(names[i]) if names is not None else f"section_{i}")
+                codes.append(torch.full((b.n_tiles,), len(section_names) - 1, dtype=torch.long))
+        if len(set(section_names)) < len(section_names):
+            raise ValueError(f"Section names must be unique, got {section_names}.")
+        first = bundles[0].meta
+        for key in _CONCAT_MUST_MATCH:
+            values = [b.meta.get(key) for b in bundles]
+            if any(v != values[0] for v in values[1:]):
+                diff = dict(zip(section_names, values, strict=False)) if key != "pca" else "differs"
+                raise ValueError(
+                    f"The bundles disagree on {key!r} ({diff}); node features and tiling must be shared by the "
+                    "cohort: build the bundles with shared node features (`sg.tl.train_sigmma` on the sections, or "
+                    "`sg.pp.cell_graph(..., pca_from=...)` / one `.obsm` embedding) and one tiling and backbone."
+                )
+        widths = {n: b.n_features for n, b in zip(section_names, bundles, strict=False)}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"The bundles disagree on 'n_features' ({widths}); node features must share one space.")
+        dims = {b.image_dim for b in bundles}
+        if len(dims) > 1:
+            raise ValueError(f"The bundles' image features have different widths {sorted(map(str, dims))}.")
+        has_tiles = {b.tiles is not None for b in bundles}
+        if len(has_tiles) > 1:
+            raise ValueError("Some bundles have tile images and others not; build all with `include_tiles` alike.")
+        bundles = [b.to("cpu") for b in bundles]
+        offsets = torch.tensor([0] + [b.n_cells for b in bundles]).cumsum(0)
+        ptr = [bundles[0].cell_ptr] + [b.cell_ptr[1:] + offsets[i] for i, b in enumerate(bundles) if i > 0]
+        meta = {k: v for k, v in first.items() if all(b.meta.get(k) == v for b in bundles[1:])}
+        meta |= {k: None for b in bundles for k in b.meta if k not in meta}
+        meta["sections"] = section_names
+        feats = None
+        if bundles[0].image_features is not None:
+            scales = [s for s in SCALES if all(s in b.image_features for b in bundles)]
+            feats = {s: torch.cat([b.image_features[s] for b in bundles]) for s in scales}
+        return cls(
+            x=torch.cat([b.x for b in bundles]),
+            cell_ptr=torch.cat(ptr),
+            pos=torch.cat([b.pos for b in bundles]),
+            edge_index=torch.cat([b.edge_index + offsets[i] for i, b in enumerate(bundles)], 1),
+            cand_meso=torch.cat([b.cand_meso + offsets[i] for i, b in enumerate(bundles)], 1),
+            cand_macro=torch.cat([b.cand_macro + offsets[i] for i, b in enumerate(bundles)], 1),
+            image_features=feats,
+            split=torch.cat([b.split for b in bundles]),
+            tiles=torch.cat([b.tiles for b in bundles]) if bundles[0].tiles is not None else None,
+            meta=meta,
+            section=torch.cat(codes),
+        )
 
     def __repr__(self) -> str:
         feats = "none" if self.image_features is None else f"{sorted(self.image_features)} x {self.image_dim}"
@@ -429,6 +549,7 @@ class TrainingBundle:
         return (
             f"TrainingBundle({self.n_tiles} tiles (train/val/test {counts[0]}/{counts[1]}/{counts[2]}), "
             f"{self.n_cells} cells x {self.n_features} features, {self.edge_index.shape[1]} kNN edges, "
-            f"{self.cand_meso.shape[1]}/{self.cand_macro.shape[1]} meso/macro candidates, image features {feats}, "
-            f"device {self.device})"
+            f"{self.cand_meso.shape[1]}/{self.cand_macro.shape[1]} meso/macro candidates, image features {feats}"
+            + (f", {len(self.meta['sections'])} sections" if self.section is not None else "")
+            + f", device {self.device})"
         )

@@ -3,6 +3,7 @@
 Imports only torch, torch_geometric, numpy and the standard library (timm lazily).
 """
 
+from ._distributed import all_gather_with_grad, gather_embeddings
 from ._edges import EdgeSampler, block_ids, same_block
 from ._featurize import featurize
 from ._gnn import GraphEncoderOutput, HierarchicalGraphEncoder, WeightedSAGEConv
@@ -19,9 +20,11 @@ __all__ = [
     "MultiCropEncoder",
     "ProjectionHead",
     "WeightedSAGEConv",
+    "all_gather_with_grad",
     "block_ids",
     "build_backbone",
     "featurize",
+    "gather_embeddings",
     "grad_cache_backward",
     "info_nce",
     "multiscale_info_nce",

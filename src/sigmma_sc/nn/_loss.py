@@ -108,6 +108,8 @@ def grad_cache_backward(
     encode: Callable[[Any], Mapping[str, Tensor]],
     chunks: Sequence[Any],
     loss_fn: Callable[[dict[str, Tensor]], Tensor],
+    *,
+    gather: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> Tensor:
     """Backpropagate a full-batch contrastive loss computed over micro-batches (GradCache).
 
@@ -129,6 +131,10 @@ def grad_cache_backward(
         The micro-batches, in the order their rows are concatenated.
     loss_fn
         Maps the dict of concatenated embeddings ``key -> (B, D)`` to the scalar loss.
+    gather
+        Distributed training: a differentiable map from this rank's concatenated embeddings to those of the
+        global batch (:func:`~sigmma_sc.nn.gather_embeddings`), applied before ``loss_fn``; the cached gradient
+        is then taken w.r.t. this rank's rows (``chunks`` are this rank's shard).
 
     Returns
     -------
@@ -142,7 +148,7 @@ def grad_cache_backward(
     after = _rng_state()
     keys = list(cached[0])
     full = {k: torch.cat([c[k] for c in cached]).requires_grad_(requires_grad=True) for k in keys}
-    loss = loss_fn(full)
+    loss = loss_fn(full if gather is None else gather(full))
     grads = torch.autograd.grad(loss, [full[k] for k in keys], allow_unused=True)
     sizes = [c[keys[0]].shape[0] for c in cached]
     split = {k: (g.split(sizes) if g is not None else [None] * len(sizes)) for k, g in zip(keys, grads, strict=True)}

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 from scipy.spatial import cKDTree
 
@@ -68,7 +69,7 @@ def cell_graph(
     pca_from
         A PCA recorded by an earlier run (``table.uns['sigmma']['cell_graph']['pca']`` of the training section,
         or ``model.meta['pca']``) to project this section's cells into the same node-feature space instead of
-        fitting a new PCA; the gene panels must match.
+        fitting a new PCA; the section must hold all of its genes (its other genes are not used).
     inplace
         Write into ``sdata`` and return ``None``; otherwise return ``(connectivities, distances, features)``.
 
@@ -109,11 +110,20 @@ def cell_graph(
         else:
             pca = dict(pca_from)
             names = np.asarray(pca["var_names"]).astype(str)
-            if names.size != table.n_vars or not np.array_equal(names, table.var_names.astype(str).to_numpy()):
+            section = pd.Index(table.var_names.astype(str))
+            col = section.get_indexer(names)
+            if (col < 0).any() or section.has_duplicates:
                 raise ValueError(
-                    "The genes of this section differ from those of `pca_from`; node features must share one space. "
-                    "Subset both sections to the shared genes (same order) or use `features=` with a shared embedding."
+                    "The genes of this section differ from those of `pca_from` "
+                    f"({int((col < 0).sum())} of its {names.size} genes are missing); node features must share one "
+                    "space. Subset both sections to the shared genes or use `features=` with a shared embedding."
                 )
+            if names.size != section.size or not (col == np.arange(col.size)).all():
+                counts = counts[:, col]  # a cohort PCA over shared genes: project on those, in its order
+                logger.info(
+                    "Projecting on the %d genes of `pca_from`; %d other gene(s) of this section are not used.",
+                    names.size, section.size - names.size,
+                )  # fmt: skip
         X = apply_log_pca(counts, pca)
         feature_source = features_key
     else:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._constants import Keys
 from .._utils._validate import get_table
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def train_sigmma(
-    sdata: SpatialData,
+    sdata: SpatialData | Sequence[SpatialData] | Mapping[str, SpatialData],
     *,
     table_key: str = "table",
     tile_key: str = Keys.TILE_TABLE,
@@ -38,6 +39,12 @@ def train_sigmma(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     featurize_batch_size: int = 32,
+    split: Literal["spatial", "section"] = "spatial",
+    val_sections: Sequence[str] | str | None = None,
+    test_sections: Sequence[str] | str | None = None,
+    features: str | None = None,
+    n_comps: int | None = None,
+    layer: str | None = None,
     **config: Any,
 ) -> SigmmaModel:
     """Train the multi-scale graph contrastive model on a tiled section.
@@ -56,7 +63,12 @@ def train_sigmma(
     Parameters
     ----------
     sdata
-        SpatialData object processed by :func:`sigmma_sc.pp.tile` and :func:`sigmma_sc.pp.cell_graph`.
+        SpatialData object processed by :func:`sigmma_sc.pp.tile` and :func:`sigmma_sc.pp.cell_graph`, or a cohort:
+        a list of such sections or a mapping name -> section (list items are named ``section_0``, ...). A cohort
+        trains one model on all sections (batches mix sections; every tile of a batch is a negative of the
+        others): node features are brought into one space first (see ``features``), each tile table gets
+        ``.obs['sigmma_section']``, and the per-section bundles are joined with
+        :meth:`~sigmma_sc.model.TrainingBundle.concat` (see ``docs/cohorts.md``).
     table_key
         Cell table.
     tile_key
@@ -92,6 +104,21 @@ def train_sigmma(
         Continue a killed run from ``checkpoint_dir``.
     featurize_batch_size
         Tiles per backbone forward pass.
+    split
+        Cohort only. ``'spatial'``: the spatial 8:1:1 tile split of :func:`sigmma_sc.pp.tile` inside every section.
+        ``'section'``: hold out whole sections, ``val_sections`` for validation and ``test_sections`` for testing
+        (written to the tile tables' ``.obs['split']``; the spatial split is kept in ``.obs['split_spatial']``).
+    val_sections, test_sections
+        Cohort with ``split='section'``: names of the held-out sections.
+    features
+        Cohort only: the ``.obsm`` key of node features every section holds (e.g. a foundation-model embedding).
+        ``None``: the embedding the sections' cell graphs already share, else a PCA of log-normalised counts over
+        the genes shared by all sections, fitted on the training cells of all sections (genes that some section
+        lacks are dropped and logged; too few shared genes is an error). Written into every cell table.
+    n_comps
+        Cohort PCA components (default: the largest of the sections' cell graphs).
+    layer
+        Cohort PCA: layer of raw counts (``None``: ``.X``).
     **config
         Further :class:`~sigmma_sc.model.SigmmaConfig` fields, e.g. ``hidden``, ``temperature``, ``lr``,
         ``scales=('macro',)``, ``use_graph=False``, ``edge_addition=False`` (Table 5 ablations), or
@@ -103,10 +130,27 @@ def train_sigmma(
     The trained model. Also writes ``tile_table.uns['sigmma']['training']``: configuration, history, package
     version.
     """
+    from spatialdata import SpatialData
+
     from .._settings import settings
     from ..model import SigmmaModel
 
     seed = 0 if seed is None else int(seed)
+    if not isinstance(sdata, SpatialData):
+        from ._cohort import train_cohort
+
+        return train_cohort(
+            sdata, table_key=table_key, tile_key=tile_key, backbone=backbone, pretrained=pretrained, weights=weights,
+            input_size=input_size, epochs=epochs, batch_size=batch_size, device=device, seed=seed,
+            checkpoint_dir=checkpoint_dir, resume=resume, featurize_batch_size=featurize_batch_size, split=split,
+            val_sections=val_sections, test_sections=test_sections, features=features, n_comps=n_comps,
+            layer=layer, config=config,
+        )  # fmt: skip
+    if split != "spatial" or val_sections or test_sections or features is not None or n_comps or layer:
+        raise ValueError(
+            "`split`, `val_sections`, `test_sections`, `features`, `n_comps` and `layer` apply to a cohort (a list or "
+            "mapping of sections); for one section, choose node features in `sg.pp.cell_graph`."
+        )
     tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
     tiles = get_table(sdata, tile_key)
     featurize(

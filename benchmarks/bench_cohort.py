@@ -1,0 +1,112 @@
+"""Benchmark a synthetic cohort: preprocessing, bundling and a few training epochs for 1, 2, 4, ... sections.
+
+Usage::
+
+    python benchmarks/bench_cohort.py --sections 1 2 4 --n-cells 10000 --epochs 2
+
+Synthetic Xenium folders (one per section, seeds 0, 1, ...) are written once under ``bench_out/`` (git-ignored)
+and re-used. Each cohort size runs in a fresh process (peak RSS is per process) and reports wall time of
+preprocessing (read + ``sg.pp.tile`` + ``sg.pp.cell_graph`` per section, one at a time), bundling (shared PCA,
+``sg.tl.featurize`` and ``build_bundle`` per section, ``TrainingBundle.concat``) and training, plus the peak
+RSS after each section's preprocessing and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
+
+
+def _folder(out: Path, n_cells: int, seed: int) -> Path:
+    import sigmma_sc as sg
+
+    folder = out / f"cohort_{n_cells}_{seed}"
+    if not (folder / "experiment.xenium").exists():
+        sg.datasets.synthetic_xenium(folder, n_cells=n_cells, seed=seed, transcripts=False, morphology=False,
+                                     overwrite=True)  # fmt: skip
+    return folder
+
+
+def one(n_sections: int, n_cells: int, epochs: int, out: Path) -> dict:
+    import sigmma_sc as sg
+    from sigmma_sc.data._bundle import build_bundle
+    from sigmma_sc.data._cohort import prepare_cohort
+    from sigmma_sc.model import SigmmaModel, TrainingBundle
+
+    sg.settings.progress_bar = False
+    folders = [_folder(out, n_cells, s) for s in range(n_sections)]
+    t0 = time.perf_counter()
+    sections, rss = {}, []
+    for i, f in enumerate(folders):
+        sdata = sg.io.xenium(f, he_image="auto")
+        sg.pp.tile(sdata, image_key="he", tile_size_um=128, pixel_size_um=0.5)
+        sg.pp.cell_graph(sdata)
+        sections[f"s{i}"] = sdata
+        rss.append(_rss_gb())
+    t_pre = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prepare_cohort(sections)
+    bundles = []
+    for sdata in sections.values():
+        sg.tl.featurize(sdata, backbone="efficientnet_lite0", input_size=32)
+        bundles.append(build_bundle(sdata)[0])
+    bundle = TrainingBundle.concat(bundles, names=list(sections))
+    t_bundle = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_train = int((bundle.split == 0).sum())
+    model = SigmmaModel.from_bundle(bundle, hidden=64, out_dim=64, batch_size=min(256, n_train), epochs=epochs)
+    model.fit(bundle, device="cpu", progress=False)
+    t_train = time.perf_counter() - t0
+    return {
+        "sections": n_sections,
+        "cells_per_section": n_cells,
+        "tiles": bundle.n_tiles,
+        "cells": bundle.n_cells,
+        "preprocess_s": round(t_pre, 1),
+        "bundle_s": round(t_bundle, 1),
+        "train_s": round(t_train, 1),
+        "epochs": epochs,
+        "peak_rss_gb_after_each_section": rss,
+        "peak_rss_gb": _rss_gb(),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--n-cells", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a single cohort size (child)
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.n_cells, args.epochs, args.out)), flush=True)
+        return []
+    for s in range(max(args.sections)):  # write the folders first, outside the timed runs
+        _folder(args.out, args.n_cells, s)
+    results = []
+    for n in args.sections:
+        cmd = [sys.executable, __file__, "--one", str(n), "--n-cells", str(args.n_cells), "--epochs",
+               str(args.epochs), "--out", str(args.out)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    print(json.dumps({"date": datetime.date.today().isoformat(), "machine": "2-core CPU, shared/loaded",
+                      "command": "python benchmarks/bench_cohort.py " + " ".join(argv or sys.argv[1:])}))  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Cohorts of sections: names, splits, shared genes and node features in one space, joined tile tables."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._constants import SPLITS, Keys
+from .._utils._validate import counts_matrix, get_table
+from ._tiles import tile_params
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+logger = logging.getLogger(__name__)
+
+
+def as_sections(sections: SpatialData | Sequence[SpatialData] | Mapping[str, SpatialData]) -> dict[str, SpatialData]:
+    """Name -> section: a mapping as given, a list as ``section_0``, ``section_1``, ... (one object: ``section_0``)."""
+    from spatialdata import SpatialData
+
+    if isinstance(sections, SpatialData):
+        sections = [sections]
+    if isinstance(sections, Mapping):
+        named = {str(k): v for k, v in sections.items()}
+        if len(named) < len(sections):
+            raise ValueError("Section names must be unique as strings.")
+    elif isinstance(sections, Sequence) and not isinstance(sections, str):
+        named = {f"section_{i}": s for i, s in enumerate(sections)}
+    else:
+        raise TypeError(
+            f"Expected a SpatialData object, a list of them or a mapping name -> SpatialData, got {type(sections)}."
+        )
+    if not named:
+        raise ValueError("No sections given.")
+    bad = [k for k, v in named.items() if not isinstance(v, SpatialData)]
+    if bad:
+        raise TypeError(f"Sections {bad} are not SpatialData objects.")
+    if len({id(v) for v in named.values()}) < len(named):
+        raise ValueError("The same SpatialData object is given twice; pass each section once.")
+    return named
+
+
+def _graph_record(sdata: SpatialData, name: str, table_key: str, tile_key: str) -> dict[str, Any]:
+    try:
+        tile_params(sdata, tile_key)
+        cells = get_table(sdata, table_key)
+    except KeyError as e:
+        raise KeyError(f"Section {name!r}: {e.args[0]}") from e
+    graph = cells.uns.get(Keys.UNS, {}).get("cell_graph")
+    if graph is None or Keys.connectivities(graph.get("key_added", Keys.GRAPH)) not in cells.obsp:
+        raise KeyError(f"Section {name!r}: table {table_key!r} has no SIGMMA cell graph; run `sg.pp.cell_graph` first.")
+    return graph
+
+
+def cohort_splits(
+    sections: Mapping[str, SpatialData],
+    *,
+    tile_key: str = Keys.TILE_TABLE,
+    split: Literal["spatial", "section"] = "spatial",
+    val_sections: Sequence[str] | str | None = None,
+    test_sections: Sequence[str] | str | None = None,
+) -> dict[str, np.ndarray]:
+    """Each section's tile split (``'train'``/``'val'``/``'test'`` strings), computed and not written.
+
+    ``'spatial'``: the spatial 8:1:1 split of :func:`sigmma_sc.pp.tile` inside every section (the copy in
+    ``.obs['split_spatial']`` when an earlier ``split='section'`` run overwrote it). ``'section'``: every tile of
+    a section in ``val_sections`` is a validation tile, of one in ``test_sections`` a test tile, the others train.
+    """
+    val = [val_sections] if isinstance(val_sections, str) else list(val_sections or [])
+    test = [test_sections] if isinstance(test_sections, str) else list(test_sections or [])
+    if split not in ("spatial", "section"):
+        raise ValueError(f"`split` must be 'spatial' or 'section', got {split!r}.")
+    if split == "spatial":
+        if val or test:
+            raise ValueError("`val_sections`/`test_sections` hold out whole sections: pass them with split='section'.")
+        out = {}
+        for name, sdata in sections.items():
+            obs = get_table(sdata, tile_key).obs
+            col = Keys.SPLIT_SPATIAL if Keys.SPLIT_SPATIAL in obs else Keys.SPLIT
+            out[name] = obs[col].astype(str).to_numpy()
+        return out
+    unknown = sorted(set(val + test) - set(sections))
+    if unknown:
+        raise ValueError(f"Unknown sections {unknown} in `val_sections`/`test_sections`; the cohort has {list(sections)}.")
+    if set(val) & set(test):
+        raise ValueError(f"Sections {sorted(set(val) & set(test))} are both validation and test sections.")
+    if not test and not val:
+        raise ValueError("split='section' needs the held-out sections: pass `test_sections=` (and `val_sections=`).")
+    train = [n for n in sections if n not in val and n not in test]
+    if not train:
+        raise ValueError("Every section is held out; keep at least one training section.")
+    role = dict.fromkeys(val, "val") | dict.fromkeys(test, "test")
+    return {n: np.full(get_table(s, tile_key).n_obs, role.get(n, "train"), dtype=object) for n, s in sections.items()}
+
+
+def shared_genes(tables: Mapping[str, AnnData], *, min_genes: int = 10) -> list[str]:
+    """Genes present in every table, in the first table's order; logs what each section drops."""
+    names = list(tables)
+    first = tables[names[0]].var_names.astype(str)
+    common = set(first)
+    for t in tables.values():
+        common &= set(t.var_names.astype(str))
+    genes = [g for g in first if g in common]
+    for name, t in tables.items():
+        dropped = t.n_vars - len(genes)
+        if dropped:
+            extra = [g for g in t.var_names.astype(str) if g not in common]
+            logger.info(
+                "Section %r: %d of its %d genes are not shared by every section and are dropped (e.g. %s).",
+                name, dropped, t.n_vars, extra[:5],
+            )  # fmt: skip
+    if len(genes) < min_genes:
+        raise ValueError(
+            f"The sections share only {len(genes)} genes (fewer than {min_genes}), too few for node features in one "
+            "space. Train on sections measured with the same panel, or pass `features=` naming a shared `.obsm` "
+            "embedding (e.g. from a single-cell foundation model) that every section holds."
+        )
+    return genes
+
+
+def _train_cells(sdata: SpatialData, table_key: str, split: np.ndarray) -> np.ndarray:
+    tile_of = get_table(sdata, table_key).obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
+    ok = tile_of >= 0
+    train = np.zeros(tile_of.size, dtype=bool)
+    train[ok] = split[tile_of[ok]] == "train"
+    return np.flatnonzero(train)
+
+
+def fit_cohort_pca(
+    sections: Mapping[str, SpatialData],
+    splits: Mapping[str, np.ndarray],
+    genes: Sequence[str],
+    *,
+    table_key: str = "table",
+    layer: str | None = None,
+    n_comps: int = 50,
+    max_cells: int = 20_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One PCA of log-normalised counts over ``genes``, fitted on the training cells of all sections.
+
+    At most ``max_cells`` training cells enter the fit, drawn from each section in proportion to its training
+    cells (seeded), so memory stays bounded by one section's counts at a time plus the sample.
+
+    Returns
+    -------
+    The PCA record of :func:`sigmma_sc.pp.cell_graph` (``target_sum``, ``mean``, ``components``, ``var_names``),
+    for ``sg.pp.cell_graph(..., pca_from=...)``.
+    """
+    from scipy import sparse
+
+    from ..pp._cell_graph import fit_log_pca
+
+    rows = {n: _train_cells(s, table_key, splits[n]) for n, s in sections.items()}
+    total = sum(r.size for r in rows.values())
+    if total < 2:
+        raise ValueError("Fewer than 2 cells lie in training tiles of the cohort; cannot fit the node-feature PCA.")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for n, s in sections.items():
+        r = rows[n]
+        quota = r.size if total <= max_cells else round(max_cells * r.size / total)
+        if quota < r.size:
+            r = np.sort(rng.choice(r, quota, replace=False))
+        table = get_table(s, table_key)
+        col = pd.Index(table.var_names.astype(str)).get_indexer(list(genes))
+        parts.append(counts_matrix(table, layer, table_key)[r][:, col])
+    sub = sparse.vstack(parts, format="csr")
+    pca = fit_log_pca(sub, np.ones(sub.shape[0], dtype=bool), n_comps, max_cells=max_cells, seed=seed)
+    pca["var_names"] = np.asarray(list(genes), dtype=str)
+    logger.info(
+        "Fitted the cohort's node-feature PCA (%d components, %d shared genes) on %d training cells of %d sections.",
+        pca["components"].shape[1], len(genes), sub.shape[0], len(sections),
+    )  # fmt: skip
+    return pca
+
+
+def prepare_cohort(
+    sections: Mapping[str, SpatialData],
+    *,
+    table_key: str = "table",
+    tile_key: str = Keys.TILE_TABLE,
+    split: Literal["spatial", "section"] = "spatial",
+    val_sections: Sequence[str] | str | None = None,
+    test_sections: Sequence[str] | str | None = None,
+    features: str | None = None,
+    n_comps: int | None = None,
+    layer: str | None = None,
+    min_genes: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Validate a cohort, then write its splits, section names and shared node features into every section.
+
+    Everything is checked before anything is written. Then each tile table gets ``.obs['sigmma_section']`` and
+    the cohort's ``.obs['split']`` (``split='section'`` keeps the spatial split in ``.obs['split_spatial']``),
+    and each cell table node features in one space: with ``features`` (or when every section's graph already
+    uses one ``.obsm`` embedding) that embedding; otherwise a PCA over the shared genes fitted on the training
+    cells of all sections (:func:`fit_cohort_pca`), written by :func:`sigmma_sc.pp.cell_graph` with ``pca_from``.
+
+    Returns
+    -------
+    ``{'sections', 'split', 'val_sections', 'test_sections', 'features_key', 'pca', 'genes'}``.
+    """
+    from ..pp._cell_graph import cell_graph
+
+    graphs = {n: _graph_record(s, n, table_key, tile_key) for n, s in sections.items()}
+    splits = cohort_splits(sections, tile_key=tile_key, split=split, val_sections=val_sections,
+                           test_sections=test_sections)  # fmt: skip
+    if not any((sp == "train").any() for sp in splits.values()):
+        raise ValueError("The cohort has no training tiles.")
+    keys = {g["features_key"] for g in graphs.values()}
+    if features is None and len(keys) == 1 and all(g.get("pca") is None for g in graphs.values()):
+        features = keys.pop()  # every section already uses the same precomputed embedding
+    tables = {n: get_table(s, table_key) for n, s in sections.items()}
+    genes = pca = None
+    if features is not None:
+        widths = {}
+        for n, t in tables.items():
+            if features not in t.obsm:
+                raise KeyError(f"Section {n!r} has no `.obsm[{features!r}]` in table {table_key!r}; add it to every "
+                               "section or pass `features=None` for a shared PCA.")  # fmt: skip
+            widths[n] = np.shape(t.obsm[features])[1] if np.ndim(t.obsm[features]) == 2 else None
+        if len(set(widths.values())) > 1 or None in widths.values():
+            raise ValueError(f"`.obsm[{features!r}]` must be a matrix of one width in every section, got {widths}.")
+    else:
+        for n, t in tables.items():
+            counts_matrix(t, layer, f"{table_key} of section {n!r}")  # raw-count checks before any writing
+        genes = shared_genes(tables, min_genes=min_genes)
+        comps = n_comps or max(int(g.get("n_comps") or 50) for g in graphs.values())
+        pca = fit_cohort_pca(sections, splits, genes, table_key=table_key, layer=layer, n_comps=comps, seed=seed)
+
+    names = list(sections)
+    for n, sdata in sections.items():  # writing starts here
+        tiles = get_table(sdata, tile_key)
+        if split == "section" and Keys.SPLIT_SPATIAL not in tiles.obs:
+            tiles.obs[Keys.SPLIT_SPATIAL] = tiles.obs[Keys.SPLIT].copy()
+        tiles.obs[Keys.SPLIT] = pd.Categorical(splits[n], categories=list(SPLITS))
+        tiles.obs[Keys.SECTION] = pd.Categorical([n] * tiles.n_obs, categories=names)
+        g = graphs[n]
+        if pca is not None:
+            cell_graph(sdata, table_key=table_key, tile_key=tile_key, n_neighs=int(g["n_neighs"]), layer=layer,
+                       key_added=g.get("key_added", Keys.GRAPH), pca_from=pca)  # fmt: skip
+        elif g["features_key"] != features:
+            cell_graph(sdata, table_key=table_key, tile_key=tile_key, n_neighs=int(g["n_neighs"]),
+                       key_added=g.get("key_added", Keys.GRAPH), features=features)  # fmt: skip
+    logger.info(
+        "Cohort of %d sections (%s split): %s.",
+        len(names), split, ", ".join(f"{n} {dict(zip(*np.unique(splits[n], return_counts=True), strict=True))}"
+                                     for n in names),
+    )  # fmt: skip
+    val = [val_sections] if isinstance(val_sections, str) else list(val_sections or [])
+    test = [test_sections] if isinstance(test_sections, str) else list(test_sections or [])
+    return {
+        "sections": names,
+        "split": split,
+        "val_sections": val,
+        "test_sections": test,
+        "features_key": Keys.FEATURES if pca is not None else features,
+        "pca": pca,
+        "genes": genes,
+    }
+
+
+def cohort_tile_table(
+    sections: Sequence[SpatialData] | Mapping[str, SpatialData], tile_key: str = Keys.TILE_TABLE
+) -> AnnData:
+    """The tile tables of several sections as one AnnData (shared genes; ``.obs['sigmma_section']``; splits kept).
+
+    Only the ``.obsm`` keys present in every section are kept. Use it to score held-out sections with
+    :func:`sigmma_sc.metrics.evaluate`, whose probes are then fitted on the training tiles of all sections.
+    """
+    import anndata as ad
+
+    named = as_sections(sections)
+    tables = {}
+    for n, s in named.items():
+        t = get_table(s, tile_key)
+        if Keys.SPLIT not in t.obs:
+            raise KeyError(f"Section {n!r}: the tile table has no `.obs[{Keys.SPLIT!r}]`; run `sg.pp.tile` first.")
+        tables[n] = ad.AnnData(X=t.X, obs=t.obs.copy(), var=pd.DataFrame(index=t.var_names.astype(str)),
+                               obsm=dict(t.obsm))  # fmt: skip
+    joined = ad.concat(tables, join="inner", label="_section_label", index_unique="-")
+    joined.obs[Keys.SECTION] = pd.Categorical(joined.obs.pop("_section_label").astype(str), categories=list(named))
+    joined.obs[Keys.SPLIT] = pd.Categorical(joined.obs[Keys.SPLIT].astype(str), categories=list(SPLITS))
+    return joined

@@ -1,0 +1,174 @@
+"""Training on a cohort: several tiled, graphed sections, one model (called by ``sg.tl.train_sigmma``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._constants import Keys
+from .._utils._validate import get_table
+from ..data._bundle import _hash_names, build_bundle
+from ..data._cohort import as_sections, prepare_cohort
+from ._featurize import featurize
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from ..model import SigmmaModel
+
+logger = logging.getLogger(__name__)
+
+
+def train_cohort(
+    sections: Sequence[SpatialData] | Mapping[str, SpatialData],
+    *,
+    table_key: str,
+    tile_key: str,
+    backbone: str,
+    pretrained: bool,
+    weights: str | Path | None,
+    input_size: int | None,
+    epochs: int,
+    batch_size: int,
+    device: str | None,
+    seed: int,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    featurize_batch_size: int,
+    split: str,
+    val_sections: Sequence[str] | str | None,
+    test_sections: Sequence[str] | str | None,
+    features: str | None,
+    n_comps: int | None,
+    layer: str | None,
+    config: dict[str, Any],
+) -> SigmmaModel:
+    """Implementation of :func:`sigmma_sc.tl.train_sigmma` for several sections (see there).
+
+    Returns
+    -------
+    The trained model; ``model.meta['sections']`` names the sections, ``model.meta['cohort']`` the split.
+    """
+    from .._settings import settings
+    from ..model import SigmmaModel, TrainingBundle
+    from ._train import _version
+
+    named = as_sections(sections)
+    info = prepare_cohort(
+        named, table_key=table_key, tile_key=tile_key, split=split, val_sections=val_sections,
+        test_sections=test_sections, features=features, n_comps=n_comps, layer=layer, seed=seed,
+    )  # fmt: skip
+    finetune = int(config.get("finetune_blocks", 0) or 0) > 0
+    bundles = []
+    for name, sdata in named.items():
+        featurize(
+            sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
+            input_size=input_size, batch_size=featurize_batch_size, device=device,
+        )  # fmt: skip
+        logger.info("Section %r:", name)
+        bundles.append(build_bundle(sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune)[0])
+    backbones = {get_table(s, tile_key).uns[Keys.UNS]["backbone"]["name"] for s in named.values()}
+    if len(backbones) > 1:
+        raise ValueError(f"The sections' cached features come from different backbones {sorted(backbones)}; "
+                         f"re-run `sg.tl.featurize(..., backbone={backbone!r}, overwrite=True)` on each.")  # fmt: skip
+    bundle = TrainingBundle.concat(bundles, names=list(named))
+    del bundles
+    if info["genes"] is not None:  # embed checks a section's genes against these
+        bundle.meta["var_names_hash"] = _hash_names(info["genes"])
+    bundle.meta["cohort"] = {k: info[k] for k in ("split", "val_sections", "test_sections")}
+    n_train = int((bundle.split == 0).sum())
+    if n_train < 2:
+        raise ValueError(
+            f"Only {n_train} training tile(s) in the cohort; contrastive training needs at least 2 (more in "
+            "practice). Hold out fewer sections or use a smaller `tile_size_um` in `sg.pp.tile`."
+        )
+    logger.info("Cohort bundle: %r", bundle)
+    first = get_table(next(iter(named.values())), tile_key).uns[Keys.UNS]["backbone"]
+    if weights is not None:
+        config.setdefault("backbone_weights", str(weights))
+    model = SigmmaModel.from_bundle(
+        bundle,
+        epochs=epochs,
+        batch_size=min(int(batch_size), n_train),
+        backbone=backbone,
+        backbone_pretrained=bool(pretrained),
+        backbone_info={k: first[k] for k in ("name", "num_features", "input_size", "mean", "std", "is_vit")},
+        seed=seed,
+        **config,
+    )
+    history = model.fit(
+        bundle, device=device or settings.device, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume
+    )
+    record = {
+        "config": model.config.to_dict(),
+        "history": {k: [float(h[k]) if h[k] is not None else float("nan") for h in history] for k in history[0]}
+        if history
+        else {},
+        "version": _version(),
+        "cohort": {"sections": info["sections"], **bundle.meta["cohort"]},
+    }
+    for sdata in named.values():
+        tiles = get_table(sdata, tile_key)
+        tiles.uns[Keys.UNS] = dict(tiles.uns.get(Keys.UNS, {})) | {"training": record}
+    best = min((h for h in history if h.get("val_loss") is not None), key=lambda h: h["val_loss"], default=None)
+    if best is not None:
+        logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
+    return model
+
+
+def save_cohort_bundles(
+    sections: Mapping[str, SpatialData],
+    out_dir: str | Path,
+    *,
+    table_key: str = "table",
+    tile_key: str = Keys.TILE_TABLE,
+    backbone: str = "efficientnet_lite0",
+    pretrained: bool = True,
+    input_size: int | None = None,
+    device: str | None = None,
+    split: str = "spatial",
+    val_sections: Sequence[str] | str | None = None,
+    test_sections: Sequence[str] | str | None = None,
+    features: str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[Path]:
+    """Bring a cohort's node features into one space, then featurize and save one bundle per section.
+
+    Sections are featurized and bundled one at a time; each ``out_dir/<name>.pt`` is written atomically and
+    a section whose bundle exists is skipped (a killed run resumes). Train on them with
+    ``TrainingBundle.load([...])`` or ``sigmma train-bundle out_dir/*.pt``. With ``shard=(rank, world_size)``
+    (``sigmma bundle`` under ``torchrun``) this process featurizes only sections ``rank, rank + world_size, ...``;
+    the shared PCA is seeded, so every rank computes the same one.
+
+    Returns
+    -------
+    The bundle paths, in section order.
+    """
+    named = as_sections(sections)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; pass a folder for the cohort's bundles.")
+    info = prepare_cohort(named, table_key=table_key, tile_key=tile_key, split=split, val_sections=val_sections,
+                          test_sections=test_sections, features=features)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = shard or (0, 1)
+    paths = []
+    for i, (name, sdata) in enumerate(named.items()):
+        path = out_dir / f"{name}.pt"
+        paths.append(path)
+        if i % world != rank:
+            continue
+        if path.exists():
+            logger.info("Section %r: bundle %s exists; skipped.", name, path)
+            continue
+        featurize(sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, input_size=input_size,
+                  device=device)  # fmt: skip
+        bundle = build_bundle(sdata, table_key=table_key, tile_key=tile_key)[0]
+        if info["genes"] is not None:
+            bundle.meta["var_names_hash"] = _hash_names(info["genes"])
+        bundle.meta["cohort"] = {k: info[k] for k in ("split", "val_sections", "test_sections")}
+        bundle.save(path)
+        logger.info("Section %r: saved %r to %s.", name, bundle, path)
+    return paths

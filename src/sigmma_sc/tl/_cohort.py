@@ -30,8 +30,10 @@ def train_cohort(
     pretrained: bool,
     weights: str | Path | None,
     input_size: int | None,
-    epochs: int,
-    batch_size: int,
+    preset: str,
+    steps: int | None,
+    epochs: int | None,
+    batch_size: int | None,
     device: str | None,
     seed: int,
     checkpoint_dir: str | Path | None,
@@ -53,7 +55,7 @@ def train_cohort(
     """
     from .._settings import settings
     from ..model import SigmmaModel, TrainingBundle
-    from ._train import _version
+    from ._train import _columns, _version
 
     named = as_sections(sections)
     info = prepare_cohort(
@@ -88,10 +90,11 @@ def train_cohort(
     first = get_table(next(iter(named.values())), tile_key).uns[Keys.UNS]["backbone"]
     if weights is not None:
         config.setdefault("backbone_weights", str(weights))
+    budget = {k: v for k, v in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     model = SigmmaModel.from_bundle(
         bundle,
-        epochs=epochs,
-        batch_size=min(int(batch_size), n_train),
+        preset=preset,
+        **budget,
         backbone=backbone,
         backbone_pretrained=bool(pretrained),
         backbone_info={k: first[k] for k in ("name", "num_features", "input_size", "mean", "std", "is_vit")},
@@ -103,9 +106,8 @@ def train_cohort(
     )
     record = {
         "config": model.config.to_dict(),
-        "history": {k: [float(h[k]) if h[k] is not None else float("nan") for h in history] for k in history[0]}
-        if history
-        else {},
+        "history": _columns(history),
+        "diagnostics": model.diagnostics,
         "version": _version(),
         "cohort": {"sections": info["sections"], **bundle.meta["cohort"]},
     }

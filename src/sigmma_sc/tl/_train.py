@@ -141,7 +141,8 @@ def train_sigmma(
 
         return train_cohort(
             sdata, table_key=table_key, tile_key=tile_key, backbone=backbone, pretrained=pretrained, weights=weights,
-            input_size=input_size, epochs=epochs, batch_size=batch_size, device=device, seed=seed,
+            input_size=input_size, preset=preset, steps=steps, epochs=epochs, batch_size=batch_size, device=device,
+            seed=seed,
             checkpoint_dir=checkpoint_dir, resume=resume, featurize_batch_size=featurize_batch_size, split=split,
             val_sections=val_sections, test_sections=test_sections, features=features, n_comps=n_comps,
             layer=layer, config=config,

@@ -116,7 +116,7 @@ def test_health_warnings_reach_the_user(learnable, caplog):
     assert d["best_val_loss"] >= 0.97 * d["val_chance"]
     assert any("within 3% of its chance level" in m for m in d["warnings"])
     assert "raise `lr`" in caplog.text
-    assert set(d["mean_cosine"]) == {f"{m}/{s}" for m in ("image", "st") for s in model.scales}
+    assert set(d["mean_cosine"]) == {f"{m}_{s}" for m in ("image", "st") for s in model.scales}
     # a model that learns: well below chance, no warning
     good = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=150, lr=3e-3, temperature=0.1)
     good.fit(learnable, progress=False)

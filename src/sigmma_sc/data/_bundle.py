@@ -214,7 +214,8 @@ def build_bundle(
         "tile_size_um": float(params["tile_size_um"]),
         "pixel_size_um": float(params["pixel_size_um"]),
         "image_key": params["image_key"],  # image modality, checked when the model predicts on new slides
-        "image_channels": tile_reader(sdata, tile_key).n_channels,
+        # None when the image is not in ``sdata`` (cells embedded on their own, e.g. under shifted grids)
+        "image_channels": tile_reader(sdata, tile_key).n_channels if params["image_key"] in sdata.images else None,
         "n_neighs": int(graph["n_neighs"]),
         "n_candidates": k,
         "backbone": tiles.uns.get(Keys.UNS, {}).get("backbone", {}).get("name"),

@@ -54,11 +54,19 @@ def participation_ratio(z: Tensor) -> float:
 
 
 def embedding_health(emb: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
-    """``{"mean_cosine": {key: c}, "participation_ratio": {key: pr}}`` for each embedding (keys like ``"st/macro"``)."""
+    """``{"mean_cosine": {key: c}, "participation_ratio": {key: pr}}`` per embedding.
+
+    ``emb`` is keyed like ``"st/macro"``; the returned keys are ``"st_macro"`` (zarr forbids ``/`` in keys of
+    ``.uns``, where these are saved).
+    """
     return {
-        "mean_cosine": {k: mean_pairwise_cosine(v) for k, v in emb.items()},
-        "participation_ratio": {k: participation_ratio(v) for k, v in emb.items()},
+        "mean_cosine": {_key(k): mean_pairwise_cosine(v) for k, v in emb.items()},
+        "participation_ratio": {_key(k): participation_ratio(v) for k, v in emb.items()},
     }
+
+
+def _key(key: str) -> str:
+    return key.replace("/", "_")
 
 
 def training_diagnostics(
@@ -99,11 +107,12 @@ def training_diagnostics(
     if emb:
         health = embedding_health(emb)
         out |= health
-        for key, c in health["mean_cosine"].items():
-            pr, dim = health["participation_ratio"][key], emb[key].shape[1]
+        for name, z in emb.items():
+            key = _key(name)
+            c, pr, dim = health["mean_cosine"][key], health["participation_ratio"][key], z.shape[1]
             if c > COLLAPSE_COSINE or pr < COLLAPSE_PR:
                 out["warnings"].append(
-                    f"The {key.replace('/', ' ')} embeddings of the {tiles} tiles have collapsed (mean pairwise cosine "
+                    f"The {name.replace('/', ' ')} embeddings of the {tiles} tiles have collapsed (mean pairwise cosine "
                     f"{c:.3f}, participation ratio {pr:.1f} of {dim} dimensions): tiles are hard to tell apart. "
                     "Train more steps, use a smaller `batch_size` or a larger `lr`, or a higher `temperature`."
                 )

@@ -10,6 +10,7 @@ from scipy import sparse
 
 from .._constants import GRID, SCALES, SPLITS, Keys
 from .._utils._validate import get_table, require_obs
+from ._geometry import separate_groups
 from ._tiles import tile_params, tile_reader
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ def candidate_edges(
     ``(2, E)`` int64 edges holding both directions of every candidate pair, without self loops or duplicates,
     sorted by source then target.
     """
-    import pandas as pd
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, dtype=np.float64)
@@ -71,12 +71,7 @@ def candidate_edges(
     degree = np.bincount(ex_key // n, minlength=n)
 
     m = valid.size
-    gi = pd.factorize(group[valid])[0]
-    pts = xy[valid]
-    lo = pd.DataFrame(pts).groupby(gi, sort=True).min().to_numpy()
-    shifted = pts - lo[gi]
-    span = float(shifted.max()) + 1.0
-    shifted[:, 0] += gi.astype(np.float64) * 3.0 * span  # cross-group pairs are >= 2 spans apart
+    shifted, gi = separate_groups(xy[valid], group[valid])  # cross-group pairs are >= 2 spans apart
     tree = cKDTree(shifted)
     need = np.minimum(k + 1 + degree[valid], m)
     order = np.argsort(need, kind="stable")

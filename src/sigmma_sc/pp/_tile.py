@@ -20,6 +20,7 @@ from sigmma_sc._utils._validate import (
     shared_coordinate_system,
 )
 from sigmma_sc._utils._validate import um_per_unit as _um_per_unit
+from sigmma_sc.data._geometry import block_ids, grid_position
 from sigmma_sc.data._image import ImageReader
 
 if TYPE_CHECKING:
@@ -217,10 +218,7 @@ def tile(
     blocks = {}
     tiled = cell_tile >= 0
     for scale_name in ("micro", "meso"):
-        g = GRID[scale_name]
-        bx = np.clip(np.floor((xy[:, 0] - (xmin + col * size)) / (size / g)), 0, g - 1).astype(np.int64)
-        by = np.clip(np.floor((xy[:, 1] - (ymin + row * size)) / (size / g)), 0, g - 1).astype(np.int64)
-        blocks[scale_name] = np.where(tiled, by * g + bx, -1)
+        blocks[scale_name] = np.where(tiled, block_ids(xy, row, col, (xmin, ymin), size, GRID[scale_name]), -1)
 
     split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
     _warn_small_splits(split, fractions, tile_size_um)
@@ -328,15 +326,6 @@ def _warn_untiled(
         n_cells - n_dropped, n_cells, 100 * (n_cells - n_dropped) / n_cells, off, few, background,
         100 * min_tissue_fraction,
     )  # fmt: skip
-
-
-def grid_position(
-    xy: np.ndarray, origin: tuple[float, float], size: float, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of each point on a grid of ``size`` squares from ``origin``, clipped to ``shape`` (rows, cols)."""
-    col = np.floor((xy[:, 0] - origin[0]) / size).astype(np.int64)
-    row = np.floor((xy[:, 1] - origin[1]) / size).astype(np.int64)
-    return np.clip(row, 0, shape[0] - 1), np.clip(col, 0, shape[1] - 1)
 
 
 def _empty_cell_table() -> AnnData:

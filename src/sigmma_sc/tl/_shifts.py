@@ -17,9 +17,8 @@ import numpy as np
 from .._constants import GRID, SPLITS, Keys
 from .._utils._validate import get_table
 from ..data._bundle import build_bundle
+from ..data._geometry import grid_position, knn_within_tiles
 from ..data._tiles import tile_params
-from ..pp._cell_graph import knn_within_tiles
-from ..pp._tile import grid_position
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

@@ -12,6 +12,8 @@ from .._utils._validate import get_table
 from ..data._bundle import build_bundle
 from ..data._tiles import tile_params
 from ._featurize import featurize
+from ._records import history_columns as _columns
+from ._records import package_version as _version
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -195,15 +197,3 @@ def train_sigmma(
     if best is not None:
         logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
     return model
-
-
-def _columns(history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per-epoch records as columns of floats (NaN where an epoch lacks a value), for ``.uns``."""
-    keys = list(dict.fromkeys(k for h in history for k in h))
-    return {k: [float(h[k]) if h.get(k) is not None else float("nan") for h in history] for k in keys}
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

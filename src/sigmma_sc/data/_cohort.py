@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPLITS, Keys
+from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import counts_matrix, get_table
 from ._tiles import tile_params
 
@@ -50,12 +51,9 @@ def _graph_record(sdata: SpatialData, name: str, table_key: str, tile_key: str) 
     try:
         tile_params(sdata, tile_key)
         cells = get_table(sdata, table_key)
+        return graph_record(cells, Keys.PREFIX, table_key)
     except KeyError as e:
         raise KeyError(f"Section {name!r}: {e.args[0]}") from e
-    graph = cells.uns.get(Keys.UNS, {}).get("cell_graph")
-    if graph is None or Keys.connectivities(graph.get("key_added", Keys.GRAPH)) not in cells.obsp:
-        raise KeyError(f"Section {name!r}: table {table_key!r} has no SIGMMA cell graph; run `sg.pp.cell_graph` first.")
-    return graph
 
 
 def cohort_splits(
@@ -126,8 +124,9 @@ def shared_genes(tables: Mapping[str, AnnData], *, min_genes: int = 10) -> list[
     return genes
 
 
-def _train_cells(sdata: SpatialData, table_key: str, split: np.ndarray) -> np.ndarray:
-    tile_of = get_table(sdata, table_key).obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
+def _train_cells(sdata: SpatialData, table_key: str, split: np.ndarray, tile_key: str = Keys.TILE_TABLE) -> np.ndarray:
+    cell_tile = tiling_keys(tile_params(sdata, tile_key))["cell_tile"]
+    tile_of = get_table(sdata, table_key).obs[cell_tile].to_numpy().astype(np.int64)
     ok = tile_of >= 0
     train = np.zeros(tile_of.size, dtype=bool)
     train[ok] = split[tile_of[ok]] == "train"

@@ -11,9 +11,11 @@ import pandas as pd
 from scipy import sparse
 
 from sigmma_sc._constants import Keys
-from sigmma_sc._utils._validate import counts_matrix, get_table, require_obs
+from sigmma_sc._utils._record import tiling_keys, write_record
+from sigmma_sc._utils._validate import check_prefix, counts_matrix, get_table, require_obs
 from sigmma_sc.data._geometry import knn_within_tiles
 from sigmma_sc.data._pca import apply_log_pca, fit_log_pca
+from sigmma_sc.data._tiles import tile_params
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -30,8 +32,8 @@ def cell_graph(
     features: str | None = None,
     n_comps: int = 50,
     layer: str | None = None,
-    key_added: str = Keys.GRAPH,
-    features_key: str = Keys.FEATURES,
+    key_added: str = Keys.PREFIX,
+    features_key: str | None = None,
     pca_from: Mapping[str, Any] | None = None,
     inplace: bool = True,
 ) -> tuple[sparse.csr_matrix, sparse.csr_matrix, np.ndarray] | None:
@@ -64,37 +66,46 @@ def cell_graph(
     layer
         Layer holding raw counts (``None``: the ``layer`` given to :func:`sigmma_sc.pp.tile`, else ``.X``).
     key_added
-        Prefix of the ``.obsp`` keys.
+        Prefix of every key written (default ``'sigmma'``); downstream functions take it as ``graph_key``.
     features_key
-        ``.obsm`` key the computed PCA is written to.
+        ``.obsm`` key the computed PCA is written to (default ``f'{key_added}_features'``).
     pca_from
         A PCA recorded by an earlier run (``table.uns['sigmma']['cell_graph']['pca']`` of the training section,
         or ``model.meta['pca']``) to project this section's cells into the same node-feature space instead of
         fitting a new PCA; the section must hold all of its genes (its other genes are not used).
     inplace
-        Write into ``sdata`` and return ``None``; otherwise return ``(connectivities, distances, features)``.
+        Write into ``sdata`` and return ``None``; otherwise return ``(connectivities, distances, features)``
+        and leave ``sdata`` unchanged.
 
     Returns
     -------
     ``None`` if ``inplace``, else the results. In place, writes into the cell table:
 
-    - ``.obsp['{key_added}_connectivities']`` and ``.obsp['{key_added}_distances']``: the per-tile graph.
-    - ``.obsm[features_key]``: the node features (only when computed here).
-    - ``.uns['sigmma']['cell_graph']``: parameters, including the ``.obsm`` key of the node features.
+    `.obsp['sigmma_connectivities' | f'{key_added}_connectivities']`
+        The per-tile graph (1 for an edge).
+    `.obsp['sigmma_distances' | f'{key_added}_distances']`
+        Its edge lengths in coordinate-system units.
+    `.obsm['sigmma_features' | features_key]`
+        The node features (only when computed here).
+    `.uns['sigmma' | key_added]['cell_graph']`
+        Parameters, the tile table, the node-feature key and, under ``'keys'``, every key written.
     """
     if not isinstance(n_neighs, int | np.integer) or n_neighs < 1:
         raise ValueError(f"`n_neighs` must be a positive integer, got {n_neighs!r}.")
+    check_prefix(key_added)
     table = get_table(sdata, table_key)
-    require_obs(table, [Keys.CELL_TILE], table_key, "sg.pp.tile")
-    if Keys.CELL_SPATIAL not in table.obsm:
-        raise KeyError(f"Table {table_key!r} lacks `.obsm[{Keys.CELL_SPATIAL!r}]`; run `sg.pp.tile` first.")
+    params = tile_params(sdata, tile_key)
+    tkeys = tiling_keys(params)
+    require_obs(table, [tkeys["cell_tile"]], table_key, "sg.pp.tile")
+    if tkeys["cell_spatial"] not in table.obsm:
+        raise KeyError(f"Table {table_key!r} lacks `.obsm[{tkeys['cell_spatial']!r}]`; run `sg.pp.tile` first.")
     tiles = get_table(sdata, tile_key)
-    params = tiles.uns.get(Keys.UNS, {}).get("tile")
-    if params is None:
-        raise KeyError(f"Table {tile_key!r} is not a sigmma tile table; run `sg.pp.tile` first.")
+    gkeys = Keys.graph(key_added)
+    if features_key is None:
+        features_key = gkeys["features"]
 
-    tile_of_cell = table.obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
-    xy = np.asarray(table.obsm[Keys.CELL_SPATIAL], dtype=np.float64)
+    tile_of_cell = table.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64)
+    xy = np.asarray(table.obsm[tkeys["cell_spatial"]], dtype=np.float64)
     conn, dist = knn_within_tiles(xy, tile_of_cell, n_neighs)
 
     if features is None:
@@ -143,12 +154,12 @@ def cell_graph(
     _warn_isolated(conn, tile_of_cell)
     if not inplace:
         return conn, dist, X
-    table.obsp[Keys.connectivities(key_added)] = conn
-    table.obsp[Keys.distances(key_added)] = dist
+    table.obsp[gkeys["connectivities"]] = conn
+    table.obsp[gkeys["distances"]] = dist
     if features is None:
         table.obsm[features_key] = X
-    uns = dict(table.uns.get(Keys.UNS, {}))
-    uns["cell_graph"] = {
+    written = {"connectivities": gkeys["connectivities"], "distances": gkeys["distances"], "features": feature_source}
+    record = {
         "n_neighs": int(n_neighs),
         "features_key": feature_source,
         "n_features": int(X.shape[1]),
@@ -156,13 +167,14 @@ def cell_graph(
         "layer": layer if features is None else None,
         "pca": pca if features is None else None,
         "key_added": key_added,
+        "keys": written,
         "tile_key": tile_key,
         "distance_unit": f"{params['coordinate_system']} units ({params['um_per_unit']} µm)",
     }
-    table.uns[Keys.UNS] = uns
+    write_record(table, key_added, "cell_graph", record)
     logger.info(
         "Wrote cell table %r .obsp[%r, %r]%s: %d edges over %d tiled cells.",
-        table_key, Keys.connectivities(key_added), Keys.distances(key_added),
+        table_key, gkeys["connectivities"], gkeys["distances"],
         f" and .obsm[{features_key!r}]" if features is None else "", conn.nnz, int((tile_of_cell >= 0).sum()),
     )  # fmt: skip
     return None

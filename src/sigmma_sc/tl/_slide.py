@@ -321,7 +321,7 @@ def predict_slide(
         from ..pp import tile
 
         tile(sdata, image_key=tile_image, table_key=None, tile_size_um=tile_size_um, pixel_size_um=model_px,
-             min_tissue_fraction=min_tissue_fraction, key_added=tile_key)  # fmt: skip
+             min_tissue_fraction=min_tissue_fraction, key_added=Keys.tiling_prefix(tile_key))  # fmt: skip
     from ._embed import embed
 
     embed(sdata, model, table_key=None, tile_key=tile_key, batch_size=batch_size, device=device)

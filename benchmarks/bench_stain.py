@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         if image != "he":
             sg.pp.tile(sdata, image_key=image, key_added=image, **kw)  # same grid and split: same extent and seed
             assert (sdata.tables[key].obs_names == base.obs_names).all()
-            sg.tl.embed(sdata, model, tile_key=key)
+            sg.tl.embed(sdata, model, table_key=None, tile_key=key)  # image side only: the graph is on the first tiling
         tiles = sdata.tables[key]
         x = np.hstack([tiles.obsm[k] for k in lp.embedding_keys])[test]
         pred = lp.predict(x)

@@ -81,23 +81,22 @@ def test_microenvironments_one_panel_per_scale(trained, tmp_path):
 
 def test_microenvironments_single_scale_crop_and_axes(trained):
     _, ax = plt.subplots()
-    fig = sg.pl.microenvironments(
-        trained, scales="meso", ax=ax, crop=(10, 10, 40, 40), show_image=False, palette="tab10", point_size=4
+    out = sg.pl.microenvironments(
+        trained, scale="meso", ax=ax, crop=(10, 10, 40, 40), show_image=False, palette="tab10", point_size=4
     )
-    assert fig is ax.figure
+    assert out is ax  # one panel: its Axes
     assert ax.get_images() == []
     assert ax.get_xlim() == (10, 40)
     assert sum(len(c.get_offsets()) for c in ax.collections) < trained.tables["table"].n_obs
     with pytest.raises(ValueError, match="Expected 2 axes"):
-        sg.pl.microenvironments(trained, scales=("micro", "meso"), ax=ax)
-    with pytest.raises(ValueError, match="scales"):
-        sg.pl.microenvironments(trained, scales="nano")
+        sg.pl.microenvironments(trained, scale=("micro", "meso"), ax=ax)
+    with pytest.raises(ValueError, match="`scale` must be among"):
+        sg.pl.microenvironments(trained, scale="nano")
 
 
 def test_microenvironments_background_is_registered(trained):
     """The drawn window samples the image where the cells are: tissue (dark) under cells, white outside."""
-    fig = sg.pl.microenvironments(trained, scales="micro", image_alpha=1.0)
-    a = _data_axes(fig)[0]
+    a = sg.pl.microenvironments(trained, scale="micro", image_alpha=1.0)
     im = a.get_images()[0]
     arr = np.asarray(im.get_array())
     x0, x1, y1, y0 = im.get_extent()

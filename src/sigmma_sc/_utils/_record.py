@@ -91,3 +91,17 @@ def missing_embedding(table: str, use_rep: str, adata: AnnData, what: str) -> Ke
     return KeyError(
         f"Table {table!r} holds no {what} of `sg.tl.embed(..., key_added={use_rep!r})`; run `sg.tl.embed` first.{hint}"
     )
+
+
+def rekey(keys: list[str] | tuple[str, ...], use_rep: str) -> list[str]:
+    """Embedding keys of one ``sg.tl.embed`` run (e.g. a probe's features) as written under prefix ``use_rep``."""
+    import re
+
+    pattern = re.compile(rf"^X_(.+)_({'|'.join(SCALES)})_(image|st)$")
+    out = []
+    for k in keys:
+        m = pattern.match(k)
+        if m is None:
+            raise ValueError(f"{k!r} is not an embedding key of `sg.tl.embed`; pass `use_rep=None` to read it as is.")
+        out.append(Keys.embedding(use_rep)[m.group(3)][m.group(2)])
+    return out

@@ -151,6 +151,11 @@ def build_bundle(
     blocks = [tkeys["cell_blocks"][s] for s in ("micro", "meso")]
     require_obs(cells, [tkeys["cell_tile"], *blocks], table_key, "sg.pp.tile")
     graph = graph_record(cells, graph_key, table_key)
+    if graph.get("tile_key", tile_key) != tile_key:
+        raise ValueError(
+            f"Cell graph {graph_key!r} was built on tile table {graph['tile_key']!r}, not {tile_key!r}. Build one on "
+            f"this tiling: `sg.pp.cell_graph(sdata, tile_key={tile_key!r}, key_added=...)` and pass `graph_key=`."
+        )
     feats_key = graph["features_key"]
     if feats_key not in cells.obsm:
         raise KeyError(f"Node features `.obsm[{feats_key!r}]` are missing; run `sg.pp.cell_graph` again.")

@@ -16,3 +16,16 @@ def package_version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed`` as an int; ``None`` (unseeded, as in scanpy) draws a fresh one from the OS, to be recorded."""
+    if seed is not None:
+        return int(seed)
+    import logging
+
+    import numpy as np
+
+    drawn = int(np.random.default_rng().integers(2**31 - 1))
+    logging.getLogger(__name__).info("Unseeded (`seed=None`): drew seed %d.", drawn)
+    return drawn

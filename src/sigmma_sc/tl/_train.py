@@ -14,6 +14,7 @@ from ..data._tiles import tile_params
 from ._featurize import featurize
 from ._records import history_columns as _columns
 from ._records import package_version as _version
+from ._records import resolve_seed
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -99,7 +100,8 @@ def train_sigmma(
     device
         Torch device (default: :attr:`sigmma_sc.settings.device`, else CUDA when available, else CPU).
     seed
-        Seed of the initialisation, shuffling, dropout and edge sampling (``None``: 0).
+        Seed of the initialisation, shuffling, dropout and edge sampling (``None``: unseeded; a fresh seed is
+        drawn and recorded in ``model.config.seed``).
     checkpoint_dir
         Directory for the per-epoch checkpoint ``last.pt``.
     resume
@@ -137,7 +139,7 @@ def train_sigmma(
     from .._settings import settings
     from ..model import SigmmaModel
 
-    seed = 0 if seed is None else int(seed)
+    seed = resolve_seed(seed)
     if not isinstance(sdata, SpatialData):
         from ._cohort import train_cohort
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SCALES, SPLITS, Keys
+from .._docs import doc_params, doc_tile_key, doc_use_rep
 from .._utils._record import embedding_keys, missing_embedding
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ def paired_embeddings(
     return np.hstack([_l2(x) for x in img]), np.hstack([_l2(x) for x in st])
 
 
+@doc_params(use_rep=doc_use_rep, tile_key=doc_tile_key)
 def cross_modal_retrieval(
     sdata: SpatialData | AnnData,
     *,
@@ -180,10 +182,8 @@ def cross_modal_retrieval(
         so the cosine similarity is the mean of the per-scale cosine similarities). Only with more than one scale.
     fractions
         Fractions ``p`` of Recall@p%.
-    tile_key
-        Tile table.
-    use_rep
-        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run scored (default ``'sigmma'``).
+    {tile_key}
+    {use_rep}
 
     Returns
     -------

@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import ndimage, sparse
 
 from sigmma_sc._constants import GRID, SPLITS, Keys
+from sigmma_sc._docs import doc_inplace, doc_params
 from sigmma_sc._utils._record import write_record
 from sigmma_sc._utils._validate import (
     categorical,
@@ -36,6 +37,7 @@ MIN_CROP_PX = 4
 FINER_WARNING = 4  # warn when tiles are read this many times finer than the image's full resolution
 
 
+@doc_params(inplace=doc_inplace)
 def tile(
     sdata: SpatialData,
     *,
@@ -104,8 +106,7 @@ def tile(
         Prefix of every key written (default ``'sigmma'``): the tile table ``f'{key_added}_tiles'``, the tile
         shapes ``f'{image_key}_{key_added}_tiles'`` and the cell columns ``f'{key_added}_tile'``, ... A second
         tiling (another tile size, another image) under another prefix leaves the first one intact.
-    inplace
-        Write into ``sdata`` and return ``None``; otherwise return the results and leave ``sdata`` unchanged.
+    {inplace}
 
     Returns
     -------

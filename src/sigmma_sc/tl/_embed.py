@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import SCALES, Keys
+from .._docs import doc_device, doc_graph_key, doc_params
 from .._utils._record import read_record, write_record
 from .._utils._validate import check_prefix, get_table
 from ..data._bundle import _hash_names, build_bundle
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@doc_params(graph_key=doc_graph_key, device=doc_device)
 def embed(
     sdata: SpatialData,
     model: SigmmaModel,
@@ -61,14 +63,12 @@ def embed(
         Cell table, or ``None`` for image-only embedding.
     tile_key
         Tile table (``f'{key_added}_tiles'`` of :func:`sigmma_sc.pp.tile`).
-    graph_key
-        The ``key_added`` of :func:`sigmma_sc.pp.cell_graph` whose graph and node features are embedded.
+    {graph_key}
     image_key
         Image to featurize if features are not cached (default: the tiled image).
     batch_size
         Tiles per forward pass.
-    device
-        Torch device (default: the model's).
+    {device}
     shifts
         Average each cell's embeddings over tile grids shifted by these ``(dx, dy)`` offsets, in fractions of
         a micro block (32 µm for 128 µm tiles), each in ``[0, 1)``; an integer ``n`` means the ``n x n``
@@ -287,7 +287,7 @@ def _check_st_space(model: SigmmaModel, meta: dict, cells, graph_key: str = Keys
     pca = (read_record(cells, graph_key, "cell_graph") or {}).get("pca") or {}
     section_genes = {_hash_names(cells.var_names)}  # a cohort model: the genes of the PCA the section was projected on
     if pca.get("var_names") is not None:
-        section_genes.add(_hash_names(np.asarray(pca["var_names"]).astype(str)))
+        section_genes.add(_hash_names([str(v) for v in np.asarray(pca["var_names"]).tolist()]))
     if pca_features and trained.get("var_names_hash") not in (None, *section_genes):
         raise ValueError(
             "The section's genes differ from those the model was trained on, so its PCA node features live in "

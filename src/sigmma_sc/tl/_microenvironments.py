@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SCALES, Keys
+from .._docs import doc_params, doc_seed, doc_use_rep
 from .._utils._record import embedding_keys, missing_embedding, read_record, write_record
 from .._utils._validate import get_table
 from ._records import resolve_seed
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@doc_params(use_rep=doc_use_rep, seed=doc_seed)
 def microenvironments(
     sdata: SpatialData,
     *,
@@ -46,15 +48,13 @@ def microenvironments(
         Scale(s) to cluster: ``'micro'``, ``'meso'``, ``'macro'`` or several.
     table_key
         Cell table.
-    use_rep
-        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run whose cell embeddings are clustered (default
-        ``'sigmma'``: ``.obsm['X_sigmma_{scale}']``), or an ``.obsm`` key (``{scale}`` is replaced by the scale).
+    {use_rep}
+        Or an ``.obsm`` key of cell embeddings (``{scale}`` is replaced by the scale).
     resolution
         Leiden resolution (higher: more microenvironments).
     n_neighbors
         Neighbours of the embedding graph.
-    seed
-        Seed of the k-NN search and of Leiden; ``None``: unseeded (a fresh seed is drawn and recorded).
+    {seed}
     key_added
         ``.obs`` key of the labels; ``{scale}`` is replaced by the scale (without it, ``_{scale}`` is appended).
         Default ``f'{use_rep}_microenv_{scale}'``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import subprocess
 import sys
@@ -10,34 +11,110 @@ from pathlib import Path
 
 import pytest
 
-import sigmma_sc as sg
-
 NAMESPACES = ("pp", "tl", "pl", "io", "datasets", "metrics")
+
+#: functions that write into ``sdata``: each takes ``key_added`` (a prefix or key) and ``inplace``
+WRITERS = (
+    "pp.tile",
+    "pp.cell_graph",
+    "pp.stain_normalize",
+    "tl.embed",
+    "tl.microenvironments",
+    "tl.predict_expression",
+)
+#: writers without ``key_added``, and why
+NO_KEY_ADDED = {
+    "tl.featurize": "caches backbone features of its tile table (one backbone per tiling; tile again for another)",
+    "tl.train_sigmma": "returns the model; writes only the training record of the tile table it trained on",
+    "tl.attach_reference": "writes into the model, not into sdata",
+}
+#: readers of embeddings: each takes ``use_rep`` (the ``key_added`` of ``sg.tl.embed``)
+READERS = (
+    "tl.microenvironments",
+    "tl.retrieve",
+    "tl.fit_probe",
+    "tl.predict_expression",
+    "metrics.evaluate",
+    "metrics.cross_modal_retrieval",
+    "pl.retrieval_examples",
+)
 
 
 def _public_functions():
+    """Every public function of the user-facing namespaces; a namespace that fails to import fails the tests."""
     for ns in NAMESPACES:
-        try:
-            mod = getattr(sg, ns)
-        except ImportError:  # pragma: no cover - namespace not built yet
-            continue
-        for name in getattr(mod, "__all__", []):
+        mod = importlib.import_module(f"sigmma_sc.{ns}")  # no silent skip: an ImportError is a failure
+        assert mod.__all__, f"sigmma_sc.{ns} exports nothing"
+        for name in mod.__all__:
             obj = getattr(mod, name)
             if inspect.isfunction(obj):
                 yield f"{ns}.{name}", obj
 
 
-@pytest.mark.parametrize(("name", "func"), list(_public_functions()))
+PUBLIC = dict(_public_functions())
+
+
+def _func(name):
+    assert name in PUBLIC, f"{name} is listed in tests/test_api_conventions.py but not public any more"
+    return PUBLIC[name]
+
+
+@pytest.mark.parametrize(("name", "func"), list(PUBLIC.items()))
 def test_signature_conventions(name, func):
     params = list(inspect.signature(func).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     assert len(positional) <= 3, f"{name}: at most 3 positional parameters, got {[p.name for p in positional]}"
     for p in params:
         assert not isinstance(p.default, list | dict | set), f"{name}: mutable default for {p.name}"
+        if p.name == "seed":  # scanpy: None means unseeded, so the default seed is explicit
+            assert p.default is not None, f"{name}: default `seed` must be an explicit int (None means unseeded)"
+        assert p.name != "copy", f"{name}: `copy=` (SpatialData functions take `inplace=`)"
     assert func.__doc__, f"{name}: docstring"
     assert "Parameters" in func.__doc__, f"{name}: numpydoc docstring with Parameters"
-    if positional and positional[0].name in ("sdata", "data") and "inplace" in {p.name for p in params}:
-        assert "Returns" in func.__doc__
+    documented = {n.strip() for line in inspect.getdoc(func).splitlines() for n in line.split(",")}  # "a, b"
+    for p in params:
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            assert p.name in documented, f"{name}: parameter {p.name!r} is not documented"
+    assert "{doc_" not in func.__doc__, f"{name}: unsubstituted _docs placeholder"
+    if "inplace" in {p.name for p in params}:
+        assert "Returns" in func.__doc__, f"{name}: writers document what they write under Returns"
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_writers_take_key_added_and_inplace(name):
+    func = _func(name)
+    params = inspect.signature(func).parameters
+    assert "key_added" in params, f"{name}: writers take `key_added`"
+    assert "inplace" in params, f"{name}: writers take `inplace`"
+    assert params["inplace"].default is True
+    returns = func.__doc__[func.__doc__.index("Returns") :]
+    assert "key_added" in returns, f"{name}: Returns names the written keys in scanpy's `'default' | key_added` form"
+
+
+@pytest.mark.parametrize("name", list(NO_KEY_ADDED))
+def test_exempt_writers_still_exist(name):
+    assert "key_added" not in inspect.signature(_func(name)).parameters, (
+        f"{name} now takes key_added: list it in WRITERS"
+    )
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_readers_take_use_rep(name):
+    params = inspect.signature(_func(name)).parameters
+    assert "use_rep" in params, f"{name}: embedding readers take `use_rep`"
+
+
+def test_tl_and_pl_microenvironments_share_names():
+    tl = inspect.signature(_func("tl.microenvironments")).parameters
+    pl = inspect.signature(_func("pl.microenvironments")).parameters
+    assert tl["scale"].default == pl["scale"].default
+
+
+def test_fixtures_are_not_public_api():
+    import sigmma_sc.model
+
+    assert "toy_bundle" not in sigmma_sc.model.__all__
+    assert not hasattr(sigmma_sc.model, "toy_bundle")
 
 
 def test_core_imports_without_scverse_stack():

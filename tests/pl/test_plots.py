@@ -151,16 +151,17 @@ def test_expression_violin_and_spatial(trained, tmp_path):
     assert [a.get_title() for a in axes] == ["GENE0", "GENE1"]
     n_groups = trained.tables["table"].obs["sigmma_microenv_micro"].nunique()
     assert len(axes[0].get_xticklabels()) == n_groups
-    fig = sg.pl.expression(trained, "GENE0", kind="spatial", show_image=True, save=tmp_path / "spatial.png")
-    axes = _data_axes(fig)
+    ax = sg.pl.expression(trained, "GENE0", kind="spatial", show_image=True, save=tmp_path / "spatial.png")
+    assert isinstance(ax, Axes)  # one panel: its Axes
+    axes = _data_axes(ax.figure)
     assert len(axes) == 1
-    assert len(fig.axes) == 2  # one colorbar
+    assert len(ax.figure.axes) == 2  # one colorbar
     assert all(c.get_rasterized() for c in axes[0].collections)
     assert (tmp_path / "violin.png").exists()
     assert (tmp_path / "spatial.png").exists()
     groups = list(trained.tables["table"].obs["sigmma_microenv_micro"].cat.categories[:2])
-    fig = sg.pl.expression(trained, "GENE2", groups=groups)
-    assert [t.get_text() for t in _data_axes(fig)[0].get_xticklabels()] == groups
+    ax = sg.pl.expression(trained, "GENE2", groups=groups)
+    assert [t.get_text() for t in ax.get_xticklabels()] == groups
     with pytest.raises(KeyError, match="NOT_A_GENE"):
         sg.pl.expression(trained, ["NOT_A_GENE"])
     with pytest.raises(ValueError, match="kind"):

@@ -79,7 +79,7 @@ def retrieval_examples(
 
     Returns
     -------
-    The figure.
+    The :class:`~matplotlib.figure.Figure` (several panels).
     """
     import matplotlib.pyplot as plt
 

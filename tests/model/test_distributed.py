@@ -38,13 +38,17 @@ def test_distributed_gradients_equal_full_batch(tmp_path):
     loss = model.loss_from_embeddings(model.embed_batch(bundle.select(idx)))
     loss.backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    scale = max(float(g.abs().max()) for g in want.values())
     ranks = [torch.load(tmp_path / f"g.rank{r}", weights_only=True) for r in range(2)]
     for mb in ("None", "3"):  # whole shard, and GradCache micro-batches of 3 tiles
         for got in ranks:
             assert torch.allclose(got[mb]["loss"], loss.detach(), atol=1e-5)
             assert set(got[mb]) - {"loss"} == set(want)
             for name, g in want.items():
-                assert torch.allclose(got[mb][name], g, rtol=1e-4, atol=1e-6), (mb, name)
+                # float32 sums in another order (shards, micro-batches): rounding relative to the largest gradient
+                # (e.g. an attention gate's bias has a true gradient of 0 and a rounding residue of ~1e-6)
+                tol = 1e-5 * scale
+                assert torch.allclose(got[mb][name], g, rtol=1e-4, atol=tol), (mb, name, (got[mb][name] - g).abs().max())
     # the gradient is not trivially equal to a one-shard gradient: the gathered negatives matter
     model.zero_grad(set_to_none=True)
     model.loss_from_embeddings(model.embed_batch(bundle.select(idx[:7]))).backward()

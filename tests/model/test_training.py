@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from sigmma_sc.model import SigmmaConfig, SigmmaModel
-from sigmma_sc.model._diagnostics import chance_loss, mean_pairwise_cosine, participation_ratio
+from sigmma_sc.model._diagnostics import (
+    chance_loss,
+    mean_pairwise_cosine,
+    participation_ratio,
+    training_diagnostics,
+)
 from sigmma_sc.model._toy import toy_bundle
 from sigmma_sc.model._train_loop import lr_factor
 
@@ -106,6 +111,22 @@ def test_collapse_metrics():
     assert participation_ratio(spread) > 20
     line = torch.randn(200, 1, generator=g) * torch.ones(1, 32)
     assert participation_ratio(line) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_collapse_is_one_warning_naming_each_embedding(caplog):
+    g = torch.Generator().manual_seed(0)
+    emb = {
+        "image/micro": torch.randn(50, 8, generator=g),
+        "image/macro": torch.ones(50, 8) + 1e-4 * torch.randn(50, 8, generator=g),
+        "st/macro": torch.ones(50, 8) + 1e-4 * torch.randn(50, 8, generator=g),
+    }
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        d = training_diagnostics([], emb, tiles="val", stopped="budget")
+    assert len(d["warnings"]) == 1
+    assert "image macro" in d["warnings"][0]
+    assert "st macro" in d["warnings"][0]
+    assert "image micro" not in d["warnings"][0]
+    assert caplog.text.count("have collapsed") == 1
 
 
 def test_health_warnings_reach_the_user(learnable, caplog):

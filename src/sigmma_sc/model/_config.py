@@ -48,7 +48,7 @@ class SigmmaConfig:
     ``max_batch_fraction=0.25``), AdamW at lr 1e-3 with a linear warm-up over the first 5 % of the steps and a
     cosine decay, gradient-norm clipping at 1, and early stopping on the validation loss (``patience=300``
     steps). They were chosen on validation tiles only (``benchmarks/train_defaults.py sweep``).
-    :data:`PAPER_PRESET` (``SigmmaConfig.preset("paper", ...)``) restores Table 3.
+    ``sigmma_sc.model._config.PAPER_PRESET`` (``SigmmaConfig.preset("paper", ...)``) restores Table 3.
 
     Attributes
     ----------
@@ -215,7 +215,7 @@ class SigmmaConfig:
         """A config from a named preset, with ``fields_`` overriding it.
 
         ``"default"``: the dataclass defaults (a step budget with warm-up, cosine decay, early stopping and
-        clipping). ``"paper"``: :data:`PAPER_PRESET` (Table 3). Giving only ``epochs`` with the default preset
+        clipping). ``"paper"``: ``sigmma_sc.model._config.PAPER_PRESET`` (Table 3). Giving only ``epochs`` with the default preset
         turns the step budget off (``steps=None``), so ``epochs=40`` means 40 epochs.
         """
         if name not in PRESETS:

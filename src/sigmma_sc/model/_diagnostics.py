@@ -107,15 +107,18 @@ def training_diagnostics(
     if emb:
         health = embedding_health(emb)
         out |= health
+        collapsed = []
         for name, z in emb.items():
             key = _key(name)
             c, pr, dim = health["mean_cosine"][key], health["participation_ratio"][key], z.shape[1]
             if c > COLLAPSE_COSINE or pr < COLLAPSE_PR:
-                out["warnings"].append(
-                    f"The {name.replace('/', ' ')} embeddings of the {tiles} tiles have collapsed (mean pairwise cosine "
-                    f"{c:.3f}, participation ratio {pr:.1f} of {dim} dimensions): tiles are hard to tell apart. "
-                    "Train more steps, use a smaller `batch_size` or a larger `lr`, or a higher `temperature`."
-                )
+                collapsed.append(f"{name.replace('/', ' ')} (mean pairwise cosine {c:.3f}, participation ratio {pr:.1f} of {dim})")
+        if collapsed:  # one message for all of them, not one per scale and modality
+            out["warnings"].append(
+                f"Embeddings of the {tiles} tiles have collapsed, so tiles are hard to tell apart: "
+                + "; ".join(collapsed)
+                + ". Train more steps, use a smaller `batch_size` or a larger `lr`, or a higher `temperature`."
+            )
     for msg in out["warnings"]:
         logger.warning(msg)
     return out

@@ -71,7 +71,7 @@ class SigmmaModel(nn.Module):
         ``edge_prob_{s}`` (mean edge probability), ``edge_candidates_{s}`` (candidates per batch) and
         ``edge_grad_{s}`` (gradient norm of the edge scorer).
     diagnostics
-        Health of the trained model (:func:`~sigmma_sc.model.training_diagnostics`): best validation loss and
+        Health of the trained model (``sigmma_sc.model._diagnostics.training_diagnostics``): best validation loss and
         its chance level, mean pairwise cosine and participation ratio of the tile embeddings per scale, the
         warnings raised, and why training stopped.
     probes

@@ -42,8 +42,8 @@ def _folder(out: Path, n_cells: int, seed: int) -> Path:
 def one(n_sections: int, n_cells: int, epochs: int, out: Path) -> dict:
     import sigmma_sc as sg
     from sigmma_sc.data._bundle import build_bundle
-    from sigmma_sc.data._cohort import prepare_cohort
     from sigmma_sc.model import SigmmaModel, TrainingBundle
+    from sigmma_sc.tl._cohort import prepare_cohort
 
     sg.settings.progress_bar = False
     folders = [_folder(out, n_cells, s) for s in range(n_sections)]

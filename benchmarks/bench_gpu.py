@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from sigmma_sc import settings
-from sigmma_sc.model import SigmmaModel, TrainingBundle, toy_bundle
+from sigmma_sc.model import SigmmaModel, TrainingBundle
 from sigmma_sc.model._finetune import optimizer_groups
+from sigmma_sc.model._toy import toy_bundle
 from sigmma_sc.model._train_loop import _train_step, autocast_for
 from sigmma_sc.nn import MultiCropEncoder, build_backbone, featurize
 

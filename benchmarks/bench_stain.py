@@ -69,11 +69,11 @@ def main(argv=None) -> int:
     y = np.log1p(counts[:, gene_idx] * (lp.target_sum / np.maximum(totals, 1)))[test]
     rows = []
     for image in ("he", "he_shifted", "he_shifted_normalized"):
-        key = Keys.TILE_TABLE if image == "he" else f"tiles_{image}"
+        key = Keys.TILE_TABLE if image == "he" else f"{image}_tiles"
         if image != "he":
-            sg.pp.tile(sdata, image_key=image, key_added=key, **kw)  # same grid and split: same extent and seed
+            sg.pp.tile(sdata, image_key=image, key_added=image, **kw)  # same grid and split: same extent and seed
             assert (sdata.tables[key].obs_names == base.obs_names).all()
-            sg.tl.embed(sdata, model, tile_key=key)
+            sg.tl.embed(sdata, model, table_key=None, tile_key=key)  # image side only: the graph is on the first tiling
         tiles = sdata.tables[key]
         x = np.hstack([tiles.obsm[k] for k in lp.embedding_keys])[test]
         pred = lp.predict(x)

@@ -22,6 +22,7 @@ class Keys:
 
     # uns
     UNS: Final = "sigmma"
+    PREFIX: Final = "sigmma"  # default ``key_added`` of every writer; all keys below derive from a prefix
 
     # tile table .obs
     TILE_ID: Final = "tile_id"
@@ -77,3 +78,45 @@ class Keys:
     def block(scale: str) -> str:
         """Key of a cell's block id at ``scale`` in the cell table's ``.obs``."""
         return Keys.CELL_BLOCK.format(scale=scale)
+
+    @staticmethod
+    def tiling(prefix: str = "sigmma", image_key: str = "{image_key}") -> dict[str, object]:
+        """Every key :func:`sigmma_sc.pp.tile` with ``key_added=prefix`` writes (defaults: the names above)."""
+        return {
+            "tile_table": f"{prefix}_tiles",
+            "shapes": f"{image_key}_{prefix}_tiles",
+            "cell_tile": f"{prefix}_tile",
+            "cell_blocks": {s: f"{prefix}_{s}_block" for s in ("micro", "meso")},
+            "cell_spatial": f"{prefix}_spatial",
+        }
+
+    @staticmethod
+    def graph(prefix: str = "sigmma") -> dict[str, str]:
+        """Every key :func:`sigmma_sc.pp.cell_graph` with ``key_added=prefix`` writes into the cell table."""
+        return {
+            "connectivities": f"{prefix}_connectivities",
+            "distances": f"{prefix}_distances",
+            "features": f"{prefix}_features",
+        }
+
+    @staticmethod
+    def embedding(prefix: str = "sigmma", scales: tuple[str, ...] = SCALES) -> dict[str, dict[str, str]]:
+        """Every ``.obsm`` key :func:`sigmma_sc.tl.embed` with ``key_added=prefix`` writes, per scale.
+
+        ``'image'`` and ``'st'``: tile table; ``'cell'``: cell table (default ``X_sigmma_{scale}[_image|_st]``).
+        """
+        return {
+            "image": {s: f"X_{prefix}_{s}_image" for s in scales},
+            "st": {s: f"X_{prefix}_{s}_st" for s in scales},
+            "cell": {s: f"X_{prefix}_{s}" for s in scales},
+        }
+
+    @staticmethod
+    def tiling_prefix(tile_key: str) -> str:
+        """The ``key_added`` of :func:`sigmma_sc.pp.tile` that names the tile table ``tile_key``."""
+        if not tile_key.endswith("_tiles") or len(tile_key) <= len("_tiles"):
+            raise ValueError(
+                f"A tile table is named '{{key_added}}_tiles' by `sg.pp.tile`, got {tile_key!r}; pass "
+                f"`key_added={tile_key!r}` to `sg.pp.tile` and `tile_key={tile_key + '_tiles'!r}` downstream."
+            )
+        return tile_key[: -len("_tiles")]

@@ -10,8 +10,9 @@ import sys
 
 import torch
 
-from sigmma_sc.model import SigmmaModel, toy_bundle
+from sigmma_sc.model import SigmmaModel
 from sigmma_sc.model._distributed import distributed_backward, init_from_env
+from sigmma_sc.model._toy import toy_bundle
 
 CONFIG = {"hidden": 16, "out_dim": 16, "dropout": 0.0, "edge_addition": False, "batch_size": 10, "lr": 1e-2}
 

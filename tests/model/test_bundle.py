@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from sigmma_sc._constants import GRID, SCALES
-from sigmma_sc.model import TrainingBundle, toy_bundle
+from sigmma_sc.model import TrainingBundle
+from sigmma_sc.model._toy import toy_bundle
 from sigmma_sc.nn import block_ids
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sigmma_sc.model import TrainingBundle, toy_bundle
+from sigmma_sc.model import TrainingBundle
+from sigmma_sc.model._toy import toy_bundle
 
 
 def _equal(a, b) -> bool:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from sigmma_sc._constants import SCALES
-from sigmma_sc.model import SigmmaModel, TrainingBundle, toy_bundle
+from sigmma_sc.model import SigmmaModel, TrainingBundle
 from sigmma_sc.model._finetune import optimizer_groups
+from sigmma_sc.model._toy import toy_bundle
 from sigmma_sc.model._train_loop import _train_step
 from sigmma_sc.nn import build_backbone, grad_cache_backward
 from sigmma_sc.nn._edges import _pair_uniform, pair_ids

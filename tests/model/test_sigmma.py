@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sigmma_sc._constants import SCALES
-from sigmma_sc.model import SigmmaConfig, SigmmaModel, TrainingBundle, toy_bundle
+from sigmma_sc.model import SigmmaConfig, SigmmaModel, TrainingBundle
+from sigmma_sc.model._toy import toy_bundle
 from sigmma_sc.nn import grad_cache_backward
 
 

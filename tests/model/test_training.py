@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from sigmma_sc.model import SigmmaConfig, SigmmaModel, toy_bundle
+from sigmma_sc.model import SigmmaConfig, SigmmaModel
 from sigmma_sc.model._diagnostics import (
     chance_loss,
     mean_pairwise_cosine,
     participation_ratio,
     training_diagnostics,
 )
+from sigmma_sc.model._toy import toy_bundle
 from sigmma_sc.model._train_loop import lr_factor
 
 

@@ -81,23 +81,22 @@ def test_microenvironments_one_panel_per_scale(trained, tmp_path):
 
 def test_microenvironments_single_scale_crop_and_axes(trained):
     _, ax = plt.subplots()
-    fig = sg.pl.microenvironments(
-        trained, scales="meso", ax=ax, crop=(10, 10, 40, 40), show_image=False, palette="tab10", point_size=4
+    out = sg.pl.microenvironments(
+        trained, scale="meso", ax=ax, crop=(10, 10, 40, 40), show_image=False, palette="tab10", point_size=4
     )
-    assert fig is ax.figure
+    assert out is ax  # one panel: its Axes
     assert ax.get_images() == []
     assert ax.get_xlim() == (10, 40)
     assert sum(len(c.get_offsets()) for c in ax.collections) < trained.tables["table"].n_obs
     with pytest.raises(ValueError, match="Expected 2 axes"):
-        sg.pl.microenvironments(trained, scales=("micro", "meso"), ax=ax)
-    with pytest.raises(ValueError, match="scales"):
-        sg.pl.microenvironments(trained, scales="nano")
+        sg.pl.microenvironments(trained, scale=("micro", "meso"), ax=ax)
+    with pytest.raises(ValueError, match="`scale` must be among"):
+        sg.pl.microenvironments(trained, scale="nano")
 
 
 def test_microenvironments_background_is_registered(trained):
     """The drawn window samples the image where the cells are: tissue (dark) under cells, white outside."""
-    fig = sg.pl.microenvironments(trained, scales="micro", image_alpha=1.0)
-    a = _data_axes(fig)[0]
+    a = sg.pl.microenvironments(trained, scale="micro", image_alpha=1.0)
     im = a.get_images()[0]
     arr = np.asarray(im.get_array())
     x0, x1, y1, y0 = im.get_extent()
@@ -152,16 +151,17 @@ def test_expression_violin_and_spatial(trained, tmp_path):
     assert [a.get_title() for a in axes] == ["GENE0", "GENE1"]
     n_groups = trained.tables["table"].obs["sigmma_microenv_micro"].nunique()
     assert len(axes[0].get_xticklabels()) == n_groups
-    fig = sg.pl.expression(trained, "GENE0", kind="spatial", show_image=True, save=tmp_path / "spatial.png")
-    axes = _data_axes(fig)
+    ax = sg.pl.expression(trained, "GENE0", kind="spatial", show_image=True, save=tmp_path / "spatial.png")
+    assert isinstance(ax, Axes)  # one panel: its Axes
+    axes = _data_axes(ax.figure)
     assert len(axes) == 1
-    assert len(fig.axes) == 2  # one colorbar
+    assert len(ax.figure.axes) == 2  # one colorbar
     assert all(c.get_rasterized() for c in axes[0].collections)
     assert (tmp_path / "violin.png").exists()
     assert (tmp_path / "spatial.png").exists()
     groups = list(trained.tables["table"].obs["sigmma_microenv_micro"].cat.categories[:2])
-    fig = sg.pl.expression(trained, "GENE2", groups=groups)
-    assert [t.get_text() for t in _data_axes(fig)[0].get_xticklabels()] == groups
+    ax = sg.pl.expression(trained, "GENE2", groups=groups)
+    assert [t.get_text() for t in ax.get_xticklabels()] == groups
     with pytest.raises(KeyError, match="NOT_A_GENE"):
         sg.pl.expression(trained, ["NOT_A_GENE"])
     with pytest.raises(ValueError, match="kind"):

@@ -258,3 +258,10 @@ def require_obs(table: AnnData, keys: list[str], table_key: str, step: str) -> N
 def categorical(values: Any, categories: list[str] | tuple[str, ...]) -> pd.Categorical:
     """A pandas Categorical with fixed categories."""
     return pd.Categorical(values, categories=list(categories))
+
+
+def check_prefix(value: str, name: str = "key_added") -> str:
+    """A ``key_added`` prefix: a non-empty string without ``'/'`` (zarr refuses it in keys) or ``'{'``."""
+    if not isinstance(value, str) or not value or "/" in value or "{" in value:
+        raise ValueError(f"`{name}` must be a non-empty name without '/' or '{{', got {value!r}.")
+    return value

@@ -9,7 +9,9 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import GRID, SCALES, SPLITS, Keys
+from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import get_table, require_obs
+from ._geometry import separate_groups
 from ._tiles import tile_params, tile_reader
 
 if TYPE_CHECKING:
@@ -54,7 +56,6 @@ def candidate_edges(
     ``(2, E)`` int64 edges holding both directions of every candidate pair, without self loops or duplicates,
     sorted by source then target.
     """
-    import pandas as pd
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, dtype=np.float64)
@@ -71,12 +72,7 @@ def candidate_edges(
     degree = np.bincount(ex_key // n, minlength=n)
 
     m = valid.size
-    gi = pd.factorize(group[valid])[0]
-    pts = xy[valid]
-    lo = pd.DataFrame(pts).groupby(gi, sort=True).min().to_numpy()
-    shifted = pts - lo[gi]
-    span = float(shifted.max()) + 1.0
-    shifted[:, 0] += gi.astype(np.float64) * 3.0 * span  # cross-group pairs are >= 2 spans apart
+    shifted, gi = separate_groups(xy[valid], group[valid])  # cross-group pairs are >= 2 spans apart
     tree = cKDTree(shifted)
     need = np.minimum(k + 1 + degree[valid], m)
     order = np.argsort(need, kind="stable")
@@ -149,17 +145,22 @@ def build_bundle(
     from ..model import TrainingBundle
 
     params = tile_params(sdata, tile_key)
+    tkeys = tiling_keys(params)
     tiles = get_table(sdata, tile_key)
     cells = get_table(sdata, table_key)
-    require_obs(cells, [Keys.CELL_TILE], table_key, "sg.pp.tile")
-    graph = cells.uns.get(Keys.UNS, {}).get("cell_graph")
-    if graph is None or Keys.connectivities(graph_key) not in cells.obsp:
-        raise KeyError(f"Table {table_key!r} has no SIGMMA cell graph; run `sg.pp.cell_graph` first.")
+    blocks = [tkeys["cell_blocks"][s] for s in ("micro", "meso")]
+    require_obs(cells, [tkeys["cell_tile"], *blocks], table_key, "sg.pp.tile")
+    graph = graph_record(cells, graph_key, table_key)
+    if graph.get("tile_key", tile_key) != tile_key:
+        raise ValueError(
+            f"Cell graph {graph_key!r} was built on tile table {graph['tile_key']!r}, not {tile_key!r}. Build one on "
+            f"this tiling: `sg.pp.cell_graph(sdata, tile_key={tile_key!r}, key_added=...)` and pass `graph_key=`."
+        )
     feats_key = graph["features_key"]
     if feats_key not in cells.obsm:
         raise KeyError(f"Node features `.obsm[{feats_key!r}]` are missing; run `sg.pp.cell_graph` again.")
 
-    tile_of = cells.obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
+    tile_of = cells.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64)
     if tile_of.max(initial=-1) >= tiles.n_obs:
         raise ValueError(
             f"Cell table {table_key!r} refers to tiles that tile table {tile_key!r} lacks; run `sg.pp.tile` again."
@@ -171,28 +172,23 @@ def build_bundle(
     np.cumsum(np.bincount(t, minlength=tiles.n_obs), out=cell_ptr[1:])
 
     x = np.asarray(cells.obsm[feats_key], dtype=np.float32)[rows]
-    xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64)[rows]
+    xy = np.asarray(cells.obsm[tkeys["cell_spatial"]], dtype=np.float64)[rows]
     size = float(params["tile_size"])
     origin = np.c_[tiles.obs[Keys.TILE_X0].to_numpy(), tiles.obs[Keys.TILE_Y0].to_numpy()][t]
     pos = np.clip((xy - origin) / size, 0.0, np.nextafter(1.0, 0.0)).astype(np.float32)
 
-    conn = cells.obsp[Keys.connectivities(graph_key)].tocsr()[rows][:, rows].tocoo()
+    conn = cells.obsp[graph["keys"]["connectivities"]].tocsr()[rows][:, rows].tocoo()
     edge_index = np.vstack([conn.row, conn.col]).astype(np.int64)
 
     # candidate edges for stochastic edge addition (neighbour-patch constraint): same meso block / same tile
     k = int(n_candidates or graph["n_neighs"])
-    g_micro = GRID["micro"]
-    micro = (np.minimum((pos[:, 1] * g_micro).astype(np.int64), g_micro - 1) * g_micro
-             + np.minimum((pos[:, 0] * g_micro).astype(np.int64), g_micro - 1))  # fmt: skip
+    micro, meso = (cells.obs[b].to_numpy().astype(np.int64)[rows] for b in blocks)  # as sg.pp.tile wrote them
     same_micro = micro[conn.row] == micro[conn.col]
     n = rows.size
     micro_edges = sparse.csr_matrix(
         (np.ones(int(same_micro.sum()), dtype=np.int8), (conn.row[same_micro], conn.col[same_micro])), shape=(n, n)
     )
-    g_meso = GRID["meso"]
-    meso = (np.minimum((pos[:, 1] * g_meso).astype(np.int64), g_meso - 1) * g_meso
-            + np.minimum((pos[:, 0] * g_meso).astype(np.int64), g_meso - 1))  # fmt: skip
-    cand_meso = candidate_edges(xy, t * (g_meso * g_meso) + meso, k, micro_edges)
+    cand_meso = candidate_edges(xy, t * (GRID["meso"] ** 2) + meso, k, micro_edges)
     linked = micro_edges + sparse.csr_matrix(
         (np.ones(cand_meso.shape[1], dtype=np.int8), (cand_meso[0], cand_meso[1])), shape=(n, n)
     )

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPLITS, Keys
+from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import counts_matrix, get_table
 from ._tiles import tile_params
 
@@ -50,12 +51,9 @@ def _graph_record(sdata: SpatialData, name: str, table_key: str, tile_key: str) 
     try:
         tile_params(sdata, tile_key)
         cells = get_table(sdata, table_key)
+        return graph_record(cells, Keys.PREFIX, table_key)
     except KeyError as e:
         raise KeyError(f"Section {name!r}: {e.args[0]}") from e
-    graph = cells.uns.get(Keys.UNS, {}).get("cell_graph")
-    if graph is None or Keys.connectivities(graph.get("key_added", Keys.GRAPH)) not in cells.obsp:
-        raise KeyError(f"Section {name!r}: table {table_key!r} has no SIGMMA cell graph; run `sg.pp.cell_graph` first.")
-    return graph
 
 
 def cohort_splits(
@@ -87,7 +85,9 @@ def cohort_splits(
         return out
     unknown = sorted(set(val + test) - set(sections))
     if unknown:
-        raise ValueError(f"Unknown sections {unknown} in `val_sections`/`test_sections`; the cohort has {list(sections)}.")
+        raise ValueError(
+            f"Unknown sections {unknown} in `val_sections`/`test_sections`; the cohort has {list(sections)}."
+        )
     if set(val) & set(test):
         raise ValueError(f"Sections {sorted(set(val) & set(test))} are both validation and test sections.")
     if not test and not val:
@@ -124,8 +124,9 @@ def shared_genes(tables: Mapping[str, AnnData], *, min_genes: int = 10) -> list[
     return genes
 
 
-def _train_cells(sdata: SpatialData, table_key: str, split: np.ndarray) -> np.ndarray:
-    tile_of = get_table(sdata, table_key).obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
+def _train_cells(sdata: SpatialData, table_key: str, split: np.ndarray, tile_key: str = Keys.TILE_TABLE) -> np.ndarray:
+    cell_tile = tiling_keys(tile_params(sdata, tile_key))["cell_tile"]
+    tile_of = get_table(sdata, table_key).obs[cell_tile].to_numpy().astype(np.int64)
     ok = tile_of >= 0
     train = np.zeros(tile_of.size, dtype=bool)
     train[ok] = split[tile_of[ok]] == "train"
@@ -155,7 +156,7 @@ def fit_cohort_pca(
     """
     from scipy import sparse
 
-    from ..pp._cell_graph import fit_log_pca
+    from ._pca import fit_log_pca
 
     rows = {n: _train_cells(s, table_key, splits[n]) for n, s in sections.items()}
     total = sum(r.size for r in rows.values())
@@ -179,92 +180,6 @@ def fit_cohort_pca(
         pca["components"].shape[1], len(genes), sub.shape[0], len(sections),
     )  # fmt: skip
     return pca
-
-
-def prepare_cohort(
-    sections: Mapping[str, SpatialData],
-    *,
-    table_key: str = "table",
-    tile_key: str = Keys.TILE_TABLE,
-    split: Literal["spatial", "section"] = "spatial",
-    val_sections: Sequence[str] | str | None = None,
-    test_sections: Sequence[str] | str | None = None,
-    features: str | None = None,
-    n_comps: int | None = None,
-    layer: str | None = None,
-    min_genes: int = 10,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Validate a cohort, then write its splits, section names and shared node features into every section.
-
-    Everything is checked before anything is written. Then each tile table gets ``.obs['sigmma_section']`` and
-    the cohort's ``.obs['split']`` (``split='section'`` keeps the spatial split in ``.obs['split_spatial']``),
-    and each cell table node features in one space: with ``features`` (or when every section's graph already
-    uses one ``.obsm`` embedding) that embedding; otherwise a PCA over the shared genes fitted on the training
-    cells of all sections (:func:`fit_cohort_pca`), written by :func:`sigmma_sc.pp.cell_graph` with ``pca_from``.
-
-    Returns
-    -------
-    ``{'sections', 'split', 'val_sections', 'test_sections', 'features_key', 'pca', 'genes'}``.
-    """
-    from ..pp._cell_graph import cell_graph
-
-    graphs = {n: _graph_record(s, n, table_key, tile_key) for n, s in sections.items()}
-    splits = cohort_splits(sections, tile_key=tile_key, split=split, val_sections=val_sections,
-                           test_sections=test_sections)  # fmt: skip
-    if not any((sp == "train").any() for sp in splits.values()):
-        raise ValueError("The cohort has no training tiles.")
-    keys = {g["features_key"] for g in graphs.values()}
-    if features is None and len(keys) == 1 and all(g.get("pca") is None for g in graphs.values()):
-        features = keys.pop()  # every section already uses the same precomputed embedding
-    tables = {n: get_table(s, table_key) for n, s in sections.items()}
-    genes = pca = None
-    if features is not None:
-        widths = {}
-        for n, t in tables.items():
-            if features not in t.obsm:
-                raise KeyError(f"Section {n!r} has no `.obsm[{features!r}]` in table {table_key!r}; add it to every "
-                               "section or pass `features=None` for a shared PCA.")  # fmt: skip
-            widths[n] = np.shape(t.obsm[features])[1] if np.ndim(t.obsm[features]) == 2 else None
-        if len(set(widths.values())) > 1 or None in widths.values():
-            raise ValueError(f"`.obsm[{features!r}]` must be a matrix of one width in every section, got {widths}.")
-    else:
-        for n, t in tables.items():
-            counts_matrix(t, layer, f"{table_key} of section {n!r}")  # raw-count checks before any writing
-        genes = shared_genes(tables, min_genes=min_genes)
-        comps = n_comps or max(int(g.get("n_comps") or 50) for g in graphs.values())
-        pca = fit_cohort_pca(sections, splits, genes, table_key=table_key, layer=layer, n_comps=comps, seed=seed)
-
-    names = list(sections)
-    for n, sdata in sections.items():  # writing starts here
-        tiles = get_table(sdata, tile_key)
-        if split == "section" and Keys.SPLIT_SPATIAL not in tiles.obs:
-            tiles.obs[Keys.SPLIT_SPATIAL] = tiles.obs[Keys.SPLIT].copy()
-        tiles.obs[Keys.SPLIT] = pd.Categorical(splits[n], categories=list(SPLITS))
-        tiles.obs[Keys.SECTION] = pd.Categorical([n] * tiles.n_obs, categories=names)
-        g = graphs[n]
-        if pca is not None:
-            cell_graph(sdata, table_key=table_key, tile_key=tile_key, n_neighs=int(g["n_neighs"]), layer=layer,
-                       key_added=g.get("key_added", Keys.GRAPH), pca_from=pca)  # fmt: skip
-        elif g["features_key"] != features:
-            cell_graph(sdata, table_key=table_key, tile_key=tile_key, n_neighs=int(g["n_neighs"]),
-                       key_added=g.get("key_added", Keys.GRAPH), features=features)  # fmt: skip
-    logger.info(
-        "Cohort of %d sections (%s split): %s.",
-        len(names), split, ", ".join(f"{n} {dict(zip(*np.unique(splits[n], return_counts=True), strict=True))}"
-                                     for n in names),
-    )  # fmt: skip
-    val = [val_sections] if isinstance(val_sections, str) else list(val_sections or [])
-    test = [test_sections] if isinstance(test_sections, str) else list(test_sections or [])
-    return {
-        "sections": names,
-        "split": split,
-        "val_sections": val,
-        "test_sections": test,
-        "features_key": Keys.FEATURES if pca is not None else features,
-        "pca": pca,
-        "genes": genes,
-    }
 
 
 def cohort_tile_table(

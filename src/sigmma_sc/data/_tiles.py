@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sigmma_sc._constants import Keys
+from sigmma_sc._utils._record import tiling_record
 from sigmma_sc._utils._validate import get_image, get_table
 
 from ._image import ImageReader
@@ -19,8 +20,10 @@ if TYPE_CHECKING:
 def tile_params(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE) -> dict:
     """The parameters ``sg.pp.tile`` recorded in the tile table, or a clear error."""
     if tile_key not in sdata.tables:
-        raise KeyError(f"No tile table {tile_key!r} in the SpatialData object; run `sg.pp.tile` first.")
-    params = sdata.tables[tile_key].uns.get(Keys.UNS, {}).get("tile")
+        known = [k for k, t in sdata.tables.items() if tiling_record(t) is not None]
+        hint = f" Tile tables here: {known} (pass `tile_key=`)." if known else ""
+        raise KeyError(f"No tile table {tile_key!r} in the SpatialData object; run `sg.pp.tile` first.{hint}")
+    params = tiling_record(sdata.tables[tile_key])
     if params is None:
         raise KeyError(f"Table {tile_key!r} is not a sigmma tile table; run `sg.pp.tile` first.")
     return params

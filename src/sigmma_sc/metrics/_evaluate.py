@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import pandas as pd
 
 from .._constants import SCALES, Keys
+from .._utils._record import embedding_keys, embedding_prefixes, missing_embedding, read_record
 from ._probe import linear_probe
 from ._retrieval import (
     DEFAULT_FRACTIONS,
@@ -24,14 +25,26 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
-def default_embeddings(tiles: AnnData) -> dict[str, list[str]]:
-    """SIGMMA image embeddings per scale (+ ``'all'``) if present, else the frozen backbone (macro + concat.)."""
-    scales = [s for s in SCALES if Keys.EMB_IMAGE.format(scale=s) in tiles.obsm]
-    if scales:
-        out = {s: [Keys.EMB_IMAGE.format(scale=s)] for s in scales}
-        if len(scales) > 1:
-            out["all"] = [Keys.EMB_IMAGE.format(scale=s) for s in scales]
+def default_embeddings(tiles: AnnData, use_rep: str | Sequence[str] = Keys.PREFIX) -> dict[str, list[str]]:
+    """Image embeddings per scale (+ ``'all'``) of each ``use_rep``, if present, else the frozen backbone.
+
+    One prefix: rows ``'micro'``, ..., ``'all'``; several: rows ``'{use_rep} {scale}'``.
+    """
+    prefixes = [use_rep] if isinstance(use_rep, str) else list(use_rep)
+    out: dict[str, list[str]] = {}
+    for prefix in prefixes:
+        keys = embedding_keys(tiles, prefix, "image")
+        if not keys and len(prefixes) > 1:
+            raise missing_embedding("tile table", prefix, tiles, "image embeddings")
+        name = (lambda s: s) if len(prefixes) == 1 else (lambda s, p=prefix: f"{p} {s}")
+        for s, key in keys.items():
+            out[name(s)] = [key]
+        if len(keys) > 1:
+            out[name("all")] = list(keys.values())
+    if out:
         return out
+    if use_rep != Keys.PREFIX and read_record(tiles, str(use_rep), "embed") is None:
+        raise missing_embedding("tile table", str(use_rep), tiles, "image embeddings")
     backbone = [Keys.BACKBONE.format(scale=s) for s in SCALES if Keys.BACKBONE.format(scale=s) in tiles.obsm]
     if not backbone:
         raise KeyError("The tile table holds no embeddings; run `sg.tl.featurize` or `sg.tl.embed` first.")
@@ -45,12 +58,16 @@ def default_embeddings(tiles: AnnData) -> dict[str, list[str]]:
     return out
 
 
-def _retrieval_scales(tiles: AnnData, keys: Sequence[str]) -> list[str] | None:
-    """The scales of ``keys`` when they are all SIGMMA image embeddings with ST partners, else ``None``."""
-    image_keys = {Keys.EMB_IMAGE.format(scale=s): s for s in available_scales(tiles)}
-    if not keys or any(k not in image_keys for k in keys):
-        return None
-    return [image_keys[k] for k in keys]
+def _retrieval_scales(
+    tiles: AnnData, keys: Sequence[str], use_rep: str | Sequence[str] = Keys.PREFIX
+) -> tuple[str, list[str]] | None:
+    """The embed prefix and scales of ``keys`` when they are all image embeddings of one run with ST partners."""
+    given = [use_rep] if isinstance(use_rep, str) else list(use_rep)
+    for prefix in dict.fromkeys([*given, *embedding_prefixes(tiles), Keys.PREFIX]):
+        image_keys = {embedding_keys(tiles, prefix, "image")[s]: s for s in available_scales(tiles, prefix)}
+        if keys and all(k in image_keys for k in keys):
+            return prefix, [image_keys[k] for k in keys]
+    return None
 
 
 def evaluate(
@@ -64,6 +81,7 @@ def evaluate(
     n_genes: int = 50,
     n_components: int = 256,
     tile_key: str = Keys.TILE_TABLE,
+    use_rep: str | Sequence[str] = Keys.PREFIX,
 ) -> pd.DataFrame:
     """Cross-modal retrieval and linear probes of several tile embeddings, one row each.
 
@@ -95,6 +113,10 @@ def evaluate(
         PCA components of the probes.
     tile_key
         Tile table.
+    use_rep
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run(s) whose embeddings make the default rows
+        (ignored with ``embeddings``). Several, e.g. ``['seed0', 'seed1']``, compare models kept side by side in
+        one SpatialData: rows ``'seed0 micro'``, ..., ``'seed1 all'``.
 
     Returns
     -------
@@ -109,7 +131,7 @@ def evaluate(
         sdata = cohort_tile_table(sdata, tile_key)
     tiles = tile_table(sdata, tile_key)
     if embeddings is None:
-        embeddings = default_embeddings(tiles)
+        embeddings = default_embeddings(tiles, use_rep)
     elif not isinstance(embeddings, Mapping):
         embeddings = {k: [k] for k in ([embeddings] if isinstance(embeddings, str) else embeddings)}
     embeddings = {name: [keys] if isinstance(keys, str) else list(keys) for name, keys in embeddings.items()}
@@ -122,12 +144,12 @@ def evaluate(
     rows = {}
     for name, keys in embeddings.items():
         row: dict[str, float] = {"n_eval": int(mask.sum())}
-        scales = _retrieval_scales(tiles, keys) if retrieval else None
+        found = _retrieval_scales(tiles, keys, use_rep) if retrieval else None
         for direction in ("image->st", "st->image"):
             for p in fractions:
                 row[f"{direction} R@{100 * p:g}%"] = float("nan")
-        if scales is not None:
-            img, st = paired_embeddings(tiles, scales)
+        if found is not None:
+            img, st = paired_embeddings(tiles, found[1], found[0])
             for direction, (q, t) in (("image->st", (img, st)), ("st->image", (st, img))):
                 for label, value in recall_at(q[mask], t[mask], fractions=fractions).items():
                     row[f"{direction} {label}"] = value

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SCALES, SPLITS, Keys
+from .._docs import doc_params, doc_tile_key, doc_use_rep
+from .._utils._record import embedding_keys, missing_embedding
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -125,26 +127,32 @@ def recall_at(
     return out
 
 
-def available_scales(tiles: AnnData) -> list[str]:
-    """Scales whose image and ST embeddings are both in the tile table."""
-    return [
-        s for s in SCALES if Keys.EMB_IMAGE.format(scale=s) in tiles.obsm and Keys.EMB_ST.format(scale=s) in tiles.obsm
-    ]
+def available_scales(tiles: AnnData, use_rep: str = Keys.PREFIX) -> list[str]:
+    """Scales whose image and ST embeddings of ``sg.tl.embed(..., key_added=use_rep)`` are both in the tile table."""
+    img, st = embedding_keys(tiles, use_rep, "image"), embedding_keys(tiles, use_rep, "st")
+    return [s for s in SCALES if s in img and s in st]
 
 
-def paired_embeddings(tiles: AnnData, scales: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def paired_embeddings(
+    tiles: AnnData, scales: Sequence[str], use_rep: str = Keys.PREFIX
+) -> tuple[np.ndarray, np.ndarray]:
     """Image and ST embeddings of ``scales``: one scale as stored, several L2-normalised per scale and concatenated."""
+    keys = {kind: embedding_keys(tiles, use_rep, kind) for kind in ("image", "st")}
     img, st = [], []
     for s in scales:
-        for key, out in ((Keys.EMB_IMAGE.format(scale=s), img), (Keys.EMB_ST.format(scale=s), st)):
-            if key not in tiles.obsm:
-                raise KeyError(f"Tile table has no `.obsm[{key!r}]`; run `sg.tl.embed` with a model of scale {s!r}.")
-            out.append(np.asarray(tiles.obsm[key], dtype=np.float64))
+        for kind, out in (("image", img), ("st", st)):
+            if s not in keys[kind]:
+                raise KeyError(
+                    f"Tile table has no {kind} embedding of scale {s!r} under {use_rep!r}; run "
+                    f"`sg.tl.embed(sdata, model, key_added={use_rep!r})` with a model of scale {s!r}."
+                )
+            out.append(np.asarray(tiles.obsm[keys[kind][s]], dtype=np.float64))
     if len(scales) == 1:
         return img[0], st[0]
     return np.hstack([_l2(x) for x in img]), np.hstack([_l2(x) for x in st])
 
 
+@doc_params(use_rep=doc_use_rep, tile_key=doc_tile_key)
 def cross_modal_retrieval(
     sdata: SpatialData | AnnData,
     *,
@@ -153,6 +161,7 @@ def cross_modal_retrieval(
     include_all: bool = True,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     tile_key: str = Keys.TILE_TABLE,
+    use_rep: str = Keys.PREFIX,
 ) -> pd.DataFrame:
     """Image -> ST and ST -> image retrieval of tiles of one split, per scale and for all scales together.
 
@@ -173,8 +182,8 @@ def cross_modal_retrieval(
         so the cosine similarity is the mean of the per-scale cosine similarities). Only with more than one scale.
     fractions
         Fractions ``p`` of Recall@p%.
-    tile_key
-        Tile table.
+    {tile_key}
+    {use_rep}
 
     Returns
     -------
@@ -183,12 +192,9 @@ def cross_modal_retrieval(
     """
     tiles = tile_table(sdata, tile_key)
     if scales is None:
-        scales = available_scales(tiles)
+        scales = available_scales(tiles, use_rep)
         if not scales:
-            raise KeyError(
-                "The tile table has no paired image/ST SIGMMA embeddings (`.obsm['X_sigmma_{scale}_image']` and "
-                "`.obsm['X_sigmma_{scale}_st']`); run `sg.tl.embed` first."
-            )
+            raise missing_embedding(tile_key, use_rep, tiles, "paired image/ST embeddings")
     scales = [scales] if isinstance(scales, str) else list(scales)
     bad = set(scales) - set(SCALES)
     if bad:
@@ -199,7 +205,7 @@ def cross_modal_retrieval(
         groups.append(("all", scales))
     rows = []
     for name, group in groups:
-        img, st = paired_embeddings(tiles, group)
+        img, st = paired_embeddings(tiles, group, use_rep)
         img, st = img[mask], st[mask]
         for direction, (q, t) in (("image->st", (img, st)), ("st->image", (st, img))):
             rows.append(

@@ -8,7 +8,6 @@ from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
 from ._inference import LinearProbe, RetrievalReference, inference_tiling
 from ._sigmma import SigmmaModel
-from ._toy import toy_bundle
 
 __all__ = [
     "LinearProbe",
@@ -18,5 +17,4 @@ __all__ = [
     "TileBatch",
     "TrainingBundle",
     "inference_tiling",
-    "toy_bundle",
 ]

@@ -68,7 +68,7 @@ def attention(
 
     Returns
     -------
-    The figure.
+    The :class:`~matplotlib.figure.Figure` (several panels).
     """
     import matplotlib.pyplot as plt
 

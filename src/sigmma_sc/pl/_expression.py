@@ -59,7 +59,7 @@ def expression(
     ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     save: str | Path | None = None,
-) -> Figure:
+) -> Axes | Figure:
     """Expression of ``genes`` per microenvironment (violins) or on the section (paper Fig. 3c), one panel per gene.
 
     Values are ``log1p`` of counts normalised to ``target_sum`` per cell, computed for these genes only
@@ -114,7 +114,7 @@ def expression(
 
     Returns
     -------
-    The figure.
+    One gene: the :class:`~matplotlib.axes.Axes`; several: the :class:`~matplotlib.figure.Figure` of the panels.
     """
     genes = [genes] if isinstance(genes, str) else list(genes)
     if kind not in ("violin", "spatial"):
@@ -151,7 +151,7 @@ def expression(
             a.set_ylabel(ylabel)
             a.set_xlabel(axis_label(key))
         save_figure(fig, save)
-        return fig
+        return axes[0] if len(genes) == 1 else fig
 
     _, params, xy = cells_and_tiling(sdata, table_key, tile_key)
     bounds = data_bounds(xy, crop)
@@ -190,7 +190,7 @@ def expression(
         spatial_frame(a, bounds, title=g)
         a.title.set_style("italic")
     save_figure(fig, save)
-    return fig
+    return axes[0] if len(genes) == 1 else fig
 
 
 def gene_values(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._constants import SCALES, Keys
+from ..tl._composition import microenvironment_labels
 from ._utils import (
     category_colors,
     cells_and_tiling,
@@ -28,10 +29,10 @@ if TYPE_CHECKING:
 def microenvironments(
     sdata: SpatialData,
     *,
-    scales: str | Sequence[str] = SCALES,
+    scale: str | Sequence[str] = SCALES,
     table_key: str = "table",
     tile_key: str = Keys.TILE_TABLE,
-    key: str = Keys.MICROENV,
+    key: str | None = None,
     image_key: str | None = None,
     show_image: bool = True,
     image_alpha: float = 0.5,
@@ -43,7 +44,7 @@ def microenvironments(
     ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     save: str | Path | None = None,
-) -> Figure:
+) -> Axes | Figure:
     """Cells on the section coloured by microenvironment, one panel per scale (paper Fig. 3a).
 
     Cells are drawn at their centroids in µm (rasterised, so sections of hundreds of thousands of cells
@@ -55,15 +56,16 @@ def microenvironments(
     ----------
     sdata
         SpatialData object processed by :func:`sigmma_sc.tl.microenvironments`.
-    scales
-        Scale(s) to show, one panel each.
+    scale
+        Scale(s) to show, one panel each (as in :func:`sigmma_sc.tl.microenvironments`).
     table_key
         Cell table.
     tile_key
         Tile table (gives the coordinate system and µm per unit).
     key
-        ``.obs`` key pattern of the labels; ``{scale}`` is replaced by the scale. A key without
-        ``{scale}`` (e.g. ``'cell_type'``) shows that column.
+        Which labels: the ``use_rep`` of a :func:`sigmma_sc.tl.microenvironments` run (default ``'sigmma'``; its
+        recorded ``.obs`` key of each scale is shown), an ``.obs`` key pattern with ``{scale}``, or an ``.obs``
+        column (e.g. ``'cell_type'``).
     image_key
         Background image (default: the tiled image, e.g. the H&E).
     show_image
@@ -90,18 +92,21 @@ def microenvironments(
 
     Returns
     -------
-    The figure.
+    One scale: the :class:`~matplotlib.axes.Axes`; several: the :class:`~matplotlib.figure.Figure` of the panels.
     """
-    scales = (scales,) if isinstance(scales, str) else tuple(scales)
+    scales = (scale,) if isinstance(scale, str) else tuple(scale)
     bad = [s for s in scales if s not in SCALES]
     if bad or not scales:
-        raise ValueError(f"`scales` must be among {SCALES}, got {scales!r}.")
+        raise ValueError(f"`scale` must be among {SCALES}, got {scales!r}.")
     cells, params, xy = cells_and_tiling(sdata, table_key, tile_key)
-    keys = [key.format(scale=s) for s in scales]
-    for s, k in zip(scales, keys, strict=True):
-        if k not in cells.obs:
-            step = f"sg.tl.microenvironments(sdata, scale={s!r})" if key == Keys.MICROENV else f"an .obs[{k!r}] column"
-            raise KeyError(f"Table {table_key!r} lacks `.obs[{k!r}]`; run `{step}` first.")
+    microenv = key is None or (key not in cells.obs and "{scale}" not in key)  # labels of tl.microenvironments
+    if key is not None and "{scale}" in key:
+        keys = [key.format(scale=s) for s in scales]
+        for k in keys:
+            if k not in cells.obs:
+                raise KeyError(f"Table {table_key!r} lacks `.obs[{k!r}]`.")
+    else:
+        keys = [microenvironment_labels(cells, scale=s, key=key, table_key=table_key)[1] for s in scales]
     bounds = data_bounds(xy, crop)
     shown = in_bounds(xy, bounds)
     fig, axes = new_axes(len(scales), ax=ax, figsize=figsize, panel=(5.5, 4.5), ncols=ncols)
@@ -122,10 +127,10 @@ def microenvironments(
             point_size=point_size,
             alpha=alpha,
             na_label="untiled",
-            legend_title=s if key == Keys.MICROENV else k,
+            legend_title=s if microenv else k,
         )
         n = len([c for c in cats if (labels[shown] == c).any()])
-        title = f"{s} scale: {n} microenvironments" if key == Keys.MICROENV else f"{k}"
+        title = f"{s} scale: {n} microenvironments" if microenv else f"{k}"
         spatial_frame(a, bounds, title=title)
     save_figure(fig, save)
-    return fig
+    return axes[0] if len(scales) == 1 else fig

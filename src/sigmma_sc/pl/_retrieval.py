@@ -29,6 +29,7 @@ def retrieval_examples(
     scale: str = "macro",
     k: int = 5,
     tile_key: str = Keys.TILE_TABLE,
+    use_rep: str = Keys.PREFIX,
     reference: SpatialData | None = None,
     reference_tile_key: str | None = None,
     split: str | None = "test",
@@ -59,6 +60,8 @@ def retrieval_examples(
         Hits per query.
     tile_key
         Tile table of ``sdata``.
+    use_rep
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run searched (default ``'sigmma'``).
     reference
         Section searched (default: ``sdata``).
     reference_tile_key
@@ -76,7 +79,7 @@ def retrieval_examples(
 
     Returns
     -------
-    The figure.
+    The :class:`~matplotlib.figure.Figure` (several panels).
     """
     import matplotlib.pyplot as plt
 
@@ -99,6 +102,7 @@ def retrieval_examples(
         reference=reference,
         reference_tile_key=reference_tile_key,
         query_tiles=query_tiles,
+        use_rep=use_rep,
     )
     q_rows = hits.drop_duplicates("query_index")["query_index"].to_numpy()
     k = int(hits["rank"].max())

@@ -34,9 +34,12 @@ def tiling(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE) -> dict:
 
 def cell_xy_um(cells: AnnData, params: Mapping[str, Any], table_key: str) -> np.ndarray:
     """Cell centroids ``(n, 2)`` in µm of the tiling coordinate system (NaN where unknown)."""
-    if Keys.CELL_SPATIAL not in cells.obsm:
-        raise KeyError(f"Table {table_key!r} lacks `.obsm[{Keys.CELL_SPATIAL!r}]`; run `sg.pp.tile` first.")
-    return np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64) * float(params["um_per_unit"])
+    from .._utils._record import tiling_keys
+
+    key = tiling_keys(params)["cell_spatial"]
+    if key not in cells.obsm:
+        raise KeyError(f"Table {table_key!r} lacks `.obsm[{key!r}]`; run `sg.pp.tile` first.")
+    return np.asarray(cells.obsm[key], dtype=np.float64) * float(params["um_per_unit"])
 
 
 def new_axes(

@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.spatial import cKDTree
 
 from sigmma_sc._constants import Keys
-from sigmma_sc._utils._validate import counts_matrix, get_table, require_obs
+from sigmma_sc._utils._record import tiling_keys, write_record
+from sigmma_sc._utils._validate import check_prefix, counts_matrix, get_table, require_obs
+from sigmma_sc.data._geometry import knn_within_tiles
+from sigmma_sc.data._pca import apply_log_pca, fit_log_pca
+from sigmma_sc.data._tiles import tile_params
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -29,8 +32,8 @@ def cell_graph(
     features: str | None = None,
     n_comps: int = 50,
     layer: str | None = None,
-    key_added: str = Keys.GRAPH,
-    features_key: str = Keys.FEATURES,
+    key_added: str = Keys.PREFIX,
+    features_key: str | None = None,
     pca_from: Mapping[str, Any] | None = None,
     inplace: bool = True,
 ) -> tuple[sparse.csr_matrix, sparse.csr_matrix, np.ndarray] | None:
@@ -63,37 +66,46 @@ def cell_graph(
     layer
         Layer holding raw counts (``None``: the ``layer`` given to :func:`sigmma_sc.pp.tile`, else ``.X``).
     key_added
-        Prefix of the ``.obsp`` keys.
+        Prefix of every key written (default ``'sigmma'``); downstream functions take it as ``graph_key``.
     features_key
-        ``.obsm`` key the computed PCA is written to.
+        ``.obsm`` key the computed PCA is written to (default ``f'{key_added}_features'``).
     pca_from
         A PCA recorded by an earlier run (``table.uns['sigmma']['cell_graph']['pca']`` of the training section,
         or ``model.meta['pca']``) to project this section's cells into the same node-feature space instead of
         fitting a new PCA; the section must hold all of its genes (its other genes are not used).
     inplace
-        Write into ``sdata`` and return ``None``; otherwise return ``(connectivities, distances, features)``.
+        Write into ``sdata`` and return ``None``; otherwise return ``(connectivities, distances, features)``
+        and leave ``sdata`` unchanged.
 
     Returns
     -------
     ``None`` if ``inplace``, else the results. In place, writes into the cell table:
 
-    - ``.obsp['{key_added}_connectivities']`` and ``.obsp['{key_added}_distances']``: the per-tile graph.
-    - ``.obsm[features_key]``: the node features (only when computed here).
-    - ``.uns['sigmma']['cell_graph']``: parameters, including the ``.obsm`` key of the node features.
+    `.obsp['sigmma_connectivities' | f'{key_added}_connectivities']`
+        The per-tile graph (1 for an edge).
+    `.obsp['sigmma_distances' | f'{key_added}_distances']`
+        Its edge lengths in coordinate-system units.
+    `.obsm['sigmma_features' | features_key]`
+        The node features (only when computed here).
+    `.uns['sigmma' | key_added]['cell_graph']`
+        Parameters, the tile table, the node-feature key and, under ``'keys'``, every key written.
     """
     if not isinstance(n_neighs, int | np.integer) or n_neighs < 1:
         raise ValueError(f"`n_neighs` must be a positive integer, got {n_neighs!r}.")
+    check_prefix(key_added)
     table = get_table(sdata, table_key)
-    require_obs(table, [Keys.CELL_TILE], table_key, "sg.pp.tile")
-    if Keys.CELL_SPATIAL not in table.obsm:
-        raise KeyError(f"Table {table_key!r} lacks `.obsm[{Keys.CELL_SPATIAL!r}]`; run `sg.pp.tile` first.")
+    params = tile_params(sdata, tile_key)
+    tkeys = tiling_keys(params)
+    require_obs(table, [tkeys["cell_tile"]], table_key, "sg.pp.tile")
+    if tkeys["cell_spatial"] not in table.obsm:
+        raise KeyError(f"Table {table_key!r} lacks `.obsm[{tkeys['cell_spatial']!r}]`; run `sg.pp.tile` first.")
     tiles = get_table(sdata, tile_key)
-    params = tiles.uns.get(Keys.UNS, {}).get("tile")
-    if params is None:
-        raise KeyError(f"Table {tile_key!r} is not a sigmma tile table; run `sg.pp.tile` first.")
+    gkeys = Keys.graph(key_added)
+    if features_key is None:
+        features_key = gkeys["features"]
 
-    tile_of_cell = table.obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
-    xy = np.asarray(table.obsm[Keys.CELL_SPATIAL], dtype=np.float64)
+    tile_of_cell = table.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64)
+    xy = np.asarray(table.obsm[tkeys["cell_spatial"]], dtype=np.float64)
     conn, dist = knn_within_tiles(xy, tile_of_cell, n_neighs)
 
     if features is None:
@@ -142,12 +154,12 @@ def cell_graph(
     _warn_isolated(conn, tile_of_cell)
     if not inplace:
         return conn, dist, X
-    table.obsp[Keys.connectivities(key_added)] = conn
-    table.obsp[Keys.distances(key_added)] = dist
+    table.obsp[gkeys["connectivities"]] = conn
+    table.obsp[gkeys["distances"]] = dist
     if features is None:
         table.obsm[features_key] = X
-    uns = dict(table.uns.get(Keys.UNS, {}))
-    uns["cell_graph"] = {
+    written = {"connectivities": gkeys["connectivities"], "distances": gkeys["distances"], "features": feature_source}
+    record = {
         "n_neighs": int(n_neighs),
         "features_key": feature_source,
         "n_features": int(X.shape[1]),
@@ -155,13 +167,14 @@ def cell_graph(
         "layer": layer if features is None else None,
         "pca": pca if features is None else None,
         "key_added": key_added,
+        "keys": written,
         "tile_key": tile_key,
         "distance_unit": f"{params['coordinate_system']} units ({params['um_per_unit']} µm)",
     }
-    table.uns[Keys.UNS] = uns
+    write_record(table, key_added, "cell_graph", record)
     logger.info(
         "Wrote cell table %r .obsp[%r, %r]%s: %d edges over %d tiled cells.",
-        table_key, Keys.connectivities(key_added), Keys.distances(key_added),
+        table_key, gkeys["connectivities"], gkeys["distances"],
         f" and .obsm[{features_key!r}]" if features is None else "", conn.nnz, int((tile_of_cell >= 0).sum()),
     )  # fmt: skip
     return None
@@ -182,137 +195,3 @@ def _warn_isolated(conn: sparse.csr_matrix, tile_of_cell: np.ndarray) -> None:
             "`sg.pp.tile`.",
             int(isolated.sum()), int(tiled.sum()), 100 * share, n_tiles,
         )  # fmt: skip
-
-
-def knn_within_tiles(
-    xy: np.ndarray, tile_of_cell: np.ndarray, k: int, *, group: np.ndarray | None = None
-) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
-    """Directed k-NN graph of points restricted to groups (tiles, or finer blocks via ``group``).
-
-    One KD-tree query over all points: each group is translated far away from the others, so that
-    neighbours from another group are never closer than same-group ones, and any that are returned for
-    small groups are removed. Points with a negative group get no edges.
-    """
-    groups = tile_of_cell if group is None else group
-    n = xy.shape[0]
-    valid = np.flatnonzero(groups >= 0)
-    if valid.size < 2:
-        empty = sparse.csr_matrix((n, n), dtype=np.float32)
-        return empty, empty.copy()
-    pts = xy[valid]
-    g = groups[valid]
-    import pandas as pd
-
-    gi = pd.factorize(g)[0]
-    lo = pd.DataFrame(pts).groupby(gi, sort=True).min().to_numpy()
-    shifted = pts - lo[gi]  # coordinates relative to each group's corner
-    span = float(shifted.max()) + 1.0
-    # groups are placed on a line, 3 spans apart: a cross-group pair is >= 2 spans apart, farther than any same-group pair
-    shifted[:, 0] += gi.astype(np.float64) * 3.0 * span
-    m = valid.size
-    kq = min(k + 1, m)
-    dists, nbrs = cKDTree(shifted).query(shifted, k=kq, workers=-1)
-    dists, nbrs = dists.reshape(m, kq), nbrs.reshape(m, kq)
-    rows = np.arange(m)[:, None]
-    ok = (nbrs != rows) & (nbrs < m)
-    ok &= g[np.minimum(nbrs, m - 1)] == g[:, None]
-    # keep at most k neighbours per row (a duplicate point can push self out of the first slot)
-    ok &= np.cumsum(ok, axis=1) <= k
-    counts = np.zeros(n, dtype=np.int64)
-    counts[valid] = ok.sum(1)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    # valid is increasing, so row-major order of `ok` is already CSR order
-    indices = valid[nbrs[ok]]
-    conn = sparse.csr_matrix((np.ones(indices.size, dtype=np.float32), indices, indptr), shape=(n, n))
-    dist = sparse.csr_matrix((dists[ok].astype(np.float32), indices.copy(), indptr.copy()), shape=(n, n))
-    return conn, dist
-
-
-def _sparse_is_faster(X: sparse.csr_matrix) -> bool:
-    """Sparse products beat densify-then-BLAS below ~5% non-zeros (e.g. Xenium's ~10 counts per cell)."""
-    return X.nnz < 0.05 * X.shape[0] * X.shape[1]
-
-
-def _log_normalise(counts: sparse.csr_matrix, target_sum: float) -> sparse.csr_matrix:
-    lib = np.add.reduceat(counts.data, counts.indptr[:-1]) if counts.nnz else np.zeros(counts.shape[0])
-    lib = np.where(np.diff(counts.indptr) > 0, lib, 0)  # reduceat repeats the next value for empty rows
-    scale = np.divide(target_sum, lib, out=np.zeros(lib.shape, dtype=np.float64), where=lib > 0).astype(np.float32)
-    data = np.log1p(counts.data * np.repeat(scale, np.diff(counts.indptr)))
-    # share indices/indptr with the counts: only the values are new
-    return sparse.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape, copy=False)
-
-
-def _single_threaded_blas(func):
-    """Run ``func`` with one BLAS thread.
-
-    These products are small, and a multi-threaded BLAS spins badly when other processes share the cores
-    (measured here: a 200x200 ``eigh`` took 0.6 s instead of ~10 ms).
-    """
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1, user_api="blas"):
-            return func(*args, **kwargs)
-
-    return wrapper
-
-
-@_single_threaded_blas
-def fit_log_pca(
-    counts: sparse.csr_matrix, fit_mask: np.ndarray, n_comps: int, *, max_cells: int = 20_000, seed: int = 0
-) -> dict[str, Any]:
-    """Fit a PCA of log-normalised counts on the rows in ``fit_mask``.
-
-    Counts are scaled to the median library size of the fitted rows and ``log1p``-transformed. At most
-    ``max_cells`` fitted rows (a seeded random subset) enter the covariance: the leading components of a
-    20,000-cell sample match those of all cells closely, and the cost no longer grows with the section.
-    Returns ``{'target_sum', 'mean', 'components'}`` (``components``: genes x comps), for :func:`apply_log_pca`.
-    """
-    rows = np.flatnonzero(fit_mask)
-    if rows.size < 2:
-        raise ValueError("Fewer than 2 cells lie in training tiles; cannot fit the PCA of node features.")
-    if rows.size > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
-    sub = counts[rows]
-    lib = np.asarray(sub.sum(1)).ravel()
-    target = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
-    Xf = _log_normalise(sub, target)
-    n_comps = int(min(n_comps, Xf.shape[1] - 1, Xf.shape[0] - 1))
-    if n_comps < 1:
-        raise ValueError("Too few genes or training cells for a PCA of node features; pass `features=` instead.")
-    mean = np.asarray(Xf.mean(0)).ravel()
-    if Xf.shape[1] <= 2000:  # exact: eigendecomposition of the gene covariance
-        gram = (Xf.T @ Xf).toarray() if _sparse_is_faster(Xf) else (lambda d: d.T @ d)(Xf.toarray())
-        cov = gram.astype(np.float64) / Xf.shape[0] - np.outer(mean, mean)
-        _, evecs = np.linalg.eigh(cov)
-        comps = evecs[:, ::-1][:, :n_comps]
-    else:  # whole-transcriptome panels: randomized SVD of the centred sample
-        from sklearn.utils.extmath import randomized_svd
-
-        _, _, vt = randomized_svd(Xf.toarray() - mean, n_comps, random_state=seed)
-        comps = vt.T
-    # deterministic sign: the largest-magnitude loading of each component is positive
-    signs = np.sign(comps[np.abs(comps).argmax(0), np.arange(n_comps)])
-    comps = comps * np.where(signs == 0, 1, signs)
-    return {"target_sum": target, "mean": mean.astype(np.float32), "components": comps.astype(np.float32)}
-
-
-@_single_threaded_blas
-def apply_log_pca(counts: sparse.csr_matrix, pca: Mapping[str, Any], *, chunk: int = 65_536) -> np.ndarray:
-    """Project counts onto a PCA from :func:`fit_log_pca`.
-
-    Panels of up to 2,000 genes are projected in dense row chunks (BLAS), larger ones as sparse products.
-    """
-    X = _log_normalise(counts, float(pca["target_sum"]))
-    comps = np.asarray(pca["components"], dtype=np.float32)
-    offset = np.asarray(pca["mean"], dtype=np.float32) @ comps
-    if X.shape[1] > 2000 or _sparse_is_faster(X):
-        return (np.asarray(X @ comps) - offset).astype(np.float32)
-    out = np.empty((X.shape[0], comps.shape[1]), dtype=np.float32)
-    for start in range(0, X.shape[0], chunk):
-        out[start : start + chunk] = X[start : start + chunk].toarray() @ comps - offset
-    return out

@@ -10,16 +10,20 @@ import pandas as pd
 from scipy import ndimage, sparse
 
 from sigmma_sc._constants import GRID, SPLITS, Keys
+from sigmma_sc._docs import doc_inplace, doc_params
+from sigmma_sc._utils._record import write_record
 from sigmma_sc._utils._validate import (
     categorical,
     cell_coordinates,
     check_positive,
+    check_prefix,
     counts_matrix,
     get_image,
     get_table,
     shared_coordinate_system,
 )
 from sigmma_sc._utils._validate import um_per_unit as _um_per_unit
+from sigmma_sc.data._geometry import block_ids, grid_position
 from sigmma_sc.data._image import ImageReader
 
 if TYPE_CHECKING:
@@ -33,6 +37,7 @@ MIN_CROP_PX = 4
 FINER_WARNING = 4  # warn when tiles are read this many times finer than the image's full resolution
 
 
+@doc_params(inplace=doc_inplace)
 def tile(
     sdata: SpatialData,
     *,
@@ -49,7 +54,7 @@ def tile(
     split_region_tiles: int | None = None,
     cells_outside: Literal["raise", "drop"] = "raise",
     seed: int = 0,
-    key_added: str = Keys.TILE_TABLE,
+    key_added: str = Keys.PREFIX,
     inplace: bool = True,
 ) -> tuple[gpd.GeoDataFrame, AnnData, pd.DataFrame] | None:
     """Cut a section into square tiles of physical size and split them spatially into train/val/test.
@@ -98,23 +103,31 @@ def tile(
     seed
         Seed of the split.
     key_added
-        Key of the tile table; the tile shapes are ``f"{image_key}_sigmma_tiles"``.
-    inplace
-        Write into ``sdata`` and return ``None``; otherwise return the results and leave ``sdata`` unchanged.
+        Prefix of every key written (default ``'sigmma'``): the tile table ``f'{key_added}_tiles'``, the tile
+        shapes ``f'{image_key}_{key_added}_tiles'`` and the cell columns ``f'{key_added}_tile'``, ... A second
+        tiling (another tile size, another image) under another prefix leaves the first one intact.
+    {inplace}
 
     Returns
     -------
     ``None`` if ``inplace``, else ``(tile_shapes, tile_table, cell_assignments)`` (``cell_assignments`` is
     empty with ``table_key=None``). In place, writes:
 
-    - ``sdata.shapes[f'{image_key}_sigmma_tiles']``: square tile polygons in ``coordinate_system``.
-    - ``sdata.tables[key_added]``: one row per kept tile annotating those shapes; ``.X`` summed counts of its
-      cells; ``.obs`` ``tile_id``, ``tile_row``, ``tile_col``, ``x0``, ``y0``, ``n_cells``, ``tissue_fraction``,
-      ``split`` (train/val/test), ``split_region``; ``.uns['sigmma']['tile']`` the parameters.
-    - cell table ``.obs['sigmma_tile']`` (row of the tile table, ``-1`` if dropped),
-      ``.obs['sigmma_micro_block']`` (0-15, row-major 4x4) and ``.obs['sigmma_meso_block']`` (0-3, 2x2),
-      ``.obsm['sigmma_spatial']`` (centroids in ``coordinate_system``).
+    `sdata.shapes['{image_key}_sigmma_tiles' | f'{image_key}_{key_added}_tiles']`
+        Square tile polygons in ``coordinate_system``.
+    `sdata.tables['sigmma_tiles' | f'{key_added}_tiles']`
+        One row per kept tile annotating those shapes; ``.X`` summed counts of its cells; ``.obs``
+        ``tile_id``, ``tile_row``, ``tile_col``, ``x0``, ``y0``, ``n_cells``, ``tissue_fraction``, ``split``
+        (train/val/test), ``split_region``; ``.uns[key_added]['tile']`` the parameters and, under ``'keys'``,
+        every key written.
+    `table.obs['sigmma_tile' | f'{key_added}_tile']`
+        Row of the tile table of each cell (``-1`` if dropped).
+    `table.obs['sigmma_{scale}_block' | f'{key_added}_{scale}_block']`
+        Micro block (0-15, row-major 4x4) and meso block (0-3, 2x2) of each cell.
+    `table.obsm['sigmma_spatial' | f'{key_added}_spatial']`
+        Centroids in ``coordinate_system``; the cell table's ``.uns[key_added]['tile']`` records these keys.
     """
+    check_prefix(key_added)
     tile_size_um = check_positive(tile_size_um, "tile_size_um")
     pixel_size_um = check_positive(pixel_size_um, "pixel_size_um")
     if not 0 <= min_tissue_fraction <= 1:
@@ -217,10 +230,7 @@ def tile(
     blocks = {}
     tiled = cell_tile >= 0
     for scale_name in ("micro", "meso"):
-        g = GRID[scale_name]
-        bx = np.clip(np.floor((xy[:, 0] - (xmin + col * size)) / (size / g)), 0, g - 1).astype(np.int64)
-        by = np.clip(np.floor((xy[:, 1] - (ymin + row * size)) / (size / g)), 0, g - 1).astype(np.int64)
-        blocks[scale_name] = np.where(tiled, by * g + bx, -1)
+        blocks[scale_name] = np.where(tiled, block_ids(xy, row, col, (xmin, ymin), size, GRID[scale_name]), -1)
 
     split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
     _warn_small_splits(split, fractions, tile_size_um)
@@ -232,8 +242,11 @@ def tile(
     )
     summed = (member @ counts).tocsr()
 
-    shapes_key = Keys.tile_shapes(image_key)
+    keys = Keys.tiling(key_added, image_key)
+    shapes_key, tile_table_key = keys["shapes"], keys["tile_table"]
     params = {
+        "key_added": key_added,
+        "keys": keys,
         "image_key": image_key,
         "table_key": table_key,
         "shapes_key": shapes_key,
@@ -258,9 +271,9 @@ def tile(
     )
     cells = pd.DataFrame(
         {
-            Keys.CELL_TILE: cell_tile,
-            Keys.block("micro"): blocks["micro"],
-            Keys.block("meso"): blocks["meso"],
+            keys["cell_tile"]: cell_tile,
+            keys["cell_blocks"]["micro"]: blocks["micro"],
+            keys["cell_blocks"]["meso"]: blocks["meso"],
         },
         index=table.obs_names,
     )
@@ -268,17 +281,17 @@ def tile(
         return shapes, tile_table, cells
 
     sdata.shapes[shapes_key] = shapes
-    sdata.tables[key_added] = tile_table
-    for key in (shapes_key, key_added):
+    sdata.tables[tile_table_key] = tile_table
+    for key in (shapes_key, tile_table_key):
         logger.info("Wrote %r.", key)
     if table_key is None:
         return None
     for key in cells:
         table.obs[key] = cells[key].to_numpy()
-    table.obsm[Keys.CELL_SPATIAL] = xy
+    table.obsm[keys["cell_spatial"]] = xy
+    write_record(table, key_added, "tile", {"tile_key": tile_table_key, "image_key": image_key, "keys": keys})
     logger.info(
-        "Wrote cell table %r .obs[%r, %r, %r] and .obsm[%r].",
-        table_key, Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso"), Keys.CELL_SPATIAL,
+        "Wrote cell table %r .obs%s and .obsm[%r].", table_key, list(cells), keys["cell_spatial"]
     )  # fmt: skip
     return None
 
@@ -328,15 +341,6 @@ def _warn_untiled(
         n_cells - n_dropped, n_cells, 100 * (n_cells - n_dropped) / n_cells, off, few, background,
         100 * min_tissue_fraction,
     )  # fmt: skip
-
-
-def grid_position(
-    xy: np.ndarray, origin: tuple[float, float], size: float, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of each point on a grid of ``size`` squares from ``origin``, clipped to ``shape`` (rows, cols)."""
-    col = np.floor((xy[:, 0] - origin[0]) / size).astype(np.int64)
-    row = np.floor((xy[:, 1] - origin[1]) / size).astype(np.int64)
-    return np.clip(row, 0, shape[0] - 1), np.clip(col, 0, shape[1] - 1)
 
 
 def _empty_cell_table() -> AnnData:
@@ -477,5 +481,5 @@ def _tile_table(
         index=pd.Index([f"tile_{i}" for i in range(n)]),
     )
     adata = ad.AnnData(X=summed, obs=obs, var=pd.DataFrame(index=table.var_names.copy()))
-    adata.uns[Keys.UNS] = {"tile": params}
+    adata.uns[params["key_added"]] = {"tile": params}
     return TableModel.parse(adata, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.TILE_ID)

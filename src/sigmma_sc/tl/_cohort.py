@@ -5,13 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from .._constants import Keys
-from .._utils._validate import get_table
+import numpy as np
+import pandas as pd
+
+from .._constants import SPLITS, Keys
+from .._utils._validate import counts_matrix, get_table
 from ..data._bundle import _hash_names, build_bundle
-from ..data._cohort import as_sections, prepare_cohort
+from ..data._cohort import _graph_record, as_sections, cohort_splits, fit_cohort_pca, shared_genes
+from ..pp._cell_graph import cell_graph
 from ._featurize import featurize
+from ._records import history_columns, package_version
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -55,7 +60,6 @@ def train_cohort(
     """
     from .._settings import settings
     from ..model import SigmmaModel, TrainingBundle
-    from ._train import _columns, _version
 
     named = as_sections(sections)
     info = prepare_cohort(
@@ -106,9 +110,9 @@ def train_cohort(
     )
     record = {
         "config": model.config.to_dict(),
-        "history": _columns(history),
+        "history": history_columns(history),
         "diagnostics": model.diagnostics,
-        "version": _version(),
+        "version": package_version(),
         "cohort": {"sections": info["sections"], **bundle.meta["cohort"]},
     }
     for sdata in named.values():
@@ -174,3 +178,87 @@ def save_cohort_bundles(
         bundle.save(path)
         logger.info("Section %r: saved %r to %s.", name, bundle, path)
     return paths
+
+
+def prepare_cohort(
+    sections: Mapping[str, SpatialData],
+    *,
+    table_key: str = "table",
+    tile_key: str = Keys.TILE_TABLE,
+    split: Literal["spatial", "section"] = "spatial",
+    val_sections: Sequence[str] | str | None = None,
+    test_sections: Sequence[str] | str | None = None,
+    features: str | None = None,
+    n_comps: int | None = None,
+    layer: str | None = None,
+    min_genes: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Validate a cohort, then write its splits, section names and shared node features into every section.
+
+    Everything is checked before anything is written. Then each tile table gets ``.obs['sigmma_section']`` and
+    the cohort's ``.obs['split']`` (``split='section'`` keeps the spatial split in ``.obs['split_spatial']``),
+    and each cell table node features in one space: with ``features`` (or when every section's graph already
+    uses one ``.obsm`` embedding) that embedding; otherwise a PCA over the shared genes fitted on the training
+    cells of all sections (:func:`fit_cohort_pca`), written by :func:`sigmma_sc.pp.cell_graph` with ``pca_from``.
+
+    Returns
+    -------
+    ``{'sections', 'split', 'val_sections', 'test_sections', 'features_key', 'pca', 'genes'}``.
+    """
+    graphs = {n: _graph_record(s, n, table_key, tile_key) for n, s in sections.items()}
+    splits = cohort_splits(sections, tile_key=tile_key, split=split, val_sections=val_sections,
+                           test_sections=test_sections)  # fmt: skip
+    if not any((sp == "train").any() for sp in splits.values()):
+        raise ValueError("The cohort has no training tiles.")
+    keys = {g["features_key"] for g in graphs.values()}
+    if features is None and len(keys) == 1 and all(g.get("pca") is None for g in graphs.values()):
+        features = keys.pop()  # every section already uses the same precomputed embedding
+    tables = {n: get_table(s, table_key) for n, s in sections.items()}
+    genes = pca = None
+    if features is not None:
+        widths = {}
+        for n, t in tables.items():
+            if features not in t.obsm:
+                raise KeyError(f"Section {n!r} has no `.obsm[{features!r}]` in table {table_key!r}; add it to every "
+                               "section or pass `features=None` for a shared PCA.")  # fmt: skip
+            widths[n] = np.shape(t.obsm[features])[1] if np.ndim(t.obsm[features]) == 2 else None
+        if len(set(widths.values())) > 1 or None in widths.values():
+            raise ValueError(f"`.obsm[{features!r}]` must be a matrix of one width in every section, got {widths}.")
+    else:
+        for n, t in tables.items():
+            counts_matrix(t, layer, f"{table_key} of section {n!r}")  # raw-count checks before any writing
+        genes = shared_genes(tables, min_genes=min_genes)
+        comps = n_comps or max(int(g.get("n_comps") or 50) for g in graphs.values())
+        pca = fit_cohort_pca(sections, splits, genes, table_key=table_key, layer=layer, n_comps=comps, seed=seed)
+
+    names = list(sections)
+    for n, sdata in sections.items():  # writing starts here
+        tiles = get_table(sdata, tile_key)
+        if split == "section" and Keys.SPLIT_SPATIAL not in tiles.obs:
+            tiles.obs[Keys.SPLIT_SPATIAL] = tiles.obs[Keys.SPLIT].copy()
+        tiles.obs[Keys.SPLIT] = pd.Categorical(splits[n], categories=list(SPLITS))
+        tiles.obs[Keys.SECTION] = pd.Categorical([n] * tiles.n_obs, categories=names)
+        g = graphs[n]
+        if pca is not None:
+            cell_graph(sdata, table_key=table_key, tile_key=tile_key, n_neighs=int(g["n_neighs"]), layer=layer,
+                       key_added=g.get("key_added", Keys.GRAPH), pca_from=pca)  # fmt: skip
+        elif g["features_key"] != features:
+            cell_graph(sdata, table_key=table_key, tile_key=tile_key, n_neighs=int(g["n_neighs"]),
+                       key_added=g.get("key_added", Keys.GRAPH), features=features)  # fmt: skip
+    logger.info(
+        "Cohort of %d sections (%s split): %s.",
+        len(names), split, ", ".join(f"{n} {dict(zip(*np.unique(splits[n], return_counts=True), strict=True))}"
+                                     for n in names),
+    )  # fmt: skip
+    val = [val_sections] if isinstance(val_sections, str) else list(val_sections or [])
+    test = [test_sections] if isinstance(test_sections, str) else list(test_sections or [])
+    return {
+        "sections": names,
+        "split": split,
+        "val_sections": val,
+        "test_sections": test,
+        "features_key": Keys.FEATURES if pca is not None else features,
+        "pca": pca,
+        "genes": genes,
+    }

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import SCALES, Keys
-from .._utils._validate import get_table
+from .._docs import doc_device, doc_graph_key, doc_params
+from .._utils._record import read_record, write_record
+from .._utils._validate import check_prefix, get_table
 from ..data._bundle import _hash_names, build_bundle
 from ..data._tiles import image_modality, tile_params
 from ._featurize import featurize
@@ -23,17 +25,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@doc_params(graph_key=doc_graph_key, device=doc_device)
 def embed(
     sdata: SpatialData,
     model: SigmmaModel,
     *,
     table_key: str | None = "table",
     tile_key: str = Keys.TILE_TABLE,
+    graph_key: str = Keys.PREFIX,
     image_key: str | None = None,
     batch_size: int = 256,
     device: str | None = None,
     shifts: int | Sequence[tuple[float, float]] | None = None,
-) -> None:
+    key_added: str = Keys.PREFIX,
+    inplace: bool = True,
+) -> dict[str, dict[str, np.ndarray]] | None:
     """Write SIGMMA's per-scale embeddings of every tile and cell.
 
     The image side uses the tile table's cached backbone features (computed with the model's backbone if
@@ -56,13 +62,13 @@ def embed(
     table_key
         Cell table, or ``None`` for image-only embedding.
     tile_key
-        Tile table.
+        Tile table (``f'{key_added}_tiles'`` of :func:`sigmma_sc.pp.tile`).
+    {graph_key}
     image_key
         Image to featurize if features are not cached (default: the tiled image).
     batch_size
         Tiles per forward pass.
-    device
-        Torch device (default: the model's).
+    {device}
     shifts
         Average each cell's embeddings over tile grids shifted by these ``(dx, dy)`` offsets, in fractions of
         a micro block (32 µm for 128 µm tiles), each in ``[0, 1)``; an integer ``n`` means the ``n x n``
@@ -73,16 +79,30 @@ def embed(
         graph rebuilt as :func:`sigmma_sc.pp.cell_graph` does, embedded, and the embeddings averaged (the
         plain mean, not re-normalised). Costs one ST pass per shift; tile embeddings keep the section's grid.
         ``None``: the section's grid only.
+    key_added
+        Prefix of the embeddings (default ``'sigmma'``: ``X_sigmma_{scale}_image``, ...). Embed a second model
+        under another prefix to keep both; readers take it as ``use_rep``.
+    inplace
+        Write into ``sdata`` and return ``None``; otherwise return the embeddings and leave ``sdata`` unchanged
+        (backbone features that are not cached are computed but not written).
 
     Returns
     -------
-    ``None``. Writes, for each of the model's scales:
+    ``None`` if ``inplace``, else ``{'image': {scale: array}, 'st': {...}, 'cell': {...}}`` (``'st'`` and
+    ``'cell'`` only with ``table_key``). In place, writes for each of the model's scales:
 
-    - tile table ``.obsm['X_sigmma_{scale}_image']`` and (with ST) ``.obsm['X_sigmma_{scale}_st']``;
-    - cell table ``.obsm['X_sigmma_{scale}']``: each cell's node embedding in the shared space (NaN for
-      untiled cells); with ``shifts``, its mean over the shifted grids;
-    - ``.uns['sigmma']['embed']`` of both tables: model configuration and backbone.
+    `tiles.obsm['X_sigmma_{scale}_image' | f'X_{key_added}_{scale}_image']`
+        Image embedding of each tile in the shared space (tiles x out_dim, L2-normalised).
+    `tiles.obsm['X_sigmma_{scale}_st' | f'X_{key_added}_{scale}_st']`
+        ST (cell-graph) embedding of each tile (with ``table_key``).
+    `table.obsm['X_sigmma_{scale}' | f'X_{key_added}_{scale}']`
+        Each cell's node embedding in the shared space (NaN for untiled cells); with ``shifts``, its mean over
+        the shifted grids.
+    `.uns['sigmma' | key_added]['embed']`
+        Of both tables: model configuration, backbone, the tables and graph read, and under ``'keys'`` every
+        key written.
     """
+    check_prefix(key_added)
     params = tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
     shift_pairs = check_shifts(shifts)
     if shift_pairs is not None and table_key is None:
@@ -137,14 +157,17 @@ def embed(
     bundle = rows = cells = None
     if table_key is not None:
         cells = get_table(sdata, table_key)
-        bundle, rows = build_bundle(sdata, table_key=table_key, tile_key=tile_key, require_image_features=False)
-        _check_st_space(model, bundle.meta, cells)
+        bundle, rows = build_bundle(
+            sdata, table_key=table_key, tile_key=tile_key, graph_key=graph_key, require_image_features=False
+        )
+        _check_st_space(model, bundle.meta, cells, graph_key)
 
+    computed = None
     if not cached and not finetuned:  # featurize as for training: same weights and crop size
-        featurize(
+        computed = featurize(
             sdata, backbone=cfg.backbone, tile_key=tile_key, image_key=image_key, device=device,
             pretrained=cfg.backbone_pretrained, weights=cfg.backbone_weights,
-            input_size=trained_size,
+            input_size=trained_size, inplace=inplace,
         )  # fmt: skip
     if device is not None:
         model.to(device)
@@ -161,38 +184,55 @@ def embed(
 
         z_img = {s: torch.cat(v) for s, v in chunks.items()}
     else:
-        feats = {s: np.asarray(tiles.obsm[Keys.BACKBONE.format(scale=s)], dtype=np.float32) for s in SCALES}
+        feats = computed or {s: tiles.obsm[Keys.BACKBONE.format(scale=s)] for s in SCALES}
+        feats = {s: np.asarray(feats[s], dtype=np.float32) for s in SCALES}
         z_img = model.encode_image(feats, batch_size=batch_size)
     z_st = model.encode_st(bundle, batch_size=batch_size) if bundle is not None else None
     shifted = None
     if shift_pairs is not None:  # cell embeddings averaged over shifted grids (see _shifts.py), before any write
         shifted, _ = shifted_cell_embeddings(
-            sdata, model, shift_pairs, table_key=table_key, tile_key=tile_key, batch_size=batch_size
-        )
+            sdata, model, shift_pairs, table_key=table_key, tile_key=tile_key, batch_size=batch_size,
+            graph_key=graph_key,
+        )  # fmt: skip
 
-    written = []
-    for s, z in z_img.items():
-        tiles.obsm[Keys.EMB_IMAGE.format(scale=s)] = z.numpy()
-        written.append(Keys.EMB_IMAGE.format(scale=s))
-    record = {"config": cfg.to_dict(), "backbone": cfg.backbone}
-    if shift_pairs is not None:
-        record["shifts"] = [list(p) for p in shift_pairs]
+    out: dict[str, dict[str, np.ndarray]] = {"image": {s: z.numpy() for s, z in z_img.items()}}
     if z_st is not None:
         z_tile, z_cell = z_st
-        for s in z_tile:
-            tiles.obsm[Keys.EMB_ST.format(scale=s)] = z_tile[s].numpy()
-            full = np.full((cells.n_obs, z_cell[s].shape[1]), np.nan, dtype=np.float32)
-            full[rows] = z_cell[s].numpy()
-            cells.obsm[Keys.EMB_CELL.format(scale=s)] = full if shifted is None else shifted[s]
-            written.append(Keys.EMB_ST.format(scale=s))
-        uns = dict(cells.uns.get(Keys.UNS, {}))
-        uns["embed"] = record
-        cells.uns[Keys.UNS] = uns
-        logger.info("Wrote cell table %r .obsm%s.", table_key, [Keys.EMB_CELL.format(scale=s) for s in z_cell])
-    uns = dict(tiles.uns.get(Keys.UNS, {}))
-    uns["embed"] = record
-    tiles.uns[Keys.UNS] = uns
-    logger.info("Wrote tile table %r .obsm%s.", tile_key, written)
+        out["st"] = {s: z.numpy() for s, z in z_tile.items()}
+        out["cell"] = {}
+        for s, z in z_cell.items():
+            full = np.full((cells.n_obs, z.shape[1]), np.nan, dtype=np.float32)
+            full[rows] = z.numpy()
+            out["cell"][s] = full if shifted is None else shifted[s]
+    if not inplace:
+        return out
+
+    names = Keys.embedding(key_added, tuple(out["image"]))
+    keys = {kind: {s: names[kind][s] for s in arrays} for kind, arrays in out.items()}
+    record = {
+        "config": cfg.to_dict(),
+        "backbone": cfg.backbone,
+        "key_added": key_added,
+        "tile_key": tile_key,
+        "table_key": table_key,
+        "graph_key": graph_key if table_key is not None else None,
+        "keys": keys,
+    }
+    if shift_pairs is not None:
+        record["shifts"] = [list(p) for p in shift_pairs]
+    for kind in ("image", "st"):
+        for s, z in out.get(kind, {}).items():
+            tiles.obsm[keys[kind][s]] = z
+    if "cell" in out:
+        for s, z in out["cell"].items():
+            cells.obsm[keys["cell"][s]] = z
+        write_record(cells, key_added, "embed", record)
+        logger.info("Wrote cell table %r .obsm%s.", table_key, list(keys["cell"].values()))
+    write_record(tiles, key_added, "embed", record)
+    logger.info(
+        "Wrote tile table %r .obsm%s.", tile_key, [k for kind in ("image", "st") for k in keys.get(kind, {}).values()]
+    )
+    return None
 
 
 def _check_tiling(trained: dict, params: dict) -> None:
@@ -225,7 +265,7 @@ def _check_modality(trained: dict, modality: str, image_key: str) -> None:
     )
 
 
-def _check_st_space(model: SigmmaModel, meta: dict, cells) -> None:
+def _check_st_space(model: SigmmaModel, meta: dict, cells, graph_key: str = Keys.PREFIX) -> None:
     trained = model.meta or {}
     if meta["n_features"] != model.config.n_features:
         raise ValueError(
@@ -244,7 +284,7 @@ def _check_st_space(model: SigmmaModel, meta: dict, cells) -> None:
             )
         )
     pca_features = trained.get("features_key") == Keys.FEATURES or trained.get("pca") is not None
-    pca = (cells.uns.get(Keys.UNS, {}).get("cell_graph") or {}).get("pca") or {}
+    pca = (read_record(cells, graph_key, "cell_graph") or {}).get("pca") or {}
     section_genes = {_hash_names(cells.var_names)}  # a cohort model: the genes of the PCA the section was projected on
     if pca.get("var_names") is not None:
         section_genes.add(_hash_names([str(v) for v in np.asarray(pca["var_names"], dtype=object)]))
@@ -269,7 +309,8 @@ def _same_pca(a: dict | None, b: dict | None) -> bool:
         return True
     try:
         return all(
-            np.shape(a[k]) == np.shape(b[k]) and np.allclose(np.asarray(a[k], float), np.asarray(b[k], float), atol=1e-6)
+            np.shape(a[k]) == np.shape(b[k])
+            and np.allclose(np.asarray(a[k], float), np.asarray(b[k], float), atol=1e-6)
             for k in ("components", "mean")
         ) and np.isclose(float(a["target_sum"]), float(b["target_sum"]))
     except (KeyError, TypeError, ValueError):

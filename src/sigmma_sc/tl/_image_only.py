@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SCALES, Keys
+from .._utils._record import embedding_keys
 from .._utils._validate import get_table
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_KEYS = {"image": Keys.EMB_IMAGE, "st": Keys.EMB_ST}
+_KEYS = ("image", "st")
 _CHUNK = 4096
 
 
@@ -32,6 +33,7 @@ def retrieve(
     reference: SpatialData | None = None,
     reference_tile_key: str | None = None,
     query_tiles: Sequence[str] | Sequence[int] | np.ndarray | None = None,
+    use_rep: str = Keys.PREFIX,
 ) -> pd.DataFrame:
     """For each query tile, the ``k`` closest tiles of the other modality, by cosine similarity.
 
@@ -58,6 +60,8 @@ def retrieve(
         Tile table of ``reference`` (default: ``tile_key``).
     query_tiles
         Query tiles, as tile-table names (``'tile_12'``) or integer positions (default: all tiles).
+    use_rep
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run of both sections (default ``'sigmma'``).
 
     Returns
     -------
@@ -78,8 +82,8 @@ def retrieve(
     target = "st" if query == "image" else "image"
     q_tiles = get_table(sdata, tile_key)
     r_tiles = get_table(reference, reference_tile_key)
-    Q = _embedding(q_tiles, query, scale, tile_key, "the query section")
-    R = _embedding(r_tiles, target, scale, reference_tile_key, "the reference section")
+    Q = _embedding(q_tiles, query, scale, tile_key, "the query section", use_rep)
+    R = _embedding(r_tiles, target, scale, reference_tile_key, "the reference section", use_rep)
     if Q.shape[1] != R.shape[1]:
         raise ValueError(
             f"Query embeddings have {Q.shape[1]} dimensions, reference embeddings {R.shape[1]}; embed both "
@@ -117,8 +121,8 @@ def retrieve(
     return out
 
 
-def _embedding(tiles: AnnData, modality: str, scale: str, tile_key: str, what: str) -> np.ndarray:
-    key = _KEYS[modality].format(scale=scale)
+def _embedding(tiles: AnnData, modality: str, scale: str, tile_key: str, what: str, use_rep: str) -> np.ndarray:
+    key = embedding_keys(tiles, use_rep, modality).get(scale, Keys.embedding(use_rep)[modality][scale])
     if key not in tiles.obsm:
         hint = (
             "run `sg.tl.embed(sdata, model)` first (with `table_key=None` for an image-only section)"

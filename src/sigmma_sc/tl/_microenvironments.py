@@ -10,7 +10,10 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SCALES, Keys
+from .._docs import doc_params, doc_seed, doc_use_rep
+from .._utils._record import embedding_keys, missing_embedding, read_record, write_record
 from .._utils._validate import get_table
+from ._records import resolve_seed
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -18,15 +21,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@doc_params(use_rep=doc_use_rep, seed=doc_seed)
 def microenvironments(
     sdata: SpatialData,
     *,
     scale: str | Sequence[str] = SCALES,
     table_key: str = "table",
+    use_rep: str = Keys.PREFIX,
     resolution: float = 0.5,
     n_neighbors: int = 15,
-    seed: int = 0,
-    key_added: str = Keys.MICROENV,
+    seed: int | None = 0,
+    key_added: str | None = None,
     inplace: bool = True,
 ) -> dict[str, pd.Categorical] | None:
     """Cluster cells into microenvironments with Leiden on their SIGMMA embedding at each scale.
@@ -43,21 +48,29 @@ def microenvironments(
         Scale(s) to cluster: ``'micro'``, ``'meso'``, ``'macro'`` or several.
     table_key
         Cell table.
+    {use_rep}
+        Or an ``.obsm`` key of cell embeddings (``{scale}`` is replaced by the scale).
     resolution
         Leiden resolution (higher: more microenvironments).
     n_neighbors
         Neighbours of the embedding graph.
-    seed
-        Leiden seed.
+    {seed}
     key_added
-        ``.obs`` key pattern; ``{scale}`` is replaced by the scale.
+        ``.obs`` key of the labels; ``{scale}`` is replaced by the scale (without it, ``_{scale}`` is appended).
+        Default ``f'{use_rep}_microenv_{scale}'``.
     inplace
-        Write into the cell table and return ``None``; otherwise return scale -> labels.
+        Write into the cell table and return ``None``; otherwise return scale -> labels and leave ``sdata``
+        unchanged.
 
     Returns
     -------
-    ``None`` if ``inplace``, else the labels. In place, writes cell table
-    ``.obs['sigmma_microenv_{scale}']`` (categorical) for each scale and ``.uns['sigmma']['microenvironments']``.
+    ``None`` if ``inplace``, else scale -> labels. In place, writes into the cell table:
+
+    `.obs['sigmma_microenv_{scale}' | key_added]`
+        Microenvironment of each cell (categorical; missing for untiled cells), for each scale.
+    `.uns['sigmma' | use_rep]['microenvironments']`
+        Leiden resolution, neighbours, seed, and under ``'keys'`` scale -> ``.obs`` key of every scale
+        clustered so far (readers such as :func:`sigmma_sc.pl.microenvironments` find the labels there).
     """
     import anndata as ad
     import scanpy as sc
@@ -66,11 +79,14 @@ def microenvironments(
     if set(scales) - set(SCALES):
         raise ValueError(f"`scale` must be among {SCALES}, got {scales!r}.")
     cells = get_table(sdata, table_key)
+    if key_added is None:
+        key_added = f"{use_rep}_microenv_{{scale}}"
+    obs_keys = {s: key_added.format(scale=s) if "{scale}" in key_added else f"{key_added}_{s}" for s in scales}
+    rep_keys = _cell_embedding_keys(cells, use_rep, scales, table_key)
+    seed = resolve_seed(seed)
     out: dict[str, pd.Categorical] = {}
     for s in scales:
-        key = Keys.EMB_CELL.format(scale=s)
-        if key not in cells.obsm:
-            raise KeyError(f"Table {table_key!r} lacks `.obsm[{key!r}]`; run `sg.tl.embed` first (with scale {s!r}).")
+        key = rep_keys[s]
         Z = np.asarray(cells.obsm[key])
         ok = np.isfinite(Z).all(1)
         if ok.sum() < 3:
@@ -89,17 +105,40 @@ def microenvironments(
     if not inplace:
         return out
     for s, labels in out.items():
-        cells.obs[key_added.format(scale=s)] = labels
-    uns = dict(cells.uns.get(Keys.UNS, {}))
-    uns["microenvironments"] = {
-        "resolution": resolution,
-        "n_neighbors": n_neighbors,
-        "seed": seed,
-        "scales": list(scales),
-    }
-    cells.uns[Keys.UNS] = uns
-    logger.info("Wrote cell table %r .obs%s.", table_key, [key_added.format(scale=s) for s in out])
+        cells.obs[obs_keys[s]] = labels
+    previous = read_record(cells, use_rep, "microenvironments") or {}
+    write_record(
+        cells,
+        use_rep,
+        "microenvironments",
+        {
+            "resolution": resolution,
+            "n_neighbors": n_neighbors,
+            "seed": seed,
+            "scales": list(scales),
+            "keys": {**dict(previous.get("keys") or {}), **obs_keys},
+            "use_rep": {**dict(previous.get("use_rep") or {}), **rep_keys},
+        },
+    )
+    logger.info("Wrote cell table %r .obs%s.", table_key, list(obs_keys.values()))
     return None
+
+
+def _cell_embedding_keys(cells, use_rep: str, scales: tuple[str, ...], table_key: str) -> dict[str, str]:
+    """Scale -> ``.obsm`` key of the cell embeddings of ``use_rep`` (an embed prefix, or an ``.obsm`` key)."""
+    recorded = embedding_keys(cells, use_rep, "cell", scales)
+    out = {}
+    for s in scales:
+        if s in recorded:
+            out[s] = recorded[s]
+        elif use_rep.format(scale=s) in cells.obsm:
+            out[s] = use_rep.format(scale=s)
+        elif read_record(cells, use_rep, "embed") is not None:
+            raise KeyError(f"`sg.tl.embed(..., key_added={use_rep!r})` wrote no {s!r} cell embedding (the model's "
+                           "scales differ); choose `scale=` among the scales it wrote.")  # fmt: skip
+        else:
+            raise missing_embedding(table_key, use_rep, cells, "cell embeddings")
+    return out
 
 
 #: up to this many cells the k-NN search is exact (brute force: ~7 s for 15,000 cells on 2 cores, growing with

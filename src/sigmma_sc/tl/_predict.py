@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Keys
+from .._utils._record import rekey, tiling_record
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -29,6 +30,7 @@ def predict_expression(
     probe: ProbeResult,
     *,
     tile_key: str = Keys.TILE_TABLE,
+    use_rep: str | None = None,
     key_added: str = Keys.PREDICTED_EXPRESSION,
     inplace: bool = True,
 ) -> pd.DataFrame | None:
@@ -48,6 +50,9 @@ def predict_expression(
         Probe from :func:`sigmma_sc.metrics.linear_probe`, fitted with ``.obsm`` key(s) (not an array).
     tile_key
         Tile table of ``sdata``.
+    use_rep
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run of this section whose image embeddings feed the
+        probe (the probe's scales, under that prefix); ``None``: the ``.obsm`` keys the probe was fitted on.
     key_added
         Where the predictions are written.
     inplace
@@ -81,14 +86,15 @@ def predict_expression(
     from ..metrics._retrieval import tile_table
 
     tiles = tile_table(sdata, tile_key)
-    missing = [k for k in probe.embedding_keys if k not in tiles.obsm]
+    feature_keys = list(probe.embedding_keys) if use_rep is None else rekey(probe.embedding_keys, use_rep)
+    missing = [k for k in feature_keys if k not in tiles.obsm]
     if missing:
         raise KeyError(
             f"Tile table {tile_key!r} has no `.obsm` {missing} (available: {sorted(tiles.obsm)}). Embed this "
             "section with the model the probe was fitted on: `sg.tl.embed(sdata, model, table_key=None)` for an "
             "image-only section."
         )
-    here = tiles.uns.get(Keys.UNS, {}).get("tile", {})
+    here = tiling_record(tiles) or {}
     for k, fitted in probe.tiling.items():
         if k in here and not np.isclose(float(here[k]), fitted, rtol=0.01):
             logger.warning(
@@ -96,7 +102,7 @@ def predict_expression(
                 "the expression scale (summed counts grow with tile area) differ; tile both sections alike.",
                 k, fitted, float(here[k]),
             )  # fmt: skip
-    x, _ = embedding_matrix(tiles, probe.embedding_keys)
+    x, _ = embedding_matrix(tiles, feature_keys)
     ok = np.isfinite(x).all(1)
     pred = np.full((tiles.n_obs, len(probe.genes)), np.nan)
     if ok.any():
@@ -109,7 +115,7 @@ def predict_expression(
     tiles.obsm[key_added] = df
     tiles.uns[key_added] = {
         "protocol": probe.protocol,
-        "embedding": list(probe.embedding_keys),
+        "embedding": list(feature_keys),
         "genes": list(probe.genes),
         "units": _UNITS[probe.protocol],
         "alpha": float(probe.alpha),

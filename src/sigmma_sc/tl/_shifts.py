@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import GRID, SPLITS, Keys
+from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import get_table
 from ..data._bundle import build_bundle
+from ..data._geometry import block_ids, grid_position, knn_within_tiles
 from ..data._tiles import tile_params
-from ..pp._cell_graph import knn_within_tiles
-from ..pp._tile import grid_position
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -72,6 +72,7 @@ def shifted_cell_embeddings(
     table_key: str,
     tile_key: str,
     batch_size: int,
+    graph_key: str = Keys.PREFIX,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each cell's mean embedding over tile grids shifted by ``shifts`` (fractions of a micro block).
 
@@ -93,10 +94,13 @@ def shifted_cell_embeddings(
 
     params = tile_params(sdata, tile_key)
     cells = get_table(sdata, table_key)
-    graph = cells.uns[Keys.UNS]["cell_graph"]
+    graph = graph_record(cells, graph_key, table_key)
     feats_key = graph["features_key"]
-    tiled = cells.obs[Keys.CELL_TILE].to_numpy().astype(np.int64) >= 0
-    xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64)
+    tkeys = tiling_keys(params)
+    tiled = cells.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64) >= 0
+    xy = np.asarray(cells.obsm[tkeys["cell_spatial"]], dtype=np.float64)
+    view_keys = Keys.tiling(Keys.PREFIX, params["image_key"])  # the in-memory views use the default names
+    view_graph = {**graph, "keys": Keys.graph(Keys.PREFIX) | {"features": feats_key}}
     size = float(params["tile_size"])
     block = size / GRID["micro"]
     x_min, y_min = params["grid_origin"]
@@ -127,13 +131,17 @@ def shifted_cell_embeddings(
                 index=[str(i) for i in range(kept.size)],
             )
         )
-        tiles.uns[Keys.UNS] = {"tile": {**params, "grid_origin": [float(origin[0]), float(origin[1])]}}
+        view_params = {**params, "key_added": Keys.PREFIX, "keys": view_keys}
+        tiles.uns[Keys.PREFIX] = {"tile": {**view_params, "grid_origin": [float(origin[0]), float(origin[1])]}}
+        obs = {view_keys["cell_tile"]: tile}
+        for scale, key in view_keys["cell_blocks"].items():  # blocks of the shifted grid, as sg.pp.tile defines them
+            obs[key] = np.where(tile >= 0, block_ids(xy, row, col, origin, size, GRID[scale]), -1)
         shifted = ad.AnnData(
-            obs=pd.DataFrame({Keys.CELL_TILE: tile}, index=cells.obs_names.copy()),
+            obs=pd.DataFrame(obs, index=cells.obs_names.copy()),
             var=var,
-            obsm={feats_key: cells.obsm[feats_key], Keys.CELL_SPATIAL: xy},
-            obsp={Keys.connectivities(Keys.GRAPH): sparse.csr_matrix(conn)},
-            uns={Keys.UNS: {"cell_graph": graph}},
+            obsm={feats_key: cells.obsm[feats_key], view_keys["cell_spatial"]: xy},
+            obsp={view_graph["keys"]["connectivities"]: sparse.csr_matrix(conn)},
+            uns={Keys.PREFIX: {"cell_graph": view_graph}},
         )
         view = _SpatialData(tables={tile_key: tiles, table_key: shifted})
         bundle, rows = build_bundle(view, table_key=table_key, tile_key=tile_key, require_image_features=False)

@@ -48,6 +48,7 @@ def fit_probe(
     n_components: int = 256,
     name: str = "expression",
     tile_key: str = Keys.TILE_TABLE,
+    use_rep: str = Keys.PREFIX,
 ) -> ProbeResult:
     """Fit a linear probe of tile expression on the model's image embeddings and store it in the model.
 
@@ -74,6 +75,8 @@ def fit_probe(
         Key of the probe in ``model.probes``.
     tile_key
         Tile table.
+    use_rep
+        The ``key_added`` under which ``model`` embedded the section (:func:`sigmma_sc.tl.embed`).
 
     Returns
     -------
@@ -87,7 +90,7 @@ def fit_probe(
     bad = [s for s in scales if s not in model.scales]
     if bad or not scales:
         raise ValueError(f"`scales` must be a non-empty subset of the model's scales {list(model.scales)}; got {bad}.")
-    keys = [Keys.EMB_IMAGE.format(scale=s) for s in SCALES if s in scales]
+    keys = [Keys.embedding(use_rep)["image"][s] for s in SCALES if s in scales]
     probe = linear_probe(
         sdata, keys, protocol=protocol, n_genes=n_genes, n_components=n_components, tile_key=tile_key
     )  # fmt: skip
@@ -321,7 +324,7 @@ def predict_slide(
         from ..pp import tile
 
         tile(sdata, image_key=tile_image, table_key=None, tile_size_um=tile_size_um, pixel_size_um=model_px,
-             min_tissue_fraction=min_tissue_fraction, key_added=tile_key)  # fmt: skip
+             min_tissue_fraction=min_tissue_fraction, key_added=Keys.tiling_prefix(tile_key))  # fmt: skip
     from ._embed import embed
 
     embed(sdata, model, table_key=None, tile_key=tile_key, batch_size=batch_size, device=device)

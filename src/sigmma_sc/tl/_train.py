@@ -12,6 +12,9 @@ from .._utils._validate import get_table
 from ..data._bundle import build_bundle
 from ..data._tiles import tile_params
 from ._featurize import featurize
+from ._records import history_columns as _columns
+from ._records import package_version as _version
+from ._records import resolve_seed
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -97,7 +100,8 @@ def train_sigmma(
     device
         Torch device (default: :attr:`sigmma_sc.settings.device`, else CUDA when available, else CPU).
     seed
-        Seed of the initialisation, shuffling, dropout and edge sampling (``None``: 0).
+        Seed of the initialisation, shuffling, dropout and edge sampling (``None``: unseeded; a fresh seed is
+        drawn and recorded in ``model.config.seed``).
     checkpoint_dir
         Directory for the per-epoch checkpoint ``last.pt``.
     resume
@@ -135,7 +139,7 @@ def train_sigmma(
     from .._settings import settings
     from ..model import SigmmaModel
 
-    seed = 0 if seed is None else int(seed)
+    seed = resolve_seed(seed)
     if not isinstance(sdata, SpatialData):
         from ._cohort import train_cohort
 
@@ -195,15 +199,3 @@ def train_sigmma(
     if best is not None:
         logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
     return model
-
-
-def _columns(history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per-epoch records as columns of floats (NaN where an epoch lacks a value), for ``.uns``."""
-    keys = list(dict.fromkeys(k for h in history for k in h))
-    return {k: [float(h[k]) if h.get(k) is not None else float("nan") for h in history] for k in keys}
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -43,10 +43,48 @@ def test_distributed_gradients_equal_full_batch(tmp_path):
         for got in ranks:
             assert torch.allclose(got[mb]["loss"], loss.detach(), atol=1e-5)
             assert set(got[mb]) - {"loss"} == set(want)
-            for name, g in want.items():
-                assert torch.allclose(got[mb][name], g, rtol=1e-4, atol=1e-6), (mb, name)
+            for name, g in want.items():  # float32 sums in another order (attention-gate biases: exactly 0 + noise)
+                tol = 1e-5 * (1 + float(g.abs().max()))
+                torch.testing.assert_close(
+                    got[mb][name], g, rtol=1e-4, atol=tol, msg=lambda m, name=name: f"{name}: {m}"
+                )
     # the gradient is not trivially equal to a one-shard gradient: the gathered negatives matter
     model.zero_grad(set_to_none=True)
     model.loss_from_embeddings(model.embed_batch(bundle.select(idx[:7]))).backward()
     name = next(iter(want))
     assert not torch.allclose(model.get_parameter(name).grad, want[name], rtol=1e-3)
+
+
+def test_distributed_fit_equals_one_process(tmp_path):
+    """A 2-process fit (dropout, Gumbel edge sampling, validation, checkpoint + resume, GradCache) = 1-process fit.
+
+    The reference is one process training on the same global batches with the same seed; the ranks draw the
+    noise that one process draws for their rows, so the weights agree up to float rounding. Without gradient
+    averaging (the control) they do not.
+    """
+    _torchrun("fit", str(tmp_path / "w"), str(tmp_path / "ckpt"))
+    w = _single()
+    bundle, _ = w.setup(w.FIT)
+    refs = {"resumed": w._run(bundle, ckpt=str(tmp_path / "ref")), "gradcache": w._run(bundle)}
+    ref = refs["gradcache"]
+    assert len(ref["history"]) == w.EPOCHS
+    assert ref["history"][-1]["step"] >= 9  # several optimiser steps
+    ranks = [torch.load(tmp_path / f"w.rank{r}", weights_only=False) for r in range(2)]
+    assert (tmp_path / "ckpt" / "last.pt").exists()
+    # the attention gates' last bias shifts every logit of a softmax: its true gradient is 0, and AdamW turns
+    # the rounding noise into steps of ~lr, so it is left out (it does not change any output)
+    keys = [k for k in ref["state"] if not k.endswith("gate_nn.2.bias")]
+    for run, want in refs.items():
+        for got in ranks:
+            for name in keys:
+                torch.testing.assert_close(got[run]["state"][name], want["state"][name], rtol=1e-4, atol=1e-4,
+                                           msg=lambda m, n=f"{run} {name}": f"{n}: {m}")  # fmt: skip
+            for a, b in zip(got[run]["history"], want["history"], strict=True):
+                assert a["step"] == b["step"]
+                assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+                assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+        # every rank holds the same weights and validation losses (identical early-stopping decisions)
+        assert all(torch.equal(ranks[0][run]["state"][k], ranks[1][run]["state"][k]) for k in ref["state"])
+        assert [h["val_loss"] for h in ranks[0][run]["history"]] == [h["val_loss"] for h in ranks[1][run]["history"]]
+    bad = ranks[0]["no_averaging"]["state"]
+    assert any(not torch.allclose(bad[k], ref["state"][k], rtol=1e-3, atol=1e-3) for k in keys)

@@ -326,6 +326,10 @@ def fit_model(
             "the training set-up (bundle, config, seed, budget, checkpointing)", ctx,
         )  # fmt: skip
         progress = progress and ctx.is_main
+        logger.info(
+            "Distributed training on %d processes (rank %d): each embeds 1/%d of every %d-tile batch; negatives "
+            "are gathered over all ranks.", ctx.world_size, ctx.rank, ctx.world_size, plan["batch"],
+        )  # fmt: skip
     batch = plan["batch"]
     if batch < cfg.batch_size:
         logger.info(

@@ -4,8 +4,11 @@ One process per device (``torchrun --nproc-per-node N``, or one SLURM task per G
 whole bundle and draws the same shuffled global batches (same seed); rank ``r`` embeds its contiguous shard
 of each batch, the shards are all-gathered with gradients (:func:`sigmma_sc.nn.gather_embeddings`) so each
 rank's InfoNCE sees the global batch's negatives, and parameter gradients are averaged over ranks before the
-optimiser step. The result equals one process training on the global batch (up to float rounding; dropout
-and Gumbel noise are drawn per rank, so stochastic layers see other draws than in one process).
+optimiser step. Inside a step every random draw (dropout, Gumbel edge noise) is rebuilt from the draw of the
+whole global batch (:func:`rank_noise`), so the update equals one process training on the global batch (up to
+float rounding) and every rank's random state stays equal. :meth:`SigmmaModel.fit` uses :func:`train_step` and
+:func:`evaluate` when a process group with more than one process is initialised (or described by the
+environment).
 """
 
 from __future__ import annotations

@@ -300,7 +300,6 @@ def fit_model(
     """Implementation of :meth:`SigmmaModel.fit` (see there)."""
     cfg = model.config
     check_bundle(model, bundle)
-    ctx, device = _join(device)
     if epochs is None and steps is None:
         raise ValueError("Give a training budget: `steps` or `epochs`.")
     train_idx = bundle.tiles_in("train").cpu()  # batches are indexed on the host
@@ -317,6 +316,7 @@ def fit_model(
             val_idx.numel(),
         )
         val_idx = None
+    ctx, device = _join(device)  # after the cheap checks
     plan = _budget(cfg, train_idx.numel(), epochs, steps, ctx)
     if ctx is not None:
         D.check_same(
@@ -518,9 +518,14 @@ def fit_model(
 
 
 def _join(device: str | torch.device | None) -> tuple[D.DistContext | None, torch.device]:
-    """The process group (joined from the launcher's environment when not yet) and this rank's device."""
+    """The process group and this rank's device.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the group is joined when the caller has not; a SLURM task alone is not
+    taken as a launch (a notebook inside a multi-task allocation must not wait for other ranks): with ``srun``,
+    use ``sigmma train-bundle`` or initialise the process group before ``fit``.
+    """
     ctx = D.current()
-    if ctx is None and (D._env_int("WORLD_SIZE", "SLURM_NTASKS") or 1) > 1:
+    if ctx is None and (D._env_int("WORLD_SIZE") or 1) > 1:
         ctx, dev = D.init_from_env(device)
         return ctx, dev
     device = resolve_device(device)

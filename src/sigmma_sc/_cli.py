@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         from sigmma_sc.model._distributed import init_from_env
 
         ctx, device = init_from_env(args.device)  # under torchrun / srun: one process per device
+        if ctx is not None and not ctx.is_main:
+            logger.setLevel(logging.WARNING)  # one log, rank 0's
         bundle = TrainingBundle.load(args.bundle if len(args.bundle) > 1 else args.bundle[0])
         model = SigmmaModel.from_bundle(bundle, **_budget(args), seed=args.seed)
         model.fit(bundle, device=device or args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume,

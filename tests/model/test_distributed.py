@@ -54,3 +54,74 @@ def test_distributed_gradients_equal_full_batch(tmp_path):
     model.loss_from_embeddings(model.embed_batch(bundle.select(idx[:7]))).backward()
     name = next(iter(want))
     assert not torch.allclose(model.get_parameter(name).grad, want[name], rtol=1e-3)
+
+
+def test_distributed_fit_equals_one_process(tmp_path):
+    """A 2-process fit (dropout, Gumbel edge sampling, validation, checkpoint + resume, GradCache) = 1-process fit.
+
+    The reference is one process training on the same global batches with the same seed; the ranks draw the
+    noise that one process draws for their rows, so the weights agree up to float rounding. Without gradient
+    averaging (the control) they do not.
+    """
+    _torchrun("fit", str(tmp_path / "w"), str(tmp_path / "ckpt"))
+    w = _single()
+    bundle, _ = w.setup(w.FIT)
+    refs = {"resumed": w._run(bundle, ckpt=str(tmp_path / "ref")), "gradcache": w._run(bundle)}
+    ref = refs["gradcache"]
+    assert len(ref["history"]) == w.EPOCHS
+    assert ref["history"][-1]["step"] >= 9  # several optimiser steps
+    ranks = [torch.load(tmp_path / f"w.rank{r}", weights_only=False) for r in range(2)]
+    assert (tmp_path / "ckpt" / "last.pt").exists()
+    # the attention gates' last bias shifts every logit of a softmax: its true gradient is 0, and AdamW turns
+    # the rounding noise into steps of ~lr, so it is left out (it does not change any output)
+    keys = [k for k in ref["state"] if not k.endswith("gate_nn.2.bias")]
+    for run, want in refs.items():
+        for got in ranks:
+            for name in keys:
+                torch.testing.assert_close(got[run]["state"][name], want["state"][name], rtol=1e-4, atol=1e-4,
+                                           msg=lambda m, n=f"{run} {name}": f"{n}: {m}")  # fmt: skip
+            for a, b in zip(got[run]["history"], want["history"], strict=True):
+                assert a["step"] == b["step"]
+                assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+                assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+        # every rank holds the same weights and validation losses (identical early-stopping decisions)
+        assert all(torch.equal(ranks[0][run]["state"][k], ranks[1][run]["state"][k]) for k in ref["state"])
+        assert [h["val_loss"] for h in ranks[0][run]["history"]] == [h["val_loss"] for h in ranks[1][run]["history"]]
+    bad = ranks[0]["no_averaging"]["state"]
+    assert any(not torch.allclose(bad[k], ref["state"][k], rtol=1e-3, atol=1e-3) for k in keys)
+
+
+def test_shard_noise_equals_global_batch_noise():
+    """One process, no process group: each shard's forward under rank_noise equals its rows of the full-batch forward.
+
+    Dropout and Gumbel edge sampling on; shards and GradCache micro-batches, including chunks without any
+    candidate edge (tiles 1-4 have no meso candidates): the random stream ends where one process's ends.
+    """
+    from sigmma_sc.model import SigmmaModel
+    from sigmma_sc.model._toy import toy_bundle
+    from sigmma_sc.model._distributed import rank_noise
+
+    torch.set_num_threads(1)
+    bundle = toy_bundle(n_tiles=40, seed=3, min_cells=2, max_cells=5, n_cand=1)
+    model = SigmmaModel.from_bundle(bundle, seed=0, hidden=16, out_dim=16, dropout=0.3, edge_addition=True)
+    model.train()
+    idx = torch.arange(1, 14)
+    assert int(bundle._host_counts["cand_meso"][1:5].sum()) == 0  # a chunk of tiles 1-4 skips the meso sampler
+    torch.manual_seed(5)
+    full = model.embed_batch(bundle.select(idx))
+    after = torch.get_rng_state()
+    with rank_noise(model, bundle._host_counts) as noise:
+        for chunks in ([(0, 7)], [(7, 13)], [(0, 4), (4, 7)], [(7, 9), (9, 13)], [(12, 13)]):
+            torch.manual_seed(5)
+            noise.start_step(idx)
+            for a, z in chunks:
+                noise.start_chunk(a, z)
+                with noise:
+                    part = model.embed_batch(bundle.select(idx[a:z]))
+                noise.end_chunk()
+                for k, v in full.items():
+                    torch.testing.assert_close(part[k], v[a:z], rtol=1e-5, atol=1e-6)
+            assert torch.equal(torch.get_rng_state(), after), chunks
+    torch.manual_seed(5)  # without the mode, a shard draws its own (other) noise
+    plain = model.embed_batch(bundle.select(idx[:7]))
+    assert not torch.allclose(plain["st/macro"], full["st/macro"][:7], atol=1e-3)

@@ -4,15 +4,19 @@ One process per device (``torchrun --nproc-per-node N``, or one SLURM task per G
 whole bundle and draws the same shuffled global batches (same seed); rank ``r`` embeds its contiguous shard
 of each batch, the shards are all-gathered with gradients (:func:`sigmma_sc.nn.gather_embeddings`) so each
 rank's InfoNCE sees the global batch's negatives, and parameter gradients are averaged over ranks before the
-optimiser step. The result equals one process training on the global batch (up to float rounding; dropout
-and Gumbel noise are drawn per rank, so stochastic layers see other draws than in one process).
+optimiser step. Inside a step every random draw (dropout, Gumbel edge noise) is rebuilt from the draw of the
+whole global batch (:func:`rank_noise`), so the update equals one process training on the global batch (up to
+float rounding) and every rank's random state stays equal. :meth:`SigmmaModel.fit` uses :func:`train_step` and
+:func:`evaluate` when a process group with more than one process is initialised (or described by the
+environment).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..nn._distributed import gather_embeddings
+from ..nn._distributed import GlobalBatchNoise, gather_embeddings
 from ..nn._loss import grad_cache_backward
 
 logger = logging.getLogger(__name__)
@@ -230,3 +234,119 @@ def distributed_loss(
     The loss, the same on every rank.
     """
     return loss_fn(gather_embeddings(encode(shard(idx, ctx))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pieces of SigmmaModel.fit under torch.distributed
+
+
+@contextlib.contextmanager
+def rank_noise(model: torch.nn.Module, counts: Mapping[str, Tensor]) -> Iterator[GlobalBatchNoise]:
+    """A :class:`~sigmma_sc.nn.GlobalBatchNoise` for ``model``, with the edge samplers' draws named explicitly.
+
+    Each edge sampler's Gumbel noise is drawn as rows of ``cand_{scale}``; a shard without candidates at a scale
+    (the sampler returns before drawing) still consumes the global draw, so the random streams stay aligned.
+    The hooks are removed on exit.
+    """
+    noise = GlobalBatchNoise({k: counts[k] for k in ("cells", "cand_meso", "cand_macro") if k in counts})
+    handles = []
+    samplers = dict(getattr(getattr(model, "st_encoder", None), "samplers", None) or {})
+    for scale, sampler in samplers.items():
+        kind = f"cand_{scale}"
+
+        def pre(module: torch.nn.Module, args: tuple, kind: str = kind) -> None:
+            if not (module.training and noise.in_chunk):
+                return
+            h, edge_index = args[0], args[1]
+            if edge_index.shape[1] == 0:
+                noise.skipped_rand(kind, torch.float32, h.device)  # what the sampler would draw for the batch
+            noise.push(kind)
+
+        def post(module: torch.nn.Module, args: tuple, out: Any) -> None:
+            if module.training and noise.in_chunk:
+                noise.pop()
+
+        handles += [sampler.register_forward_pre_hook(pre), sampler.register_forward_hook(post)]
+    try:
+        yield noise
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def train_step(
+    model: Any,
+    data: Any,
+    idx: Tensor,
+    optimizer: Any,
+    state: dict[str, Any],
+    amp: Callable[[], contextlib.AbstractContextManager],
+    ctx: DistContext,
+    noise: GlobalBatchNoise,
+    stats: Callable[[], dict[str, Tensor]],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One distributed optimiser step on the global batch ``idx`` (the same on every rank).
+
+    This rank embeds its shard (in micro-batches of ``state["micro_batch"]`` tiles with GradCache), the shards'
+    embeddings are gathered with gradients, the global-batch loss is backpropagated and the gradients
+    averaged over ranks (:func:`distributed_backward`); the random draws are those of one process on the
+    global batch (:func:`rank_noise`). ``stats`` runs after the backward (clipping, statistics). No OOM retry:
+    the ranks' collectives would fall out of step.
+    """
+    positions = torch.arange(idx.numel())  # embed() receives batch positions, so each draw knows its rows
+    noise.start_step(idx)
+
+    def embed(pos: Tensor) -> dict[str, Tensor]:
+        start = int(pos[0]) if pos.numel() else 0
+        noise.start_chunk(start, start + pos.numel())
+        try:
+            with amp(), noise:
+                return model.embed_batch(data.select(idx[pos]))
+        finally:
+            noise.end_chunk()
+
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        loss = distributed_backward(embed, positions, model.loss_from_embeddings, model.parameters(), ctx,
+                                    micro_batch=state["micro_batch"])  # fmt: skip
+    except torch.cuda.OutOfMemoryError as e:
+        raise RuntimeError(
+            f"CUDA out of memory on rank {ctx.rank}. In distributed training the micro-batch is not halved "
+            "automatically (the ranks would fall out of step): set `micro_batch` (tiles per forward pass per "
+            "process, GradCache) in the config."
+        ) from e
+    finally:
+        noise.end_step()
+    out = stats()
+    optimizer.step()
+    return loss, out
+
+
+def evaluate(
+    model: Any,
+    data: Any,
+    chunks: list[Tensor],
+    amp: Callable[[], contextlib.AbstractContextManager],
+    ctx: DistContext,
+) -> float:
+    """Mean global-batch loss over the validation ``chunks`` (eval mode); each rank embeds its shard of each chunk.
+
+    Every chunk's loss is the loss of the whole chunk (the shards are gathered), as in one process; the mean is
+    broadcast from rank 0 so that every rank takes the same early-stopping decisions.
+    """
+    keys = [f"{m}/{s}" for m in ("image", "st") for s in model.scales]
+    width = model.config.out_dim
+    total, count = torch.zeros((), dtype=torch.float64, device=data.device), 0
+    with torch.inference_mode():
+        for chunk in chunks:
+            local = shard(chunk, ctx)
+            if local.numel():
+                with amp():
+                    emb = {k: v.float() for k, v in model.embed_batch(data.select(local)).items()}
+            else:
+                emb = {k: torch.zeros((0, width), device=data.device) for k in keys}
+            total += model.loss_from_embeddings(gather_embeddings(emb)).double() * chunk.numel()
+            count += chunk.numel()
+    value = (total / max(count, 1)).reshape(1)
+    dist.broadcast(value, src=0)
+    return float(value)

@@ -20,6 +20,7 @@ from torch import Tensor
 from .._settings import settings
 from .._utils._progress import track
 from ..nn._loss import grad_cache_backward
+from . import _distributed as D
 from ._bundle import TrainingBundle
 from ._diagnostics import chance_loss, training_diagnostics
 from ._finetune import optimizer_groups
@@ -261,10 +262,18 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _budget(cfg: Any, n_train: int, epochs: int | None, steps: int | None) -> dict[str, int]:
+def _epoch_batches(perm: Tensor, batch: int, ctx: D.DistContext | None) -> list[Tensor]:
+    """An epoch's batches; with several processes a last batch with fewer tiles than ranks joins the one before."""
+    chunks = _batches(perm, batch, merge_last=False)
+    return chunks if ctx is None else D.merge_small_last(chunks, ctx)
+
+
+def _budget(
+    cfg: Any, n_train: int, epochs: int | None, steps: int | None, ctx: D.DistContext | None = None
+) -> dict[str, int]:
     """Batch size, batches per epoch, epoch and step budgets, warm-up steps."""
     batch = cfg.batch_for(n_train)
-    per_epoch = max(len(_batches(torch.arange(n_train), batch, merge_last=False)), 1)
+    per_epoch = max(len(_epoch_batches(torch.arange(n_train), batch, ctx)), 1)
     n_epochs = int(epochs) if epochs is not None else math.ceil(int(steps) / per_epoch)
     total = n_epochs * per_epoch if steps is None else min(int(steps), n_epochs * per_epoch)
     return {
@@ -307,7 +316,20 @@ def fit_model(
             val_idx.numel(),
         )
         val_idx = None
-    plan = _budget(cfg, train_idx.numel(), epochs, steps)
+    ctx, device = _join(device)  # after the cheap checks
+    plan = _budget(cfg, train_idx.numel(), epochs, steps, ctx)
+    if ctx is not None:
+        D.check_same(
+            {"config": cfg.to_dict(), "seed": seed, "plan": plan, "train": train_idx.tolist()[:1000],
+             "n_val": 0 if val_idx is None else val_idx.numel(), "tiles": bundle.n_tiles,
+             "checkpoint": checkpoint_dir is not None, "resume": resume},
+            "the training set-up (bundle, config, seed, budget, checkpointing)", ctx,
+        )  # fmt: skip
+        progress = progress and ctx.is_main
+        logger.info(
+            "Distributed training on %d processes (rank %d): each embeds 1/%d of every %d-tile batch; negatives "
+            "are gathered over all ranks.", ctx.world_size, ctx.rank, ctx.world_size, plan["batch"],
+        )  # fmt: skip
     batch = plan["batch"]
     if batch < cfg.batch_size:
         logger.info(
@@ -321,13 +343,19 @@ def fit_model(
         "" if cfg.patience is None or val_idx is None else f", early stopping after {cfg.patience} steps without "
         "improvement",
     )  # fmt: skip
-    device = resolve_device(device)
     ckpt_path = None
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         ckpt_path = Path(checkpoint_dir) / CHECKPOINT
     if resume and ckpt_path is None:
         raise ValueError("`resume=True` needs `checkpoint_dir`.")
+    if ctx is not None and resume:
+        found = D.all_gather_objects(ckpt_path.exists(), ctx)
+        if len(set(found)) > 1:
+            raise RuntimeError(
+                f"Only some ranks see the checkpoint {str(ckpt_path)!r} ({found}): `checkpoint_dir` must be on a "
+                "file system that every rank shares."
+            )
 
     model.to(device)
     data = bundle.to(device, tiles=model.finetuned)  # the pixels go to the device only to fine-tune
@@ -341,7 +369,7 @@ def fit_model(
             steps_per_epoch=plan["steps_per_epoch"], step_size=cfg.step_size, gamma=cfg.gamma,
         )  # fmt: skip
 
-    with torch.random.fork_rng(devices=fork_devices), tf32_matmuls(tf32):
+    with torch.random.fork_rng(devices=fork_devices), tf32_matmuls(tf32), contextlib.ExitStack() as stack:
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         groups = optimizer_groups(model, model.image_encoder, cfg.lr, cfg.backbone_lr)
@@ -375,6 +403,10 @@ def fit_model(
             logger.info("Resuming from %s after epoch %d (step %d).", ckpt_path, start, step)
         elif resume:
             logger.warning("No checkpoint at %s; training from scratch.", ckpt_path)
+        noise = None
+        if ctx is not None:
+            D.broadcast_parameters(model, ctx)  # one start on every rank, as DDP does
+            noise = stack.enter_context(D.rank_noise(model, bundle._host_counts))
 
         epochs_iter = range(start, plan["epochs"])
         bar = (
@@ -389,10 +421,14 @@ def fit_model(
             perm = train_idx[torch.randperm(train_idx.numel(), generator=generator)]  # stays on the host
             total, sizes, sums = torch.zeros((), device=device), [], {}
             lr = optimizer.param_groups[0]["lr"]
-            for idx in _batches(perm, batch, merge_last=False):
+            for idx in _epoch_batches(perm, batch, ctx):
                 if step >= plan["steps"]:
                     break
-                loss, stats = _train_step(model, data, idx, optimizer, state, amp)
+                if ctx is None:
+                    loss, stats = _train_step(model, data, idx, optimizer, state, amp)
+                else:
+                    loss, stats = D.train_step(model, data, idx, optimizer, state, amp, ctx, noise,
+                                               lambda: _step_stats(model, cfg.max_grad_norm))  # fmt: skip
                 total += loss * idx.numel()
                 sizes.append(idx.numel())
                 for k, v in stats.items():
@@ -400,8 +436,14 @@ def fit_model(
                 scheduler.step()
                 step += 1
             val = chance = None
-            if val_idx is not None:
+            if val_idx is not None and ctx is None:
                 val, chance = evaluate(model, data, val_idx, batch, amp)
+            elif val_idx is not None:  # each rank embeds its shard of every validation batch; rank 0's mean
+                model.eval()
+                chunks = _batches(val_idx, batch, merge_last=True)
+                val = D.evaluate(model, data, chunks, amp, ctx)
+                chance = chance_loss([c.numel() for c in chunks], len(model.scales))
+                model.train()
             record = {
                 "epoch": epoch + 1,
                 "step": step,
@@ -432,7 +474,7 @@ def fit_model(
                     step=step,
                 )
             logger.debug("epoch %d: %s", epoch + 1, record)
-            if ckpt_path is not None:
+            if ckpt_path is not None and (ctx is None or ctx.is_main):  # rank 0 writes; all ranks hold the same
                 _save_checkpoint(
                     ckpt_path,
                     {
@@ -456,6 +498,8 @@ def fit_model(
                 break
         if bar is not None:
             bar.close()
+    if ctx is not None:
+        torch.distributed.barrier()  # rank 0's checkpoint is complete before any rank returns (or resumes)
     if stopped == "early stopping":
         logger.info(
             "Early stopping at step %d: no validation improvement for %d steps (patience=%d).",
@@ -471,6 +515,23 @@ def fit_model(
     ) | {"batch_size": batch, "steps_per_epoch": plan["steps_per_epoch"], "steps": step}
     model.eval()
     return history
+
+
+def _join(device: str | torch.device | None) -> tuple[D.DistContext | None, torch.device]:
+    """The process group and this rank's device.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the group is joined when the caller has not; a SLURM task alone is not
+    taken as a launch (a notebook inside a multi-task allocation must not wait for other ranks): with ``srun``,
+    use ``sigmma train-bundle`` or initialise the process group before ``fit``.
+    """
+    ctx = D.current()
+    if ctx is None and (D._env_int("WORLD_SIZE") or 1) > 1:
+        ctx, dev = D.init_from_env(device)
+        return ctx, dev
+    device = resolve_device(device)
+    if ctx is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per process
+    return ctx, device
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

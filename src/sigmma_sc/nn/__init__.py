@@ -3,7 +3,7 @@
 Imports only torch, torch_geometric, numpy and the standard library (timm lazily).
 """
 
-from ._distributed import all_gather_with_grad, gather_embeddings
+from ._distributed import GlobalBatchNoise, all_gather_with_grad, gather_embeddings
 from ._edges import EdgeSampler, block_ids, same_block
 from ._featurize import featurize
 from ._gnn import GraphEncoderOutput, HierarchicalGraphEncoder, WeightedSAGEConv
@@ -15,6 +15,7 @@ __all__ = [
     "AttentionalPooling",
     "BackboneInfo",
     "EdgeSampler",
+    "GlobalBatchNoise",
     "GraphEncoderOutput",
     "HierarchicalGraphEncoder",
     "MultiCropEncoder",

@@ -98,8 +98,8 @@ def test_shard_noise_equals_global_batch_noise():
     candidate edge (tiles 1-4 have no meso candidates): the random stream ends where one process's ends.
     """
     from sigmma_sc.model import SigmmaModel
-    from sigmma_sc.model._toy import toy_bundle
     from sigmma_sc.model._distributed import rank_noise
+    from sigmma_sc.model._toy import toy_bundle
 
     torch.set_num_threads(1)
     bundle = toy_bundle(n_tiles=40, seed=3, min_cells=2, max_cells=5, n_cand=1)

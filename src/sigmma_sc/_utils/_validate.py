@@ -258,3 +258,38 @@ def require_obs(table: AnnData, keys: list[str], table_key: str, step: str) -> N
 def categorical(values: Any, categories: list[str] | tuple[str, ...]) -> pd.Categorical:
     """A pandas Categorical with fixed categories."""
     return pd.Categorical(values, categories=list(categories))
+
+
+def tiling_fingerprint(tile_of_cell: np.ndarray) -> str:
+    """A short hash of the cells' tile ids: the tiling a cell graph was built on (recorded by ``sg.pp.cell_graph``)."""
+    import hashlib
+
+    ids = np.ascontiguousarray(np.asarray(tile_of_cell, dtype=np.int64))
+    return hashlib.sha1(ids.tobytes(), usedforsecurity=False).hexdigest()[:16]
+
+
+def check_graph(table: AnnData, table_key: str, graph_key: str = Keys.GRAPH) -> dict[str, Any]:
+    """The cell graph's parameters; a clear error when it is missing or was built on an earlier tiling.
+
+    Compares the tiling recorded by ``sg.pp.cell_graph`` (``.uns['sigmma']['cell_graph']['tiling']``) with the
+    cells' current tile ids, and (also for graphs written before the tiling was recorded) checks that no edge
+    links cells of different tiles: both mean ``sg.pp.tile`` ran again after ``sg.pp.cell_graph``.
+    """
+    graph = table.uns.get(Keys.UNS, {}).get("cell_graph")
+    if graph is None or Keys.connectivities(graph_key) not in table.obsp:
+        raise KeyError(f"Table {table_key!r} has no SIGMMA cell graph; run `sg.pp.cell_graph` first.")
+    if graph["features_key"] not in table.obsm:
+        raise KeyError(f"Node features `.obsm[{graph['features_key']!r}]` are missing; run `sg.pp.cell_graph` again.")
+    stale = (
+        f"The cell graph of table {table_key!r} was built on an earlier tiling (`sg.pp.tile` ran again after "
+        "`sg.pp.cell_graph`); run `sg.pp.cell_graph` again after `sg.pp.tile`."
+    )
+    require_obs(table, [Keys.CELL_TILE], table_key, "sg.pp.tile")
+    tile_of = table.obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
+    recorded = graph.get("tiling")
+    if recorded is not None and str(recorded) != tiling_fingerprint(tile_of):
+        raise ValueError(stale)
+    conn = table.obsp[Keys.connectivities(graph_key)].tocoo()
+    if (tile_of[conn.row] != tile_of[conn.col]).any() or (tile_of[conn.row] < 0).any():
+        raise ValueError(stale)
+    return graph

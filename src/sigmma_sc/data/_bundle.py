@@ -9,7 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import GRID, SCALES, SPLITS, Keys
-from .._utils._validate import get_table, require_obs
+from .._utils._validate import check_graph, get_table
 from ._tiles import tile_params, tile_reader
 
 if TYPE_CHECKING:
@@ -151,13 +151,8 @@ def build_bundle(
     params = tile_params(sdata, tile_key)
     tiles = get_table(sdata, tile_key)
     cells = get_table(sdata, table_key)
-    require_obs(cells, [Keys.CELL_TILE], table_key, "sg.pp.tile")
-    graph = cells.uns.get(Keys.UNS, {}).get("cell_graph")
-    if graph is None or Keys.connectivities(graph_key) not in cells.obsp:
-        raise KeyError(f"Table {table_key!r} has no SIGMMA cell graph; run `sg.pp.cell_graph` first.")
+    graph = check_graph(cells, table_key, graph_key)  # missing, or stale after a new sg.pp.tile: say so
     feats_key = graph["features_key"]
-    if feats_key not in cells.obsm:
-        raise KeyError(f"Node features `.obsm[{feats_key!r}]` are missing; run `sg.pp.cell_graph` again.")
 
     tile_of = cells.obs[Keys.CELL_TILE].to_numpy().astype(np.int64)
     if tile_of.max(initial=-1) >= tiles.n_obs:

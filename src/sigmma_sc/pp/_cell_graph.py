@@ -12,7 +12,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from sigmma_sc._constants import Keys
-from sigmma_sc._utils._validate import counts_matrix, get_table, require_obs
+from sigmma_sc._utils._validate import counts_matrix, get_table, require_obs, tiling_fingerprint
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -156,6 +156,7 @@ def cell_graph(
         "pca": pca if features is None else None,
         "key_added": key_added,
         "tile_key": tile_key,
+        "tiling": tiling_fingerprint(tile_of_cell),  # a later sg.pp.tile makes this graph stale (check_graph)
         "distance_unit": f"{params['coordinate_system']} units ({params['um_per_unit']} µm)",
     }
     table.uns[Keys.UNS] = uns

@@ -302,7 +302,9 @@ def _replace_image(sdata, img, key="he"):
     from spatialdata.transformations import get_transformation
 
     old = sdata.images[key]
-    sdata.images[key] = Image2DModel.parse(img, dims=("c", "y", "x"), transformations=get_transformation(old, get_all=True))
+    sdata.images[key] = Image2DModel.parse(
+        img, dims=("c", "y", "x"), transformations=get_transformation(old, get_all=True)
+    )
 
 
 def _tiled(sdata, **kwargs):

@@ -49,7 +49,7 @@ class _Stderr(logging.StreamHandler):
         self.addFilter(lambda record: not logging.getLogger().handlers)  # root handlers print it: no duplicate
 
     @property
-    def stream(self):  # noqa: D102
+    def stream(self):
         return sys.stderr
 
     @stream.setter

@@ -151,6 +151,21 @@ def test_every_sigmma_key_round_trips(written):
     assert len(tiles.uns[Keys.UNS]["training"]["history"]["train_loss"]) == 2
 
 
+def test_ci_runs_the_readme_command_with_the_napari_extra():
+    """.ci/run's test line is README's "Run the tests" command (after the venv), napari extra and Xvfb included."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = re.search(r"## Run the tests\n\n```bash\n(.+?)\n```", readme, re.DOTALL).group(1)
+    ci = (root / ".ci" / "run").read_text()
+    line = ci.split("# --- README test command")[1].splitlines()[1]
+    assert command.endswith(" && " + line), (command, line)
+    assert '".[test,napari]"' in line
+    assert "xvfb" in ci
+    assert "SIGMMA_REQUIRE_NAPARI=1" in ci
+
+
 # --- napari ------------------------------------------------------------------------------------------------
 
 

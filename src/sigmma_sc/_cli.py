@@ -23,7 +23,7 @@ The SIGMMA pipeline for scripts and GPU jobs.
 Errors are one line naming the fix; --debug shows the traceback."""
 
 #: errors of bad input: printed as one line (the library's messages name the fix), not as a traceback
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -9,8 +9,13 @@ import sigmma_sc as sg
 from sigmma_sc._cli import main
 from sigmma_sc._constants import Keys
 
+HE = "sigmma_synthetic_he_image.ome.tif"
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["evaluate"], ["bundle"], ["train-bundle"]])
+
+COMMANDS = [[], ["demo"], ["run"], ["evaluate"], ["predict"], ["bundle"], ["train-bundle"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([*command, "--help"])
@@ -19,30 +24,157 @@ def test_help(command, capsys):
     assert "usage: sigmma" in out
     if command == ["evaluate"]:
         assert "training tiles only" in out
+    for markup in ("``", ":func:", ":data:", ":class:"):  # argparse prints the description as is: no reST
+        assert markup not in out
 
 
-def test_run_then_evaluate(tmp_path, capsys):
+def _options(parser):
+    """Every (subcommand, option action) of the parser tree."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {n}".strip(), a) for n, a in _options(sub))
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            yield "", action
+
+
+def test_every_option_has_help_with_its_default(capsys):
+    from sigmma_sc._cli import _parser
+
+    parser = _parser()
+    for command, action in _options(parser):
+        assert action.help, f"sigmma {command} {action.option_strings[0]} has no help text"
+        if action.required:
+            continue
+        sub = parser if not command else parser._subparsers._group_actions[0].choices[command]
+        formatter = sub._get_formatter()
+        text = formatter._get_help_string(action) % {"default": action.default}
+        assert "default" in text, f"sigmma {command} {action.option_strings[0]}: help shows no default ({text!r})"
+
+
+def _usage_error(capsys, argv) -> str:
+    """Run `sigmma argv`, expect argparse's exit (code 2, usage + one line on stderr), return that line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: sigmma")
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    return sg.datasets.synthetic_xenium(
+        tmp_path_factory.mktemp("cli") / "run", n_cells=1500, n_genes=40, seed=0, transcripts=False,
+        morphology=False, labels=False,
+    )  # fmt: skip
+
+
+def test_user_errors_are_one_line_before_reading(small_run, tmp_path, capsys, monkeypatch):
+    def no_read(*args, **kwargs):
+        raise AssertionError("the run was read before the arguments were checked")
+
+    monkeypatch.setattr(sg.io, "xenium", no_read)
+    run = ["run", "--xenium", str(small_run), "--out", str(tmp_path / "o.zarr")]
+    assert "--tile-size-um: must be > 0, got 0" in _usage_error(capsys, [*run, "--tile-size-um", "0"])
+    assert "--pixel-size-um: must be > 0" in _usage_error(capsys, [*run, "--pixel-size-um", "-1"])
+    assert "--steps: expected a int" in _usage_error(capsys, [*run, "--steps", "many"])
+    assert "--he: no such file: missing.tif" in _usage_error(capsys, [*run, "--he", "missing.tif"])
+    assert "--alignment needs --he" in _usage_error(capsys, [*run, "--he", "none", "--alignment", "x.csv"])
+    assert "--alignment: no such file" in _usage_error(capsys, [*run, "--he", str(small_run / HE), "--alignment", "x"])
+    assert "--resume needs --checkpoint-dir" in _usage_error(capsys, [*run, "--resume"])
+    assert "--xenium: no such folder" in _usage_error(capsys, ["run", "--xenium", str(tmp_path / "nope"), "--out", "o"])
+    (tmp_path / "o.zarr").mkdir()
+    assert "--out" in _usage_error(capsys, run)
+    assert "exists; choose another --out" in _usage_error(capsys, run)
+    assert "--out" in _usage_error(capsys, ["demo", "--out", str(tmp_path / "o.zarr")])
+
+
+def test_library_errors_are_one_line(small_run, tmp_path):
+    run = ["-q", "run", "--xenium", str(small_run), "--out", str(tmp_path / "o.zarr"), "--tile-size-um", "2",
+           "--pixel-size-um", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:  # pp.tile's ValueError, as one line with the fix
+        main(run)
+    message = str(e.value.code)
+    assert message.startswith("sigmma run: A 2.0 µm tile")
+    assert "Increase `tile_size_um`" in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="micro crops"):  # --debug: the traceback
+        main(["--debug", *run[1:]])
+    with pytest.raises(SystemExit, match=r"--image dapi: no such image; this run has \['he'"):
+        main(["-q", "run", "--xenium", str(small_run), "--out", str(tmp_path / "p.zarr"), "--image", "dapi"])
+    assert not (tmp_path / "o.zarr").exists()
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_library_warnings_reach_users_once(tmp_path):
+    """Without any logging setup, sigmma_sc warnings print (and INFO after verbosity='INFO'); never twice."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sigmma_sc as sg\n"
+        "log = logging.getLogger('sigmma_sc.pp._tile')\n"
+        "log.warning('first warning'); log.info('hidden info')\n"
+        "sg.settings.verbosity = 'INFO'; log.info('shown info')\n"
+        "logging.basicConfig(format='ROOT %(levelname)s %(message)s')\n"
+        "log.warning('second warning')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    lines = err.strip().splitlines()
+    assert lines == ["WARNING: first warning", "INFO: shown info", "ROOT WARNING second warning"]
+
+
+def test_run_then_evaluate(small_run, tmp_path, capsys, caplog, monkeypatch):
+    import logging
+
     import spatialdata as sd
 
-    progress = sg.settings.progress_bar
-    folder = sg.datasets.synthetic_xenium(
-        tmp_path / "run", n_cells=1500, n_genes=40, seed=0, transcripts=False, morphology=False, labels=False
-    )
+    folder = small_run
+    tile_calls = []
+    tile = sg.pp.tile
+
+    def spy(*args, **kwargs):
+        tile_calls.append(kwargs)
+        return tile(*args, **kwargs)
+
+    monkeypatch.setattr(sg.pp, "tile", spy)
+    progress, level = sg.settings.progress_bar, logging.getLogger("sigmma_sc").level
     out = tmp_path / "out.zarr"
     common = ["--tile-size-um", "64", "--pixel-size-um", "2", "--input-size", "32", "--epochs", "3"]
+    new = ["--hidden", "16", "--checkpoint-dir", str(tmp_path / "ckpt"), "--cells-outside", "drop", "--image", "he"]
     try:
-        assert main(["-q", "run", "--xenium", str(folder), "--out", str(out), *common, "--batch-size", "64"]) == 0
+        with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+            assert main(["run", "--xenium", str(folder), "--out", str(out), *common, "--batch-size", "64", *new]) == 0
     finally:
         sg.settings.progress_bar = progress
+        logging.getLogger("sigmma_sc").setLevel(level)
+    wrote = [r for r in caplog.records if r.name == "sigmma_sc" and r.getMessage().startswith("Wrote")]
+    assert [r.levelno for r in wrote] == [logging.INFO]  # not a WARNING
+    assert tile_calls[0]["cells_outside"] == "drop"
+    assert tile_calls[0]["image_key"] == "he"
+    assert (tmp_path / "ckpt" / "last.pt").exists()
     sdata = sd.read_zarr(out)
     tiles, cells = sdata.tables[Keys.TILE_TABLE], sdata.tables["table"]
+    assert tiles.uns[Keys.UNS]["training"]["config"]["hidden"] == 16
     assert Keys.EMB_IMAGE.format(scale="macro") in tiles.obsm
     assert all(Keys.MICROENV.format(scale=s) in cells.obs for s in ("micro", "meso", "macro"))
     assert tiles.uns[Keys.UNS]["backbone"]["input_size"] == 32  # --input-size reaches featurization
-    with pytest.raises(FileExistsError, match="exists"):  # refused before any work
-        main(["-q", "run", "--xenium", str(folder), "--out", str(out), *common])
-    with pytest.raises(SystemExit, match="--alignment needs --he"):
-        main(["-q", "run", "--xenium", str(folder), "--out", str(tmp_path / "x.zarr"), "--alignment", "a.csv"])
+    resumed = ["-q", "run", "--xenium", str(folder), "--out", str(tmp_path / "again.zarr"), *common, *new, "--resume"]
+    trained = []
+
+    def stop(sdata, **kwargs):
+        trained.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(sg.tl, "train_sigmma", stop)
+    with pytest.raises(RuntimeError, match="stop here"):  # not a user error: not turned into one line
+        main(resumed)
+    assert trained[0]["resume"] is True
+    assert trained[0]["checkpoint_dir"] == tmp_path / "ckpt"
 
     capsys.readouterr()
     assert main(["-q", "evaluate", str(out), "--backbone", "--n-genes", "10", "--csv", str(tmp_path / "s.csv")]) == 0

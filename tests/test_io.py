@@ -154,6 +154,28 @@ def test_inverted_alignment(run_dir):
         sg.io.xenium(run_dir, he_image=run_dir / HE, he_alignment=np.linalg.inv(matrix))
 
 
+@pytest.mark.parametrize("recorded_pixel_size", [True, False])
+def test_alignment_in_um_or_inverted_names_the_right_fix(run_dir, monkeypatch, recorded_pixel_size):
+    """A matrix to µm (not Xenium pixels) gets the µm fix, not the advice to invert it (issue 10, defect 6)."""
+    if not recorded_pixel_size:  # H&E without OME pixel size: decided on coverage alone
+        monkeypatch.setattr("sigmma_sc.io._xenium._ome_pixel_size_um", lambda path: None)
+    px = np.loadtxt(run_dir / ALIGNMENT, delimiter=",")
+    um = np.diag([PIXEL_SIZE, PIXEL_SIZE, 1]) @ px  # H&E pixels -> µm
+    with pytest.raises(ValueError, match="another reading") as err:
+        sg.io.xenium(run_dir, he_image=run_dir / HE, he_alignment=um)
+    assert (
+        f"he_alignment=numpy.diag([1 / {PIXEL_SIZE:g}, 1 / {PIXEL_SIZE:g}, 1]) @ matrix (if it maps H&E pixels to µm)"
+        in str(err.value)
+    )
+    if recorded_pixel_size:  # the OME pixel size rules out inverting
+        assert "linalg.inv" not in str(err.value)
+        with pytest.raises(ValueError, match=r"diag\(\[1 / 0.2125, 1 / 0.2125, 1\]\) @ numpy.linalg.inv") as err:
+            sg.io.xenium(run_dir, he_image=run_dir / HE, he_alignment=np.linalg.inv(um))  # µm -> H&E pixels
+        assert "implies" in str(err.value)  # says the scale is wrong
+    fixed = np.diag([1 / PIXEL_SIZE, 1 / PIXEL_SIZE, 1]) @ um  # the fix given works
+    assert "he" in sg.io.xenium(run_dir, he_image=run_dir / HE, he_alignment=fixed).images
+
+
 def test_placeholder_transcripts(run_dir):
     with pytest.raises(ValueError, match="transcripts=True"):
         sg.io.xenium(run_dir, transcripts=True)

@@ -1,12 +1,4 @@
-"""The ``sigmma`` command line: the SIGMMA pipeline for scripts and GPU jobs.
-
-``sigmma demo --out demo.zarr`` runs everything on the embedded synthetic Xenium section;
-``sigmma run --xenium DIR --out OUT.zarr`` on a Xenium run (optionally with its H&E);
-``sigmma predict --model MODEL --slide SLIDE --out OUT.zarr`` predicts tile expression of a new image-only slide;
-``sigmma evaluate OUT.zarr`` scores the embeddings of a written run on its held-out test tiles;
-``sigmma bundle`` / ``sigmma train-bundle`` split preprocessing from training, so that training runs on a
-GPU machine with only torch installed.
-"""
+"""The ``sigmma`` command line: the SIGMMA pipeline for scripts and GPU jobs (see :data:`DESCRIPTION`)."""
 
 from __future__ import annotations
 
@@ -17,6 +9,62 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger("sigmma_sc")
+
+#: what ``sigmma --help`` prints (plain text: argparse shows it as is)
+DESCRIPTION = """\
+The SIGMMA pipeline for scripts and GPU jobs.
+
+  sigmma demo --out demo.zarr                  everything on the embedded synthetic Xenium section
+  sigmma run --xenium DIR --out OUT.zarr       tile, graph, train, embed and cluster a Xenium run (and its H&E)
+  sigmma predict --model M --slide S --out O   tile expression of a new image-only slide
+  sigmma evaluate OUT.zarr                     score a written run on its held-out test tiles
+  sigmma bundle / sigmma train-bundle          preprocess here, train on a GPU machine with only torch
+
+Errors are one line naming the fix; --debug shows the traceback."""
+
+#: errors of bad input: printed as one line (the library's messages name the fix), not as a traceback
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless the text already gives it, or the option is required)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default is None:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Parsers (and subcommand parsers) that show every option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _positive(kind: type):
+    """An argparse type: a number > 0 (checked while parsing, before any reading)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+_pos_int, _pos_float = _positive(int), _positive(float)
 
 #: optimiser steps of ``sigmma demo`` (fits the 5-minute CPU budget; early stopping usually ends sooner)
 DEMO_STEPS = 600
@@ -39,16 +87,19 @@ def _common_training(p: argparse.ArgumentParser, steps: int | None = None) -> No
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=_pos_int,
         default=steps,
         help=f"budget of optimiser steps (default: {steps or 'the preset, 1000'}; early stopping may end sooner)",
     )
     p.add_argument(
-        "--epochs", type=int, default=None, help="budget of epochs (default: none with the default preset, 100 paper)"
+        "--epochs",
+        type=_pos_int,
+        default=None,
+        help="budget of epochs (default: none with the default preset, 100 paper)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_pos_int,
         default=None,
         help="tiles per contrastive batch (default: the preset's, 256 capped at a quarter of the training tiles; "
         "paper 1280)",
@@ -56,36 +107,37 @@ def _common_training(p: argparse.ArgumentParser, steps: int | None = None) -> No
     p.add_argument(
         "--backbone",
         default="efficientnet_lite0",
-        help="image backbone: efficientnet_lite0 (offline), uni, or a timm name",
+        help="image backbone: efficientnet_lite0 (offline), uni, or a timm name (default: %(default)s)",
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and sampling")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sigmma", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="sigmma", description=DESCRIPTION)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic Xenium section")
     demo.add_argument("--out", type=Path, default=Path("sigmma_demo.zarr"), help="output SpatialData zarr")
-    demo.add_argument("--n-cells", type=int, default=None, help="cells of the synthetic section (default: the demo's)")
     demo.add_argument(
-        "--image", choices=("he", "morphology_focus"), default="he", help="image to align with (default he)"
+        "--n-cells", type=_pos_int, default=None, help="cells of the synthetic section (default: the demo's)"
+    )
+    demo.add_argument(
+        "--image", choices=("he", "morphology_focus"), default="he", help="image to align with (default: he)"
     )
     demo.add_argument(
         "--input-size",
-        type=int,
+        type=_pos_int,
         default=112,
-        help="crop side for the backbone (default 112, fast on a CPU; 224 is native)",
+        help="crop side for the backbone (default: 112, fast on a CPU; 224 is native)",
     )
     demo.add_argument(
         "--hidden",
-        type=int,
+        type=_pos_int,
         default=128,
-        help="GNN and embedding width (default 128 for a CPU demo; the paper uses 512)",
+        help="GNN and embedding width (default: 128 for a CPU demo; the paper uses 512)",
     )
     _common_training(demo, steps=DEMO_STEPS)
 
@@ -104,14 +156,44 @@ def _parser() -> argparse.ArgumentParser:
         "*he_imagealignment.csv, if any); 'none' to align the DAPI morphology image even when an H&E exists. "
         "Without an H&E the DAPI morphology image is used.",
     )
-    run.add_argument("--alignment", type=Path, default=None, help="H&E alignment CSV (3x3 affine from 10x)")
-    run.add_argument("--out", type=Path, required=True, help="output SpatialData zarr (several --xenium: a folder)")
-    run.add_argument("--tile-size-um", type=float, default=128.0)
-    run.add_argument("--pixel-size-um", type=float, default=0.5)
-    run.add_argument("--model-out", type=Path, default=None, help="also save the trained model here")
     run.add_argument(
-        "--input-size", type=int, default=None, help="crop side for the backbone (default: the backbone's)"
+        "--alignment",
+        type=Path,
+        default=None,
+        help="H&E alignment CSV: the 3x3 H&E pixel -> Xenium pixel affine of Xenium Explorer (default: the one "
+        "found next to the H&E)",
     )
+    run.add_argument("--out", type=Path, required=True, help="output SpatialData zarr (several --xenium: a folder)")
+    run.add_argument(
+        "--image",
+        default=None,
+        help="image element to align with, e.g. he or morphology_focus (default: he when an H&E is read, else "
+        "morphology_focus)",
+    )
+    run.add_argument("--tile-size-um", type=_pos_float, default=128.0, help="tile side in µm")
+    run.add_argument("--pixel-size-um", type=_pos_float, default=0.5, help="pixel size tiles are read at, in µm")
+    run.add_argument(
+        "--cells-outside",
+        choices=("raise", "drop"),
+        default="raise",
+        help="cells outside the image: stop with an error (raise) or leave them untiled (drop)",
+    )
+    run.add_argument(
+        "--model-out", type=Path, default=None, help="also save the trained model here (default: not saved)"
+    )
+    run.add_argument(
+        "--input-size", type=_pos_int, default=None, help="crop side for the backbone (default: the backbone's)"
+    )
+    run.add_argument(
+        "--hidden", type=_pos_int, default=None, help="GNN and embedding width (default: the model's, 512)"
+    )
+    run.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="write a checkpoint (last.pt) here after every epoch, for --resume (default: no checkpoints)",
+    )
+    run.add_argument("--resume", action="store_true", help="continue a killed run from --checkpoint-dir (default: off)")
     _common_training(run)
 
     ev = sub.add_parser(
@@ -122,13 +204,13 @@ def _parser() -> argparse.ArgumentParser:
         "Probes are fitted on the training tiles only; the test tiles are only scored.",
     )
     ev.add_argument("zarr", type=Path, help="SpatialData zarr written by `sigmma run` / `sigmma demo`")
-    ev.add_argument("--split", choices=("test", "val"), default="test", help="tiles scored (default test)")
+    ev.add_argument("--split", choices=("test", "val"), default="test", help="tiles scored")
     ev.add_argument(
         "--protocols", nargs="+", choices=("paper", "hest"), default=["paper", "hest"], help="probe protocols"
     )
-    ev.add_argument("--n-genes", type=int, default=50, help="target genes of the probes (default 50)")
+    ev.add_argument("--n-genes", type=_pos_int, default=50, help="target genes of the probes")
     ev.add_argument("--backbone", action="store_true", help="also score the frozen backbone's features")
-    ev.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV file")
+    ev.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV file (default: none)")
 
     _predict_parser(sub)
 
@@ -137,42 +219,62 @@ def _parser() -> argparse.ArgumentParser:
     bundle.add_argument(
         "--out", type=Path, required=True, help="bundle file; for several zarrs a folder of <zarr name>.pt files"
     )
-    bundle.add_argument("--backbone", default="efficientnet_lite0")
-    bundle.add_argument("--input-size", type=int, default=None, help="crop side for the backbone (default: its own)")
+    bundle.add_argument("--backbone", default="efficientnet_lite0", help="image backbone (as for sigmma run)")
+    bundle.add_argument(
+        "--input-size", type=_pos_int, default=None, help="crop side for the backbone (default: its own)"
+    )
     bundle.add_argument("--split", choices=("spatial", "section"), default="spatial", help="cohort split")
-    bundle.add_argument("--val-sections", nargs="*", default=(), help="with --split section: validation zarr names")
-    bundle.add_argument("--test-sections", nargs="*", default=(), help="with --split section: test zarr names")
+    bundle.add_argument(
+        "--val-sections", nargs="*", default=(), help="with --split section: validation zarr names (default: none)"
+    )
+    bundle.add_argument(
+        "--test-sections", nargs="*", default=(), help="with --split section: test zarr names (default: none)"
+    )
 
     train = sub.add_parser(
         "train-bundle", help="train on saved bundle(s) (needs only torch; runs under `torchrun --nproc-per-node N`)"
     )
     train.add_argument("bundle", type=Path, nargs="+", help="bundle file(s); several are joined (one per section)")
     train.add_argument("--out", type=Path, required=True, help="where to save the model")
-    train.add_argument("--checkpoint-dir", type=Path, default=None)
-    train.add_argument("--resume", action="store_true")
+    train.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoint folder (default: none)")
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     _common_training(train)
     return parser
+
+
+def _training(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``sg.tl.train_sigmma`` from the command line."""
+    out = {"backbone": args.backbone, **_budget(args), "device": args.device, "seed": args.seed}
+    out["input_size"] = getattr(args, "input_size", None)
+    if getattr(args, "hidden", None):
+        out |= {"hidden": args.hidden, "out_dim": args.hidden}
+    if getattr(args, "checkpoint_dir", None) is not None:
+        out |= {"checkpoint_dir": args.checkpoint_dir, "resume": args.resume}
+    return out
+
+
+def _image_key(sdata, args: argparse.Namespace) -> str:
+    """``--image``, or the H&E when one was read, else the DAPI morphology image."""
+    image = getattr(args, "image", None)
+    if image is None:
+        return "he" if "he" in sdata.images else "morphology_focus"
+    if image not in sdata.images:
+        raise SystemExit(f"--image {image}: no such image; this run has {sorted(sdata.images)}.")
+    return image
 
 
 def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.0, pixel_size_um: float = 0.5):
     import sigmma_sc as sg
 
     t0 = time.perf_counter()
-    sg.pp.tile(sdata, image_key=image_key, tile_size_um=tile_size_um, pixel_size_um=pixel_size_um)
+    sg.pp.tile(sdata, image_key=image_key, tile_size_um=tile_size_um, pixel_size_um=pixel_size_um,
+               cells_outside=getattr(args, "cells_outside", "raise"))  # fmt: skip
     sg.pp.cell_graph(sdata)
-    model = sg.tl.train_sigmma(
-        sdata,
-        backbone=args.backbone,
-        **_budget(args),
-        device=args.device,
-        seed=args.seed,
-        input_size=getattr(args, "input_size", None),
-        **({"hidden": args.hidden, "out_dim": args.hidden} if getattr(args, "hidden", None) else {}),
-    )
+    model = sg.tl.train_sigmma(sdata, **_training(args))
     sg.tl.embed(sdata, model)
     sg.tl.microenvironments(sdata)
     sdata.write(out)  # refuses an existing path (main checks it before any work)
-    logger.warning(
+    logger.info(
         "Wrote %s in %.0f s; open it with napari-spatialdata or spatialdata.read_zarr.", out, time.perf_counter() - t0
     )
     return model
@@ -190,12 +292,17 @@ def _predict_parser(sub) -> None:
     p.add_argument("--model", type=Path, required=True, help="model saved by SigmmaModel.save / sigmma run --model-out")
     p.add_argument("--slide", type=Path, required=True, help="whole-slide image file")
     p.add_argument("--out", type=Path, required=True, help="output SpatialData zarr (tiles, tile table, overview)")
-    p.add_argument("--retrieve", type=int, default=0, metavar="N", help="closest training tiles per tile (default 0)")
-    p.add_argument("--pixel-size-um", type=float, default=None, help="slide pixel size if the file records none")
-    p.add_argument("--probe", default="expression", help="name of the model's probe (default expression)")
+    p.add_argument("--retrieve", type=int, default=0, metavar="N", help="closest training tiles per tile")
+    p.add_argument(
+        "--pixel-size-um",
+        type=_pos_float,
+        default=None,
+        help="slide pixel size if the file records none (default: the file's)",
+    )
+    p.add_argument("--probe", default="expression", help="name of the model's probe")
     p.add_argument("--no-probe", action="store_true", help="no expression prediction (retrieval only)")
     p.add_argument("--stain-normalize", action="store_true", help="Macenko-normalise to the training stains first")
-    p.add_argument("--min-tissue-fraction", type=float, default=0.05)
+    p.add_argument("--min-tissue-fraction", type=float, default=0.05, help="tiles with less tissue are left out")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
 
 
@@ -222,7 +329,7 @@ def _predict(args) -> None:
     except ValueError as e:
         raise SystemExit(f"sigmma predict: {e}") from e
     tiles = sdata.tables["sigmma_tiles"]
-    logger.warning("%d tissue tiles, %d predicted genes.", tiles.n_obs, tiles.n_vars)
+    logger.info("Wrote %s: %d tissue tiles, %d predicted genes.", args.out, tiles.n_obs, tiles.n_vars)
 
 
 def _run_cohort(args) -> None:
@@ -244,12 +351,11 @@ def _run_cohort(args) -> None:
             sdata = sg.io.xenium(folder, he_image="auto")
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"{folder}: {e}") from e
-        image_key = "he" if "he" in sdata.images else "morphology_focus"
-        sg.pp.tile(sdata, image_key=image_key, tile_size_um=args.tile_size_um, pixel_size_um=args.pixel_size_um)
+        sg.pp.tile(sdata, image_key=_image_key(sdata, args), tile_size_um=args.tile_size_um,
+                   pixel_size_um=args.pixel_size_um, cells_outside=args.cells_outside)  # fmt: skip
         sg.pp.cell_graph(sdata)
         sections[name] = sdata
-    model = sg.tl.train_sigmma(sections, backbone=args.backbone, **_budget(args),
-                               device=args.device, seed=args.seed, input_size=args.input_size)  # fmt: skip
+    model = sg.tl.train_sigmma(sections, **_training(args))
     args.out.mkdir(parents=True)
     for name, sdata in sections.items():
         sg.tl.embed(sdata, model)
@@ -257,7 +363,7 @@ def _run_cohort(args) -> None:
         sdata.write(args.out / f"{name}.zarr")
     if args.model_out:
         model.save(args.model_out)
-    logger.warning("Wrote %d sections to %s in %.0f s.", len(sections), args.out, time.perf_counter() - t0)
+    logger.info("Wrote %d sections to %s in %.0f s.", len(sections), args.out, time.perf_counter() - t0)
 
 
 def _evaluate(args) -> None:
@@ -302,12 +408,18 @@ def _evaluate(args) -> None:
     )
     if args.csv is not None:
         scores.to_csv(args.csv)
-        logger.warning("Wrote %s.", args.csv)
+        logger.info("Wrote %s.", args.csv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``sigmma`` console script."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``sigmma`` console script.
+
+    Bad input ends with a one-line message naming the fix (``SystemExit``) instead of a traceback; ``--debug``
+    shows the traceback.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)  # every check that needs no reading, before any reading
     import warnings
 
     import sigmma_sc as sg
@@ -316,9 +428,43 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     sg.settings.progress_bar = not args.quiet
+    try:
+        return _main(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise SystemExit(f"sigmma {args.command}: {' '.join(str(message).split())}") from e
 
-    if args.command in ("demo", "run") and args.out.exists():  # before any reading or training, not after
-        raise FileExistsError(f"{args.out} exists; choose another --out or remove it.")
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad combinations and missing paths (as argparse does: usage and one line) before any work."""
+    if args.command in ("demo", "run") and args.out.exists():
+        parser.error(f"--out {args.out} exists; choose another --out or remove it.")
+    if args.command == "run":
+        missing = [str(p) for p in args.xenium if not p.is_dir()]
+        if missing:
+            parser.error(f"--xenium: no such folder: {', '.join(missing)}.")
+        if args.resume and args.checkpoint_dir is None:
+            parser.error("--resume needs --checkpoint-dir: the folder of the run to continue.")
+        if len(args.xenium) > 1:  # each folder's own H&E (_run_cohort refuses --he)
+            return
+        if args.alignment is not None and (args.he is None or str(args.he).lower() == "none"):
+            parser.error("--alignment needs --he: name the H&E image the alignment belongs to.")
+        he = args.he if args.he is None or str(args.he).lower() in ("none", "auto") else Path(args.he)
+        if isinstance(he, Path) and not he.exists() and not (args.xenium[0] / he).exists():
+            parser.error(f"--he: no such file: {he} (nor in {args.xenium[0]}); give the H&E OME-TIFF, or --he none.")
+        if (
+            args.alignment is not None
+            and not args.alignment.exists()
+            and not (args.xenium[0] / args.alignment).exists()
+        ):
+            parser.error(f"--alignment: no such file: {args.alignment}.")
+
+
+def _main(args: argparse.Namespace) -> int:
+    import sigmma_sc as sg
+
     if args.command == "demo":
         kwargs = {} if args.n_cells is None else {"n_cells": args.n_cells}
         sdata = sg.datasets.demo(**kwargs)
@@ -328,8 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         args.xenium = args.xenium[0]
         no_he = args.he is not None and str(args.he).lower() == "none"
-        if args.alignment is not None and (args.he is None or no_he):
-            raise SystemExit("--alignment needs --he: name the H&E image the alignment belongs to.")
         try:
             sdata = sg.io.xenium(
                 args.xenium, he_image=None if no_he else (args.he or "auto"), he_alignment=args.alignment
@@ -337,15 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             if args.he is not None:
                 raise
-            raise SystemExit(f"{e}\nWith the command line: pass --he IMAGE --alignment CSV, or --he none.") from e
-        model = _pipeline(
-            sdata,
-            args,
-            "he" if "he" in sdata.images else "morphology_focus",
-            args.out,
-            args.tile_size_um,
-            args.pixel_size_um,
-        )
+            raise SystemExit(
+                f"sigmma run: {e} With the command line: pass --he IMAGE --alignment CSV, or --he none."
+            ) from e
+        model = _pipeline(sdata, args, _image_key(sdata, args), args.out, args.tile_size_um, args.pixel_size_um)
         if args.model_out:
             model.save(args.model_out)
     elif args.command == "evaluate":
@@ -378,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         sg.tl.featurize(sdata, backbone=args.backbone, input_size=args.input_size)
         bundle, _ = sg.data.build_bundle(sdata)
         bundle.save(args.out)
-        logger.warning("Saved %r to %s.", bundle, args.out)
+        logger.info("Saved %r to %s.", bundle, args.out)
     elif args.command == "train-bundle":
         from sigmma_sc.model import SigmmaModel, TrainingBundle
         from sigmma_sc.model._distributed import init_from_env

@@ -302,7 +302,9 @@ def _replace_image(sdata, img, key="he"):
     from spatialdata.transformations import get_transformation
 
     old = sdata.images[key]
-    sdata.images[key] = Image2DModel.parse(img, dims=("c", "y", "x"), transformations=get_transformation(old, get_all=True))
+    sdata.images[key] = Image2DModel.parse(
+        img, dims=("c", "y", "x"), transformations=get_transformation(old, get_all=True)
+    )
 
 
 def _tiled(sdata, **kwargs):
@@ -396,6 +398,17 @@ def test_pixel_size_much_finer_than_image_warns(section, caplog):
 def test_native_crop_message_does_not_contradict_itself(section):
     with pytest.raises(ValueError, match=r"spans only 3\.9\d? image pixels"):
         sg.pp.tile(section, image_key="he", tile_size_um=7.9, pixel_size_um=0.05)
+
+
+def test_crop_messages_never_print_the_limit(section):
+    """Just below 4 px must not read "4 px (at least 4 needed)" (issue 10, defect 6)."""
+    with pytest.raises(ValueError, match=r"spans only 3\.99 image pixels \(at least 4 needed\)"):
+        sg.pp.tile(section, image_key="he", tile_size_um=7.999, pixel_size_um=0.05, inplace=False)
+    with pytest.raises(ValueError, match=r"read as 12 px, giving micro crops of 3 px; at least 4"):
+        sg.pp.tile(section, image_key="he", tile_size_um=13.9, pixel_size_um=1.0, inplace=False)
+    # 15.96 µm at 1 µm/px is read as 16 px: micro crops of 4 px, accepted (the ratio 3.99 was refused as "4.0 px")
+    tiles = sg.pp.tile(section, image_key="he", tile_size_um=15.96, pixel_size_um=1.0, inplace=False)
+    assert tiles is not None
 
 
 def test_small_section_warns_about_empty_splits(caplog):

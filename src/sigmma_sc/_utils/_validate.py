@@ -265,3 +265,35 @@ def check_prefix(value: str, name: str = "key_added") -> str:
     if not isinstance(value, str) or not value or "/" in value or "{" in value:
         raise ValueError(f"`{name}` must be a non-empty name without '/' or '{{', got {value!r}.")
     return value
+
+
+def tiling_fingerprint(tile_of_cell: np.ndarray) -> str:
+    """A short hash of the cells' tile ids: the tiling a cell graph was built on (recorded by ``sg.pp.cell_graph``)."""
+    import hashlib
+
+    ids = np.ascontiguousarray(np.asarray(tile_of_cell, dtype=np.int64))
+    return hashlib.sha1(ids.tobytes(), usedforsecurity=False).hexdigest()[:16]
+
+
+def check_graph_tiling(
+    table: AnnData, table_key: str, graph: dict[str, Any], tile_col: str = Keys.CELL_TILE, connectivities: str | None = None
+) -> None:
+    """A clear error when a cell graph was built on an earlier tiling (``sg.pp.tile`` ran again after it).
+
+    Compares the tiling recorded by ``sg.pp.cell_graph`` (``graph['tiling']``) with the cells' current tile ids
+    ``.obs[tile_col]``, and (also for graphs written before the tiling was recorded) checks that no edge of
+    ``.obsp[connectivities]`` links cells of different tiles.
+    """
+    stale = (
+        f"The cell graph of table {table_key!r} was built on an earlier tiling (`sg.pp.tile` ran again after "
+        "`sg.pp.cell_graph`); run `sg.pp.cell_graph` again after `sg.pp.tile`."
+    )
+    require_obs(table, [tile_col], table_key, "sg.pp.tile")
+    tile_of = table.obs[tile_col].to_numpy().astype(np.int64)
+    recorded = graph.get("tiling")
+    if recorded is not None and str(recorded) != tiling_fingerprint(tile_of):
+        raise ValueError(stale)
+    key = connectivities or (graph.get("keys") or {}).get("connectivities") or Keys.connectivities(Keys.GRAPH)
+    conn = table.obsp[key].tocoo()
+    if (tile_of[conn.row] != tile_of[conn.col]).any() or (tile_of[conn.row] < 0).any():
+        raise ValueError(stale)

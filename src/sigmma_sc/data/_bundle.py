@@ -10,7 +10,7 @@ from scipy import sparse
 
 from .._constants import GRID, SCALES, SPLITS, Keys
 from .._utils._record import graph_record, tiling_keys
-from .._utils._validate import get_table, require_obs
+from .._utils._validate import check_graph_tiling, get_table, require_obs
 from ._geometry import separate_groups
 from ._tiles import tile_params, tile_reader
 
@@ -156,9 +156,8 @@ def build_bundle(
             f"Cell graph {graph_key!r} was built on tile table {graph['tile_key']!r}, not {tile_key!r}. Build one on "
             f"this tiling: `sg.pp.cell_graph(sdata, tile_key={tile_key!r}, key_added=...)` and pass `graph_key=`."
         )
+    check_graph_tiling(cells, table_key, graph, tkeys["cell_tile"])  # stale after a new sg.pp.tile: say so
     feats_key = graph["features_key"]
-    if feats_key not in cells.obsm:
-        raise KeyError(f"Node features `.obsm[{feats_key!r}]` are missing; run `sg.pp.cell_graph` again.")
 
     tile_of = cells.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64)
     if tile_of.max(initial=-1) >= tiles.n_obs:

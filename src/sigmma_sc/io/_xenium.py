@@ -106,12 +106,16 @@ def xenium(
             raise ValueError(f"spatialdata_io.xenium already read an image named {he_key!r}; choose another he_key.")
         image = read_he_image(he_path, matrix)
         if "table" in sdata.tables:
-            _check_overlap(image, matrix, sdata.tables["table"].obsm["spatial"] / float(specs["pixel_size"]))
+            pixel_size = float(specs["pixel_size"])
+            cells_px = sdata.tables["table"].obsm["spatial"] / pixel_size
+            _check_overlap(image, matrix, cells_px, pixel_size, _ome_pixel_size_um(Path(he_path)))
         sdata.images[he_key] = image
         logger.info("Added the H&E image %s as images[%r]", he_path.name, he_key)
     if "table" in sdata.tables:
         _check_table(sdata, cells_as_circles=cells_as_circles)
-        if (synthetic.get("contact_program") or {}).get("enabled"):  # ground truth of sg.datasets.synthetic_xenium's contact programme
+        if (synthetic.get("contact_program") or {}).get(
+            "enabled"
+        ):  # ground truth of sg.datasets.synthetic_xenium's contact programme
             sdata.tables["table"].uns["sigmma_synthetic"] = {"contact_program": synthetic["contact_program"]}
     sdata.attrs["sigmma"] = {"um_per_unit": {"global": float(specs["pixel_size"])}}
     logger.info("Read Xenium run %s: %s", path, ", ".join(f"{k}={len(v)}" for k, v in _element_counts(sdata)))
@@ -334,8 +338,36 @@ def _datatree(levels, dims, c_coords):
     return DataTree.from_dict(nodes)
 
 
-def _check_overlap(image, matrix: np.ndarray, cells_xy: np.ndarray) -> None:
-    """Catch the common mistake of an inverted alignment (Xenium -> H&E instead of H&E -> Xenium)."""
+def _ome_pixel_size_um(path: Path) -> float | None:
+    """The pixel size (µm) an OME-TIFF records (``PhysicalSizeX``), or ``None``."""
+    import re
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata or ""
+    except (OSError, ValueError):  # pragma: no cover - read_he_image reports unreadable files
+        return None
+    size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', xml)
+    if size is None:
+        return None
+    unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', xml)
+    factor = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit.group(1) if unit else "µm")
+    value = float(size.group(1)) * factor if factor else None
+    return value if value and np.isfinite(value) and value > 0 else None
+
+
+def _check_overlap(
+    image, matrix: np.ndarray, cells_xy: np.ndarray, pixel_size: float, he_pixel_size_um: float | None = None
+) -> None:
+    """Catch the common mistakes with an alignment: inverted (Xenium -> H&E) or in µm instead of Xenium pixels.
+
+    ``cells_xy`` are in Xenium pixels (``pixel_size`` µm). The matrix given, its inverse, and both read as mapping to
+    (or from) µm are compared: each must place the H&E image over the cells and, when the OME-TIFF records its pixel
+    size, scale H&E pixels by ``he_pixel_size_um / pixel_size``. When the matrix given fails and another reading fits,
+    the error names that fix.
+    """
     from spatialdata.models import get_axes_names
 
     scale0 = image["scale0"]["image"] if hasattr(image, "children") else image
@@ -343,18 +375,47 @@ def _check_overlap(image, matrix: np.ndarray, cells_xy: np.ndarray) -> None:
     height, width = scale0.shape[axes.index("y")], scale0.shape[axes.index("x")]
     corners = np.array([[0, 0, 1], [width, 0, 1], [0, height, 1], [width, height, 1]], float).T
     lo, hi = cells_xy.min(0), cells_xy.max(0)
+    expected = None if he_pixel_size_um is None else he_pixel_size_um / pixel_size  # H&E px in Xenium px
 
     def covered(m: np.ndarray) -> float:
         mapped = (m @ corners)[:2]
         inter = np.clip(np.minimum(hi, mapped.max(1)) - np.maximum(lo, mapped.min(1)), 0, None)
         return float(np.prod(inter) / max(np.prod(hi - lo), 1e-12))
 
-    if covered(matrix) < 0.5 and covered(np.linalg.inv(matrix)) > 0.9:
-        raise ValueError(
-            "The H&E image covers little of the cells under he_alignment, but all of them under its inverse: the matrix "
-            "seems to map Xenium pixels to H&E pixels. Pass he_alignment=numpy.linalg.inv(matrix) (Xenium Explorer "
-            "exports the H&E -> Xenium direction)."
+    def scale_fits(m: np.ndarray) -> bool:
+        scale = np.sqrt(abs(np.linalg.det(m[:2, :2])))
+        return expected is None or abs(np.log(scale / expected)) < np.log(1.1)
+
+    to_px = np.diag([1 / pixel_size, 1 / pixel_size, 1.0])
+    inverse = np.linalg.inv(matrix)
+    readings = [
+        (inverse, "numpy.linalg.inv(matrix)", "maps Xenium pixels to H&E pixels"),
+        (to_px @ matrix, f"numpy.diag([1 / {pixel_size:g}, 1 / {pixel_size:g}, 1]) @ matrix", "maps H&E pixels to µm"),
+        (to_px @ inverse, f"numpy.diag([1 / {pixel_size:g}, 1 / {pixel_size:g}, 1]) @ numpy.linalg.inv(matrix)",
+         "maps µm to H&E pixels"),
+    ]  # fmt: skip
+    cover = covered(matrix)
+    if cover >= 0.5 and scale_fits(matrix):
+        return
+    fits = [(fix, why) for m, fix, why in readings if covered(m) > 0.9 and scale_fits(m)]
+    scale_note = ""
+    if not scale_fits(matrix):
+        scale_note = (
+            f"; it scales an H&E pixel to {np.sqrt(abs(np.linalg.det(matrix[:2, :2]))):.3g} Xenium pixels, the "
+            f"image's OME pixel size ({he_pixel_size_um:.4g} µm) implies {expected:.3g}"
         )
+    if fits:
+        options = " or ".join(f"he_alignment={fix} (if it {why})" for fix, why in fits)
+        raise ValueError(
+            f"he_alignment places the H&E image over {cover:.0%} of the cells' extent{scale_note}, but another "
+            f"reading of the matrix fits: pass {options}. sg.io.xenium needs the H&E pixel -> Xenium pixel matrix "
+            f"({pixel_size:g} µm per Xenium pixel) that Xenium Explorer exports as *_imagealignment.csv."
+        )
+    logger.warning(
+        "he_alignment places the H&E image over %.0f%% of the cells' extent%s; check that the matrix maps H&E "
+        "pixels to Xenium pixels (%g µm each), as Xenium Explorer's *_imagealignment.csv does.",
+        100 * cover, scale_note, pixel_size,
+    )  # fmt: skip
 
 
 def _check_table(sdata: SpatialData, *, cells_as_circles: bool) -> None:

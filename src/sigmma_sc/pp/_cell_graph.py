@@ -12,7 +12,7 @@ from scipy import sparse
 
 from sigmma_sc._constants import Keys
 from sigmma_sc._utils._record import tiling_keys, write_record
-from sigmma_sc._utils._validate import check_prefix, counts_matrix, get_table, require_obs
+from sigmma_sc._utils._validate import check_prefix, counts_matrix, get_table, require_obs, tiling_fingerprint
 from sigmma_sc.data._geometry import knn_within_tiles
 from sigmma_sc.data._pca import apply_log_pca, fit_log_pca
 from sigmma_sc.data._tiles import tile_params
@@ -169,6 +169,7 @@ def cell_graph(
         "key_added": key_added,
         "keys": written,
         "tile_key": tile_key,
+        "tiling": tiling_fingerprint(tile_of_cell),  # a later sg.pp.tile makes this graph stale (check_graph)
         "distance_unit": f"{params['coordinate_system']} units ({params['um_per_unit']} µm)",
     }
     write_record(table, key_added, "cell_graph", record)

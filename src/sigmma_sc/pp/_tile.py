@@ -146,18 +146,19 @@ def tile(
     reader = ImageReader(image, coordinate_system, scale)
 
     tile_px = MIN_CROP_PX * max(1, round(tile_size_um / pixel_size_um / MIN_CROP_PX))
-    if tile_size_um / pixel_size_um / GRID["micro"] < MIN_CROP_PX:
+    if tile_px // GRID["micro"] < MIN_CROP_PX:  # the tile as read (a multiple of MIN_CROP_PX px), not the ratio
         raise ValueError(
-            f"A {tile_size_um} µm tile at {pixel_size_um} µm/px gives micro crops of "
-            f"{tile_size_um / pixel_size_um / GRID['micro']:.1f} px; at least {MIN_CROP_PX} px are needed. "
-            "Increase `tile_size_um` or decrease `pixel_size_um`."
+            f"A {tile_size_um} µm tile at {pixel_size_um} µm/px is read as {tile_px} px, giving micro crops of "
+            f"{tile_px // GRID['micro']} px; at least {MIN_CROP_PX} px are needed. Increase `tile_size_um` (at least "
+            f"{MIN_CROP_PX * GRID['micro'] * pixel_size_um:g} µm) or decrease `pixel_size_um`."
         )
     native_crop = tile_size_um / reader.pixel_size_um / GRID["micro"]
     if native_crop < MIN_CROP_PX * (1 - 1e-6):
         raise ValueError(
             f"The image's full resolution is {reader.pixel_size_um:.4g} µm/px, so a micro crop of a {tile_size_um} µm "
-            f"tile spans only {native_crop:.3g} image pixels (at least {MIN_CROP_PX} needed). Increase `tile_size_um`, "
-            "or check `um_per_unit` and the image's transformation."
+            f"tile spans only {_floor(native_crop)} image pixels (at least {MIN_CROP_PX} needed). Increase "
+            f"`tile_size_um` (at least {MIN_CROP_PX * GRID['micro'] * reader.pixel_size_um:.4g} µm), or check "
+            "`um_per_unit` and the image's transformation."
         )
     if pixel_size_um * FINER_WARNING < reader.pixel_size_um:
         logger.warning(
@@ -483,3 +484,10 @@ def _tile_table(
     adata = ad.AnnData(X=summed, obs=obs, var=pd.DataFrame(index=table.var_names.copy()))
     adata.uns[params["key_added"]] = {"tile": params}
     return TableModel.parse(adata, region=shapes_key, region_key=Keys.REGION, instance_key=Keys.TILE_ID)
+
+
+def _floor(value: float, digits: int = 2) -> str:
+    """``value`` rounded down, so that a number just below a limit never prints as the limit (3.9995 -> 3.99)."""
+    import math
+
+    return f"{math.floor(value * 10**digits) / 10**digits:g}"

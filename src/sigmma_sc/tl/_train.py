@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._constants import Keys
-from .._utils._validate import get_table
+from .._utils._record import graph_record, tiling_keys
+from .._utils._validate import check_graph_tiling, get_table
 from ..data._bundle import build_bundle
 from ..data._tiles import tile_params
 from ._featurize import featurize
@@ -140,6 +141,10 @@ def train_sigmma(
     from ..model import SigmmaModel
 
     seed = resolve_seed(seed)
+    budget = {k: v for k, v in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size)) if v is not None}
+    # every cheap check before the slow featurization: settings, checkpoint, then (one section) tiling and graph
+    _check_config(preset, budget, config)
+    resume = _check_resume(checkpoint_dir, resume=resume)
     if not isinstance(sdata, SpatialData):
         from ._cohort import train_cohort
 
@@ -156,24 +161,22 @@ def train_sigmma(
             "`split`, `val_sections`, `test_sections`, `features`, `n_comps` and `layer` apply to a cohort (a list or "
             "mapping of sections); for one section, choose node features in `sg.pp.cell_graph`."
         )
-    tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
+    params = tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
     tiles = get_table(sdata, tile_key)
+    cells = get_table(sdata, table_key)
+    graph = graph_record(cells, Keys.GRAPH, table_key)  # missing: say so before featurizing
+    check_graph_tiling(cells, table_key, graph, tiling_keys(params)["cell_tile"])  # stale after a new sg.pp.tile
+    _check_training_tiles(int((tiles.obs[Keys.SPLIT].to_numpy() == "train").sum()))
     featurize(
         sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
         input_size=input_size, batch_size=featurize_batch_size, device=device,
     )  # fmt: skip
     finetune = int(config.get("finetune_blocks", 0) or 0) > 0
     bundle, _ = build_bundle(sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune)
-    n_train = int((bundle.split == 0).sum()) if bundle.split is not None else bundle.n_tiles
-    if n_train < 2:
-        raise ValueError(
-            f"Only {n_train} training tile(s); contrastive training needs at least 2 (more in practice). "
-            "Use a smaller `tile_size_um` in `sg.pp.tile`, or a larger section."
-        )
+    _check_training_tiles(int((bundle.split == 0).sum()) if bundle.split is not None else bundle.n_tiles)
     info = tiles.uns[Keys.UNS]["backbone"]
     if weights is not None:  # the architecture is `backbone`, its weights a local file
         config.setdefault("backbone_weights", str(weights))
-    budget = {k: v for k, v in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     model = SigmmaModel.from_bundle(
         bundle,
         preset=preset,
@@ -199,3 +202,48 @@ def train_sigmma(
     if best is not None:
         logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
     return model
+
+
+def _check_config(preset: str, budget: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse unknown or invalid model settings now, not after featurization (the sizes come from the bundle)."""
+    import difflib
+    from dataclasses import fields
+
+    from ..model import SigmmaConfig
+
+    names = [f.name for f in fields(SigmmaConfig)]
+    derived = {"n_features", "image_dim"}  # from the bundle, never set by hand
+    for key in config:
+        if key not in names or key in derived:
+            close = difflib.get_close_matches(key, [n for n in names if n not in derived], n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise TypeError(
+                f"`sg.tl.train_sigmma` got an unknown setting `{key}`; {hint}valid settings are the fields of "
+                "`sg.model.SigmmaConfig` (except n_features and image_dim, which come from the data)."
+            )
+    SigmmaConfig.preset(preset, n_features=1, image_dim=1, **budget, **config)  # value checks (ValueError)
+
+
+def _check_resume(checkpoint_dir: str | Path | None, *, resume: bool) -> bool:
+    """Whether to resume: needs ``checkpoint_dir``; a missing checkpoint warns once, a corrupt one raises now."""
+    from ..model._train_loop import CHECKPOINT, load_checkpoint
+
+    if not resume:
+        return False
+    if checkpoint_dir is None:
+        raise ValueError("`resume=True` needs `checkpoint_dir`: the directory of the run to continue.")
+    path = Path(checkpoint_dir) / CHECKPOINT
+    if not path.exists():
+        logger.warning("No checkpoint at %s; training from scratch (resume=True had nothing to resume).", path)
+        return False
+    load_checkpoint(path)  # a clear error for a corrupt file before the featurization, not after
+    return True
+
+
+def _check_training_tiles(n_train: int) -> None:
+    if n_train < 2:
+        raise ValueError(
+            f"Only {n_train} training tile(s); contrastive training needs at least 2 (more in practice). "
+            "Use a smaller `tile_size_um` in `sg.pp.tile`, or a larger section."
+        )
+

@@ -32,6 +32,21 @@ def _shift(block: np.ndarray) -> np.ndarray:
     return np.moveaxis((np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8), -1, 0)
 
 
+def _image_only_copy(tiles):
+    """The tile table without its image features and embeddings (the ST embeddings stay in the original)."""
+    from sigmma_sc._constants import Keys
+
+    out = tiles.copy()
+    for k in list(out.obsm):
+        if k.startswith(("X_sigmma_", "sigmma_backbone_")):
+            del out.obsm[k]
+    uns = dict(out.uns.get(Keys.UNS, {}))
+    uns.pop("backbone", None)
+    uns.pop("embed", None)
+    out.uns[Keys.UNS] = uns
+    return out
+
+
 def main(argv=None) -> int:
     import sigmma_sc as sg
     from sigmma_sc._constants import Keys
@@ -71,9 +86,11 @@ def main(argv=None) -> int:
     for image in ("he", "he_shifted", "he_shifted_normalized"):
         key = Keys.TILE_TABLE if image == "he" else f"tiles_{image}"
         if image != "he":
-            sg.pp.tile(sdata, image_key=image, key_added=key, **kw)  # same grid and split: same extent and seed
-            assert (sdata.tables[key].obs_names == base.obs_names).all()
-            sg.tl.embed(sdata, model, tile_key=key)
+            # The same tiles (grid, split, cell assignment) as the original section: a copy of its tile table,
+            # featurized from the recoloured image. Re-tiling the recoloured image instead would keep a
+            # different set of tiles (tissue detection sees other colours) and re-assign the cell table's tiles.
+            sdata.tables[key] = _image_only_copy(base)
+            sg.tl.embed(sdata, model, table_key=None, tile_key=key, image_key=image)  # featurizes as for training
         tiles = sdata.tables[key]
         x = np.hstack([tiles.obsm[k] for k in lp.embedding_keys])[test]
         pred = lp.predict(x)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_stain.py [--n-cells 6000] [--epochs 30]
+    python benchmarks/bench_stain.py [--n-cells 6000] [--epochs 30] [--tile-size-um 32] [--pixel-size-um 0.5]
 
 Trains SIGMMA on the synthetic Xenium section's H&E (EfficientNet-Lite0, ImageNet weights, frozen),
 fits the expression probe on its training tiles and stores the training stains (``sg.tl.attach_reference``).
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--n-cells", type=int, default=6000)
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--tile-size-um", type=float, default=32.0)
+    p.add_argument("--pixel-size-um", type=float, default=0.5)
     p.add_argument("--out", default="bench_out/stain")
     a = p.parse_args(argv)
     sg.settings.progress_bar = False
@@ -64,10 +66,10 @@ def main(argv=None) -> int:
     path = sg.datasets.synthetic_xenium(f"{a.out}/run", n_cells=a.n_cells, n_genes=60, seed=0, transcripts=False,
                                         morphology=False, labels=False, overwrite=True)  # fmt: skip
     sdata = sg.io.xenium(path)
-    kw = {"tile_size_um": 64.0, "pixel_size_um": 1.0}
+    kw = {"tile_size_um": a.tile_size_um, "pixel_size_um": a.pixel_size_um}
     sg.pp.tile(sdata, image_key="he", **kw)
     sg.pp.cell_graph(sdata, n_comps=30)
-    model = sg.tl.train_sigmma(sdata, input_size=112, epochs=a.epochs, hidden=128, out_dim=128, batch_size=256)
+    model = sg.tl.train_sigmma(sdata, input_size=112, epochs=a.epochs, hidden=128, out_dim=128)
     sg.tl.embed(sdata, model)
     sg.tl.fit_probe(sdata, model, n_genes=30)
     sg.tl.attach_reference(sdata, model)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_stain.py [--n-cells 6000] [--epochs 30] [--tile-size-um 32] [--pixel-size-um 0.5]
+    python benchmarks/bench_stain.py [--n-cells 10000] [--epochs 30] [--tile-size-um 64] [--pixel-size-um 0.5]
 
 Trains SIGMMA on the synthetic Xenium section's H&E (EfficientNet-Lite0, ImageNet weights, frozen),
 fits the expression probe on its training tiles and stores the training stains (``sg.tl.attach_reference``).
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     from sigmma_sc.pp._stain import _map_image
 
     p = argparse.ArgumentParser()
-    p.add_argument("--n-cells", type=int, default=6000)
+    p.add_argument("--n-cells", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--tile-size-um", type=float, default=32.0)
+    p.add_argument("--tile-size-um", type=float, default=64.0)
     p.add_argument("--pixel-size-um", type=float, default=0.5)
     p.add_argument("--out", default="bench_out/stain")
     a = p.parse_args(argv)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_stain.py [--n-cells 6000] [--epochs 30]
+    python benchmarks/bench_stain.py [--n-cells 10000] [--epochs 30] [--tile-size-um 64] [--pixel-size-um 0.5]
 
 Trains SIGMMA on the synthetic Xenium section's H&E (EfficientNet-Lite0, ImageNet weights, frozen),
 fits the expression probe on its training tiles and stores the training stains (``sg.tl.attach_reference``).
@@ -32,6 +32,21 @@ def _shift(block: np.ndarray) -> np.ndarray:
     return np.moveaxis((np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8), -1, 0)
 
 
+def _image_only_copy(tiles):
+    """The tile table without its image features and embeddings (the ST embeddings stay in the original)."""
+    from sigmma_sc._constants import Keys
+
+    out = tiles.copy()
+    for k in list(out.obsm):
+        if k.startswith(("X_sigmma_", "sigmma_backbone_")):
+            del out.obsm[k]
+    uns = dict(out.uns.get(Keys.UNS, {}))
+    uns.pop("backbone", None)
+    uns.pop("embed", None)
+    out.uns[Keys.UNS] = uns
+    return out
+
+
 def main(argv=None) -> int:
     import sigmma_sc as sg
     from sigmma_sc._constants import Keys
@@ -40,8 +55,10 @@ def main(argv=None) -> int:
     from sigmma_sc.pp._stain import _map_image
 
     p = argparse.ArgumentParser()
-    p.add_argument("--n-cells", type=int, default=6000)
+    p.add_argument("--n-cells", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--tile-size-um", type=float, default=64.0)
+    p.add_argument("--pixel-size-um", type=float, default=0.5)
     p.add_argument("--out", default="bench_out/stain")
     a = p.parse_args(argv)
     sg.settings.progress_bar = False
@@ -49,10 +66,10 @@ def main(argv=None) -> int:
     path = sg.datasets.synthetic_xenium(f"{a.out}/run", n_cells=a.n_cells, n_genes=60, seed=0, transcripts=False,
                                         morphology=False, labels=False, overwrite=True)  # fmt: skip
     sdata = sg.io.xenium(path)
-    kw = {"tile_size_um": 64.0, "pixel_size_um": 1.0}
+    kw = {"tile_size_um": a.tile_size_um, "pixel_size_um": a.pixel_size_um}
     sg.pp.tile(sdata, image_key="he", **kw)
     sg.pp.cell_graph(sdata, n_comps=30)
-    model = sg.tl.train_sigmma(sdata, input_size=112, epochs=a.epochs, hidden=128, out_dim=128, batch_size=256)
+    model = sg.tl.train_sigmma(sdata, input_size=112, epochs=a.epochs, hidden=128, out_dim=128)
     sg.tl.embed(sdata, model)
     sg.tl.fit_probe(sdata, model, n_genes=30)
     sg.tl.attach_reference(sdata, model)
@@ -71,9 +88,11 @@ def main(argv=None) -> int:
     for image in ("he", "he_shifted", "he_shifted_normalized"):
         key = Keys.TILE_TABLE if image == "he" else f"{image}_tiles"
         if image != "he":
-            sg.pp.tile(sdata, image_key=image, key_added=image, **kw)  # same grid and split: same extent and seed
-            assert (sdata.tables[key].obs_names == base.obs_names).all()
-            sg.tl.embed(sdata, model, table_key=None, tile_key=key)  # image side only: the graph is on the first tiling
+            # The same tiles (grid, split, cell assignment) as the original section: a copy of its tile table,
+            # featurized from the recoloured image. Re-tiling the recoloured image instead would keep a
+            # different set of tiles (tissue detection sees other colours) and re-assign the cell table's tiles.
+            sdata.tables[key] = _image_only_copy(base)
+            sg.tl.embed(sdata, model, table_key=None, tile_key=key, image_key=image)  # featurizes as for training
         tiles = sdata.tables[key]
         x = np.hstack([tiles.obsm[k] for k in lp.embedding_keys])[test]
         pred = lp.predict(x)

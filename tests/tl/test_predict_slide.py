@@ -156,3 +156,39 @@ def test_cli_predict_on_the_aperio_slide(trained, tmp_path):
     assert list(tiles.var_names) == trained["probe"].genes
     assert np.isfinite(tiles.X).all()
     assert tiles.uns[Keys.UNS]["predict"]["stain_normalize"]
+
+
+def _plain_tiff(path, *, pixel_size_um=None, n=512):
+    """A tiled RGB TIFF (a pink disc on glass), with its pixel size recorded only when given."""
+    import tifffile
+
+    yy, xx = np.mgrid[0:n, 0:n]
+    img = np.full((n, n, 3), 242, np.uint8)
+    img[(xx - n / 2) ** 2 + (yy - n / 2) ** 2 < (0.35 * n) ** 2] = (190, 110, 170)
+    kw = {}
+    if pixel_size_um is not None:
+        kw = {"resolution": (1e4 / pixel_size_um, 1e4 / pixel_size_um), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib", **kw)
+    return path
+
+
+def test_cli_errors_are_one_line_and_write_nothing(trained, tmp_path):
+    """Unreadable file, slide without a pixel size, slide coarser than the model: a message with the fix."""
+    out = tmp_path / "pred.zarr"
+
+    def run(slide, *extra):
+        return main(["-q", "predict", "--model", str(trained["model_path"]), "--slide", str(slide), "--out", str(out),
+                     *extra])  # fmt: skip
+
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"this is not a TIFF file" * 10)
+    with pytest.raises(SystemExit, match=r"^sigmma predict: .*not a whole-slide image"):
+        run(bad)
+    with pytest.raises(SystemExit, match=r"records no pixel size.*--pixel-size-um"):
+        run(_plain_tiff(tmp_path / "nompp.tif"))
+    coarse = _plain_tiff(tmp_path / "coarse.tif", pixel_size_um=8.0)
+    with pytest.raises(SystemExit, match=r"8 µm/px, coarser than the 2 µm/px"):
+        run(coarse)
+    with pytest.raises(SystemExit, match="coarser"):  # an explicit pixel size is checked the same way
+        run(_plain_tiff(tmp_path / "nompp2.tif"), "--pixel-size-um", "6")
+    assert not out.exists()

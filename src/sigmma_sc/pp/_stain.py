@@ -182,7 +182,7 @@ def stain_normalize(
 ) -> Any:
     """Macenko-normalise an H&E image to a reference stain appearance, as a new lazy image element.
 
-    The image's stain vectors are estimated once on its tissue at low resolution (:func:`slide_stains`);
+    The image's stain vectors are estimated once on its tissue at low resolution (``slide_stains`` in ``sigmma_sc.pp._stain``);
     every pixel of every pyramid level is then re-stained with the same 3x3 optical-density map, lazily
     (dask, block by block), so a whole slide is never in memory. Tile and featurize the new element
     (``sg.pp.tile(sdata, image_key=key_added, ...)``); :func:`sigmma_sc.tl.predict_slide` does this with

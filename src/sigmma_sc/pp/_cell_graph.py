@@ -121,7 +121,7 @@ def cell_graph(
             pca["var_names"] = table.var_names.astype(str).to_numpy()
         else:
             pca = dict(pca_from)
-            names = np.asarray(pca["var_names"]).astype(str)
+            names = np.array([str(v) for v in np.asarray(pca["var_names"], dtype=object)])
             section = pd.Index(table.var_names.astype(str))
             col = section.get_indexer(names)
             if (col < 0).any() or section.has_duplicates:

@@ -138,6 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="synthetic data: the Xenium writer + reader (sg.datasets) or the small test section (tests/_section.py)",
     )
     p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
+    p.add_argument("--save-embeddings", action="store_true", help="keep each run's tile embeddings in the cache")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "bench_out" / "paper_table")
     p.add_argument("--out", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
     p.add_argument("--tag", default="", help="suffix of the default output name")
@@ -289,7 +290,26 @@ def _score(tiles, embeddings: dict[str, list[str]], args: argparse.Namespace) ->
     import sigmma_sc as sg
 
     df = sg.metrics.evaluate(tiles, embeddings=embeddings, split=args.eval_split, n_genes=args.n_genes)
-    return {name: {k: float(v) for k, v in r.items()} for name, r in df.iterrows()}
+    out = {name: {k: float(v) for k, v in r.items()} for name, r in df.iterrows()}
+    if args.dataset == "synthetic" and args.synthetic_contact:
+        for name, keys in embeddings.items():
+            out[name] |= _contact_scores(tiles, keys, args)
+    return out
+
+
+def _contact_scores(tiles, keys: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Gene-wise probe PCC of the planted contact-programme genes (both protocols; NaN if not a probe target)."""
+    import sigmma_sc as sg
+    from sigmma_sc.datasets._expression import CONTACT_GENES
+
+    out = {}
+    for protocol in ("paper", "hest"):
+        res = sg.metrics.linear_probe(tiles, keys, protocol=protocol, eval_split=args.eval_split, n_genes=args.n_genes)
+        genes = list(res.genes)
+        pcc = [float(res.gene_pcc[genes.index(g)]) for g in CONTACT_GENES if g in genes]
+        out[f"{protocol}_contact_pcc"] = float(np.mean(pcc)) if pcc else float("nan")
+        out[f"{protocol}_contact_n"] = float(len(pcc))
+    return out
 
 
 def run_backbone(row: dict[str, Any], tiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -322,6 +342,11 @@ def run_model(row: dict[str, Any], tiles, bundle, seed: int, args: argparse.Name
     for s in model.scales:
         scored.obsm[f"X_sigmma_{s}_image"] = z_img[s].numpy()
         scored.obsm[f"X_sigmma_{s}_st"] = z_st[s].numpy()
+    if args.save_embeddings:  # for investigations on validation tiles without retraining
+        folder = args.cache_dir / _cache_name(args) / "embeddings"
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.asarray(v) for k, v in scored.obsm.items() if k.startswith("X_sigmma_")}
+        np.savez_compressed(folder / f"{row['name']}_seed{seed}.npz", **arrays)
     embeddings = {"model": [f"X_sigmma_{s}_image" for s in model.scales]}
     if len(model.scales) > 1:
         embeddings["macro"] = ["X_sigmma_macro_image"]

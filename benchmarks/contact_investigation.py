@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CONTACT = ("CXCL10", "CD274", "IDO1")
 TUMOUR_MARKERS = ("EPCAM", "KRT8", "KRT18", "KRT19", "CDH1")
-ROWS = ("bleep", "graph", "graph_multiscale", "sigmma")
+ROWS = ("bleep", "bleep_multiscale", "graph", "graph_multiscale", "sigmma")
 
 
 def _dense(x) -> np.ndarray:

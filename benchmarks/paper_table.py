@@ -70,6 +70,12 @@ ROWS: tuple[dict[str, Any], ...] = (
         "config": {"scales": ("macro",), "use_graph": False, "edge_addition": False},
     },
     {
+        "name": "bleep_multiscale",
+        "label": "No graph, multi-scale (reference: separates the graph from the scales)",
+        "ticks": ("", "✓", ""),
+        "config": {"scales": SCALES, "use_graph": False, "edge_addition": False},
+    },
+    {
         "name": "graph",
         "label": "Cell graph, single scale",
         "ticks": ("✓", "", ""),
@@ -580,6 +586,11 @@ def _verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
 def _issue9_answers(s: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
     """Issue 9's questions: do the graph rows beat the no-graph row, is full SIGMMA >= no edge addition?"""
     out = []
+    if "bleep_multiscale" in s and "graph_multiscale" in s:
+        diffs = "; ".join(
+            f"{lab} {_verdict(s['graph_multiscale'][k], s['bleep_multiscale'][k])}" for k, lab in ISSUE9_METRICS
+        )
+        out.append(f"- `graph_multiscale` minus no graph, multi-scale (`bleep_multiscale`): {diffs}")
     if "bleep" in s:
         for name in ("graph", "graph_multiscale", "sigmma"):
             if name in s:
@@ -588,6 +599,18 @@ def _issue9_answers(s: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
     if "sigmma" in s and "graph_multiscale" in s:
         diffs = "; ".join(f"{lab} {_verdict(s['sigmma'][k], s['graph_multiscale'][k])}" for k, lab in ISSUE9_METRICS)
         out.append(f"- Full SIGMMA minus no edge addition (`graph_multiscale`): {diffs}")
+    contact = [n for n in s if "hest_contact_pcc" in s[n]]
+    if contact:
+        paper_n = max(s[n].get("paper_contact_n", (0.0, 0.0))[0] for n in contact)
+        out.append(
+            "- Contact-programme genes (CXCL10, CD274, IDO1), gene-wise PCC of the HEST-protocol probe: "
+            + ", ".join(f"`{n}` {_pm(s[n]['hest_contact_pcc'])}" for n in contact)
+            + (
+                "; they are not among the paper protocol's 50 HVG targets"
+                if paper_n == 0
+                else "; paper protocol: " + ", ".join(f"`{n}` {_pm(s[n]['paper_contact_pcc'])}" for n in contact)
+            )
+        )
     return out
 
 

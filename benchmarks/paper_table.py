@@ -4,6 +4,8 @@ Usage::
 
     python benchmarks/paper_table.py --dataset bonemarrow            # real Xenium section (DAPI)
     python benchmarks/paper_table.py --dataset synthetic             # synthetic Xenium section (H&E)
+    python benchmarks/paper_table.py --dataset synthetic --synthetic-contact --n-cells 30000 --input-size 112
+                                                                     # ... with the planted contact programme
     python benchmarks/paper_table.py --dataset bonemarrow --device cuda --paper-defaults   # GPU, Table 3 settings
 
 The section is tiled, graphed and featurized once (frozen backbone, 21 crops per tile); the featurized
@@ -16,12 +18,17 @@ skip featurization. Every row then trains on the same tiles and the same spatial
 4. cell graph, single scale: one GNN (``layers_per_scale`` SAGE layers) over the tile's plain 6-NN graph (every
    kNN edge of the tile, no block constraint, no edge addition), pooled once, aligned with the macro crop only
    (``graph="tile"``);
-5. cell graph + multi-scale: the micro -> meso -> macro hierarchy with fixed graphs (micro: kNN edges inside a
-   micro block; meso: inside a meso block; macro: all kNN edges of the tile), three losses;
+5. cell graph + multi-scale (= the "no edge addition" row): the micro -> meso -> macro hierarchy with fixed graphs
+   (micro: kNN edges inside a micro block; meso: inside a meso block; macro: all kNN edges of the tile), three
+   losses;
 6. full SIGMMA: the same hierarchy with stochastic edge addition (candidates sampled into the meso and macro
    graphs).
 
-Checkpoints are chosen on the validation loss (``SigmmaModel.fit``); probes fit on training tiles, pick
+Training uses the package's defaults (:class:`sigmma_sc.model.SigmmaConfig`: a budget of 1000 optimiser steps,
+batches of at most a quarter of the training tiles, AdamW lr 1e-3 with warm-up and cosine decay, gradient
+clipping, early stopping on the validation loss with patience 300 steps) at CPU widths (hidden/out 128);
+``--paper-defaults`` trains with Table 3 instead (``preset="paper"``). Every flag left unset keeps the config's
+default. Checkpoints are chosen on the validation loss (``SigmmaModel.fit``); probes fit on training tiles, pick
 ridge alpha on validation tiles (paper protocol) and report on test tiles (:mod:`sigmma_sc.metrics`).
 The markdown table goes to ``benchmarks/results/paper_table_<dataset>.md``.
 """
@@ -63,6 +70,12 @@ ROWS: tuple[dict[str, Any], ...] = (
         "config": {"scales": ("macro",), "use_graph": False, "edge_addition": False},
     },
     {
+        "name": "bleep_multiscale",
+        "label": "No graph, multi-scale (reference: separates the graph from the scales)",
+        "ticks": ("", "✓", ""),
+        "config": {"scales": SCALES, "use_graph": False, "edge_addition": False},
+    },
+    {
         "name": "graph",
         "label": "Cell graph, single scale",
         "ticks": ("✓", "", ""),
@@ -70,7 +83,7 @@ ROWS: tuple[dict[str, Any], ...] = (
     },
     {
         "name": "graph_multiscale",
-        "label": "Cell graph + multi-scale",
+        "label": "Cell graph + multi-scale (no edge addition)",
         "ticks": ("✓", "✓", ""),
         "config": {"scales": SCALES, "use_graph": True, "edge_addition": False, "graph": "hierarchical"},
     },
@@ -101,7 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests only)")
     p.add_argument("--n-comps", type=int, default=50, help="PCA node features per cell")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimiser-step budget (config default: 1000)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget (alone: turns the step budget off)")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience in steps (default 300)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)
@@ -110,12 +125,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--paper-defaults", action="store_true", help="Table 3 settings (GPU): 100 epochs, 512 dims")
+    p.add_argument("--paper-defaults", action="store_true", help="Table 3 settings (GPU): preset='paper'")
+    p.add_argument("--input-size", type=int, default=None, help="backbone input px per crop (default: backbone's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--rows", nargs="+", default=None, help=f"subset of {[r['name'] for r in ROWS]}")
     p.add_argument("--eval-split", choices=("test", "val"), default="test", help="'val' for model selection")
     p.add_argument("--n-cells", type=int, default=None, help="synthetic section: number of cells")
+    p.add_argument(
+        "--synthetic-contact",
+        action="store_true",
+        help="synthetic Xenium section with the planted cell-contact programme (synthetic_xenium(contact_program=True))",
+    )
     p.add_argument(
         "--synthetic-source",
         choices=("xenium", "section"),
@@ -123,6 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="synthetic data: the Xenium writer + reader (sg.datasets) or the small test section (tests/_section.py)",
     )
     p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests")
+    p.add_argument("--save-embeddings", action="store_true", help="keep each run's tile embeddings in the cache")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "bench_out" / "paper_table")
     p.add_argument("--out", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
     p.add_argument("--tag", default="", help="suffix of the default output name")
@@ -133,19 +155,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+#: training fields the command line can set; unset ones keep the preset's value (SigmmaConfig)
+TRAIN_FIELDS = ("steps", "epochs", "patience", "batch_size", "hidden", "out_dim", "lr", "temperature", "dropout")
+TRAIN_FIELDS += ("weight_decay",)
+
+
 def _defaults(args: argparse.Namespace) -> None:
-    """CPU-feasible defaults; ``--paper-defaults`` for Table 3; ``--quick`` for tests. Explicit flags win."""
+    """``--paper-defaults``: the Table 3 preset; ``--quick``: tiny settings for tests; otherwise the package's
+    training defaults (step budget, warm-up + cosine, early stopping, clipping) at CPU widths. Explicit flags win."""
+    args.preset = "paper" if args.paper_defaults else "default"
     if args.paper_defaults:
-        d = {"epochs": 100, "batch_size": 1280, "hidden": 512, "out_dim": 512, "lr": 1e-4, "temperature": 0.01}
-        d |= {"dropout": 0.1, "weight_decay": 1e-3}
+        d: dict[str, Any] = {}
     elif args.quick:
-        d = {"epochs": 2, "batch_size": 16, "hidden": 16, "out_dim": 16, "lr": 1e-3, "temperature": 0.07}
-        d |= {"dropout": 0.1, "weight_decay": 1e-3}
+        d = {"steps": 6, "batch_size": 16, "hidden": 16, "out_dim": 16, "patience": None}
     else:
-        # CPU: on the bone-marrow section (211 training tiles at 128 µm) the best validation epoch was <= 17 in
-        # every validation run (lr 1e-3 / 3e-3, temperature 0.07 / 0.01), so 15 epochs lose little
-        d = {"epochs": 15, "batch_size": 64, "hidden": 128, "out_dim": 128, "lr": 3e-3, "temperature": 0.07}
-        d |= {"dropout": 0.1, "weight_decay": 1e-3}
+        d = {"hidden": 128, "out_dim": 128}  # CPU widths, as benchmarks/train_defaults.py chose the defaults with
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -171,10 +195,18 @@ def _synthetic_section(args: argparse.Namespace):
         from sigmma_sc.datasets import synthetic_xenium
         from sigmma_sc.io import xenium
 
-        folder = args.cache_dir / f"synthetic_xenium_{args.n_cells}_0"
+        contact = "contact_" if args.synthetic_contact else ""
+        folder = args.cache_dir / f"synthetic_{contact}xenium_{args.n_cells}_0"
         if not (folder / "experiment.xenium").exists():
             logger.info("Writing the synthetic Xenium section to %s", folder)
-            synthetic_xenium(folder, n_cells=args.n_cells, seed=0, transcripts=False, overwrite=True)
+            synthetic_xenium(
+                folder,
+                n_cells=args.n_cells,
+                seed=0,
+                transcripts=False,
+                contact_program=args.synthetic_contact,
+                overwrite=True,
+            )
         return xenium(folder, he_image="auto")
     sys.path.insert(0, str(ROOT / "tests"))
     from _section import make_section
@@ -184,8 +216,14 @@ def _synthetic_section(args: argparse.Namespace):
 
 def _cache_name(args: argparse.Namespace) -> str:
     n = f"_{args.synthetic_source}{args.n_cells}" if args.dataset == "synthetic" else ""
+    if args.dataset == "synthetic" and args.synthetic_contact:
+        n += "_contact"
     pre = "_random" if args.no_pretrained else ""
-    return f"{args.dataset}{n}_{args.tile_size_um:g}um_{args.pixel_size_um:g}px_{args.backbone}{pre}_pca{args.n_comps}"
+    size = f"_in{args.input_size}" if args.input_size else ""
+    return (
+        f"{args.dataset}{n}_{args.tile_size_um:g}um_{args.pixel_size_um:g}px_{args.backbone}{pre}{size}"
+        f"_pca{args.n_comps}"
+    )
 
 
 def prepare(args: argparse.Namespace):
@@ -207,7 +245,9 @@ def prepare(args: argparse.Namespace):
     sg.pp.tile(sdata, image_key=image_key, tile_size_um=args.tile_size_um, pixel_size_um=args.pixel_size_um, seed=0)
     sg.pp.cell_graph(sdata, n_comps=args.n_comps)
     t1 = time.perf_counter()
-    sg.tl.featurize(sdata, backbone=args.backbone, pretrained=not args.no_pretrained, device=args.device)
+    sg.tl.featurize(
+        sdata, backbone=args.backbone, pretrained=not args.no_pretrained, device=args.device, input_size=args.input_size
+    )
     t_feat = time.perf_counter() - t1
     bundle, _ = sg.data.build_bundle(sdata)
     tiles = sdata.tables["sigmma_tiles"]
@@ -228,7 +268,11 @@ def prepare(args: argparse.Namespace):
         "load_seconds": round(t_load, 1),
         "featurize_seconds": round(t_feat, 1),
         "featurize_device": args.device,
+        "input_size": args.input_size,
+        "contact_program": bool(args.dataset == "synthetic" and args.synthetic_contact),
     }
+    if info["contact_program"]:
+        info["n_contacted"] = int(cells.uns["sigmma_synthetic"]["contact_program"]["n_contacted"])
     slim = ad.AnnData(X=tiles.X, obs=tiles.obs.copy(), var=pd.DataFrame(index=tiles.var_names.copy()))
     for k, v in tiles.obsm.items():
         slim.obsm[k] = np.asarray(v)
@@ -240,17 +284,11 @@ def prepare(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def _config(args: argparse.Namespace, row: dict[str, Any], n_train: int) -> dict[str, Any]:
-    cfg = {
-        "hidden": args.hidden,
-        "out_dim": args.out_dim,
-        "lr": args.lr,
-        "temperature": args.temperature,
-        "dropout": args.dropout,
-        "weight_decay": args.weight_decay,
-        "epochs": args.epochs,
-        "batch_size": max(2, min(args.batch_size, n_train)),
-    }
+def _config(args: argparse.Namespace, row: dict[str, Any]) -> dict[str, Any]:
+    """The row's ``SigmmaConfig`` overrides: the flags that were set, then the row's ablation switches."""
+    cfg = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
+    if args.quick:
+        cfg["patience"] = None
     return cfg | dict(row.get("config", {}))
 
 
@@ -258,7 +296,26 @@ def _score(tiles, embeddings: dict[str, list[str]], args: argparse.Namespace) ->
     import sigmma_sc as sg
 
     df = sg.metrics.evaluate(tiles, embeddings=embeddings, split=args.eval_split, n_genes=args.n_genes)
-    return {name: {k: float(v) for k, v in r.items()} for name, r in df.iterrows()}
+    out = {name: {k: float(v) for k, v in r.items()} for name, r in df.iterrows()}
+    if args.dataset == "synthetic" and args.synthetic_contact:
+        for name, keys in embeddings.items():
+            out[name] |= _contact_scores(tiles, keys, args)
+    return out
+
+
+def _contact_scores(tiles, keys: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Gene-wise probe PCC of the planted contact-programme genes (both protocols; NaN if not a probe target)."""
+    import sigmma_sc as sg
+    from sigmma_sc.datasets._expression import CONTACT_GENES
+
+    out = {}
+    for protocol in ("paper", "hest"):
+        res = sg.metrics.linear_probe(tiles, keys, protocol=protocol, eval_split=args.eval_split, n_genes=args.n_genes)
+        genes = list(res.genes)
+        pcc = [float(res.gene_pcc[genes.index(g)]) for g in CONTACT_GENES if g in genes]
+        out[f"{protocol}_contact_pcc"] = float(np.mean(pcc)) if pcc else float("nan")
+        out[f"{protocol}_contact_n"] = float(len(pcc))
+    return out
 
 
 def run_backbone(row: dict[str, Any], tiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -280,9 +337,8 @@ def run_model(row: dict[str, Any], tiles, bundle, seed: int, args: argparse.Name
     """Train one ablation row with one seed on the shared bundle; score its image (and ST) embeddings."""
     from sigmma_sc.model import SigmmaModel
 
-    n_train = int((bundle.split == 0).sum())
-    cfg = _config(args, row, n_train)
-    model = SigmmaModel.from_bundle(bundle, seed=seed, **cfg)
+    cfg = _config(args, row)
+    model = SigmmaModel.from_bundle(bundle, seed=seed, preset=args.preset, **cfg)
     t0 = time.perf_counter()
     history = model.fit(bundle, seed=seed, device=args.device, progress=False)
     seconds = time.perf_counter() - t0
@@ -292,14 +348,33 @@ def run_model(row: dict[str, Any], tiles, bundle, seed: int, args: argparse.Name
     for s in model.scales:
         scored.obsm[f"X_sigmma_{s}_image"] = z_img[s].numpy()
         scored.obsm[f"X_sigmma_{s}_st"] = z_st[s].numpy()
+    if args.save_embeddings:  # for investigations on validation tiles without retraining
+        folder = args.cache_dir / _cache_name(args) / "embeddings"
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.asarray(v) for k, v in scored.obsm.items() if k.startswith("X_sigmma_")}
+        np.savez_compressed(folder / f"{row['name']}_seed{seed}.npz", **arrays)
     embeddings = {"model": [f"X_sigmma_{s}_image" for s in model.scales]}
     if len(model.scales) > 1:
         embeddings["macro"] = ["X_sigmma_macro_image"]
     out = _score(scored, embeddings, args)
     val = [h["val_loss"] for h in history if h["val_loss"] is not None]
-    best = int(np.argmin(val)) + 1 if val else len(history)
-    out["model"] |= {"train_seconds": seconds, "best_epoch": best, "epochs": len(history)}
-    out["model"]["best_val_loss"] = float(min(val)) if val else float("nan")
+    best = int(np.argmin(val)) if val else len(history) - 1
+    out["model"] |= {
+        "train_seconds": seconds,
+        "best_epoch": best + 1,
+        "epochs": len(history),
+        "best_step": int(history[best]["step"]) if history else 0,
+        "steps": int(history[-1]["step"]) if history else 0,
+        "batch": int(model.config.batch_for(int((bundle.split == 0).sum()))),
+        "best_val_loss": float(min(val)) if val else float("nan"),
+        "val_chance": float(history[-1].get("val_chance") or np.nan) if history else float("nan"),
+    }
+    # edge addition at work (issue 9): last epoch's sampled-candidate fraction and mean edge probability
+    for s in ("meso", "macro"):
+        for k in ("edge_sampled", "edge_prob", "edge_grad"):
+            if history and f"{k}_{s}" in history[-1]:
+                out["model"][f"{k}_{s}"] = float(history[-1][f"{k}_{s}"])
+    out["config"] = {k: v for k, v in model.config.to_dict().items() if not isinstance(v, dict)}
     return out
 
 
@@ -344,7 +419,7 @@ def render(
         f"- Date: {date}",
         f"- Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"(torch threads {args.threads or torch.get_num_threads()}), device `{args.device}`"
-        + (" — CPU run: fewer epochs and smaller dims than the paper's Table 3" if args.device == "cpu" else ""),
+        + (" — CPU run: smaller dims than the paper's Table 3" if args.device == "cpu" else ""),
         f"- Runtime: {runtime / 60:.1f} min in total (featurization "
         f"{info.get('featurize_seconds', float('nan')):.0f} s on `{info.get('featurize_device')}`, cached and reused"
         " across rows and seeds)",
@@ -352,10 +427,13 @@ def render(
         f"{info['tile_size_um']:g} µm (median {info['cells_per_tile_median']:.0f} cells/tile; split "
         f"{info['split']}), tile pixels {info['pixel_size_um']:g} µm, image `{info['image_key']}`",
         f"- Backbone: `{info['backbone']}` (pretrained={info['pretrained']}), frozen, 21 crops/tile (4x4 micro, 2x2 "
-        "meso, 1 macro), mean-pooled per scale",
-        f"- Training: {args.epochs} epochs, batch {args.batch_size} tiles, hidden {args.hidden}, out {args.out_dim}, "
-        f"lr {args.lr:g}, temperature {args.temperature:g}, dropout {args.dropout:g}, weight decay "
-        f"{args.weight_decay:g}, AdamW + StepLR(100, 0.1); checkpoint = best validation loss; seeds {args.seeds}",
+        f"meso, 1 macro{_input_size(info)}), mean-pooled per scale"
+        + (
+            f"; synthetic section with the planted contact programme ({info.get('n_contacted')} contacted tumour cells)"
+            if info.get("contact_program")
+            else ""
+        ),
+        f"- Training: {_training_line(results, args)}; checkpoint = best validation loss; seeds {args.seeds}",
         f"- Scored on the {split_name} tiles ({_n_eval(results)} tiles); probes fit on training tiles only, paper "
         "protocol's ridge alpha chosen on validation tiles; cells: mean ± std over seeds (frozen backbone: "
         "deterministic, one value)",
@@ -394,7 +472,7 @@ def render(
         "embedding of multi-scale rows.",
         "",
         "| Row | paper PCC (tiles) | paper MSE (tiles) | paper gene PCC | HEST gene PCC | HEST MSE | HEST raw MSE "
-        "| macro-only PCC | macro-only HEST PCC | macro I→ST R@10% | macro ST→I R@10% | best epoch | train s/seed |",
+        "| macro-only PCC | macro-only HEST PCC | macro I→ST R@10% | macro ST→I R@10% | best step | train s/seed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -408,17 +486,132 @@ def render(
             f"{m('paper_mse_std'):.4f} | {_fmt([r['model']['paper_gene_pcc'] for r in runs])} | "
             f"{_fmt([r['model']['hest_gene_pcc'] for r in runs])} | {m('hest_mse'):.4f} | {m('hest_mse_raw'):.3f} | "
             f"{mac('paper_pcc')} | {mac('hest_gene_pcc')} | {mac('image->st R@10%')} | {mac('st->image R@10%')} | "
-            f"{_fmt([r['model'].get('best_epoch', np.nan) for r in runs], 0) if trained else '–'} | "
+            f"{_best(runs) if trained else '–'} | "
             f"{m('train_seconds'):.0f} |"
         )
+    lines += _training_table(results, rows)
     notes = Path(__file__).resolve().parent / "results" / "paper_table_investigation.md"
-    if notes.exists():
+    if notes.exists() and args.dataset == "bonemarrow":
         lines += [
             "",
             "Investigation of these numbers (validation split only): `benchmarks/results/" + notes.name + "`.",
         ]
     lines += ["", "## What the numbers say", "", *answers(summarise(results), info | {"n_eval": _n_eval(results)}), ""]
     return "\n".join(lines)
+
+
+def _best(runs) -> str:
+    """Best validation step (older JSONs: epoch) as mean ± std over seeds."""
+    if "best_step" in runs[0]["model"]:
+        return _fmt([r["model"]["best_step"] for r in runs], 0)
+    return _fmt([r["model"].get("best_epoch", np.nan) for r in runs], 0) + " (epoch)"
+
+
+def _training_table(results, rows) -> list[str]:
+    """Per trained row: steps run, best step, best validation loss vs chance, edge-addition statistics."""
+    trained = [r for r in rows if "config" in r and "steps" in results[r["name"]][0]["model"]]
+    if not trained:
+        return []
+    out = [
+        "",
+        "Training (mean ± std over seeds): optimiser steps run (early stopping or budget), step of the kept "
+        "checkpoint, best validation loss against the chance level log(batch) per scale, and for edge addition the "
+        "last epoch's fraction of candidate edges sampled on and mean edge probability (meso / macro).",
+        "",
+        "| Row | steps run | best step | best val loss | val chance | sampled meso | sampled macro | p meso "
+        "| p macro |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in trained:
+        runs = results[row["name"]]
+        col = lambda k, d=3, runs=runs: _fmt([r["model"].get(k, np.nan) for r in runs], d)
+        out.append(
+            f"| {row['label']} | {col('steps', 0)} | {col('best_step', 0)} | {col('best_val_loss')} | "
+            f"{col('val_chance')} | {col('edge_sampled_meso')} | {col('edge_sampled_macro')} | "
+            f"{col('edge_prob_meso')} | {col('edge_prob_macro')} |"
+        )
+    return out
+
+
+def _input_size(info: dict[str, Any]) -> str:
+    return f"; crops resized to {info['input_size']} px" if info.get("input_size") else ""
+
+
+def _training_line(results, args: argparse.Namespace) -> str:
+    """The training settings, from the config recorded with the runs (older JSONs: from the arguments)."""
+    cfg = next((runs[0]["config"] for runs in results.values() if "config" in runs[0]), None)
+    if cfg is None and not any("config" in r for r in ROWS if r["name"] in results):
+        return "none (no trained row)"
+    if cfg is None:  # a JSON written before the step budget (issue 14): 15 epochs, StepLR
+        return (
+            f"{args.epochs} epochs, batch {args.batch_size} tiles, hidden {args.hidden}, out {args.out_dim}, lr "
+            f"{args.lr}, temperature {args.temperature}, AdamW + StepLR(100, 0.1)"
+        )
+    budget = [f"{cfg['steps']} optimiser steps" if cfg.get("steps") else None]
+    budget += [f"{cfg['epochs']} epochs" if cfg.get("epochs") else None]
+    batches = sorted({int(r["model"]["batch"]) for runs in results.values() for r in runs if "batch" in r["model"]})
+    sched = (
+        f"warm-up {cfg['warmup']:g} of the budget + cosine decay"
+        if cfg["schedule"] == "cosine"
+        else f"StepLR({cfg['step_size']}, {cfg['gamma']:g})"
+    )
+    stop = f"early stopping patience {cfg['patience']} steps" if cfg.get("patience") else "no early stopping"
+    clip = f"grad-norm clip {cfg['max_grad_norm']:g}" if cfg.get("max_grad_norm") else "no clipping"
+    return (
+        f"preset `{args.preset}`: budget {' or '.join(b for b in budget if b)}, batch {cfg['batch_size']} capped at "
+        f"{cfg['max_batch_fraction']:g} of the training tiles (= {'/'.join(map(str, batches))} tiles), hidden "
+        f"{cfg['hidden']}, out {cfg['out_dim']}, AdamW lr {cfg['lr']:g} (weight decay {cfg['weight_decay']:g}), "
+        f"{sched}, {stop}, {clip}, temperature {cfg['temperature']:g}, dropout {cfg['dropout']:g}, "
+        f"{cfg['layers_per_scale']} SAGE layers per scale, tau_e {cfg['tau_e']:g}"
+    )
+
+
+ISSUE9_METRICS = (
+    ("paper_pcc", "paper tile PCC"),
+    ("paper_gene_pcc", "paper gene-wise PCC"),
+    ("hest_gene_pcc", "HEST PCC"),
+    ("image->st R@10%", "image->ST R@10%"),
+    ("st->image R@10%", "ST->image R@10%"),
+)
+
+
+def _verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """``a`` vs ``b`` (mean, std over seeds): the difference and whether it exceeds the seeds' spread."""
+    d = a[0] - b[0]
+    spread = float(np.hypot(a[1], b[1]))
+    word = "higher" if d > spread else "lower" if d < -spread else "within the seed spread"
+    return f"{d:+.3f} ({word}; spread {spread:.3f})"
+
+
+def _issue9_answers(s: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
+    """Issue 9's questions: do the graph rows beat the no-graph row, is full SIGMMA >= no edge addition?"""
+    out = []
+    if "bleep_multiscale" in s and "graph_multiscale" in s:
+        diffs = "; ".join(
+            f"{lab} {_verdict(s['graph_multiscale'][k], s['bleep_multiscale'][k])}" for k, lab in ISSUE9_METRICS
+        )
+        out.append(f"- `graph_multiscale` minus no graph, multi-scale (`bleep_multiscale`): {diffs}")
+    if "bleep" in s:
+        for name in ("graph", "graph_multiscale", "sigmma"):
+            if name in s:
+                diffs = "; ".join(f"{lab} {_verdict(s[name][k], s['bleep'][k])}" for k, lab in ISSUE9_METRICS)
+                out.append(f"- `{name}` minus BLEEP-style: {diffs}")
+    if "sigmma" in s and "graph_multiscale" in s:
+        diffs = "; ".join(f"{lab} {_verdict(s['sigmma'][k], s['graph_multiscale'][k])}" for k, lab in ISSUE9_METRICS)
+        out.append(f"- Full SIGMMA minus no edge addition (`graph_multiscale`): {diffs}")
+    contact = [n for n in s if "hest_contact_pcc" in s[n]]
+    if contact:
+        paper_n = max(s[n].get("paper_contact_n", (0.0, 0.0))[0] for n in contact)
+        out.append(
+            "- Contact-programme genes (CXCL10, CD274, IDO1), gene-wise PCC of the HEST-protocol probe: "
+            + ", ".join(f"`{n}` {_pm(s[n]['hest_contact_pcc'])}" for n in contact)
+            + (
+                "; they are not among the paper protocol's 50 HVG targets"
+                if paper_n == 0
+                else "; paper protocol: " + ", ".join(f"`{n}` {_pm(s[n]['paper_contact_pcc'])}" for n in contact)
+            )
+        )
+    return out
 
 
 def _pm(v: tuple[float, float]) -> str:
@@ -487,6 +680,7 @@ def answers(s: dict[str, dict[str, tuple[float, float]]], info: dict[str, Any]) 
                 f"- Full SIGMMA vs BLEEP-style, {d} R@5/10/15%: {'/'.join(f'{x:.3f}' for x in fr)} vs "
                 f"{'/'.join(f'{x:.3f}' for x in br)}"
             )
+    out += _issue9_answers(s)
     order = [n for n in PAPER_TABLE5 if n in s]
     for metric, paper_key, label in (
         ("paper_pcc", "pcc", "probe PCC"),

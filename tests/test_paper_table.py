@@ -21,15 +21,19 @@ def test_paper_table_end_to_end(tmp_path):
     ]  # fmt: skip
     assert pt.main(argv) == out
     text = out.read_text()
-    for row in pt.ROWS:
-        assert text.count(f"| {row['label']} |") == 2, row["label"]  # Table 5 layout and details
+    for row in pt.ROWS:  # Table 5 layout and details, and the training table for trained rows
+        assert text.count(f"| {row['label']} |") == (3 if "config" in row else 2), row["label"]
     for needle in ("Command: `python benchmarks/paper_table.py", "Machine:", "Runtime:", "HEST PCC", "R@15%"):
         assert needle in text
     raw = json.loads(out.with_suffix(".json").read_text())
     assert len(raw["results"]["sigmma"]) == 2
     assert len(raw["results"]["backbone_macro"]) == 1
     full = raw["results"]["sigmma"][0]
-    assert set(full) == {"model", "macro"}
+    assert set(full) == {"model", "macro", "config"}
+    assert full["model"]["steps"] >= 1
+    assert full["model"]["best_step"] <= full["model"]["steps"]
+    assert full["config"]["steps"] == 6
+    assert full["config"]["schedule"] == "cosine"
     assert 0 <= full["model"]["image->st R@10%"] <= 1
     # the featurized section is cached: a second run reuses it
     cached = list((tmp_path / "cache").iterdir())

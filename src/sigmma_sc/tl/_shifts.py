@@ -100,7 +100,8 @@ def shifted_cell_embeddings(
     tiled = cells.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64) >= 0
     xy = np.asarray(cells.obsm[tkeys["cell_spatial"]], dtype=np.float64)
     view_keys = Keys.tiling(Keys.PREFIX, params["image_key"])  # the in-memory views use the default names
-    view_graph = {**graph, "keys": Keys.graph(Keys.PREFIX) | {"features": feats_key}}
+    # rebuilt per shift below, so not stale on the shifted tiling: drop the original tiling's fingerprint
+    view_graph = {**{k: v for k, v in graph.items() if k != "tiling"}, "keys": Keys.graph(Keys.PREFIX) | {"features": feats_key}}
     size = float(params["tile_size"])
     block = size / GRID["micro"]
     x_min, y_min = params["grid_origin"]

@@ -108,6 +108,27 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
     return a[np.r_[True, a[1:] != a[:-1]]] if a.size else a
 
 
+def checked_graph(
+    sdata: SpatialData, *, table_key: str = "table", tile_key: str = Keys.TILE_TABLE, graph_key: str = Keys.GRAPH
+) -> dict:
+    """The cell graph's record, after the checks a bundle needs: tiled cells, a graph on this tiling, not stale.
+
+    Cheap (no image is read), so :func:`sigmma_sc.tl.train_sigmma` runs it before the slow featurization.
+    """
+    tkeys = tiling_keys(tile_params(sdata, tile_key))
+    cells = get_table(sdata, table_key)
+    blocks = [tkeys["cell_blocks"][s] for s in ("micro", "meso")]
+    require_obs(cells, [tkeys["cell_tile"], *blocks], table_key, "sg.pp.tile")
+    graph = graph_record(cells, graph_key, table_key)
+    if graph.get("tile_key", tile_key) != tile_key:
+        raise ValueError(
+            f"Cell graph {graph_key!r} was built on tile table {graph['tile_key']!r}, not {tile_key!r}. Build one on "
+            f"this tiling: `sg.pp.cell_graph(sdata, tile_key={tile_key!r}, key_added=...)` and pass `graph_key=`."
+        )
+    check_graph_tiling(cells, table_key, graph, tkeys["cell_tile"])  # stale after a new sg.pp.tile: say so
+    return graph
+
+
 def build_bundle(
     sdata: SpatialData,
     *,
@@ -148,15 +169,7 @@ def build_bundle(
     tkeys = tiling_keys(params)
     tiles = get_table(sdata, tile_key)
     cells = get_table(sdata, table_key)
-    blocks = [tkeys["cell_blocks"][s] for s in ("micro", "meso")]
-    require_obs(cells, [tkeys["cell_tile"], *blocks], table_key, "sg.pp.tile")
-    graph = graph_record(cells, graph_key, table_key)
-    if graph.get("tile_key", tile_key) != tile_key:
-        raise ValueError(
-            f"Cell graph {graph_key!r} was built on tile table {graph['tile_key']!r}, not {tile_key!r}. Build one on "
-            f"this tiling: `sg.pp.cell_graph(sdata, tile_key={tile_key!r}, key_added=...)` and pass `graph_key=`."
-        )
-    check_graph_tiling(cells, table_key, graph, tkeys["cell_tile"])  # stale after a new sg.pp.tile: say so
+    graph = checked_graph(sdata, table_key=table_key, tile_key=tile_key, graph_key=graph_key)
     feats_key = graph["features_key"]
 
     tile_of = cells.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64)
@@ -181,6 +194,7 @@ def build_bundle(
 
     # candidate edges for stochastic edge addition (neighbour-patch constraint): same meso block / same tile
     k = int(n_candidates or graph["n_neighs"])
+    blocks = [tkeys["cell_blocks"][s] for s in ("micro", "meso")]
     micro, meso = (cells.obs[b].to_numpy().astype(np.int64)[rows] for b in blocks)  # as sg.pp.tile wrote them
     same_micro = micro[conn.row] == micro[conn.col]
     n = rows.size

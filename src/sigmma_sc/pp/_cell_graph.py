@@ -169,7 +169,7 @@ def cell_graph(
         "key_added": key_added,
         "keys": written,
         "tile_key": tile_key,
-        "tiling": tiling_fingerprint(tile_of_cell),  # a later sg.pp.tile makes this graph stale (check_graph)
+        "tiling": tiling_fingerprint(tile_of_cell),  # a later sg.pp.tile makes this graph stale (check_graph_tiling)
         "distance_unit": f"{params['coordinate_system']} units ({params['um_per_unit']} µm)",
     }
     write_record(table, key_added, "cell_graph", record)

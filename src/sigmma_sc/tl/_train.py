@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._constants import Keys
-from .._utils._record import graph_record, tiling_keys
-from .._utils._validate import check_graph_tiling, get_table
-from ..data._bundle import build_bundle
+from .._utils._validate import get_table
+from ..data._bundle import build_bundle, checked_graph
 from ..data._tiles import tile_params
 from ._featurize import featurize
 from ._records import history_columns as _columns
@@ -161,11 +160,9 @@ def train_sigmma(
             "`split`, `val_sections`, `test_sections`, `features`, `n_comps` and `layer` apply to a cohort (a list or "
             "mapping of sections); for one section, choose node features in `sg.pp.cell_graph`."
         )
-    params = tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
+    tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
     tiles = get_table(sdata, tile_key)
-    cells = get_table(sdata, table_key)
-    graph = graph_record(cells, Keys.GRAPH, table_key)  # missing: say so before featurizing
-    check_graph_tiling(cells, table_key, graph, tiling_keys(params)["cell_tile"])  # stale after a new sg.pp.tile
+    checked_graph(sdata, table_key=table_key, tile_key=tile_key)  # missing, other tiling or stale: before featurizing
     _check_training_tiles(int((tiles.obs[Keys.SPLIT].to_numpy() == "train").sum()))
     featurize(
         sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
@@ -173,7 +170,6 @@ def train_sigmma(
     )  # fmt: skip
     finetune = int(config.get("finetune_blocks", 0) or 0) > 0
     bundle, _ = build_bundle(sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune)
-    _check_training_tiles(int((bundle.split == 0).sum()) if bundle.split is not None else bundle.n_tiles)
     info = tiles.uns[Keys.UNS]["backbone"]
     if weights is not None:  # the architecture is `backbone`, its weights a local file
         config.setdefault("backbone_weights", str(weights))

@@ -287,7 +287,7 @@ def _check_st_space(model: SigmmaModel, meta: dict, cells, graph_key: str = Keys
     pca = (read_record(cells, graph_key, "cell_graph") or {}).get("pca") or {}
     section_genes = {_hash_names(cells.var_names)}  # a cohort model: the genes of the PCA the section was projected on
     if pca.get("var_names") is not None:
-        section_genes.add(_hash_names([str(v) for v in np.asarray(pca["var_names"], dtype=object)]))
+        section_genes.add(_hash_names(pca["var_names"]))  # any string dtype: hashed as str
     if pca_features and trained.get("var_names_hash") not in (None, *section_genes):
         raise ValueError(
             "The section's genes differ from those the model was trained on, so its PCA node features live in "

@@ -26,10 +26,12 @@ skip featurization. Every row then trains on the same tiles and the same spatial
 
 Training uses the package's defaults (:class:`sigmma_sc.model.SigmmaConfig`: a budget of 1000 optimiser steps,
 batches of at most a quarter of the training tiles, AdamW lr 1e-3 with warm-up and cosine decay, gradient
-clipping, early stopping on the validation loss with patience 300 steps) at CPU widths (hidden/out 128);
-``--paper-defaults`` trains with Table 3 instead (``preset="paper"``). Every flag left unset keeps the config's
-default. Checkpoints are chosen on the validation loss (``SigmmaModel.fit``); probes fit on training tiles, pick
-ridge alpha on validation tiles (paper protocol) and report on test tiles (:mod:`sigmma_sc.metrics`).
+clipping, model selection and early stopping on validation retrieval with patience 300 steps) at CPU widths
+(hidden/out 128); ``--paper-defaults`` trains with Table 3 instead (``preset="paper"``: selection on the
+validation loss). Every flag left unset keeps the config's default. Each row is embedded with
+``sg.tl.embed(key_added=f"{row}_s{seed}")`` into the cached section and scored with
+``sg.metrics.evaluate(use_rep=...)``; probes fit on training tiles, pick ridge alpha on validation tiles (paper
+protocol) and report on test tiles (:mod:`sigmma_sc.metrics`).
 The markdown table goes to ``benchmarks/results/paper_table_<dataset>.md``.
 """
 
@@ -48,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -227,17 +228,22 @@ def _cache_name(args: argparse.Namespace) -> str:
 
 
 def prepare(args: argparse.Namespace):
-    """Tile, graph and featurize once; return ``(tile table, training bundle, info)`` from the cache."""
-    import anndata as ad
+    """Tile, graph and featurize once; return ``(sdata, training bundle, info)`` from the cache.
+
+    The cached section is a SpatialData zarr with the tables and shapes (not the image: the backbone features
+    are cached in the tile table), so that every row is embedded and scored through the public API
+    (``sg.tl.embed(key_added=...)``, ``sg.metrics.evaluate(use_rep=...)``).
+    """
+    import spatialdata as sd
 
     import sigmma_sc as sg
     from sigmma_sc.model import TrainingBundle
 
     folder = args.cache_dir / _cache_name(args)
-    files = {"tiles": folder / "tiles.h5ad", "bundle": folder / "bundle.pt", "info": folder / "info.json"}
+    files = {"section": folder / "section.zarr", "bundle": folder / "bundle.pt", "info": folder / "info.json"}
     if all(f.exists() for f in files.values()):
         logger.info("Using the cached featurized section %s", folder)
-        return ad.read_h5ad(files["tiles"]), TrainingBundle.load(files["bundle"]), json.loads(files["info"].read_text())
+        return sd.read_zarr(files["section"]), TrainingBundle.load(files["bundle"]), json.loads(files["info"].read_text())
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sdata, image_key = load_section(args)
@@ -273,14 +279,12 @@ def prepare(args: argparse.Namespace):
     }
     if info["contact_program"]:
         info["n_contacted"] = int(cells.uns["sigmma_synthetic"]["contact_program"]["n_contacted"])
-    slim = ad.AnnData(X=tiles.X, obs=tiles.obs.copy(), var=pd.DataFrame(index=tiles.var_names.copy()))
-    for k, v in tiles.obsm.items():
-        slim.obsm[k] = np.asarray(v)
-    slim.write_h5ad(files["tiles"])
+    section = sd.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))  # no image, no transcripts
+    section.write(files["section"], overwrite=True)
     bundle.save(files["bundle"])
     files["info"].write_text(json.dumps(info, indent=1))
     logger.info("Cached the featurized section in %s (featurization %.0f s)", folder, t_feat)
-    return slim, bundle, info
+    return sd.read_zarr(files["section"]), bundle, info
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -292,14 +296,17 @@ def _config(args: argparse.Namespace, row: dict[str, Any]) -> dict[str, Any]:
     return cfg | dict(row.get("config", {}))
 
 
-def _score(tiles, embeddings: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def _score(
+    sdata, embeddings: dict[str, list[str]], args: argparse.Namespace, use_rep: str = "sigmma"
+) -> dict[str, dict[str, float]]:
+    """``sg.metrics.evaluate`` rows (retrieval partners found through ``use_rep``), with the contact-gene probe."""
     import sigmma_sc as sg
 
-    df = sg.metrics.evaluate(tiles, embeddings=embeddings, split=args.eval_split, n_genes=args.n_genes)
+    df = sg.metrics.evaluate(sdata, embeddings=embeddings, use_rep=use_rep, split=args.eval_split, n_genes=args.n_genes)
     out = {name: {k: float(v) for k, v in r.items()} for name, r in df.iterrows()}
     if args.dataset == "synthetic" and args.synthetic_contact:
         for name, keys in embeddings.items():
-            out[name] |= _contact_scores(tiles, keys, args)
+            out[name] |= _contact_scores(sdata.tables["sigmma_tiles"], keys, args)
     return out
 
 
@@ -318,23 +325,32 @@ def _contact_scores(tiles, keys: list[str], args: argparse.Namespace) -> dict[st
     return out
 
 
-def run_backbone(row: dict[str, Any], tiles, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Untrained rows (deterministic, so one 'seed'): frozen backbone features, or the tile's cell count alone."""
+def run_backbone(row: dict[str, Any], sdata, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Untrained rows (deterministic, so one 'seed'): frozen backbone features, or the tile's cell count alone.
+
+    The backbone features are ``sg.tl.featurize``'s documented outputs ``.obsm['sigmma_backbone_{scale}']``.
+    """
     if row["name"] == "n_cells":
-        tiles = tiles.copy()
+        tiles = sdata.tables["sigmma_tiles"]
         tiles.obsm["log_n_cells"] = np.log1p(tiles.obs["n_cells"].to_numpy(dtype=np.float64))[:, None]
         keys = ["log_n_cells"]
     elif row["name"] == "backbone_macro":
         keys = ["sigmma_backbone_macro"]
     else:
         keys = [f"sigmma_backbone_{s}" for s in SCALES]
-    out = _score(tiles, {"model": keys}, args)
+    out = _score(sdata, {"model": keys}, args)
     out["model"]["train_seconds"] = 0.0
     return out
 
 
-def run_model(row: dict[str, Any], tiles, bundle, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Train one ablation row with one seed on the shared bundle; score its image (and ST) embeddings."""
+def run_model(row: dict[str, Any], sdata, bundle, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Train one ablation row with one seed on the shared bundle; embed it next to the others and score it.
+
+    The row's embeddings are written with ``sg.tl.embed(key_added=f'{row}_s{seed}')`` and scored with
+    ``sg.metrics.evaluate(use_rep=...)``; the cells' embeddings are dropped afterwards (the tile table is
+    what is scored; the cell table would grow by one ``(n_cells, out_dim)`` array per scale and run).
+    """
+    import sigmma_sc as sg
     from sigmma_sc.model import SigmmaModel
 
     cfg = _config(args, row)
@@ -342,31 +358,33 @@ def run_model(row: dict[str, Any], tiles, bundle, seed: int, args: argparse.Name
     t0 = time.perf_counter()
     history = model.fit(bundle, seed=seed, device=args.device, progress=False)
     seconds = time.perf_counter() - t0
-    z_img = model.encode_image(bundle)
-    z_st, _ = model.encode_st(bundle)
-    scored = tiles.copy()
-    for s in model.scales:
-        scored.obsm[f"X_sigmma_{s}_image"] = z_img[s].numpy()
-        scored.obsm[f"X_sigmma_{s}_st"] = z_st[s].numpy()
+    key = f"{row['name']}_s{seed}"
+    sg.tl.embed(sdata, model, device=args.device, key_added=key)
+    tiles, cells = sdata.tables["sigmma_tiles"], sdata.tables["table"]
+    written = tiles.uns[key]["embed"]["keys"]  # the record sg.tl.embed keeps of what it wrote
+    for k in written.get("cell", {}).values():
+        del cells.obsm[k]
     if args.save_embeddings:  # for investigations on validation tiles without retraining
         folder = args.cache_dir / _cache_name(args) / "embeddings"
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {k: np.asarray(v) for k, v in scored.obsm.items() if k.startswith("X_sigmma_")}
+        arrays = {f"{kind}_{s}": np.asarray(tiles.obsm[k]) for kind in ("image", "st") for s, k in written[kind].items()}
         np.savez_compressed(folder / f"{row['name']}_seed{seed}.npz", **arrays)
-    embeddings = {"model": [f"X_sigmma_{s}_image" for s in model.scales]}
+    embeddings = {"model": list(written["image"].values())}
     if len(model.scales) > 1:
-        embeddings["macro"] = ["X_sigmma_macro_image"]
-    out = _score(scored, embeddings, args)
+        embeddings["macro"] = [written["image"]["macro"]]
+    out = _score(sdata, embeddings, args, use_rep=key)
+    diag = model.diagnostics
     val = [h["val_loss"] for h in history if h["val_loss"] is not None]
-    best = int(np.argmin(val)) if val else len(history) - 1
+    best = diag.get("best_epoch", len(history)) - 1  # the kept weights (select_by decides)
     out["model"] |= {
         "train_seconds": seconds,
         "best_epoch": best + 1,
         "epochs": len(history),
         "best_step": int(history[best]["step"]) if history else 0,
         "steps": int(history[-1]["step"]) if history else 0,
-        "batch": int(model.config.batch_for(int((bundle.split == 0).sum()))),
+        "batch": int(diag.get("batch_size", model.config.batch_for(int((bundle.split == 0).sum())))),
         "best_val_loss": float(min(val)) if val else float("nan"),
+        "best_val_rank": float(diag.get("best_val_rank", np.nan)),
         "val_chance": float(history[-1].get("val_chance") or np.nan) if history else float("nan"),
     }
     # edge addition at work (issue 9): last epoch's sampled-candidate fraction and mean edge probability
@@ -713,7 +731,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    tiles, bundle, info = prepare(args)
+    sdata, bundle, info = prepare(args)
     logger.info("Section: %s", info)
     import sigmma_sc as sg
 
@@ -727,12 +745,12 @@ def main(argv: list[str] | None = None) -> Path:
         results = raw["results"]
     for row in rows:
         if "config" not in row:
-            results[row["name"]] = [run_backbone(row, tiles, args)]
+            results[row["name"]] = [run_backbone(row, sdata, args)]
             logger.info("%s: %s", row["name"], _brief(results[row["name"]][-1]["model"]))
             continue
         results[row["name"]] = []
         for seed in args.seeds:
-            results[row["name"]].append(run_model(row, tiles, bundle, seed, args))
+            results[row["name"]].append(run_model(row, sdata, bundle, seed, args))
             logger.info("%s seed %d: %s", row["name"], seed, _brief(results[row["name"]][-1]["model"]))
     if args.add_to is not None:
         order = [r["name"] for r in ROWS]
@@ -740,7 +758,7 @@ def main(argv: list[str] | None = None) -> Path:
         raw.setdefault("extra_commands", []).append(argv)
         args.add_to.write_text(json.dumps(raw, indent=1, default=float))
         return _rerender(args.add_to)
-    baseline = {p: sg.metrics.mean_baseline(tiles, protocol=p, eval_split=args.eval_split) for p in ("paper", "hest")}
+    baseline = {p: sg.metrics.mean_baseline(sdata, protocol=p, eval_split=args.eval_split) for p in ("paper", "hest")}
     runtime = time.perf_counter() - t_start
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     text = render(results, info, args, argv, runtime, baseline, date)

@@ -83,10 +83,12 @@ def test_distributed_fit_equals_one_process(tmp_path):
             for a, b in zip(got[run]["history"], want["history"], strict=True):
                 assert a["step"] == b["step"]
                 assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+                assert abs(a["val_rank"] - b["val_rank"]) < 1e-6  # the model-selection criterion
                 assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
         # every rank holds the same weights and validation losses (identical early-stopping decisions)
         assert all(torch.equal(ranks[0][run]["state"][k], ranks[1][run]["state"][k]) for k in ref["state"])
-        assert [h["val_loss"] for h in ranks[0][run]["history"]] == [h["val_loss"] for h in ranks[1][run]["history"]]
+        for key in ("val_loss", "val_rank"):
+            assert [h[key] for h in ranks[0][run]["history"]] == [h[key] for h in ranks[1][run]["history"]]
     bad = ranks[0]["no_averaging"]["state"]
     assert any(not torch.allclose(bad[k], ref["state"][k], rtol=1e-3, atol=1e-3) for k in keys)
 

@@ -64,7 +64,8 @@ def test_fit_loss_decreases_on_learnable_signal():
     )
     history = model.fit(b, progress=False, device="cpu")
     assert [h["epoch"] for h in history] == list(range(1, 31))
-    base = {"epoch", "step", "train_loss", "train_chance", "val_loss", "val_chance", "lr", "grad_norm", "seconds"}
+    base = {"epoch", "step", "train_loss", "train_chance", "val_loss", "val_chance", "val_rank", "lr", "grad_norm",
+            "seconds"}  # fmt: skip
     assert base <= set(history[0])
     losses = np.array([h["train_loss"] for h in history])
     vals = np.array([h["val_loss"] for h in history])
@@ -209,14 +210,17 @@ def test_resume_equals_uninterrupted(bundle, small_config, tmp_path, monkeypatch
 def test_best_validation_state_restored(bundle, small_config, tmp_path):
     m = SigmmaModel.from_bundle(bundle, **{**small_config, "epochs": 3})
     history = m.fit(bundle, progress=False, checkpoint_dir=tmp_path)
-    best = min(history, key=lambda h: h["val_loss"])
+    best = min(history, key=lambda h: h["val_rank"])  # the default criterion: validation retrieval
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     _equal_dicts(m.state_dict(), ckpt["best_state"])
     from sigmma_sc.model._train_loop import evaluate
 
-    val, chance = evaluate(m, bundle, bundle.tiles_in("val"), m.diagnostics["batch_size"])
+    val, chance, rank = evaluate(m, bundle, bundle.tiles_in("val"), m.diagnostics["batch_size"])
     assert val == pytest.approx(best["val_loss"], rel=1e-5)
     assert chance == pytest.approx(best["val_chance"])
+    assert rank == pytest.approx(best["val_rank"], abs=1e-9)
+    assert m.diagnostics["best_epoch"] == best["epoch"]
+    assert m.diagnostics["select_by"] == "retrieval"
 
 
 def test_oom_halves_micro_batch(bundle, small_config, monkeypatch, caplog):

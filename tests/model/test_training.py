@@ -12,6 +12,7 @@ from sigmma_sc.model._diagnostics import (
     chance_loss,
     mean_pairwise_cosine,
     participation_ratio,
+    partner_rank,
     training_diagnostics,
 )
 from sigmma_sc.model._toy import toy_bundle
@@ -58,19 +59,23 @@ def test_paper_step_schedule():
     assert f[24] == pytest.approx(0.01)
 
 
-def test_early_stopping_keeps_best_and_stops(learnable):
+@pytest.mark.parametrize(("select_by", "key"), [("retrieval", "val_rank"), ("loss", "val_loss")])
+def test_early_stopping_keeps_best_and_stops(learnable, select_by, key):
     model = SigmmaModel.from_bundle(
-        learnable, hidden=16, out_dim=16, steps=2000, patience=8, warmup=0, lr=3e-2, temperature=0.1
-    )
+        learnable, hidden=16, out_dim=16, steps=2000, patience=8, warmup=0, lr=3e-2, temperature=0.1,
+        select_by=select_by,
+    )  # fmt: skip
     history = model.fit(learnable, progress=False)
     steps = history[-1]["step"]
     assert steps < 2000
     assert model.diagnostics["stopped"] == "early stopping"
-    vals = [h["val_loss"] for h in history]
-    best = int(np.argmin(vals))
+    vals = [h[key] for h in history]
+    best = int(np.argmin(vals))  # the first of equal values: only a strict improvement resets the patience
     assert steps - history[best]["step"] >= 8  # stopped only after `patience` steps without improvement
     assert all(h["step"] - history[best]["step"] < 8 for h in history[:-1] if h["step"] > history[best]["step"])
-    assert model.diagnostics["best_val_loss"] == pytest.approx(vals[best])
+    assert model.diagnostics["best_epoch"] == history[best]["epoch"]
+    assert model.diagnostics[f"best_{key}"] == pytest.approx(vals[best])
+    assert 0 <= min(h["val_rank"] for h in history) < 0.5  # the rank is recorded either way, and learns
 
 
 def test_gradients_are_clipped_and_recorded(learnable):
@@ -100,6 +105,30 @@ def test_chance_level_matches_uninformative_embeddings():
 
     z = torch.nn.functional.normalize(torch.ones(16, 8), dim=1)  # every tile the same: no information
     assert float(info_nce(z, z, temperature=0.1)) == pytest.approx(math.log(16), rel=1e-5)
+
+
+def test_partner_rank_perfect_chance_and_collapsed():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 16, generator=g)
+    assert partner_rank({"image/macro": z, "st/macro": z}, ["macro"]) == 0.0  # every partner is the nearest
+    other = torch.randn(40, 16, generator=g)
+    assert partner_rank({"image/macro": z, "st/macro": other}, ["macro"]) == pytest.approx(0.5, abs=0.06)
+    same = torch.ones(40, 16)  # collapsed: all similarities tie, which is chance, not a perfect score
+    assert partner_rank({"image/macro": same, "st/macro": same}, ["macro"]) == pytest.approx(0.5)
+    # partners 1 and 2 swapped: by hand, tile 1's partner has 1 better and 1 tied other of 2 -> (1 + 0.5) / 2,
+    # the same for tile 2, tile 0 ranks first; the same in both directions
+    e = torch.eye(3)
+    assert partner_rank({"image/micro": e, "st/micro": e[[0, 2, 1]]}, ["micro"]) == pytest.approx(0.5)
+    # the mean over scales
+    emb = {"image/micro": z, "st/micro": z, "image/macro": same, "st/macro": same}
+    assert partner_rank(emb, ["micro", "macro"]) == pytest.approx(0.25)
+
+
+def test_paper_preset_selects_on_the_validation_loss():
+    assert SigmmaConfig(n_features=4, image_dim=4).select_by == "retrieval"
+    assert SigmmaConfig.preset("paper", n_features=4, image_dim=4).select_by == "loss"
+    with pytest.raises(ValueError, match="select_by"):
+        SigmmaConfig(n_features=4, image_dim=4, select_by="recall")
 
 
 def test_collapse_metrics():
@@ -135,14 +164,20 @@ def test_health_warnings_reach_the_user(learnable, caplog):
     with caplog.at_level(logging.WARNING, logger="sigmma_sc.model._diagnostics"):
         model.fit(learnable, progress=False)
     d = model.diagnostics
-    assert d["best_val_loss"] >= 0.97 * d["val_chance"]
-    assert any("within 3% of its chance level" in m for m in d["warnings"])
+    assert d["best_val_rank"] >= 0.9 * d["val_rank_chance"]  # retrieval at chance: the default criterion warns
+    assert any("validation partner rank" in m and "within 10% of chance" in m for m in d["warnings"])
     assert "raise `lr`" in caplog.text
+    assert not any("validation loss" in m for m in d["warnings"])  # one near-chance warning, the criterion's
+    by_loss = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=4, lr=1e-9, warmup=0, select_by="loss")
+    by_loss.fit(learnable, progress=False)
+    assert by_loss.diagnostics["best_val_loss"] >= 0.97 * by_loss.diagnostics["val_chance"]
+    assert any("within 3% of its chance level" in m for m in by_loss.diagnostics["warnings"])
     assert set(d["mean_cosine"]) == {f"{m}_{s}" for m in ("image", "st") for s in model.scales}
     # a model that learns: well below chance, no warning
     good = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=150, lr=3e-3, temperature=0.1)
     good.fit(learnable, progress=False)
     assert good.diagnostics["best_val_loss"] < 0.8 * good.diagnostics["val_chance"]
+    assert good.diagnostics["best_val_rank"] < 0.25
     assert not [m for m in good.diagnostics["warnings"] if "chance" in m]
 
 

@@ -191,6 +191,12 @@ def test_training_curves(trained, model, tmp_path):
     assert {"train chance", "validation chance"} <= set(labels)
     chance = next(line for line in ax.get_lines() if line.get_label() == "validation chance")
     assert np.allclose(chance.get_ydata(), [h["val_chance"] for h in model.history])
+    kept = f"kept: epoch {model.diagnostics['best_epoch']}"  # the epoch the selection criterion kept
+    assert kept in labels
+    ranks = sg.pl.training_curves(model, kind="retrieval")
+    rank_labels = [line.get_label() for line in ranks.get_lines()]
+    assert {"validation partner rank", "chance", kept} <= set(rank_labels)
+    assert np.allclose(ranks.get_lines()[0].get_ydata(), [h["val_rank"] for h in model.history])
     edges = sg.pl.training_curves(model, kind="edges")
     edge_labels = {line.get_label() for line in edges.get_lines()}
     assert {"meso: fraction sampled", "macro: mean probability"} <= edge_labels
@@ -199,6 +205,8 @@ def test_training_curves(trained, model, tmp_path):
     assert "all parameters (before clipping)" in {line.get_label() for line in grads.get_lines()}
     with pytest.raises(ValueError, match="kind"):
         sg.pl.training_curves(model, kind="weights")
+    with pytest.raises(ValueError, match="no validation retrieval"):
+        sg.pl.training_curves([{"epoch": 1, "train_loss": 1.0}], kind="retrieval")
     with pytest.raises(ValueError, match="no edge-addition statistics"):
         sg.pl.training_curves([{"epoch": 1, "train_loss": 1.0}], kind="edges")
     with pytest.raises(KeyError, match="run `sg.pp.tile` and `sg.tl.train_sigmma` first"):

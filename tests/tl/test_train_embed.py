@@ -149,6 +149,25 @@ def test_finetune_through_tl(prepared, tmp_path):
     assert np.allclose(other.tables[Keys.TILE_TABLE].obsm[Keys.EMB_IMAGE.format(scale="micro")], z, atol=1e-5)
 
 
+def test_model_from_a_bundle_embeds_with_its_features(prepared, tmp_path):
+    """The GPU-node path: a saved bundle -> SigmmaModel.from_bundle -> fit -> embed on the section."""
+    from sigmma_sc.model import SigmmaModel, TrainingBundle
+
+    bundle, _ = sg.data.build_bundle(prepared)
+    bundle.save(tmp_path / "bundle.pt")
+    back = TrainingBundle.load(tmp_path / "bundle.pt")
+    assert back.meta["backbone_pretrained"] is False  # how the cached features were computed
+    assert back.meta["backbone_info"]["input_size"] == prepared.tables["sigmma_tiles"].uns["sigmma"]["backbone"]["input_size"]
+    model = SigmmaModel.from_bundle(back, hidden=8, out_dim=8, steps=2)
+    assert model.config.backbone == "test_efficientnet"
+    assert model.config.backbone_pretrained is False
+    model.fit(back, progress=False)
+    sg.tl.embed(prepared, model, key_added="from_bundle")  # accepted: the features match the model's
+    assert "X_from_bundle_macro_image" in prepared.tables["sigmma_tiles"].obsm
+    # an explicit setting still wins
+    assert SigmmaModel.from_bundle(back, hidden=8, out_dim=8, backbone_pretrained=True).config.backbone_pretrained
+
+
 def test_embed_refuses_features_computed_otherwise(prepared):
     """A model trained on 32 px crops must not embed features cached at another crop size."""
     model = sg.tl.train_sigmma(prepared, epochs=1, **TINY)

@@ -14,6 +14,9 @@ from .._utils._validate import check_graph_tiling, get_table, require_obs
 from ._geometry import separate_groups
 from ._tiles import tile_params, tile_reader
 
+#: the fields of :class:`~sigmma_sc.nn.BackboneInfo` a model records (``SigmmaConfig.backbone_info``)
+BACKBONE_INFO = ("name", "num_features", "input_size", "mean", "std", "is_vit")
+
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
@@ -217,6 +220,7 @@ def build_bundle(
             "which featurizes) first."
         )
     split = tiles.obs[Keys.SPLIT].map({s: i for i, s in enumerate(SPLITS)}).to_numpy().astype(np.int8)
+    backbone = dict(tiles.uns.get(Keys.UNS, {}).get("backbone", {}))
     meta = {
         "features_key": feats_key,
         "n_features": int(x.shape[1]),
@@ -227,8 +231,12 @@ def build_bundle(
         "image_channels": tile_reader(sdata, tile_key).n_channels if params["image_key"] in sdata.images else None,
         "n_neighs": int(graph["n_neighs"]),
         "n_candidates": k,
-        "backbone": tiles.uns.get(Keys.UNS, {}).get("backbone", {}).get("name"),
-        "image_modality": tiles.uns.get(Keys.UNS, {}).get("backbone", {}).get("modality"),
+        "backbone": backbone.get("name"),
+        "image_modality": backbone.get("modality"),
+        # how the cached features were computed: a model made with SigmmaModel.from_bundle records it, so that
+        # sg.tl.embed accepts these features (and refuses others)
+        "backbone_pretrained": None if backbone.get("pretrained") is None else bool(backbone["pretrained"]),
+        "backbone_info": _jsonable({k: backbone[k] for k in BACKBONE_INFO if k in backbone}) or None,
         "var_names_hash": _hash_names(cells.var_names),
         "pca": _jsonable(graph.get("pca")),
     }

@@ -1,4 +1,4 @@
-"""Health checks of a trained SIGMMA model: loss against its chance level, and embedding collapse."""
+"""Health checks of a trained SIGMMA model: loss and retrieval against their chance levels, and embedding collapse."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ logger = logging.getLogger(__name__)
 
 #: The best validation loss counts as "at chance" above this fraction of the chance level.
 NEAR_CHANCE = 0.97
+#: The best validation partner rank counts as "at chance" above this fraction of its chance level (0.5).
+NEAR_CHANCE_RANK = 0.9
+#: Chance level of :func:`partner_rank` (embeddings that carry no information rank the partner in the middle).
+RANK_CHANCE = 0.5
 #: Embeddings count as collapsed above this mean pairwise cosine similarity ...
 COLLAPSE_COSINE = 0.95
 #: ... or below this participation ratio (effective number of dimensions).
@@ -31,6 +35,45 @@ def chance_loss(sizes: Sequence[int], n_scales: int) -> float:
     if total == 0:
         return float("nan")
     return n_scales * sum(n * math.log(n) for n in sizes) / total
+
+
+def partner_rank(emb: Mapping[str, Tensor], scales: Sequence[str]) -> float:
+    """Mean normalised rank of each tile's cross-modal partner among the tiles of ``emb``: 0 = always first, 0.5 = chance.
+
+    For every scale, the cosine similarities of the image embeddings to the ST embeddings of the same tiles
+    rank, for each tile, its own partner among all ``N`` tiles (image -> ST and ST -> image); the rank counts the
+    tiles that are more similar than the partner (ties count half, so collapsed embeddings score 0.5, not 0) and
+    is divided by ``N - 1``. The mean over tiles, both directions and the scales is returned. Unlike the
+    InfoNCE loss it does not depend on the temperature or on how confident the similarities are, only on their
+    order, which is what retrieval and the microenvironments use; it is the validation criterion of
+    ``select_by="retrieval"``.
+
+    Parameters
+    ----------
+    emb
+        ``"image/{scale}"`` / ``"st/{scale}"`` -> ``(N, D)`` embeddings of the same ``N`` tiles, in tile order.
+    scales
+        The scales to average over.
+
+    Returns
+    -------
+    The mean normalised partner rank (``nan`` with fewer than 2 tiles).
+    """
+    ranks = []
+    for s in scales:
+        img = torch.nn.functional.normalize(emb[f"image/{s}"].double(), dim=1)
+        st = torch.nn.functional.normalize(emb[f"st/{s}"].double(), dim=1)
+        n = img.shape[0]
+        if n < 2:
+            return float("nan")
+        sim = img @ st.T
+        own = sim.diagonal()
+        for better, tied in (
+            ((sim > own[:, None]).sum(1), (sim == own[:, None]).sum(1) - 1),  # image -> ST: row i
+            ((sim > own[None, :]).sum(0), (sim == own[None, :]).sum(0) - 1),  # ST -> image: column j
+        ):
+            ranks.append(((better + 0.5 * tied).double() / (n - 1)).mean())
+    return float(torch.stack(ranks).mean())
 
 
 def mean_pairwise_cosine(z: Tensor) -> float:
@@ -70,14 +113,19 @@ def _key(key: str) -> str:
 
 
 def training_diagnostics(
-    history: Sequence[Mapping[str, Any]], emb: Mapping[str, Tensor] | None, *, tiles: str, stopped: str
+    history: Sequence[Mapping[str, Any]],
+    emb: Mapping[str, Tensor] | None,
+    *,
+    tiles: str,
+    stopped: str,
+    select_by: str = "loss",
 ) -> dict[str, Any]:
     """Diagnose a finished training run and warn about what users must fix.
 
     Parameters
     ----------
     history
-        Per-epoch records of the run (``val_loss``, ``val_chance``, ...).
+        Per-epoch records of the run (``val_loss``, ``val_chance``, ``val_rank``, ...).
     emb
         Embeddings of held-out tiles by the kept weights (``"image/{scale}"`` / ``"st/{scale}"`` -> ``(B, D)``), or
         ``None``.
@@ -85,25 +133,43 @@ def training_diagnostics(
         Which tiles ``emb`` holds (``"val"`` or ``"train"``), recorded.
     stopped
         Why training stopped (``"budget"``, ``"early stopping"``, ...), recorded.
+    select_by
+        The validation criterion that chose the kept weights (``"loss"`` or ``"retrieval"``): its best value
+        decides ``best_epoch`` and which near-chance warning applies.
 
     Returns
     -------
-    JSON-able dict: ``best_val_loss``, ``val_chance``, ``best_epoch``, ``stopped``, ``tiles``, ``mean_cosine``,
+    JSON-able dict: ``select_by``, ``best_epoch`` (the kept weights), ``best_val_loss`` and ``val_chance``,
+    ``best_val_rank`` and ``val_rank_chance`` (when recorded), ``stopped``, ``tiles``, ``mean_cosine``,
     ``participation_ratio`` (per embedding) and ``warnings`` (the messages logged).
     """
-    out: dict[str, Any] = {"stopped": stopped, "tiles": tiles, "warnings": []}
+    out: dict[str, Any] = {"stopped": stopped, "tiles": tiles, "select_by": select_by, "warnings": []}
     vals = [(h["val_loss"], h) for h in history if h.get("val_loss") is not None]
+    ranks = [(h["val_rank"], h) for h in history if h.get("val_rank") is not None and math.isfinite(h["val_rank"])]
     if vals:
         best, rec = min(vals, key=lambda v: v[0])
         chance = float(rec.get("val_chance", float("nan")))
         out |= {"best_val_loss": float(best), "val_chance": chance, "best_epoch": int(rec["epoch"])}
-        if math.isfinite(chance) and best >= NEAR_CHANCE * chance:
+        if select_by == "loss" and math.isfinite(chance) and best >= NEAR_CHANCE * chance:
             out["warnings"].append(
                 f"The best validation loss ({best:.3f}) is within {100 * (1 - NEAR_CHANCE):.0f}% of its chance level "
                 f"({chance:.3f}: ln(batch) per scale and direction): the model has barely learned to match images "
                 "with cells. Train longer (`steps`), raise `lr`, lower `batch_size` (more steps per epoch), or "
                 "check that the image and the cells are registered (`sg.pl.microenvironments` draws both)."
             )
+    if ranks:
+        best_rank, rec = min(ranks, key=lambda v: v[0])
+        out |= {"best_val_rank": float(best_rank), "val_rank_chance": RANK_CHANCE}
+        if select_by == "retrieval":
+            out["best_epoch"] = int(rec["epoch"])
+            if best_rank >= NEAR_CHANCE_RANK * RANK_CHANCE:
+                out["warnings"].append(
+                    f"The best validation partner rank ({best_rank:.3f}; 0 = every tile's image finds its own cells "
+                    f"first, {RANK_CHANCE} = chance) is within {100 * (1 - NEAR_CHANCE_RANK):.0f}% of chance: the "
+                    "model has barely learned to match images with cells. Train longer (`steps`), raise `lr`, "
+                    "lower `batch_size` (more steps per epoch), or check that the image and the cells are "
+                    "registered (`sg.pl.microenvironments` draws both)."
+                )
     if emb:
         health = embedding_health(emb)
         out |= health
@@ -122,3 +188,21 @@ def training_diagnostics(
     for msg in out["warnings"]:
         logger.warning(msg)
     return out
+
+
+def kept_summary(history: Sequence[Mapping[str, Any]], diagnostics: Mapping[str, Any]) -> str | None:
+    """One line on the kept weights: their epoch, validation partner rank and loss against chance (or ``None``)."""
+    epoch = diagnostics.get("best_epoch")
+    if epoch is None or not history or not 1 <= int(epoch) <= len(history):
+        return None
+    rec = history[int(epoch) - 1]
+    parts = []
+    if rec.get("val_rank") is not None:
+        parts.append(f"val partner rank {rec['val_rank']:.3f}, chance {RANK_CHANCE}")
+    if rec.get("val_loss") is not None:
+        parts.append(f"val loss {rec['val_loss']:.3f}, chance {rec.get('val_chance', float('nan')):.3f}")
+    by = diagnostics.get("select_by", "loss")
+    return (
+        f"Kept the weights of epoch {int(epoch)} of {len(history)} (best validation "
+        f"{'retrieval' if by == 'retrieval' else 'loss'}): " + "; ".join(parts) + "."
+    )

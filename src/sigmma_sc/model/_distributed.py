@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..nn._distributed import GlobalBatchNoise, gather_embeddings
 from ..nn._loss import grad_cache_backward
+from ._diagnostics import partner_rank
 
 logger = logging.getLogger(__name__)
 
@@ -328,15 +329,18 @@ def evaluate(
     chunks: list[Tensor],
     amp: Callable[[], contextlib.AbstractContextManager],
     ctx: DistContext,
-) -> float:
-    """Mean global-batch loss over the validation ``chunks`` (eval mode); each rank embeds its shard of each chunk.
+) -> tuple[float, float]:
+    """Mean global-batch loss over the validation ``chunks`` and their partner rank (eval mode).
 
-    Every chunk's loss is the loss of the whole chunk (the shards are gathered), as in one process; the mean is
-    broadcast from rank 0 so that every rank takes the same early-stopping decisions.
+    Each rank embeds its shard of each chunk. Every chunk's loss is the loss of the whole chunk (the shards are gathered), as in one process, and the
+    partner rank (:func:`~sigmma_sc.model._diagnostics.partner_rank`) is taken over the gathered embeddings of
+    all chunks; both are broadcast from rank 0 so that every rank takes the same model-selection and
+    early-stopping decisions.
     """
     keys = [f"{m}/{s}" for m in ("image", "st") for s in model.scales]
     width = model.config.out_dim
     total, count = torch.zeros((), dtype=torch.float64, device=data.device), 0
+    parts: dict[str, list[Tensor]] = {k: [] for k in keys}
     with torch.inference_mode():
         for chunk in chunks:
             local = shard(chunk, ctx)
@@ -345,8 +349,12 @@ def evaluate(
                     emb = {k: v.float() for k, v in model.embed_batch(data.select(local)).items()}
             else:
                 emb = {k: torch.zeros((0, width), device=data.device) for k in keys}
-            total += model.loss_from_embeddings(gather_embeddings(emb)).double() * chunk.numel()
+            full = gather_embeddings(emb)
+            total += model.loss_from_embeddings(full).double() * chunk.numel()
             count += chunk.numel()
-    value = (total / max(count, 1)).reshape(1)
+            for k in keys:
+                parts[k].append(full[k].float().cpu())
+    rank = partner_rank({k: torch.cat(v) for k, v in parts.items()}, model.scales)
+    value = torch.tensor([float(total / max(count, 1)), rank], dtype=torch.float64, device=data.device)
     dist.broadcast(value, src=0)
-    return float(value)
+    return float(value[0]), float(value[1])

@@ -66,13 +66,15 @@ class SigmmaModel(nn.Module):
     history
         One dict per trained epoch: ``epoch``, ``step`` (optimiser steps so far), ``train_loss``, ``val_loss``,
         their chance levels ``train_chance`` / ``val_chance`` (the loss of embeddings that carry no information:
-        ``ln(batch)`` per scale), ``lr``, ``grad_norm`` (mean pre-clipping gradient norm), ``seconds`` and, with
+        ``ln(batch)`` per scale), ``val_rank`` (mean normalised partner rank of the validation tiles, chance 0.5,
+        :func:`~sigmma_sc.model._diagnostics.partner_rank`), ``lr``, ``grad_norm`` (mean pre-clipping gradient norm), ``seconds`` and, with
         edge addition, per coarser scale ``s``: ``edge_sampled_{s}`` (fraction of candidate edges sampled on),
         ``edge_prob_{s}`` (mean edge probability), ``edge_candidates_{s}`` (candidates per batch) and
         ``edge_grad_{s}`` (gradient norm of the edge scorer).
     diagnostics
-        Health of the trained model (``sigmma_sc.model._diagnostics.training_diagnostics``): best validation loss and
-        its chance level, mean pairwise cosine and participation ratio of the tile embeddings per scale, the
+        Health of the trained model (``sigmma_sc.model._diagnostics.training_diagnostics``): the kept epoch
+        (``best_epoch``, by ``select_by``), best validation loss and partner rank with their chance levels, mean
+        pairwise cosine and participation ratio of the tile embeddings per scale, the
         warnings raised, and why training stopped.
     probes
         Name -> fitted :class:`~sigmma_sc.model.LinearProbe` of tile expression on image embeddings
@@ -143,13 +145,19 @@ class SigmmaModel(nn.Module):
         """A model sized for ``bundle`` (``n_features``, ``image_dim``; other fields from ``config``).
 
         ``preset`` names the starting values of the other fields (:meth:`SigmmaConfig.preset`: ``"default"``
-        or ``"paper"`` for Table 3); ``config`` overrides them. With ``finetune_blocks > 0`` the backbone is built here (once) and ``image_dim`` is its feature
-        width; the bundle then needs ``tiles`` (its cached features are not used).
+        or ``"paper"`` for Table 3); ``config`` overrides them. The backbone fields (``backbone``,
+        ``backbone_info``, ``backbone_pretrained``) default to how the bundle's cached features were computed
+        (``bundle.meta``). With ``finetune_blocks > 0`` the backbone is built here (once) and ``image_dim`` is its
+        feature width; the bundle then needs ``tiles`` (its cached features are not used).
         """
         meta_info = bundle.meta.get("backbone_info")
-        if meta_info and ("backbone" not in config or meta_info.get("name") == config["backbone"]):
+        same = "backbone" not in config or (meta_info or {}).get("name", bundle.meta.get("backbone")) == config["backbone"]
+        if meta_info and same:
             config.setdefault("backbone_info", meta_info)
-        config.setdefault("backbone", bundle.meta.get("backbone", SigmmaConfig.backbone))
+        if same and bundle.meta.get("backbone_pretrained") is not None and not config.get("backbone_weights"):
+            # how the bundle's cached features were computed, so that sg.tl.embed accepts them
+            config.setdefault("backbone_pretrained", bool(bundle.meta["backbone_pretrained"]))
+        config.setdefault("backbone", bundle.meta.get("backbone") or SigmmaConfig.backbone)
         if int(config.get("finetune_blocks", 0)) > 0:
             if bundle.tiles is None:
                 raise ValueError(
@@ -385,16 +393,17 @@ class SigmmaModel(nn.Module):
 
         AdamW (``lr``, ``weight_decay``) with a per-step learning-rate schedule (linear warm-up over ``warmup``
         of the budget, then cosine decay, or the paper's StepLR), for ``config.steps`` optimiser steps or
-        ``epochs`` epochs, whichever comes first, stopping early when the validation loss has not improved for
-        ``config.patience`` steps; gradients are clipped to ``config.max_grad_norm``. Each epoch shuffles the
+        ``epochs`` epochs, whichever comes first, stopping early when the validation criterion
+        (``config.select_by``: partner rank or loss) has not improved for ``config.patience`` steps; gradients are clipped to ``config.max_grad_norm``. Each epoch shuffles the
         training tiles (seeded generator) into batches of :meth:`SigmmaConfig.batch_for` tiles (a last partial
         batch is kept if it has at least 2 tiles), optionally accumulated over ``micro_batch`` tiles with GradCache
         (cross-micro-batch negatives kept); on CUDA out-of-memory the micro-batch is halved and the step
         retried. With ``config.finetune_blocks > 0`` the image side is encoded from the bundle's tile images
         at every step (bf16 autocast on CUDA) and the trainable backbone blocks get ``config.backbone_lr``.
         A step has no device-to-host synchronisation (batches are indexed on the host, losses are summed on
-        the device and read once per epoch). The validation loss (eval mode, deterministic edges) is computed after every epoch and
-        the best-validation weights are restored at the end (without validation tiles: the last weights).
+        the device and read once per epoch). The validation loss and partner rank (eval mode, deterministic
+        edges) are computed after every epoch and the weights of the best epoch by ``config.select_by`` are
+        restored at the end (without validation tiles: the last weights).
         The whole bundle is moved to the device once. Seeded and deterministic on CPU; the global RNG
         state of the caller is left untouched.
 

@@ -22,7 +22,7 @@ from .._utils._progress import track
 from ..nn._loss import grad_cache_backward
 from . import _distributed as D
 from ._bundle import TrainingBundle
-from ._diagnostics import chance_loss, training_diagnostics
+from ._diagnostics import chance_loss, partner_rank, training_diagnostics
 from ._finetune import optimizer_groups
 
 if TYPE_CHECKING:
@@ -202,20 +202,28 @@ def evaluate(
     idx: Tensor,
     batch_size: int,
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[float, float]:
-    """Mean contrastive loss over the tiles ``idx`` and its chance level (eval mode, deterministic edges)."""
+) -> tuple[float, float, float]:
+    """Validation scores of the tiles ``idx`` (eval mode, deterministic edges).
+
+    Returns the mean contrastive loss over batches of ``batch_size`` tiles, its chance level, and the mean
+    normalised partner rank among all of ``idx`` (:func:`~sigmma_sc.model._diagnostics.partner_rank`).
+    """
     was = model.training
     model.eval()
     total, count = torch.zeros((), device=data.device), 0
     chunks = _batches(idx, batch_size, merge_last=True)
+    parts: dict[str, list[Tensor]] = {}
     with torch.inference_mode():
         for chunk in chunks:
             with amp():
                 emb = model.embed_batch(data.select(chunk))
             total += model.loss_from_embeddings(emb) * chunk.numel()
             count += chunk.numel()
+            for k, v in emb.items():
+                parts.setdefault(k, []).append(v.float().cpu())
     model.train(was)
-    return float(total) / max(count, 1), chance_loss([c.numel() for c in chunks], len(model.scales))
+    rank = partner_rank({k: torch.cat(v) for k, v in parts.items()}, model.scales)
+    return float(total) / max(count, 1), chance_loss([c.numel() for c in chunks], len(model.scales)), rank
 
 
 def embed_tiles(
@@ -435,13 +443,13 @@ def fit_model(
                     sums[k] = sums.get(k, 0) + v
                 scheduler.step()
                 step += 1
-            val = chance = None
+            val = chance = rank = None
             if val_idx is not None and ctx is None:
-                val, chance = evaluate(model, data, val_idx, batch, amp)
-            elif val_idx is not None:  # each rank embeds its shard of every validation batch; rank 0's mean
+                val, chance, rank = evaluate(model, data, val_idx, batch, amp)
+            elif val_idx is not None:  # each rank embeds its shard of every validation batch; rank 0's scores
                 model.eval()
                 chunks = _batches(val_idx, batch, merge_last=True)
-                val = D.evaluate(model, data, chunks, amp, ctx)
+                val, rank = D.evaluate(model, data, chunks, amp, ctx)
                 chance = chance_loss([c.numel() for c in chunks], len(model.scales))
                 model.train()
             record = {
@@ -451,16 +459,18 @@ def fit_model(
                 "train_chance": chance_loss(sizes, len(model.scales)),
                 "val_loss": val,
                 "val_chance": chance,
+                "val_rank": rank,
                 "lr": lr,
                 **{k: float(v) / len(sizes) for k, v in sums.items()},
                 "seconds": time.perf_counter() - t0,
             }
             history.append(record)
-            if val is not None and val < best_val:
-                best_val, best_state, best_step = val, _cpu_state(model), step
+            crit = rank if cfg.select_by == "retrieval" else val  # lower is better for both
+            if crit is not None and crit < best_val:
+                best_val, best_state, best_step = crit, _cpu_state(model), step
             if (
                 cfg.patience is not None
-                and val is not None
+                and crit is not None
                 and step > plan["warmup_steps"]
                 and step - best_step >= cfg.patience
             ):
@@ -471,6 +481,7 @@ def fit_model(
                 bar.set_postfix(
                     train=f"{record['train_loss']:.3f}",
                     val="-" if val is None else f"{val:.3f}/{chance:.2f} chance",
+                    rank="-" if rank is None else f"{rank:.3f}/0.5",
                     step=step,
                 )
             logger.debug("epoch %d: %s", epoch + 1, record)
@@ -507,11 +518,14 @@ def fit_model(
         )  # fmt: skip
     if best_state is not None:
         model.load_state_dict(best_state)
-        logger.info("Restored the weights of the best validation epoch (val loss %.4f).", best_val)
+        logger.info(
+            "Restored the weights of the best validation epoch (%s %.4f).",
+            "val partner rank" if cfg.select_by == "retrieval" else "val loss", best_val,
+        )  # fmt: skip
     held = val_idx if val_idx is not None else train_idx
     emb = embed_tiles(model, data, held, batch, amp) if held.numel() >= 2 else None
     model.diagnostics = training_diagnostics(
-        history, emb, tiles="val" if val_idx is not None else "train", stopped=stopped
+        history, emb, tiles="val" if val_idx is not None else "train", stopped=stopped, select_by=cfg.select_by
     ) | {"batch_size": batch, "steps_per_epoch": plan["steps_per_epoch"], "steps": step}
     model.eval()
     return history

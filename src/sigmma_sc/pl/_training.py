@@ -1,4 +1,4 @@
-"""``sg.pl.training_curves``: losses against chance, edge addition and gradient norms per epoch."""
+"""``sg.pl.training_curves``: losses and validation retrieval against chance, edge addition and gradient norms."""
 
 from __future__ import annotations
 
@@ -17,27 +17,35 @@ if TYPE_CHECKING:
     from ..model import SigmmaModel
 
 
-KINDS = ("loss", "edges", "gradients")
+KINDS = ("loss", "retrieval", "edges", "gradients")
 _SCALE_COLORS = {"micro": "#2ca02c", "meso": "#9467bd", "macro": "#8c564b"}
 
 
 def training_curves(
     model_or_sdata: SigmmaModel | SpatialData | list[dict[str, Any]] | dict[str, list[float]],
     *,
-    kind: Literal["loss", "edges", "gradients"] = "loss",
+    kind: Literal["loss", "retrieval", "edges", "gradients"] = "loss",
     tile_key: str = Keys.TILE_TABLE,
     log_scale: bool = False,
     ax: Axes | None = None,
     figsize: tuple[float, float] | None = None,
     save: str | Path | None = None,
 ) -> Axes:
-    """Training curves per epoch: the losses against their chance levels, edge addition, or gradient norms.
+    """Training curves per epoch: losses or validation retrieval against chance, edge addition, gradient norms.
+
+    Every kind marks the kept epoch: the best one by the model's validation criterion (``select_by``:
+    validation retrieval by default, the validation loss for ``preset="paper"``).
 
     ``kind="loss"``: training and validation loss, each with its chance level (dashed; the loss of embeddings
-    that carry no information, ``ln(batch)`` per scale and direction), and the kept (lowest validation loss)
-    epoch. A healthy run falls well below the validation chance line; a validation loss that stays on it means
-    the model has not learned to match images with cells. The training loss is averaged over training batches
-    and the validation loss over the validation tiles, so compare each curve with its own chance line.
+    that carry no information, ``ln(batch)`` per scale and direction). A healthy run falls below the validation
+    chance line. The training loss is averaged over training batches and the validation loss over the
+    validation tiles, so compare each curve with its own chance line. On small sections the validation loss can
+    rise while retrieval still improves (confident mismatches cost the loss a lot): look at
+    ``kind="retrieval"`` too.
+
+    ``kind="retrieval"``: the mean normalised rank of each validation tile's cross-modal partner
+    (0: every image finds its own cells first; 0.5, dashed: chance). A healthy run falls well below 0.5; a
+    curve that stays on it means the model has not learned to match images with cells.
 
     ``kind="edges"``: per coarser scale, the fraction of candidate edges sampled on and the mean edge
     probability of the stochastic edge addition. Healthy: both move away from their start (about 0.5 for an
@@ -76,13 +84,18 @@ def training_curves(
     hist = _history(model_or_sdata, tile_key)
     epochs = np.asarray(hist.get("epoch", np.arange(1, len(hist["train_loss"]) + 1)), dtype=float)
     fig, (a,) = new_axes(1, ax=ax, figsize=figsize, panel=(5.0, 3.5))
+    kept = _kept_epoch(model_or_sdata, tile_key, hist)
     if kind == "loss":
         _draw_loss(a, hist, epochs)
+    elif kind == "retrieval":
+        _draw_rank(a, hist, epochs)
     elif kind == "edges":
         _draw_edges(a, hist, epochs)
     else:
         _draw_gradients(a, hist, epochs, _clip(model_or_sdata, tile_key))
         log_scale = True
+    if kept is not None and 1 <= kept <= len(epochs):
+        a.axvline(epochs[kept - 1], color="0.5", ls=":", lw=1, label=f"kept: epoch {epochs[kept - 1]:g}")
     a.set_xlabel("epoch")
     if log_scale:
         a.set_yscale("log")
@@ -91,7 +104,10 @@ def training_curves(
     for side in ("top", "right"):
         a.spines[side].set_visible(False)
     a.legend(frameon=False, fontsize="small")
-    a.set_title({"loss": "SIGMMA training", "edges": "Edge addition", "gradients": "Gradient norms"}[kind])
+    a.set_title(
+        {"loss": "SIGMMA training", "retrieval": "Validation retrieval", "edges": "Edge addition",
+         "gradients": "Gradient norms"}[kind]
+    )  # fmt: skip
     save_figure(fig, save)
     return a
 
@@ -107,12 +123,34 @@ def _draw_loss(a: Axes, hist: dict[str, list], epochs: np.ndarray) -> None:
         vchance = _floats(hist.get("val_chance", []))
         if vchance.size and np.isfinite(vchance).any():
             a.plot(epochs, vchance, "--", lw=1, color="#ff7f0e", alpha=0.6, label="validation chance")
-        best = int(np.nanargmin(val))
-        a.axvline(epochs[best], color="0.5", ls=":", lw=1)
-        a.plot(
-            epochs[best], val[best], marker="*", ms=12, color="#d62728", ls="", label=f"kept: epoch {epochs[best]:g}"
-        )
     a.set_ylabel("loss (sum of per-scale InfoNCE)")
+
+
+def _draw_rank(a: Axes, hist: dict[str, list], epochs: np.ndarray) -> None:
+    rank = _floats(hist.get("val_rank", []))
+    if not rank.size or not np.isfinite(rank).any():
+        raise ValueError(
+            "The history has no validation retrieval (`val_rank`): the section had fewer than 2 validation tiles, "
+            "or the model was trained by an older version."
+        )
+    a.plot(epochs, rank, "-o", ms=3, color="#ff7f0e", label="validation partner rank")
+    a.axhline(0.5, color="#ff7f0e", ls="--", lw=1, alpha=0.6, label="chance")
+    a.set_ylim(-0.02, max(0.6, float(np.nanmax(rank)) + 0.02))
+    a.set_ylabel("mean normalised partner rank")
+
+
+def _kept_epoch(obj, tile_key: str, hist: dict[str, list]) -> int | None:
+    """The epoch whose weights were kept (1-based): from the model's diagnostics, else the best by the criterion."""
+    diag = getattr(obj, "diagnostics", None)
+    if diag is None and hasattr(obj, "tables") and tile_key in obj.tables:
+        diag = obj.tables[tile_key].uns.get(Keys.UNS, {}).get("training", {}).get("diagnostics")
+    if diag and diag.get("best_epoch") is not None:
+        return int(diag["best_epoch"])
+    for key in ("val_rank", "val_loss"):  # a bare history: the default criterion first
+        v = _floats(hist.get(key, []))
+        if v.size and np.isfinite(v).any():
+            return int(np.nanargmin(v)) + 1
+    return None
 
 
 def _draw_edges(a: Axes, hist: dict[str, list], epochs: np.ndarray) -> None:

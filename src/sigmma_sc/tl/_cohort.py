@@ -14,6 +14,7 @@ from .._constants import SPLITS, Keys
 from .._utils._validate import counts_matrix, get_table
 from ..data._bundle import _hash_names, build_bundle
 from ..data._cohort import _graph_record, as_sections, cohort_splits, fit_cohort_pca, shared_genes
+from ..model._diagnostics import kept_summary
 from ..pp._cell_graph import cell_graph
 from ._featurize import featurize
 from ._records import history_columns, package_version
@@ -118,9 +119,9 @@ def train_cohort(
     for sdata in named.values():
         tiles = get_table(sdata, tile_key)
         tiles.uns[Keys.UNS] = dict(tiles.uns.get(Keys.UNS, {})) | {"training": record}
-    best = min((h for h in history if h.get("val_loss") is not None), key=lambda h: h["val_loss"], default=None)
-    if best is not None:
-        logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
+    summary = kept_summary(history, model.diagnostics or {})
+    if summary is not None:
+        logger.info(summary)
     return model
 
 

@@ -11,6 +11,7 @@ from .._constants import Keys
 from .._utils._validate import get_table
 from ..data._bundle import build_bundle, checked_graph
 from ..data._tiles import tile_params
+from ..model._diagnostics import kept_summary
 from ._featurize import featurize
 from ._records import history_columns as _columns
 from ._records import package_version as _version
@@ -55,13 +56,14 @@ def train_sigmma(
     Runs :func:`sigmma_sc.tl.featurize` (cached frozen-backbone features; skipped when already cached),
     collects tiles, cell graphs and features into a :class:`~sigmma_sc.model.TrainingBundle`, and fits a
     :class:`~sigmma_sc.model.SigmmaModel` on the training tiles (AdamW with warm-up and cosine decay over a
-    budget of optimiser steps, gradient clipping), validating after each epoch, stopping early when the
-    validation loss stops improving and keeping the weights of the best validation epoch. Trains on the GPU
-    when one is available.
+    budget of optimiser steps, gradient clipping), validating after each epoch, stopping early when validation
+    retrieval stops improving and keeping the weights of the best validation epoch (``select_by``; the
+    ``paper`` preset selects on the validation loss). Trains on the GPU when one is available.
 
-    The validation loss is logged next to its chance level (``ln(batch)`` per scale and direction); a warning
-    says when the best validation loss stays near chance or the embeddings collapse, naming what to change
-    (``model.diagnostics`` and ``.uns['sigmma']['training']['diagnostics']`` record the checks).
+    The validation loss is logged next to its chance level (``ln(batch)`` per scale and direction) and the
+    validation partner rank next to its chance level (0.5); a warning says when the selection criterion stays
+    near chance or the embeddings collapse, naming what to change (``model.diagnostics`` and
+    ``.uns['sigmma']['training']['diagnostics']`` record the checks; ``sg.pl.training_curves`` draws them).
 
     Parameters
     ----------
@@ -194,9 +196,9 @@ def train_sigmma(
         "version": _version(),
     }
     tiles.uns[Keys.UNS] = uns
-    best = min((h for h in history if h.get("val_loss") is not None), key=lambda h: h["val_loss"], default=None)
-    if best is not None:
-        logger.info("Best validation loss %.4f at epoch %d of %d.", best["val_loss"], best["epoch"], len(history))
+    summary = kept_summary(history, model.diagnostics or {})
+    if summary is not None:
+        logger.info(summary)
     return model
 
 

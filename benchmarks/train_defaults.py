@@ -53,7 +53,9 @@ def prepare(args):
         return ad.read_h5ad(files["tiles"]), TrainingBundle.load(files["bundle"]), json.loads(files["info"].read_text())
     folder.mkdir(parents=True, exist_ok=True)
     if args.dataset == "bonemarrow":
-        sdata, image_key = sg.datasets.xenium_bonemarrow(), "dapi"
+        from _bonemarrow import load_bonemarrow  # ../shared/data/xenium-bonemarrow
+
+        sdata, image_key = load_bonemarrow(), "dapi"
     else:
         sdata, image_key = sg.datasets.demo(), "he"
     sg.pp.tile(sdata, image_key=image_key, tile_size_um=args.tile_size_um, pixel_size_um=0.5, seed=0)

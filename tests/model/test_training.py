@@ -195,3 +195,26 @@ def test_corrupt_checkpoint_is_a_clear_error(learnable, tmp_path):
     model = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=4)
     with pytest.raises(ValueError, match="corrupt or not a SIGMMA checkpoint"):
         model.fit(learnable, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_same_seed_same_weights_with_several_threads():
+    """Scatter-adds summed in thread order made 2-thread CPU runs differ; fit runs them deterministically.
+
+    Without ``deterministic_on_cpu`` this set-up gives different weights on 2 threads (checked when written).
+    """
+    bundle = toy_bundle(n_tiles=48, n_features=50, image_dim=16, min_cells=40, max_cells=100, n_neighs=6, seed=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        states = []
+        for _ in range(2):
+            m = SigmmaModel.from_bundle(
+                bundle, hidden=128, out_dim=128, steps=12, warmup=0, patience=None, max_batch_fraction=1.0
+            )
+            m.fit(bundle, progress=False)
+            states.append(m.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored

@@ -17,6 +17,7 @@ from ..nn._gnn import HierarchicalGraphEncoder
 from ..nn._loss import ProjectionHead, multiscale_info_nce
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
+from ._determinism import deterministic_on_cpu
 from ._finetune import as_tile_tensor, build_image_encoder, encode_tiles
 from ._inference import (
     LinearProbe,
@@ -543,7 +544,7 @@ class SigmmaModel(nn.Module):
 
 
 class _eval:
-    """Context manager: eval mode inside, the previous mode restored after."""
+    """Context manager: eval mode inside (deterministic arithmetic on the CPU), the previous mode restored after."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -551,6 +552,10 @@ class _eval:
     def __enter__(self) -> None:
         self.was_training = self.module.training
         self.module.eval()
+        param = next(self.module.parameters(), None)
+        self.det = deterministic_on_cpu("cpu" if param is None else param.device)
+        self.det.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        self.det.__exit__(*exc)
         self.module.train(self.was_training)

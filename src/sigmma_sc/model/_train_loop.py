@@ -22,6 +22,7 @@ from .._utils._progress import track
 from ..nn._loss import grad_cache_backward
 from . import _distributed as D
 from ._bundle import TrainingBundle
+from ._determinism import deterministic_on_cpu
 from ._diagnostics import chance_loss, partner_rank, training_diagnostics
 from ._finetune import optimizer_groups
 
@@ -377,7 +378,12 @@ def fit_model(
             steps_per_epoch=plan["steps_per_epoch"], step_size=cfg.step_size, gamma=cfg.gamma,
         )  # fmt: skip
 
-    with torch.random.fork_rng(devices=fork_devices), tf32_matmuls(tf32), contextlib.ExitStack() as stack:
+    with (
+        torch.random.fork_rng(devices=fork_devices),
+        tf32_matmuls(tf32),
+        deterministic_on_cpu(device),
+        contextlib.ExitStack() as stack,
+    ):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         groups = optimizer_groups(model, model.image_encoder, cfg.lr, cfg.backbone_lr)

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/train_defaults.py prepare --tile-size-um 96            # demo section, featurize once
     python benchmarks/train_defaults.py sweep --tile-size-um 96               # choose on validation tiles
     python benchmarks/train_defaults.py compare --tile-size-um 96 --seeds 0 1 2   # report on test tiles
-    python benchmarks/train_defaults.py compare --dataset bonemarrow --tile-size-um 64 --seeds 0 1 2
+    python benchmarks/train_defaults.py compare --dataset bonemarrow --tile-size-um 128 --seeds 0 1 2 --threads 1
 
 The section is tiled, graphed and featurized once (as ``sigmma demo`` does: EfficientNet-Lite0, crops at
 ``--input-size`` px) and cached under ``bench_out/train_defaults/``. ``sweep`` trains each candidate setting
@@ -160,9 +160,18 @@ def _write(name: str, rows: dict[str, list[dict[str, float]]], args, info) -> Pa
         cells = []
         for c in cols:
             v = np.array([r.get(c, np.nan) for r in runs], dtype=float)
-            cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+            cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}")
         print(f"| {k} | " + " | ".join(cells) + " |")
     return path
+
+
+def _run_grid(name, grid, split, tiles, bundle, args, info) -> None:
+    """Seed by seed, every setting, the results file rewritten after each run (a stopped run keeps its rows)."""
+    rows: dict[str, list[dict[str, float]]] = {k: [] for k in grid}
+    for seed in args.seeds:
+        for k, cfg in grid.items():
+            rows[k].append(run(tiles, bundle, dict(cfg), seed, split))
+            _write(name, {k: v for k, v in rows.items() if v}, args, info)
 
 
 def main(argv=None):
@@ -175,7 +184,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--only", nargs="+", default=None, help="only these settings (their names in the table)")
     p.add_argument("--tag", default="", help="suffix of the results file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tiles, bundle, info = prepare(args)
     if args.command == "prepare":
@@ -184,15 +198,13 @@ def main(argv=None):
     if args.command == "sweep":
         grid = _sweep_grid(args.hidden)
         grid = {k: v for k, v in grid.items() if args.only is None or k in args.only}
-        rows = {k: [run(tiles, bundle, dict(cfg), seed, "val") for seed in args.seeds] for k, cfg in grid.items()}
-        _write("sweep" + args.tag, rows, args, info)
+        _run_grid("sweep" + args.tag, grid, "val", tiles, bundle, args, info)
     else:
         h = {"hidden": args.hidden, "out_dim": args.hidden}
         grid = {"defaults": h, "defaults, selected on the val loss": h | {"select_by": "loss"},
                 "paper (Table 3)": {"preset": "paper"}, "paper, hidden 128": {"preset": "paper"} | h}  # fmt: skip
         grid = {k: v for k, v in grid.items() if args.only is None or k in args.only}
-        rows = {k: [run(tiles, bundle, dict(cfg), seed, "test") for seed in args.seeds] for k, cfg in grid.items()}
-        _write("compare" + args.tag, rows, args, info)
+        _run_grid("compare" + args.tag, grid, "test", tiles, bundle, args, info)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ class SigmmaConfig:
     select_by
         The validation criterion that picks the kept weights and drives early stopping: ``"retrieval"``
         (default: the mean normalised rank of each validation tile's cross-modal partner,
-        :func:`~sigmma_sc.model._diagnostics.partner_rank`, 0 = perfect, 0.5 = chance) or ``"loss"`` (the
+        ``partner_rank``, 0 = perfect, 0.5 = chance) or ``"loss"`` (the
         validation InfoNCE, as the paper). The loss also rewards confident similarities, and on small sections it
         can rise while retrieval still improves (the model grows overconfident on the tiles it gets wrong), so
         selecting on it keeps near-initial weights there (``BENCHMARKS.md``, issue 14). Both are recorded in the

@@ -68,7 +68,7 @@ class SigmmaModel(nn.Module):
         One dict per trained epoch: ``epoch``, ``step`` (optimiser steps so far), ``train_loss``, ``val_loss``,
         their chance levels ``train_chance`` / ``val_chance`` (the loss of embeddings that carry no information:
         ``ln(batch)`` per scale), ``val_rank`` (mean normalised partner rank of the validation tiles, chance 0.5,
-        :func:`~sigmma_sc.model._diagnostics.partner_rank`), ``lr``, ``grad_norm`` (mean pre-clipping gradient norm), ``seconds`` and, with
+        ``partner_rank``), ``lr``, ``grad_norm`` (mean pre-clipping gradient norm), ``seconds`` and, with
         edge addition, per coarser scale ``s``: ``edge_sampled_{s}`` (fraction of candidate edges sampled on),
         ``edge_prob_{s}`` (mean edge probability), ``edge_candidates_{s}`` (candidates per batch) and
         ``edge_grad_{s}`` (gradient norm of the edge scorer).

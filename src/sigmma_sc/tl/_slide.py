@@ -471,4 +471,4 @@ def _write_zarr(sdata: SpatialData, image_key: str, tile_key: str, out: Path) ->
     )
     small.attrs.update(sdata.attrs)
     small.write(out)
-    logger.warning("Wrote %s (tiles, tile table, %.1f µm/px overview image).", out, lv.pixel_size_um * f)
+    logger.info("Wrote %s (tiles, tile table, %.1f µm/px overview image).", out, lv.pixel_size_um * f)

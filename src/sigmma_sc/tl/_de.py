@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -113,16 +114,20 @@ def microenvironment_de(
     )
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
-    sc.tl.rank_genes_groups(
-        adata,
-        "group",
-        groups=groups,
-        reference=str(reference),
-        method=method,
-        n_genes=adata.n_vars,
-        pts=True,
-        use_raw=False,
-    )
+    with warnings.catch_warnings():
+        # scanpy fills its result frame column by column: pandas warns about fragmentation once per group
+        # (noise about scanpy's internals, nothing a user can act on)
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(
+            adata,
+            "group",
+            groups=groups,
+            reference=str(reference),
+            method=method,
+            n_genes=adata.n_vars,
+            pts=True,
+            use_raw=False,
+        )
     out = sc.get.rank_genes_groups_df(adata, group=groups)
     if "group" not in out:  # a single group comes back without the group column
         out.insert(0, "group", groups[0])

@@ -31,6 +31,16 @@ def test_tutorials_are_committed_with_outputs():
         assert sum(bool(c.outputs) for c in code) >= len(code) // 2, f"{path.name}: committed without outputs"
         errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
         assert not errors, f"{path.name}: committed with an error output"
+        # executed with MPLBACKEND=Agg, a notebook keeps its text but loses every figure: each plotting cell
+        # must carry its picture (run the kernel with the inline backend, i.e. without MPLBACKEND set)
+        blank = [
+            i
+            for i, c in enumerate(nb.cells)
+            if c.cell_type == "code"
+            and "sg.pl." in c.source
+            and not any("image/png" in o.get("data", {}) for o in c.outputs)
+        ]
+        assert not blank, f"{path.name}: plotting cells {blank} were committed without their figure"
 
 
 _HEAVY = {"bonemarrow": (pytest.mark.slow, pytest.mark.data)}

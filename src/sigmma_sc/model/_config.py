@@ -117,7 +117,10 @@ class SigmmaConfig:
         Clip the global gradient norm of every step to this value (``None``: no clipping). The pre-clipping
         norm is recorded in the history (``grad_norm``).
     micro_batch
-        Tiles per forward pass under GradCache accumulation (``None``: the whole batch at once).
+        Tiles per forward pass under GradCache accumulation (``None``: the whole batch at once, unless it would
+        not fit: on a GPU, an out-of-memory error halves it and retries the step; on a CPU, where running out
+        of memory kills the process, it is planned before training from the cells and edges of the tiles and
+        the free memory, and logged).
     backbone
         Name of the image backbone (a :func:`~sigmma_sc.nn.build_backbone` name): the one the cached features
         were computed with, or the one fine-tuned.

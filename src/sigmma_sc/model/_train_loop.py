@@ -1,7 +1,7 @@
 """Training loop of :meth:`SigmmaModel.fit`.
 
-Step budget, warm-up and schedule, GradCache steps, gradient clipping, OOM fallback, early stopping,
-checkpoints, resume, and the per-epoch health records.
+Step budget, warm-up and schedule, GradCache steps, gradient clipping, OOM fallback (CUDA) and memory
+planning (CPU), early stopping, checkpoints, resume, and the per-epoch health records.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ._bundle import TrainingBundle
 from ._determinism import deterministic_on_cpu
 from ._diagnostics import chance_loss, partner_rank, training_diagnostics
 from ._finetune import optimizer_groups
+from ._memory import plan_cpu_micro_batch
 
 if TYPE_CHECKING:
     from ._sigmma import SigmmaModel
@@ -352,6 +353,9 @@ def fit_model(
         "" if cfg.patience is None or val_idx is None else f", early stopping after {cfg.patience} steps without "
         "improvement",
     )  # fmt: skip
+    auto_micro = None  # a CPU step larger than the free memory would get the process killed: split it first
+    if device.type == "cpu" and ctx is None and cfg.micro_batch is None and not model.finetuned:
+        auto_micro = plan_cpu_micro_batch(model, bundle, train_idx, plan["batch"])
     ckpt_path = None
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -390,7 +394,7 @@ def fit_model(
         fused = {"fused": True} if device.type == "cuda" else {}
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        state: dict[str, Any] = {"micro_batch": cfg.micro_batch}
+        state: dict[str, Any] = {"micro_batch": cfg.micro_batch if auto_micro is None else auto_micro}
         history: list[dict[str, Any]] = []
         best_state, best_val, best_step, start, step, stopped = None, math.inf, 0, 0, 0, "budget"
 
@@ -413,6 +417,8 @@ def fit_model(
             best_step, step = int(ckpt.get("best_step", 0)), int(ckpt.get("step", 0))
             stopped = ckpt.get("stopped", "budget")
             state["micro_batch"] = ckpt["micro_batch"] if cfg.micro_batch is None else cfg.micro_batch
+            if auto_micro is not None:
+                state["micro_batch"] = min(state["micro_batch"] or auto_micro, auto_micro)
             start = int(ckpt["epoch"])
             logger.info("Resuming from %s after epoch %d (step %d).", ckpt_path, start, step)
         elif resume:

@@ -59,20 +59,28 @@ def measure(section: str, hidden: int, n: int) -> dict:
     model = SigmmaModel.from_bundle(bundle, seed=0, preset="paper", hidden=hidden, out_dim=hidden)
     idx = bundle.tiles_in("train")[:n]
     batch = bundle.select(idx)
-    model.train()
     if not M.rss_peak_reset():
         raise SystemExit("needs Linux /proc/self/clear_refs")
+    model.eval()  # first the inference pass (as sg.tl.embed and the validation run it)
+    base = M.rss_bytes("VmRSS")
+    with torch.inference_mode():
+        model.embed_batch(batch)
+    inference = M.rss_bytes("VmHWM") - base
+    model.train()
+    M.rss_peak_reset()
     base = M.rss_bytes("VmRSS")
     loss = model.loss_from_embeddings(model.embed_batch(batch))
     loss.backward()
     peak = M.rss_bytes("VmHWM")
     est = float(M.step_bytes_per_tile(model, bundle)[idx].sum())
+    est_inference = float(M.inference_bytes_per_tile(model, bundle)[idx].sum())
     terms = []  # the estimate is linear in its two coefficients: each term alone, for --fit
     for edge, cell in ((1.0, 0.0), (0.0, 1.0)):
         M.EDGE_COEF, M.CELL_COEF = edge, cell
         terms.append(float(M.step_bytes_per_tile(model, bundle)[idx].sum()))
     counts = {k: int(v[idx].sum()) for k, v in bundle._host_counts.items()}
     return {"section": section, "hidden": hidden, "tiles": n, "measured": peak - base, "estimate": est,
+            "inference_measured": inference, "inference_estimate": est_inference,
             "terms": terms, "counts": counts, "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
@@ -90,12 +98,17 @@ def main(argv=None):
                              capture_output=True, text=True, check=True)  # fmt: skip
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{section:10s} hidden {hidden:3d} {n:3d} tiles: measured {row['measured'] / 2**30:5.2f} GiB, "
-              f"estimate {row['estimate'] / 2**30:5.2f} GiB (x{row['estimate'] / row['measured']:.2f})", flush=True)  # fmt: skip
+        print(
+            f"{section:10s} hidden {hidden:3d} {n:3d} tiles: training step {row['measured'] / 2**30:5.2f} GiB, "
+            f"estimate {row['estimate'] / 2**30:5.2f} GiB (x{row['estimate'] / row['measured']:.2f}); inference "
+            f"{row['inference_measured'] / 2**30:5.2f} GiB, estimate {row['inference_estimate'] / 2**30:5.2f} GiB "
+            f"(x{row['inference_estimate'] / max(row['inference_measured'], 1):.2f})",
+            flush=True,
+        )
     RESULTS.write_text(json.dumps({"date": datetime.date.today().isoformat(),
                                    "machine": f"{platform.machine()}, 2 cores", "rows": rows}, indent=1))  # fmt: skip
     if args.fit:
-        from sigmma_sc.model._memory import CELL_COEF, EDGE_COEF
+        from sigmma_sc.model._memory import CELL_COEF, EDGE_COEF, INFERENCE_COEF
 
         a = np.array([r["terms"] for r in rows])
         y = np.array([r["measured"] for r in rows], dtype=float)
@@ -105,6 +118,8 @@ def main(argv=None):
             f"least-squares coefficients (relative error): edge {coef[0]:.2f}, cell {coef[1]:.2f}; "
             f"in use: edge {EDGE_COEF}, cell {CELL_COEF}"
         )
+        ratio = [r["inference_measured"] / r["terms"][0] for r in rows]
+        print(f"inference peak / edge term: {min(ratio):.2f}-{max(ratio):.2f}; in use: {INFERENCE_COEF}")
 
 
 if __name__ == "__main__":

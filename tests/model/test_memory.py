@@ -15,13 +15,15 @@ def test_available_memory_reads_the_machine():
     got = M.available_memory()
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/meminfo")
-    assert got is not None and 0 < got < 1 << 50
+    assert got is not None
+    assert 0 < got < 1 << 50
 
 
 def test_estimate_grows_with_edges_width_and_graph(bundle, small_config):
     m = SigmmaModel.from_bundle(bundle, **small_config)
     per_tile = M.step_bytes_per_tile(m, bundle)
-    assert per_tile.shape == (bundle.n_tiles,) and (per_tile > 0).all()
+    assert per_tile.shape == (bundle.n_tiles,)
+    assert (per_tile > 0).all()
     edges = sum(bundle._host_counts[k] for k in ("knn0", "knn1", "knn2", "cand_meso", "cand_macro"))
     busiest, quietest = int(edges.argmax()), int(edges.argmin())
     assert per_tile[busiest] > per_tile[quietest]
@@ -41,7 +43,9 @@ def test_plan_splits_only_what_does_not_fit(bundle, small_config):
     need = float(per_tile.sort(descending=True).values[:batch].sum())
     assert M.plan_cpu_micro_batch(m, bundle, train, batch, available=int(3 * need)) is None
     micro = M.plan_cpu_micro_batch(m, bundle, train, batch, available=int(need))  # half of it is the budget
-    assert micro is not None and 1 <= micro < batch and micro & (micro - 1) == 0  # a power of two
+    assert micro is not None
+    assert 1 <= micro < batch
+    assert micro & (micro - 1) == 0
     largest = per_tile.sort(descending=True).values
     assert float(largest[:micro].sum()) <= M.MEMORY_FRACTION * need  # the costliest micro-batch fits
     assert float(largest[: 2 * micro].sum()) > M.MEMORY_FRACTION * need or 2 * micro > batch  # and is the largest
@@ -69,7 +73,8 @@ def test_fit_on_the_cpu_splits_a_batch_that_would_not_fit(bundle, small_config, 
         history = m.fit(bundle, progress=False, epochs=1, seed=0)
     assert "accumulating its gradients over micro-batches of" in caplog.text
     micro = max(chunks)
-    assert 1 <= micro <= 2 and np.isfinite(history[0]["train_loss"])
+    assert 1 <= micro <= 2
+    assert np.isfinite(history[0]["train_loss"])
     monkeypatch.setattr(SigmmaModel, "embed_batch", original)
     explicit = SigmmaModel.from_bundle(bundle, **{**small_config, "micro_batch": micro})
     history_explicit = explicit.fit(bundle, progress=False, epochs=1, seed=0)
@@ -97,3 +102,29 @@ def test_fit_refuses_a_tile_larger_than_memory_before_training(bundle, small_con
 def test_rss_helpers():
     assert M.rss_peak_reset()
     assert M.rss_bytes("VmRSS") <= M.rss_bytes("VmHWM")
+
+
+def test_inference_chunks_fit_the_budget_and_change_no_result(bundle, small_config, monkeypatch):
+    m = SigmmaModel.from_bundle(bundle, **small_config)
+    idx = torch.arange(bundle.n_tiles)
+    cost = M.inference_bytes_per_tile(m, bundle)
+    assert (cost > 0).all()
+    assert (cost < M.step_bytes_per_tile(m, bundle)).all()
+    assert [c.numel() for c in M.inference_chunks(m, bundle, idx, 10, available=1 << 50)] == [10, 10, 4]
+    available = int(3 * float(cost.max()) / M.MEMORY_FRACTION)  # about three tiles per chunk
+    chunks = M.inference_chunks(m, bundle, idx, 1000, available=available)
+    budget = M.MEMORY_FRACTION * available
+    assert torch.equal(torch.cat(chunks), idx)
+    assert len(chunks) > 2
+    assert all(float(cost[c].sum()) <= budget for c in chunks)  # each fits
+    assert all(
+        float(cost[c].sum() + cost[n[0]]) > budget for c, n in zip(chunks, chunks[1:], strict=False)
+    )  # and is maximal
+    assert [c.numel() for c in M.inference_chunks(m, bundle, idx, 1000, available=1)] == [1] * bundle.n_tiles
+
+    tiles, cells = m.encode_st(bundle)
+    monkeypatch.setattr(M, "available_memory", lambda: available)
+    small_tiles, small_cells = m.encode_st(bundle)
+    for s in m.scales:
+        torch.testing.assert_close(small_tiles[s], tiles[s], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(small_cells[s], cells[s], rtol=1e-5, atol=1e-6)

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 #: overestimate the measured peak by a factor 1.2-1.6 (on the safe side).
 EDGE_COEF = 2.2
 CELL_COEF = 2.0
+#: the same for an inference pass (nothing is kept for a backward pass: the peak is one layer's messages)
+INFERENCE_COEF = 0.7
 #: fraction of the available memory one step may plan to use (the estimate's error, the rest of the process)
 MEMORY_FRACTION = 0.5
 
@@ -59,18 +61,16 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def step_bytes_per_tile(model, bundle) -> Tensor:
-    """Estimated peak bytes of one forward + backward pass, per tile ``(T,)`` (a batch costs the sum of its tiles)."""
+def _terms(model, bundle) -> tuple[Tensor, Tensor]:
+    """Edge rows (message passing and edge sampler, over layers and scales) and cell rows per tile ``(T,)``."""
     cfg = model.config
     counts = bundle._host_counts
     cells = counts["cells"].double()
-    width = max(cfg.hidden, cfg.out_dim)
-    enc = model.st_encoder
     if not cfg.use_graph:
-        return 4.0 * width * CELL_COEF * cells
+        return torch.zeros_like(cells), cells
     knn0, knn1, knn2 = (counts[f"knn{g}"].double() for g in range(3))
     cand = {"meso": counts["cand_meso"].double(), "macro": counts["cand_macro"].double()}
-    run = enc._run
+    run = model.st_encoder._run
     rows = torch.zeros_like(cells)
     graph = None
     for s in run:
@@ -82,7 +82,43 @@ def step_bytes_per_tile(model, bundle) -> Tensor:
         else:
             graph = {"meso": knn0 + knn1, "macro": knn0 + knn1 + knn2}[s]
         rows = rows + cfg.layers_per_scale * graph
-    return 4.0 * width * (EDGE_COEF * rows + CELL_COEF * cfg.layers_per_scale * len(run) * cells)
+    return rows, cfg.layers_per_scale * len(run) * cells
+
+
+def step_bytes_per_tile(model, bundle) -> Tensor:
+    """Estimated peak bytes of one training forward + backward pass, per tile ``(T,)`` (a batch: the sum)."""
+    rows, cells = _terms(model, bundle)
+    return 4.0 * max(model.config.hidden, model.config.out_dim) * (EDGE_COEF * rows + CELL_COEF * cells)
+
+
+def inference_bytes_per_tile(model, bundle) -> Tensor:
+    """Estimated peak bytes of an inference pass (``sg.tl.embed``, validation), per tile ``(T,)``."""
+    rows, cells = _terms(model, bundle)
+    return 4.0 * max(model.config.hidden, model.config.out_dim) * INFERENCE_COEF * (rows + cells)
+
+
+def inference_chunks(model, bundle, idx: Tensor, max_tiles: int, available: int | None = None) -> list[Tensor]:
+    """``idx`` in consecutive chunks of at most ``max_tiles`` tiles, smaller on a CPU where memory is short.
+
+    Inference embeds each tile independently of the others (eval mode), so the chunking changes no result.
+    """
+    idx = idx.cpu()
+    if model.device.type != "cpu" or idx.numel() <= 1:
+        return list(idx.split(max(max_tiles, 1)))
+    if available is None:
+        available = available_memory()
+    if available is None:
+        return list(idx.split(max(max_tiles, 1)))
+    cost = inference_bytes_per_tile(model, bundle)[idx]
+    budget = MEMORY_FRACTION * available
+    chunks, start, total = [], 0, 0.0
+    for i, c in enumerate(cost.tolist()):
+        if i > start and (i - start >= max_tiles or total + c > budget):
+            chunks.append(idx[start:i])
+            start, total = i, 0.0
+        total += c
+    chunks.append(idx[start:])
+    return chunks
 
 
 def plan_cpu_micro_batch(model, bundle, train_idx: Tensor, batch: int, available: int | None = None) -> int | None:

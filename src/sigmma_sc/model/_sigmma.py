@@ -27,6 +27,7 @@ from ._inference import (
     probes_to_dict,
     reference_from_dict,
 )
+from ._memory import inference_chunks
 
 _FORMAT = "sigmma_sc.SigmmaModel"
 _VERSION = 1
@@ -357,7 +358,8 @@ class SigmmaModel(nn.Module):
             A bundle (every tile, in chunks of ``batch_size`` tiles; results on the CPU, cells in bundle
             order) or a :class:`TileBatch` (results on the model's device).
         batch_size
-            Tiles per chunk (default ``config.batch_size``).
+            Tiles per chunk (default ``config.batch_size``). On a CPU, chunks are made smaller where their
+            estimated memory would exceed half of the free memory; the results do not depend on the chunks.
 
         Returns
         -------
@@ -371,7 +373,7 @@ class SigmmaModel(nn.Module):
             bs = batch_size or self.config.batch_size
             tiles: dict[str, list[Tensor]] = {s: [] for s in self.scales}
             cells: dict[str, list[Tensor]] = {s: [] for s in self.scales}
-            for idx in torch.arange(bundle.n_tiles).split(bs):
+            for idx in inference_chunks(self, bundle, torch.arange(bundle.n_tiles), bs):  # smaller if memory is short
                 t, c = self.st_embeddings(bundle.select(idx))
                 for s in self.scales:
                     tiles[s].append(t[s].cpu())

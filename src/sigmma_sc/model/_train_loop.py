@@ -25,7 +25,7 @@ from ._bundle import TrainingBundle
 from ._determinism import deterministic_on_cpu
 from ._diagnostics import chance_loss, partner_rank, training_diagnostics
 from ._finetune import optimizer_groups
-from ._memory import plan_cpu_micro_batch
+from ._memory import inference_chunks, plan_cpu_micro_batch
 
 if TYPE_CHECKING:
     from ._sigmma import SigmmaModel
@@ -217,8 +217,7 @@ def evaluate(
     parts: dict[str, list[Tensor]] = {}
     with torch.inference_mode():
         for chunk in chunks:
-            with amp():
-                emb = model.embed_batch(data.select(chunk))
+            emb = _embed_inference(model, data, chunk, amp)
             total += model.loss_from_embeddings(emb) * chunk.numel()
             count += chunk.numel()
             for k, v in emb.items():
@@ -226,6 +225,20 @@ def evaluate(
     model.train(was)
     rank = partner_rank({k: torch.cat(v) for k, v in parts.items()}, model.scales)
     return float(total) / max(count, 1), chance_loss([c.numel() for c in chunks], len(model.scales)), rank
+
+
+def _embed_inference(model: SigmmaModel, data: TrainingBundle, idx: Tensor, amp) -> dict[str, Tensor]:
+    """``model.embed_batch`` of the tiles ``idx`` (eval mode), in pieces that fit in a CPU's free memory.
+
+    Each tile's eval-mode embedding does not depend on the others, so the pieces change no result.
+    """
+    parts = []
+    for piece in inference_chunks(model, data, idx, idx.numel()):
+        with amp():
+            parts.append(model.embed_batch(data.select(piece)))
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def embed_tiles(
@@ -241,8 +254,7 @@ def embed_tiles(
     parts: dict[str, list[Tensor]] = {}
     with torch.inference_mode():
         for chunk in idx.split(max(batch_size, 2)):
-            with amp():
-                emb = model.embed_batch(data.select(chunk))
+            emb = _embed_inference(model, data, chunk, amp)
             for k, v in emb.items():
                 parts.setdefault(k, []).append(v.float().cpu())
     model.train(was)

@@ -25,10 +25,11 @@ logger = logging.getLogger(__name__)
 #: scale). Measured in ``benchmarks/cpu_memory.py`` (peak RSS of one forward + backward): the peak is 1.6-2.1
 #: times the edge term alone on the demo and the bone-marrow section at widths 128 and 512; the cell term is
 #: a near-constant ~7 % of the edge term there, so the two are not separately identifiable and these values
-#: overestimate the measured peak by a factor 1.2-1.6 (on the safe side).
+#: overestimate the measured peak by a factor 1.1-1.6 (on the safe side).
 EDGE_COEF = 2.2
 CELL_COEF = 2.0
-#: the same for an inference pass (nothing is kept for a backward pass: the peak is one layer's messages)
+#: the same for an inference pass (nothing is kept for a backward pass: the peak is one layer's messages);
+#: measured 0.48-0.72 times the edge term, so the estimate overestimates by 1.0-1.6
 INFERENCE_COEF = 0.7
 #: fraction of the available memory one step may plan to use (the estimate's error, the rest of the process)
 MEMORY_FRACTION = 0.5

@@ -34,7 +34,6 @@ def one(args) -> dict:
     from train_defaults import prepare
 
     from sigmma_sc.model import SigmmaModel
-    from sigmma_sc.model._memory import rss_bytes
 
     bundle = prepare(argparse.Namespace(dataset="bonemarrow", tile_size_um=128.0, input_size=112))[1]
     model = SigmmaModel.from_bundle(bundle, seed=0, preset=args.preset, hidden=args.hidden, out_dim=args.hidden,
@@ -46,7 +45,7 @@ def one(args) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": seconds, "steps": history[-1]["step"], "minor_faults": after.ru_minflt - before.ru_minflt,
             "system_seconds": after.ru_stime - before.ru_stime, "user_seconds": after.ru_utime - before.ru_utime,
-            "peak_rss_gib": rss_bytes("VmHWM") / 2**30,
+            "peak_rss_gib": after.ru_maxrss / 2**20,  # KiB on Linux
             "losses": [h["train_loss"] for h in history]}  # fmt: skip
 
 

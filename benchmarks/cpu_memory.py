@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -28,6 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_memory.json"
 CONFIGS = [("bonemarrow", 128, 26), ("bonemarrow", 128, 104), ("bonemarrow", 512, 13), ("bonemarrow", 512, 26),
            ("demo", 128, 32), ("demo", 512, 16), ("demo", 512, 48)]  # fmt: skip
+
+
+def rss_peak_reset() -> bool:
+    """Reset this process's peak resident set size (Linux ``clear_refs``); ``False`` where that is not possible."""
+    try:
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes(field: str = "VmHWM") -> int | None:
+    """Peak (``VmHWM``) or current (``VmRSS``) resident set size of this process in bytes (Linux)."""
+    try:
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _bundle(section: str):
@@ -59,19 +80,19 @@ def measure(section: str, hidden: int, n: int) -> dict:
     model = SigmmaModel.from_bundle(bundle, seed=0, preset="paper", hidden=hidden, out_dim=hidden)
     idx = bundle.tiles_in("train")[:n]
     batch = bundle.select(idx)
-    if not M.rss_peak_reset():
+    if not rss_peak_reset():
         raise SystemExit("needs Linux /proc/self/clear_refs")
     model.eval()  # first the inference pass (as sg.tl.embed and the validation run it)
-    base = M.rss_bytes("VmRSS")
+    base = rss_bytes("VmRSS")
     with torch.inference_mode():
         model.embed_batch(batch)
-    inference = M.rss_bytes("VmHWM") - base
+    inference = rss_bytes("VmHWM") - base
     model.train()
-    M.rss_peak_reset()
-    base = M.rss_bytes("VmRSS")
+    rss_peak_reset()
+    base = rss_bytes("VmRSS")
     loss = model.loss_from_embeddings(model.embed_batch(batch))
     loss.backward()
-    peak = M.rss_bytes("VmHWM")
+    peak = rss_bytes("VmHWM")
     est = float(M.step_bytes_per_tile(model, bundle)[idx].sum())
     est_inference = float(M.inference_bytes_per_tile(model, bundle)[idx].sum())
     terms = []  # the estimate is linear in its two coefficients: each term alone, for --fit

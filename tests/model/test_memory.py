@@ -99,9 +99,12 @@ def test_fit_refuses_a_tile_larger_than_memory_before_training(bundle, small_con
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
-def test_rss_helpers():
-    assert M.rss_peak_reset()
-    assert M.rss_bytes("VmRSS") <= M.rss_bytes("VmHWM")
+def test_rss_helpers_of_the_memory_benchmark():
+    from _benchmarks import load_benchmark
+
+    bench = load_benchmark("cpu_memory")
+    assert bench.rss_peak_reset()
+    assert bench.rss_bytes("VmRSS") <= bench.rss_bytes("VmHWM")
 
 
 def test_inference_chunks_fit_the_budget_and_change_no_result(bundle, small_config, monkeypatch):

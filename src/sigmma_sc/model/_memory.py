@@ -13,7 +13,6 @@ measured on the demo and the bone-marrow section (``benchmarks/cpu_memory.py``, 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 #: float32 values held for the backward pass per (edge row x width x layer) and per (cell x width x layer x
-#: scale). Measured in ``benchmarks/cpu_memory.py`` (peak RSS of one forward + backward): the peak is 1.6-2.1
+#: scale). Measured in ``benchmarks/cpu_memory.py`` (peak RSS of one forward + backward): the peak is 1.5-2.1
 #: times the edge term alone on the demo and the bone-marrow section at widths 128 and 512; the cell term is
 #: a near-constant ~7 % of the edge term there, so the two are not separately identifiable and these values
 #: overestimate the measured peak by a factor 1.1-1.6 (on the safe side).
@@ -155,23 +154,3 @@ def plan_cpu_micro_batch(model, bundle, train_idx: Tensor, batch: int, available
         batch, need / 2**30, available / 2**30, micro, micro * typical / 2**30,
     )  # fmt: skip
     return micro
-
-
-def rss_peak_reset() -> bool:
-    """Reset this process's peak resident set size (Linux ``clear_refs``); ``False`` where that is not possible."""
-    try:
-        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_bytes(field: str = "VmHWM") -> int | None:
-    """Peak (``VmHWM``) or current (``VmRSS``) resident set size of this process in bytes (Linux)."""
-    try:
-        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None

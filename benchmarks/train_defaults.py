@@ -87,32 +87,36 @@ def prepare(args):
     return slim, bundle, info
 
 
-def run(tiles, bundle, cfg: dict[str, Any], seed: int, split: str) -> dict[str, float]:
-    """Train one setting with one seed; score its embeddings on ``split`` tiles."""
-    import sigmma_sc as sg
+def run(
+    tiles, bundle, cfg: dict[str, Any], seed: int, split: str, checkpoint_dir: Path | None = None
+) -> dict[str, float]:
+    """Train one setting with one seed; score its embeddings on ``split`` tiles.
+
+    With ``checkpoint_dir`` the run writes a checkpoint after every epoch and resumes from it when started again
+    (a long CPU run that was stopped loses at most one epoch; ``seconds`` then counts only the last process).
+    ``cfg["untrained"]``: score the initial weights of that seed without training (the level the probe and the
+    retrieval reach with no learning at all).
+    """
     from sigmma_sc.model import SigmmaModel
 
     preset = cfg.pop("preset", "default")
+    untrained = cfg.pop("untrained", False)
     model = SigmmaModel.from_bundle(bundle, seed=seed, preset=preset, **(RUN_OPTIONS | cfg))
     t0 = time.perf_counter()
-    history = model.fit(bundle, seed=seed, progress=False)
+    resume = {"checkpoint_dir": checkpoint_dir, "resume": True} if checkpoint_dir is not None else {}
+    history = [] if untrained else model.fit(bundle, seed=seed, progress=False, **resume)
+    model.eval()
     seconds = time.perf_counter() - t0
-    z_img = model.encode_image(bundle)
-    z_st, _ = model.encode_st(bundle)
-    scored = tiles.copy()
-    for s in model.scales:
-        scored.obsm[f"X_sigmma_{s}_image"] = z_img[s].numpy()
-        scored.obsm[f"X_sigmma_{s}_st"] = z_st[s].numpy()
-    df = sg.metrics.evaluate(scored, embeddings={"all": [f"X_sigmma_{s}_image" for s in model.scales]},
-                             protocols=("hest",), split=split)  # fmt: skip
-    row = {k: float(v) for k, v in df.loc["all"].items()}
-    diag = model.diagnostics
+    row = score(model, tiles, bundle, split)
+    diag = {} if untrained else model.diagnostics
     val = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     ranks = [h["val_rank"] for h in history if h.get("val_rank") is not None]
     row |= {
+        "seed": seed,
         "best_val_rank": float(min(ranks)) if ranks else float("nan"),
         "kept_step": int(history[diag["best_epoch"] - 1]["step"]) if "best_epoch" in diag else float("nan"),
         "seconds": seconds,
+        "epoch_seconds": float(sum(h["seconds"] for h in history)),  # training + validation, summed over resumes
         "steps": int(history[-1]["step"]) if history else 0,
         "epochs": len(history),
         "best_val_loss": float(min(val)) if val else float("nan"),
@@ -123,7 +127,84 @@ def run(tiles, bundle, cfg: dict[str, Any], seed: int, split: str) -> dict[str, 
     return row
 
 
+def score(model, tiles, bundle, split: str) -> dict[str, float]:
+    """Retrieval and both probes (HEST's fixed penalty; the paper's, chosen on validation tiles) on ``split``."""
+    import sigmma_sc as sg
+
+    z_img = model.encode_image(bundle)
+    z_st, _ = model.encode_st(bundle)
+    scored = tiles.copy()
+    for s in model.scales:
+        scored.obsm[f"X_sigmma_{s}_image"] = z_img[s].numpy()
+        scored.obsm[f"X_sigmma_{s}_st"] = z_st[s].numpy()
+    df = sg.metrics.evaluate(scored, embeddings={"all": [f"X_sigmma_{s}_image" for s in model.scales]},
+                             protocols=PROTOCOLS, split=split)  # fmt: skip
+    return {k: float(v) for k, v in df.loc["all"].items()}
+
+
+def rescore(args) -> None:
+    """Score the kept weights of checkpointed runs again with both probes (rows written before the paper probe).
+
+    For every row of the results file ``--files`` (one file) whose run has a checkpoint (``--checkpoint``), the
+    best-validation weights are loaded, the recorded HEST gene-wise PCC is recomputed as a check that they are the
+    scored weights, and the missing columns are added.
+    """
+    import torch
+
+    from sigmma_sc.model import SigmmaModel
+
+    (path,) = [Path(f) for f in args.files]
+    payload = json.loads(path.read_text())
+    info = payload["info"]
+    ns = argparse.Namespace(dataset=info["dataset"], tile_size_um=info["tile_size_um"], input_size=info["input_size"])
+    tiles, bundle, _ = prepare(ns)
+    name = path.stem.removeprefix("train_defaults_").removesuffix(f"_{info['dataset']}_{info['tile_size_um']:g}um")
+    grid = _compare_grid(args.hidden)
+    for k, runs in payload["rows"].items():
+        for row in runs:
+            slug = "".join(c if c.isalnum() else "_" for c in k)
+            ckpt = (
+                OUT
+                / "checkpoints"
+                / f"{name}_{info['dataset']}_{info['tile_size_um']:g}um"
+                / f"{slug}_seed{row['seed']}"
+            )
+            if not (ckpt / "last.pt").exists():
+                logger.warning("no checkpoint for %r seed %s in %s: not rescored", k, row["seed"], ckpt)
+                continue
+            cfg = dict(grid[k])
+            preset = cfg.pop("preset", "default")
+            saved = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=False)
+            model = SigmmaModel.from_bundle(bundle, seed=row["seed"], preset=preset,
+                                            **(cfg | {"micro_batch": saved["config"]["micro_batch"]}))  # fmt: skip
+            model.load_state_dict(saved["best_state"])
+            model.eval()
+            new = score(model, tiles, bundle, "test")
+            if not np.isclose(new["hest_gene_pcc"], row["hest_gene_pcc"], atol=1e-6):
+                raise SystemExit(f"{k} seed {row['seed']}: HEST gene PCC {new['hest_gene_pcc']} != recorded "
+                                 f"{row['hest_gene_pcc']}: these are not the scored weights.")  # fmt: skip
+            row.update({c: v for c, v in new.items() if c not in row})
+            logger.info("rescored %r seed %s: paper gene PCC %.3f", k, row["seed"], row.get("paper_gene_pcc"))
+    payload.setdefault("rescored", []).append({"date": datetime.date.today().isoformat(), "columns": list(PROTOCOLS)})
+    path.write_text(json.dumps(payload, indent=1))
+    _write(name, payload["rows"], args, info)  # prints the table (and rewrites the file with this command)
+    payload2 = json.loads(path.read_text())
+    payload2 |= {k: payload[k] for k in ("date", "command", "environment", "rescored") if k in payload}
+    payload2["rescore_command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    path.write_text(json.dumps(payload2, indent=1))
+
+
+def backbone_row(tiles, split: str) -> dict[str, float]:
+    """The frozen backbone's features (its three scales concatenated) under the same probe: no training at all."""
+    import sigmma_sc as sg
+
+    keys = [f"sigmma_backbone_{s}" for s in ("micro", "meso", "macro")]
+    df = sg.metrics.evaluate(tiles, embeddings={"backbone": keys}, protocols=PROTOCOLS, split=split)
+    return {k: float(v) for k, v in df.loc["backbone"].items()}
+
+
 RUN_OPTIONS: dict[str, Any] = {}  # set from the command line, applied to every run
+PROTOCOLS = ("hest", "paper")  # probes: HEST's fixed penalty, and the paper's penalty chosen on validation tiles
 
 SWEEP: dict[str, dict[str, Any]] = {
     "paper (Table 3)": {"preset": "paper"},
@@ -147,9 +228,18 @@ def _sweep_grid(hidden: int) -> dict[str, dict[str, Any]]:
     return grid
 
 
+def _compare_grid(hidden: int) -> dict[str, dict[str, Any]]:
+    """The package defaults (at width ``hidden``), Table 3, and references without training."""
+    h = {"hidden": hidden, "out_dim": hidden}
+    return {"defaults": h, "defaults, selected on the val loss": h | {"select_by": "loss"},
+            "paper (Table 3)": {"preset": "paper"}, "paper, hidden 128": {"preset": "paper", "hidden": 128, "out_dim": 128},
+            f"initial weights, hidden {hidden} (no training)": h | {"untrained": True},
+            "frozen backbone, 3 scales (no training)": {"backbone": True}}  # fmt: skip
+
+
 def _write(name: str, rows: dict[str, list[dict[str, float]]], args, info) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
-    path = ROOT / "benchmarks" / "results" / f"train_defaults_{name}_{args.dataset}_{args.tile_size_um:g}um.json"
+    path = ROOT / "benchmarks" / "results" / f"train_defaults_{name}_{info['dataset']}_{info['tile_size_um']:g}um.json"
     payload = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores (shared)",
@@ -159,7 +249,7 @@ def _write(name: str, rows: dict[str, list[dict[str, float]]], args, info) -> Pa
         "rows": rows,
     }
     path.write_text(json.dumps(payload, indent=1))
-    cols = ("image->st R@10%", "st->image R@10%", "hest_gene_pcc", "best_val_loss", "val_chance", "best_val_rank",
+    cols = ("image->st R@10%", "st->image R@10%", "hest_gene_pcc", "paper_gene_pcc", "best_val_loss", "val_chance", "best_val_rank",
             "mean_cosine_st", "kept_step", "steps", "seconds")  # fmt: skip
     print(f"\n{name} on {info['dataset']} ({info['split']}):")
     print("| setting | " + " | ".join(cols) + " |")
@@ -177,13 +267,40 @@ def _run_grid(name, grid, split, tiles, bundle, args, info) -> None:
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in grid}
     for seed in args.seeds:
         for k, cfg in grid.items():
-            rows[k].append(run(tiles, bundle, dict(cfg), seed, split))
+            if cfg.get("backbone"):  # deterministic: scored once
+                if seed == args.seeds[0]:
+                    rows[k].append(backbone_row(tiles, split))
+                    _write(name, {k: v for k, v in rows.items() if v}, args, info)
+                continue
+            ckpt = None
+            if args.checkpoint:  # one folder per run, so that the same command resumes every run where it stopped
+                slug = "".join(c if c.isalnum() else "_" for c in k)
+                ckpt = OUT / "checkpoints" / f"{name}_{args.dataset}_{args.tile_size_um:g}um" / f"{slug}_seed{seed}"
+            rows[k].append(run(tiles, bundle, dict(cfg), seed, split, ckpt))
             _write(name, {k: v for k, v in rows.items() if v}, args, info)
+
+
+def merge(args) -> None:
+    """One results file from several (e.g. seeds run in parallel processes, each with its own ``--tag``)."""
+    payloads = [json.loads(Path(f).read_text()) for f in args.files]
+    info = payloads[0]["info"]
+    if any(p["info"]["split"] != info["split"] or p["info"]["dataset"] != info["dataset"] for p in payloads):
+        raise SystemExit("These results are not on the same section and split; not merging them.")
+    rows: dict[str, list[dict[str, float]]] = {}
+    for p in payloads:
+        for k, runs in p["rows"].items():
+            rows.setdefault(k, []).extend(runs)
+    path = _write(args.name, rows, args, info)
+    payload = json.loads(path.read_text())
+    payload["merged_from"] = [{"file": Path(f).name, "date": p["date"], "command": p["command"],
+                               "environment": p.get("environment", {})} for f, p in zip(args.files, payloads, strict=True)]  # fmt: skip
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"Wrote {path}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("prepare", "sweep", "compare"))
+    p.add_argument("command", choices=("prepare", "sweep", "compare", "merge", "rescore"))
     p.add_argument("--dataset", choices=("demo", "bonemarrow"), default="demo")
     p.add_argument("--tile-size-um", type=float, default=96.0)
     p.add_argument("--input-size", type=int, default=112)
@@ -192,9 +309,27 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", default=None, help="only these settings (their names in the table)")
     p.add_argument("--tag", default="", help="suffix of the results file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="GradCache micro-batch of every run (same gradients as the full batch, less memory)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="GradCache micro-batch of every run (same gradients as the full batch, less memory)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="checkpoint every run after each epoch under bench_out/ and resume it when run again",
+    )
+    p.add_argument("--log-epochs", action="store_true", help="log every epoch's record (training loop at DEBUG)")
+    p.add_argument(
+        "--files", nargs="+", default=(), help="merge: the results files to merge; rescore: the one file to rescore"
+    )
+    p.add_argument("--name", default="compare", help="merge: the merged file's name (train_defaults_{name}_...)")
     args = p.parse_args(argv)
+    if args.command == "merge":
+        return merge(args)
+    if args.command == "rescore":
+        return rescore(args)
     if args.micro_batch:
         RUN_OPTIONS["micro_batch"] = args.micro_batch
     if args.threads:
@@ -202,6 +337,8 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.log_epochs:
+        logging.getLogger("sigmma_sc.model._train_loop").setLevel(logging.DEBUG)
     tiles, bundle, info = prepare(args)
     if args.command == "prepare":
         print(json.dumps(info, indent=1))
@@ -211,9 +348,7 @@ def main(argv=None):
         grid = {k: v for k, v in grid.items() if args.only is None or k in args.only}
         _run_grid("sweep" + args.tag, grid, "val", tiles, bundle, args, info)
     else:
-        h = {"hidden": args.hidden, "out_dim": args.hidden}
-        grid = {"defaults": h, "defaults, selected on the val loss": h | {"select_by": "loss"},
-                "paper (Table 3)": {"preset": "paper"}, "paper, hidden 128": {"preset": "paper"} | h}  # fmt: skip
+        grid = _compare_grid(args.hidden)
         grid = {k: v for k, v in grid.items() if args.only is None or k in args.only}
         _run_grid("compare" + args.tag, grid, "test", tiles, bundle, args, info)
 

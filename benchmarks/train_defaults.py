@@ -121,8 +121,9 @@ def run(
         "epochs": len(history),
         "best_val_loss": float(min(val)) if val else float("nan"),
         "val_chance": float(history[-1].get("val_chance", float("nan"))) if history else float("nan"),
-        "mean_cosine_st": float(np.mean(list(diag.get("mean_cosine", {}).values()) or [np.nan])),
-        "participation_ratio_st": float(np.mean(list(diag.get("participation_ratio", {}).values()) or [np.nan])),
+        # the same over both modalities (what the results of 2026-12-03..05 called "mean_cosine_st": see rescore)
+        "mean_cosine_all": float(np.mean(list(diag.get("mean_cosine", {}).values()) or [np.nan])),
+        "participation_ratio_all": float(np.mean(list(diag.get("participation_ratio", {}).values()) or [np.nan])),
     }
     return row
 
@@ -139,7 +140,22 @@ def score(model, tiles, bundle, split: str) -> dict[str, float]:
         scored.obsm[f"X_sigmma_{s}_st"] = z_st[s].numpy()
     df = sg.metrics.evaluate(scored, embeddings={"all": [f"X_sigmma_{s}_image" for s in model.scales]},
                              protocols=PROTOCOLS, split=split)  # fmt: skip
-    return {k: float(v) for k, v in df.loc["all"].items()}
+    return {k: float(v) for k, v in df.loc["all"].items()} | health(model, bundle)
+
+
+def health(model, bundle) -> dict[str, float]:
+    """How spread out the validation tiles' embeddings are, per modality (mean over the scales), as training reports.
+
+    ``mean_cosine_{image,st}`` (mean pairwise cosine; 1 = collapsed) and ``participation_ratio_{image,st}``
+    (effective number of dimensions), on the same tiles and with the same functions as ``model.diagnostics``.
+    """
+    from sigmma_sc.model._diagnostics import embedding_health
+    from sigmma_sc.model._train_loop import embed_tiles
+
+    val = bundle.tiles_in("val").cpu()
+    h = embedding_health(embed_tiles(model, bundle, val, model.config.batch_size))
+    return {f"{m}_{side}": float(np.mean([v for k, v in h[m].items() if k.startswith(f"{side}_")]))
+            for m in ("mean_cosine", "participation_ratio") for side in ("image", "st")}  # fmt: skip
 
 
 def rescore(args) -> None:
@@ -183,6 +199,13 @@ def rescore(args) -> None:
             if not np.isclose(new["hest_gene_pcc"], row["hest_gene_pcc"], atol=1e-6):
                 raise SystemExit(f"{k} seed {row['seed']}: HEST gene PCC {new['hest_gene_pcc']} != recorded "
                                  f"{row['hest_gene_pcc']}: these are not the scored weights.")  # fmt: skip
+            if "mean_cosine_image" not in row and "mean_cosine_st" in row:
+                # results written before the split by modality averaged image and ST embeddings under "_st"
+                for m in ("mean_cosine", "participation_ratio"):
+                    row[f"{m}_all"] = row.pop(f"{m}_st")
+                    both = (new[f"{m}_image"] + new[f"{m}_st"]) / 2
+                    if not np.isclose(both, row[f"{m}_all"], rtol=1e-4):
+                        raise SystemExit(f"{k} seed {row['seed']}: {m} {both} != recorded {row[f'{m}_all']}.")
             row.update({c: v for c, v in new.items() if c not in row})
             logger.info("rescored %r seed %s: paper gene PCC %.3f", k, row["seed"], row.get("paper_gene_pcc"))
     payload.setdefault("rescored", []).append({"date": datetime.date.today().isoformat(), "columns": list(PROTOCOLS)})
@@ -250,7 +273,7 @@ def _write(name: str, rows: dict[str, list[dict[str, float]]], args, info) -> Pa
     }
     path.write_text(json.dumps(payload, indent=1))
     cols = ("image->st R@10%", "st->image R@10%", "hest_gene_pcc", "paper_gene_pcc", "best_val_loss", "val_chance", "best_val_rank",
-            "mean_cosine_st", "kept_step", "steps", "seconds")  # fmt: skip
+            "mean_cosine_image", "mean_cosine_st", "kept_step", "steps", "seconds")  # fmt: skip
     print(f"\n{name} on {info['dataset']} ({info['split']}):")
     print("| setting | " + " | ".join(cols) + " |")
     for k, runs in rows.items():

@@ -9,13 +9,25 @@ Usage::
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824 \
         python benchmarks/train_defaults.py compare --dataset bonemarrow --tile-size-um 128 --seeds 0 1 2 \
         --only "paper (Table 3)" --micro-batch 52 --tag _width512     # Table 3 at width 512 on a 24 GiB CPU
+    # the package defaults at width 512, one seed per process (2 cores: two 1-thread jobs), resumable:
+    python benchmarks/train_defaults.py compare --dataset bonemarrow --tile-size-um 128 --hidden 512 --seeds 0 \
+        --only defaults --micro-batch 26 --threads 1 --checkpoint --tag _defaults512_s0        # ... _s1, _s2
+    python benchmarks/train_defaults.py merge --files benchmarks/results/train_defaults_compare_defaults512_s*_bonemarrow_128um.json \
+        --name compare_defaults512
+    # references without training: the initial weights of each seed, the frozen backbone
+    python benchmarks/train_defaults.py compare --dataset bonemarrow --tile-size-um 128 --hidden 512 --seeds 0 1 2 \
+        --only "initial weights, hidden 512 (no training)" "frozen backbone, 3 scales (no training)" --tag _references512
+    # score checkpointed runs again with both probes (results written before the paper probe was added)
+    python benchmarks/train_defaults.py rescore --hidden 512 --files benchmarks/results/train_defaults_compare_defaults512_s0_bonemarrow_128um.json
 
 The section is tiled, graphed and featurized once (as ``sigmma demo`` does: EfficientNet-Lite0, crops at
 ``--input-size`` px) and cached under ``bench_out/train_defaults/``. ``sweep`` trains each candidate setting
 and scores it on the VALIDATION tiles only (retrieval R@10% both directions, HEST gene-wise PCC); ``compare``
-trains the package defaults and the ``paper`` preset (Table 3) with several seeds and scores the TEST tiles.
-Each run also records the best validation loss against its chance level and the embedding-collapse
-diagnostics the training loop computes.
+trains the package defaults and the ``paper`` preset (Table 3) with several seeds and scores the TEST tiles,
+next to references that are not trained (what the probes reach with no learning). Each run also records the
+best validation loss against its chance level and how spread out the validation tiles' embeddings are, per
+modality. Probes: HEST's (fixed penalty) and the paper's (penalty chosen on the validation tiles). With
+``--checkpoint`` every run resumes where it stopped (a results file is rewritten after each run).
 """
 
 from __future__ import annotations
@@ -34,13 +46,22 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench_out" / "train_defaults"
+OUT = ROOT / "bench_out" / "train_defaults"  # cached sections and checkpoints (--out-dir)
+RESULTS = ROOT / "benchmarks" / "results"  # results files (--results-dir)
 logger = logging.getLogger("train_defaults")
 
 
 def _cache(args) -> Path:
     name = f"{args.dataset}_{args.tile_size_um:g}um_{args.input_size}px"
+    if args.dataset == "synthetic":
+        name += f"_{args.n_cells}cells"
+    backbone, pretrained = getattr(args, "backbone", DEFAULT_BACKBONE), not getattr(args, "no_pretrained", False)
+    if (backbone, pretrained) != (DEFAULT_BACKBONE, True):
+        name += f"_{backbone}{'' if pretrained else '_random'}"
     return OUT / name
+
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def prepare(args):
@@ -60,12 +81,19 @@ def prepare(args):
         from _bonemarrow import load_bonemarrow  # ../shared/data/xenium-bonemarrow
 
         sdata, image_key = load_bonemarrow(), "dapi"
+    elif args.dataset == "synthetic":  # the small test section (tests)
+        sys.path.insert(0, str(ROOT / "tests"))
+        from _section import make_section
+
+        sdata = make_section(n_cells=args.n_cells, image_px=256, n_genes=30)
+        image_key = next(iter(sdata.images))
     else:
         sdata, image_key = sg.datasets.demo(), "he"
     sg.pp.tile(sdata, image_key=image_key, tile_size_um=args.tile_size_um, pixel_size_um=0.5, seed=0)
     sg.pp.cell_graph(sdata)
     t0 = time.perf_counter()
-    sg.tl.featurize(sdata, input_size=args.input_size)
+    backbone, pretrained = getattr(args, "backbone", DEFAULT_BACKBONE), not getattr(args, "no_pretrained", False)
+    sg.tl.featurize(sdata, backbone=backbone, pretrained=pretrained, input_size=args.input_size)
     t_feat = time.perf_counter() - t0
     bundle, _ = sg.data.build_bundle(sdata)
     tiles = sdata.tables["sigmma_tiles"]
@@ -80,6 +108,10 @@ def prepare(args):
         "input_size": args.input_size,
         "featurize_seconds": round(t_feat, 1),
     }
+    if (backbone, pretrained) != (DEFAULT_BACKBONE, True):
+        info |= {"backbone": backbone, "pretrained": pretrained}
+    if args.dataset == "synthetic":
+        info["n_cells"] = args.n_cells
     slim.write_h5ad(files["tiles"])
     bundle.save(files["bundle"])
     files["info"].write_text(json.dumps(info, indent=1))
@@ -172,7 +204,11 @@ def rescore(args) -> None:
     (path,) = [Path(f) for f in args.files]
     payload = json.loads(path.read_text())
     info = payload["info"]
-    ns = argparse.Namespace(dataset=info["dataset"], tile_size_um=info["tile_size_um"], input_size=info["input_size"])
+    ns = argparse.Namespace(
+        dataset=info["dataset"], tile_size_um=info["tile_size_um"], input_size=info["input_size"],
+        n_cells=info.get("n_cells"), backbone=info.get("backbone", DEFAULT_BACKBONE),
+        no_pretrained=not info.get("pretrained", True),
+    )  # fmt: skip
     tiles, bundle, _ = prepare(ns)
     name = path.stem.removeprefix("train_defaults_").removesuffix(f"_{info['dataset']}_{info['tile_size_um']:g}um")
     grid = _compare_grid(args.hidden)
@@ -261,8 +297,8 @@ def _compare_grid(hidden: int) -> dict[str, dict[str, Any]]:
 
 
 def _write(name: str, rows: dict[str, list[dict[str, float]]], args, info) -> Path:
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = ROOT / "benchmarks" / "results" / f"train_defaults_{name}_{info['dataset']}_{info['tile_size_um']:g}um.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"train_defaults_{name}_{info['dataset']}_{info['tile_size_um']:g}um.json"
     payload = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores (shared)",
@@ -322,9 +358,23 @@ def merge(args) -> None:
 
 
 def main(argv=None):
+    global OUT, RESULTS  # one switch (--out-dir, --results-dir) for every function of this script
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("prepare", "sweep", "compare", "merge", "rescore"))
-    p.add_argument("--dataset", choices=("demo", "bonemarrow"), default="demo")
+    p.add_argument(
+        "--dataset",
+        choices=("demo", "bonemarrow", "synthetic"),
+        default="demo",
+        help="synthetic: the small test section of tests/_section.py (tests only)",
+    )
+    p.add_argument("--n-cells", type=int, default=600, help="synthetic: number of cells")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests only)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimiser-step budget of every run (default: each setting's)"
+    )
+    p.add_argument("--out-dir", type=Path, default=OUT, help="cached sections and checkpoints")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="results files")
     p.add_argument("--tile-size-um", type=float, default=96.0)
     p.add_argument("--input-size", type=int, default=112)
     p.add_argument("--hidden", type=int, default=128)
@@ -349,6 +399,10 @@ def main(argv=None):
     )
     p.add_argument("--name", default="compare", help="merge: the merged file's name (train_defaults_{name}_...)")
     args = p.parse_args(argv)
+    OUT, RESULTS = args.out_dir, args.results_dir
+    RUN_OPTIONS.clear()
+    if args.steps:
+        RUN_OPTIONS["steps"] = args.steps
     if args.command == "merge":
         return merge(args)
     if args.command == "rescore":

@@ -232,9 +232,12 @@ def rescore(args) -> None:
             model.load_state_dict(saved["best_state"])
             model.eval()
             new = score(model, tiles, bundle, "test")
-            if not np.isclose(new["hest_gene_pcc"], row["hest_gene_pcc"], atol=1e-6):
+            # inference chunks follow the free memory, so embeddings agree to float tolerance, not bit for bit
+            off = max(abs(new[c] - row[c]) for c in ("hest_gene_pcc", "hest_pcc"))
+            if off > 1e-3:
                 raise SystemExit(f"{k} seed {row['seed']}: HEST gene PCC {new['hest_gene_pcc']} != recorded "
                                  f"{row['hest_gene_pcc']}: these are not the scored weights.")  # fmt: skip
+            logger.info("%r seed %s: recorded HEST PCCs recomputed to within %.1e", k, row["seed"], off)
             if "mean_cosine_image" not in row and "mean_cosine_st" in row:
                 # results written before the split by modality averaged image and ST embeddings under "_st"
                 for m in ("mean_cosine", "participation_ratio"):
@@ -403,10 +406,6 @@ def main(argv=None):
     RUN_OPTIONS.clear()
     if args.steps:
         RUN_OPTIONS["steps"] = args.steps
-    if args.command == "merge":
-        return merge(args)
-    if args.command == "rescore":
-        return rescore(args)
     if args.micro_batch:
         RUN_OPTIONS["micro_batch"] = args.micro_batch
     if args.threads:
@@ -416,6 +415,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.log_epochs:
         logging.getLogger("sigmma_sc.model._train_loop").setLevel(logging.DEBUG)
+    if args.command == "merge":
+        return merge(args)
+    if args.command == "rescore":
+        return rescore(args)
     tiles, bundle, info = prepare(args)
     if args.command == "prepare":
         print(json.dumps(info, indent=1))

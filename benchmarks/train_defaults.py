@@ -19,6 +19,9 @@ Usage::
         --only "initial weights, hidden 512 (no training)" "frozen backbone, 3 scales (no training)" --tag _references512
     # score checkpointed runs again with both probes (results written before the paper probe was added)
     python benchmarks/train_defaults.py rescore --hidden 512 --files benchmarks/results/train_defaults_compare_defaults512_s0_bonemarrow_128um.json
+    # the tables of BENCHMARKS.md, from the results files (mean ± std over seeds)
+    python benchmarks/train_defaults.py table --files benchmarks/results/train_defaults_compare_defaults512_bonemarrow_128um.json \
+        benchmarks/results/train_defaults_compare_references512_bonemarrow_128um.json
 
 The section is tiled, graphed and featurized once (as ``sigmma demo`` does: EfficientNet-Lite0, crops at
 ``--input-size`` px) and cached under ``bench_out/train_defaults/``. ``sweep`` trains each candidate setting
@@ -360,10 +363,56 @@ def merge(args) -> None:
     print(f"Wrote {path}")
 
 
+TABLE_COLUMNS = ("image->st R@5%", "image->st R@10%", "image->st R@15%", "st->image R@10%", "hest_gene_pcc",
+                 "paper_gene_pcc", "best_val_rank", "mean_cosine_image", "mean_cosine_st", "participation_ratio_image",
+                 "participation_ratio_st", "kept_step", "steps")  # fmt: skip
+
+
+def table(args) -> str:
+    """The markdown table of BENCHMARKS.md from results files: mean ± std over seeds, one row per setting.
+
+    Rows of the same setting in several files are pooled as seeds (e.g. seeds run as parallel jobs); a seed that
+    occurs twice for one setting (e.g. files of two widths) is refused. ``--only`` picks and orders the rows. A
+    column no run of a row recorded (e.g. retrieval of the frozen backbone) is shown as ``–``, one that only some
+    seeds recorded says how many.
+    """
+    rows: dict[str, list[dict[str, float]]] = {}
+    for f in args.files:
+        for k, runs in json.loads(Path(f).read_text())["rows"].items():
+            for r in runs:  # results written before 2026-12-06 averaged both modalities under "_st"
+                if "mean_cosine_st" in r and "mean_cosine_image" not in r and "mean_cosine_all" not in r:
+                    for m in ("mean_cosine", "participation_ratio"):
+                        r[f"{m}_all"] = r.pop(f"{m}_st")
+            seeds = {r.get("seed") for r in rows.get(k, [])}
+            if any(r.get("seed") is not None and r.get("seed") in seeds for r in runs):
+                raise SystemExit(f"{k!r}: a seed occurs in two files (different runs of one setting?); "
+                                 "make one table per run.")  # fmt: skip
+            rows.setdefault(k, []).extend(runs)
+    names = list(rows) if args.only is None else [k for k in args.only if k in rows]
+    if missing := [k for k in (args.only or ()) if k not in rows]:
+        raise SystemExit(f"No rows {missing} in {list(args.files)}; they hold {list(rows)}.")
+    lines = ["| setting | " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE_COLUMNS)]
+    for k in names:
+        cells = []
+        for c in TABLE_COLUMNS:
+            v = np.array([r.get(c, np.nan) for r in rows[k]], dtype=float)
+            v, nd = v[np.isfinite(v)], 0 if c in ("kept_step", "steps") else 3
+            if len(v) > 1:
+                cell = f"{v.mean():.{nd}f} ± {v.std(ddof=1):.{nd}f}"
+            else:
+                cell = f"{v[0]:.{nd}f}" if len(v) else "–"
+            cells.append(cell + (f" ({len(v)} of {len(rows[k])} seeds)" if 0 < len(v) < len(rows[k]) else ""))
+        n = len(rows[k])
+        lines.append(f"| {k} ({n} seed{'s' if n > 1 else ''}) | " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    print(out)
+    return out
+
+
 def main(argv=None):
     global OUT, RESULTS  # one switch (--out-dir, --results-dir) for every function of this script
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("prepare", "sweep", "compare", "merge", "rescore"))
+    p.add_argument("command", choices=("prepare", "sweep", "compare", "merge", "rescore", "table"))
     p.add_argument(
         "--dataset",
         choices=("demo", "bonemarrow", "synthetic"),
@@ -398,7 +447,7 @@ def main(argv=None):
     )
     p.add_argument("--log-epochs", action="store_true", help="log every epoch's record (training loop at DEBUG)")
     p.add_argument(
-        "--files", nargs="+", default=(), help="merge: the results files to merge; rescore: the one file to rescore"
+        "--files", nargs="+", default=(), help="merge, table: the results files; rescore: the one file to rescore"
     )
     p.add_argument("--name", default="compare", help="merge: the merged file's name (train_defaults_{name}_...)")
     args = p.parse_args(argv)
@@ -419,6 +468,8 @@ def main(argv=None):
         return merge(args)
     if args.command == "rescore":
         return rescore(args)
+    if args.command == "table":
+        return table(args)
     tiles, bundle, info = prepare(args)
     if args.command == "prepare":
         print(json.dumps(info, indent=1))

@@ -112,3 +112,30 @@ def test_merge_seeds_of_parallel_jobs(td, runs):
     bad.write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="not on the same section"):
         td.main(["merge", "--files", str(files[0]), str(bad), "--results-dir", str(tmp / "results")])
+
+
+def test_table_pools_seeds_of_parallel_jobs(td, runs, capsys):
+    _, (s0, s1) = runs
+    out = td.main(["table", "--files", str(s0), str(s1), "--only", "defaults", REFERENCES[1]])
+    lines = out.splitlines()
+    assert lines[0].startswith("| setting | image->st R@5%")
+    assert len(lines) == 4  # header, rule, the two rows in the order asked
+    r0, r1 = (_rows(f)["defaults"][0] for f in (s0, s1))
+    mean = (r0["hest_gene_pcc"] + r1["hest_gene_pcc"]) / 2
+    std = abs(r0["hest_gene_pcc"] - r1["hest_gene_pcc"]) / np.sqrt(2)  # sample std of two values
+    assert lines[2].startswith("| defaults (2 seeds) |")
+    assert f"{mean:.3f} ± {std:.3f}" in lines[2]
+    assert lines[3].startswith(f"| {REFERENCES[1]} (1 seed) | – |")  # the backbone has no retrieval
+    assert out in capsys.readouterr().out
+    old = json.loads(s0.read_text())  # written before the spread was split by modality: "_st" averaged both
+    for r in old["rows"]["defaults"]:
+        for m in ("mean_cosine", "participation_ratio"):
+            r[f"{m}_st"] = r.pop(f"{m}_all")
+            del r[f"{m}_image"]
+    s0.with_name("old.json").write_text(json.dumps(old))
+    (row,) = td.main(["table", "--files", str(s0.with_name("old.json")), "--only", "defaults"]).splitlines()[2:]
+    assert row.endswith(" – | – | – | – | 4 | 4 |")  # per-modality spread unknown: not shown as the ST's
+    with pytest.raises(SystemExit, match="a seed occurs in two files"):
+        td.main(["table", "--files", str(s0), str(s0)])
+    with pytest.raises(SystemExit, match="No rows"):
+        td.main(["table", "--files", str(s0), "--only", "paper (Table 3)"])

@@ -120,7 +120,9 @@ class SigmmaConfig:
         Tiles per forward pass under GradCache accumulation (``None``: the whole batch at once, unless it would
         not fit: on a GPU, an out-of-memory error halves it and retries the step; on a CPU, where running out
         of memory kills the process, it is planned before training from the cells and edges of the tiles and
-        the free memory, and logged).
+        the free memory, and logged). The micro-batch changes memory and time, not the model: every random
+        draw (dropout, edge sampling) is the whole batch's, so a seed trains the same model (to float rounding)
+        with any micro-batch.
     backbone
         Name of the image backbone (a :func:`~sigmma_sc.nn.build_backbone` name): the one the cached features
         were computed with, or the one fine-tuned.

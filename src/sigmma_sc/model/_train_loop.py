@@ -28,6 +28,7 @@ from ._finetune import optimizer_groups
 from ._memory import inference_chunks, plan_cpu_micro_batch
 
 if TYPE_CHECKING:
+    from ..nn._distributed import GlobalBatchNoise
     from ._sigmma import SigmmaModel
 
 logger = logging.getLogger(__name__)
@@ -149,17 +150,40 @@ def _train_step(
     optimizer: Any,
     state: dict[str, Any],
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    noise: GlobalBatchNoise | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One optimiser step on the tiles ``idx`` (CPU); halves the micro-batch and retries on CUDA OOM.
 
     ``amp`` makes the context of the forward passes (:func:`autocast_for`). The global gradient norm is clipped
-    to ``config.max_grad_norm``. Returns the detached loss and the step's statistics (:func:`_step_stats`) on
-    the device (no host synchronisation).
+    to ``config.max_grad_norm``. With micro-batches (GradCache), every random draw (dropout, edge sampling) is
+    taken from the draw of the whole batch (``noise``, :func:`~sigmma_sc.model._distributed.rank_noise`; one is
+    made for the step if not given), so the step does not depend on the micro-batch size: the same seed trains
+    the same model whether the batch fits in memory or is split. Returns the detached loss and the step's
+    statistics (:func:`_step_stats`) on the device (no host synchronisation).
     """
 
     def embed(chunk: Tensor) -> dict[str, Tensor]:
         with amp():
             return model.embed_batch(data.select(chunk))
+
+    def micro_batched(mb: int, noise: GlobalBatchNoise) -> Tensor:
+        positions = torch.arange(idx.numel())  # each chunk's draws are its rows of the whole batch's draw
+        host_idx = idx.cpu()
+
+        def embed_positions(pos: Tensor) -> dict[str, Tensor]:
+            start = int(pos[0]) if pos.numel() else 0
+            noise.start_chunk(start, start + pos.numel())
+            try:
+                with amp(), noise:
+                    return model.embed_batch(data.select(idx[pos.to(idx.device)]))
+            finally:
+                noise.end_chunk()
+
+        noise.start_step(host_idx)
+        try:
+            return grad_cache_backward(embed_positions, list(positions.split(mb)), model.loss_from_embeddings)
+        finally:
+            noise.end_step()
 
     device = data.device
     rng = _rng_states(device)
@@ -171,8 +195,11 @@ def _train_step(
             if mb is None or mb >= idx.numel():
                 loss = model.loss_from_embeddings(embed(idx))
                 loss.backward()
+            elif noise is not None:
+                loss = micro_batched(mb, noise)
             else:
-                loss = grad_cache_backward(embed, list(idx.split(mb)), model.loss_from_embeddings)
+                with D.rank_noise(model, data._host_counts) as step_noise:
+                    loss = micro_batched(mb, step_noise)
             stats = _step_stats(model, model.config.max_grad_norm)
             optimizer.step()
             return loss.detach(), stats
@@ -435,10 +462,10 @@ def fit_model(
             logger.info("Resuming from %s after epoch %d (step %d).", ckpt_path, start, step)
         elif resume:
             logger.warning("No checkpoint at %s; training from scratch.", ckpt_path)
-        noise = None
         if ctx is not None:
             D.broadcast_parameters(model, ctx)  # one start on every rank, as DDP does
-            noise = stack.enter_context(D.rank_noise(model, bundle._host_counts))
+        # micro-batches (and ranks) take their random draws from the whole batch's: results do not depend on them
+        noise = stack.enter_context(D.rank_noise(model, bundle._host_counts))
 
         epochs_iter = range(start, plan["epochs"])
         bar = (
@@ -457,7 +484,7 @@ def fit_model(
                 if step >= plan["steps"]:
                     break
                 if ctx is None:
-                    loss, stats = _train_step(model, data, idx, optimizer, state, amp)
+                    loss, stats = _train_step(model, data, idx, optimizer, state, amp, noise)
                 else:
                     loss, stats = D.train_step(model, data, idx, optimizer, state, amp, ctx, noise,
                                                lambda: _step_stats(model, cfg.max_grad_norm))  # fmt: skip

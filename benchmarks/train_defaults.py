@@ -193,6 +193,18 @@ def health(model, bundle) -> dict[str, float]:
             for m in ("mean_cosine", "participation_ratio") for side in ("image", "st")}  # fmt: skip
 
 
+def _legacy_spread(row: dict[str, float]) -> bool:
+    """Rename the spread of a row written before 2026-12-06 (both modalities averaged under ``_st``) to ``_all``.
+
+    Returns whether the row was such a row.
+    """
+    if "mean_cosine_st" not in row or "mean_cosine_image" in row or "mean_cosine_all" in row:
+        return False
+    for m in ("mean_cosine", "participation_ratio"):
+        row[f"{m}_all"] = row.pop(f"{m}_st")
+    return True
+
+
 def rescore(args) -> None:
     """Score the kept weights of checkpointed runs again with both probes (rows written before the paper probe).
 
@@ -241,10 +253,8 @@ def rescore(args) -> None:
                 raise SystemExit(f"{k} seed {row['seed']}: HEST gene PCC {new['hest_gene_pcc']} != recorded "
                                  f"{row['hest_gene_pcc']}: these are not the scored weights.")  # fmt: skip
             logger.info("%r seed %s: recorded HEST PCCs recomputed to within %.1e", k, row["seed"], off)
-            if "mean_cosine_image" not in row and "mean_cosine_st" in row:
-                # results written before the split by modality averaged image and ST embeddings under "_st"
+            if _legacy_spread(row):
                 for m in ("mean_cosine", "participation_ratio"):
-                    row[f"{m}_all"] = row.pop(f"{m}_st")
                     both = (new[f"{m}_image"] + new[f"{m}_st"]) / 2
                     if not np.isclose(both, row[f"{m}_all"], rtol=1e-4):
                         raise SystemExit(f"{k} seed {row['seed']}: {m} {both} != recorded {row[f'{m}_all']}.")
@@ -379,10 +389,8 @@ def table(args) -> str:
     rows: dict[str, list[dict[str, float]]] = {}
     for f in args.files:
         for k, runs in json.loads(Path(f).read_text())["rows"].items():
-            for r in runs:  # results written before 2026-12-06 averaged both modalities under "_st"
-                if "mean_cosine_st" in r and "mean_cosine_image" not in r and "mean_cosine_all" not in r:
-                    for m in ("mean_cosine", "participation_ratio"):
-                        r[f"{m}_all"] = r.pop(f"{m}_st")
+            for r in runs:
+                _legacy_spread(r)
             seeds = {r.get("seed") for r in rows.get(k, [])}
             if any(r.get("seed") is not None and r.get("seed") in seeds for r in runs):
                 raise SystemExit(f"{k!r}: a seed occurs in two files (different runs of one setting?); "

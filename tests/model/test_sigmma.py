@@ -175,7 +175,7 @@ def test_fit_with_micro_batches(bundle, small_config):
     assert all(np.isfinite(h["train_loss"]) for h in history)
 
 
-def test_micro_batches_train_the_same_model(bundle, small_config):
+def test_micro_batches_train_the_same_model(bundle, small_config, monkeypatch):
     """GradCache micro-batches take their dropout masks and edge-sampling noise from the whole batch's draw, so
     the same seed trains the same model whether the batch fits in memory or is split (the CPU memory planner
     picks the split from the free memory; it must not change the result)."""
@@ -210,13 +210,9 @@ def test_micro_batches_train_the_same_model(bundle, small_config):
 
         start_chunk = end_chunk = end_step = start_step
 
-    real = D.rank_noise
-    try:
-        D.rank_noise = lambda model, counts: Unaligned()
-        m = SigmmaModel.from_bundle(bundle, seed=0, **{**cfg, "micro_batch": 3})
-        h = m.fit(bundle, progress=False)
-    finally:
-        D.rank_noise = real
+    monkeypatch.setattr(D, "rank_noise", lambda model, counts: Unaligned())
+    m = SigmmaModel.from_bundle(bundle, seed=0, **{**cfg, "micro_batch": 3})
+    h = m.fit(bundle, progress=False)
     assert h[-1]["train_loss"] != pytest.approx(runs[None][0][-1]["train_loss"], rel=1e-4)
 
 

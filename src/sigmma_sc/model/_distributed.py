@@ -275,6 +275,31 @@ def rank_noise(model: torch.nn.Module, counts: Mapping[str, Tensor]) -> Iterator
             h.remove()
 
 
+def batch_embedder(
+    model: Any,
+    data: Any,
+    idx: Tensor,
+    amp: Callable[[], contextlib.AbstractContextManager],
+    noise: GlobalBatchNoise,
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """``embed(pos)``: embeddings of the positions ``pos`` of the batch ``idx`` (a shard, a micro-batch).
+
+    Every random draw of the forward pass is taken as their rows of the whole batch's draw
+    (:class:`~sigmma_sc.nn.GlobalBatchNoise`); ``noise.start_step(idx)`` begins the step.
+    """
+
+    def embed(pos: Tensor) -> dict[str, Tensor]:
+        start = int(pos[0]) if pos.numel() else 0
+        noise.start_chunk(start, start + pos.numel())
+        try:
+            with amp(), noise:
+                return model.embed_batch(data.select(idx[pos]))
+        finally:
+            noise.end_chunk()
+
+    return embed
+
+
 def train_step(
     model: Any,
     data: Any,
@@ -296,16 +321,7 @@ def train_step(
     """
     positions = torch.arange(idx.numel())  # embed() receives batch positions, so each draw knows its rows
     noise.start_step(idx)
-
-    def embed(pos: Tensor) -> dict[str, Tensor]:
-        start = int(pos[0]) if pos.numel() else 0
-        noise.start_chunk(start, start + pos.numel())
-        try:
-            with amp(), noise:
-                return model.embed_batch(data.select(idx[pos]))
-        finally:
-            noise.end_chunk()
-
+    embed = batch_embedder(model, data, idx, amp, noise)
     optimizer.zero_grad(set_to_none=True)
     try:
         loss = distributed_backward(embed, positions, model.loss_from_embeddings, model.parameters(), ctx,

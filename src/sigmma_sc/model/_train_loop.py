@@ -167,21 +167,11 @@ def _train_step(
             return model.embed_batch(data.select(chunk))
 
     def micro_batched(mb: int, noise: GlobalBatchNoise) -> Tensor:
-        positions = torch.arange(idx.numel())  # each chunk's draws are its rows of the whole batch's draw
-        host_idx = idx.cpu()
-
-        def embed_positions(pos: Tensor) -> dict[str, Tensor]:
-            start = int(pos[0]) if pos.numel() else 0
-            noise.start_chunk(start, start + pos.numel())
-            try:
-                with amp(), noise:
-                    return model.embed_batch(data.select(idx[pos.to(idx.device)]))
-            finally:
-                noise.end_chunk()
-
-        noise.start_step(host_idx)
+        noise.start_step(idx)  # each micro-batch's draws are its rows of the whole batch's draw
         try:
-            return grad_cache_backward(embed_positions, list(positions.split(mb)), model.loss_from_embeddings)
+            embed_positions = D.batch_embedder(model, data, idx, amp, noise)
+            chunks = list(torch.arange(idx.numel()).split(mb))
+            return grad_cache_backward(embed_positions, chunks, model.loss_from_embeddings)
         finally:
             noise.end_step()
 

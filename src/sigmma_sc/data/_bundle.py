@@ -9,6 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import GRID, SCALES, SPLITS, Keys
+from .._utils._json import jsonable
 from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import check_graph_tiling, get_table, require_obs
 from ._geometry import separate_groups
@@ -236,9 +237,9 @@ def build_bundle(
         # how the cached features were computed: a model made with SigmmaModel.from_bundle records it, so that
         # sg.tl.embed accepts these features (and refuses others)
         "backbone_pretrained": None if backbone.get("pretrained") is None else bool(backbone["pretrained"]),
-        "backbone_info": _jsonable({k: backbone[k] for k in BACKBONE_INFO if k in backbone}) or None,
+        "backbone_info": jsonable({k: backbone[k] for k in BACKBONE_INFO if k in backbone}) or None,
         "var_names_hash": _hash_names(cells.var_names),
-        "pca": _jsonable(graph.get("pca")),
+        "pca": jsonable(graph.get("pca")),
     }
     tiles_px = None
     if include_tiles:
@@ -271,9 +272,3 @@ def _hash_names(names) -> str:
     import hashlib
 
     return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()[:16]
-
-
-def _jsonable(d):
-    if d is None:
-        return None
-    return {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray | list) else v) for k, v in d.items()}

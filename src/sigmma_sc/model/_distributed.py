@@ -222,21 +222,6 @@ def distributed_backward(
     return loss
 
 
-def distributed_loss(
-    encode: Callable[[Tensor], Mapping[str, Tensor]],
-    idx: Tensor,
-    loss_fn: Callable[[dict[str, Tensor]], Tensor],
-    ctx: DistContext,
-) -> Tensor:
-    """The global-batch loss without gradients (validation): each rank embeds its shard, the shards are gathered.
-
-    Returns
-    -------
-    The loss, the same on every rank.
-    """
-    return loss_fn(gather_embeddings(encode(shard(idx, ctx))))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the pieces of SigmmaModel.fit under torch.distributed
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils._json import jsonable
+from .._utils._version import package_version
 from ..nn._gnn import HierarchicalGraphEncoder
 from ..nn._loss import ProjectionHead, multiscale_info_nce
 from ._bundle import TileBatch, TrainingBundle
@@ -31,12 +32,6 @@ from ._memory import inference_chunks
 
 _FORMAT = "sigmma_sc.SigmmaModel"
 _VERSION = 1
-
-
-def _package_version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 class SigmmaModel(nn.Module):
@@ -494,7 +489,7 @@ class SigmmaModel(nn.Module):
         payload = {
             "format": _FORMAT,
             "version": _VERSION,
-            "sigmma_sc_version": _package_version(),
+            "sigmma_sc_version": package_version(),
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "meta": self.meta,

@@ -11,13 +11,6 @@ def history_columns(history: list[dict[str, Any]]) -> dict[str, list[float]]:
     return {k: [float(h[k]) if h.get(k) is not None else float("nan") for h in history] for k in keys}
 
 
-def package_version() -> str:
-    """The installed version of ``sigmma_sc``."""
-    from .. import __version__
-
-    return __version__
-
-
 def resolve_seed(seed: int | None) -> int:
     """``seed`` as an int; ``None`` (unseeded, as in scanpy) draws a fresh one from the OS, to be recorded."""
     if seed is not None:

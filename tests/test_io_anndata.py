@@ -90,7 +90,8 @@ def test_um_coordinates_equal_pixel_coordinates(source):
 
 
 def test_ome_tiff_pyramid_read_lazily_then_tiled_and_graphed(source, run_dir, monkeypatch):
-    """An OME-TIFF path is not read while building the object; tiling then reads it at the requested scale."""
+    """An OME-TIFF path is read only at a coarse level while building the object (the cells are compared with the
+    tissue there); tiling then reads it at the requested scale."""
     from sigmma_sc.io import _xenium
 
     reads = []
@@ -99,7 +100,9 @@ def test_ome_tiff_pyramid_read_lazily_then_tiled_and_graphed(source, run_dir, mo
         _xenium._TiffLevel, "__getitem__", lambda self, key: reads.append(self.level) or original(self, key)
     )
     sdata = sg.io.from_anndata(source["adata"], run_dir / HE, pixel_size_um=HE_PIXEL)
-    assert reads == []
+    assert reads
+    assert min(reads) >= 1  # never the full resolution
+    reads.clear()
     image = sdata.images["he"]
     assert hasattr(image, "children")
     assert len(image.children) > 1
@@ -146,7 +149,8 @@ def test_outside_image_error_and_swap_hint(source):
         sg.io.from_anndata(cells, wide, pixel_size_um=HE_PIXEL)
     cells.obsm["spatial"] = np.ascontiguousarray(cells.obsm["spatial"][:, ::-1])
     assert sg.io.from_anndata(cells, wide, pixel_size_um=HE_PIXEL).tables["table"].n_obs == 50
-    with pytest.raises(ValueError, match="fit when read as pixels: pass coordinates='pixels'"):
+    with pytest.raises(ValueError, match=r"fit when read as pixels, and then match the image's tissue .*: pass "
+                       r"coordinates='pixels'"):  # fmt: skip
         sg.io.from_anndata(adata, he, pixel_size_um=HE_PIXEL / 4, coordinates="um")
     off = adata.copy()
     off.obsm["spatial"] = adata.obsm["spatial"] + np.array([he.shape[2] * 0.6, 0.0])
@@ -223,3 +227,122 @@ def test_unknown_scale_names_the_readers(section):
     with pytest.raises(ValueError, match="'aligned' is unknown.*sg.io.from_anndata"):
         sg.pp.tile(section, image_key="he", tile_size_um=16.0)
     assert Keys.TILE_TABLE not in section.tables
+
+
+# ---- coordinates: units, named columns (issue 28) ---------------------------------------------------------------
+
+
+def test_um_passed_as_pixels_warns_with_the_unit_that_fits(source, caplog):
+    """Cells in µm read as pixels of a 0.5 µm/px H&E all fit on the image, in a corner of the tissue: a warning names
+    coordinates='um'; the right reading (either unit) gives none."""
+    import logging
+
+    adata = source["adata"].copy()
+    adata.obsm["spatial"] = source["he_px"] * HE_PIXEL  # µm, passed with the default coordinates='pixels'
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        wrong = sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    assert "scaled by 2 they match it" in caplog.text
+    assert "pass coordinates='um'" in caplog.text
+    np.testing.assert_allclose(wrong.tables["table"].obsm["spatial"], source["he_px"] * HE_PIXEL**2)  # half-placed
+    for coords, xy in (("pixels", source["he_px"]), ("um", source["he_px"] * HE_PIXEL)):
+        caplog.clear()
+        adata.obsm["spatial"] = xy
+        with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+            sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL, coordinates=coords)
+        assert "match" not in caplog.text, coords
+
+
+def test_unit_hint_only_when_the_other_unit_matches_the_tissue(source):
+    """Coordinates of a 1.5x finer image (off this one): dividing by pixel_size_um=2 fits them on the image but not on
+    the tissue, so no 'coordinates=um' hint; the scale that matches is named instead."""
+    adata = source["adata"].copy()
+    adata.obsm["spatial"] = source["he_px"] * 1.5
+    with pytest.raises(ValueError, match=r"cells lie outside the image") as err:
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=2.0)
+    message = str(err.value)
+    assert "coordinates='um'" not in message
+    assert "when scaled by 0.6" in message  # 1 / 1.5 = 0.667, found to about 2%
+    assert "check `pixel_size_um` (2)" in message
+
+
+@pytest.mark.parametrize(
+    ("columns", "order"),
+    [
+        (["x", "y"], [0, 1]),
+        (["y", "x"], [1, 0]),
+        (["Y", "X"], [1, 0]),
+        (["y_centroid", "x_centroid"], [1, 0]),
+        (["CenterY_global_px", "CenterX_global_px"], [1, 0]),
+        (["pxl_row_in_fullres", "pxl_col_in_fullres"], [1, 0]),
+        (["imagerow", "imagecol"], [1, 0]),
+        ([0, 1], [0, 1]),
+    ],
+)
+def test_dataframe_coordinates_read_by_column_name(source, columns, order):
+    adata = source["adata"].copy()
+    he_px = source["he_px"]
+    adata.obsm["spatial"] = pd.DataFrame(he_px[:, order], index=adata.obs_names, columns=columns)
+    sdata = sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], he_px * HE_PIXEL)
+
+
+@pytest.mark.parametrize(
+    ("columns", "coordinates", "message"),
+    [
+        (["a", "b"], "pixels", r"Cannot tell the x and y columns .* \['a', 'b'\]"),
+        (["x_px", "x_um", "y_px", "y_um"], "pixels", r"x candidates \['x_px', 'x_um'\]"),
+        (["array_row", "array_col"], "pixels", "spot grid index"),
+        (["x_um", "y_um"], "pixels", r"say the coordinates are in µm, but coordinates='pixels'; pass coordinates='um'"),
+        (["x_px", "y_px"], "um", r"in pixels, but coordinates='um'; pass coordinates='pixels'"),
+    ],
+)
+def test_ambiguous_or_contradicting_coordinate_columns(source, columns, coordinates, message):
+    adata = source["adata"].copy()
+    values = np.tile(source["he_px"], (1, len(columns) // 2))
+    adata.obsm["spatial"] = pd.DataFrame(values, index=adata.obs_names, columns=columns)
+    with pytest.raises(ValueError, match=message):
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL, coordinates=coordinates)
+
+
+# ---- images: multiplexed stacks, fluorescence composites --------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", ["cyx", "yxc"])
+def test_five_channel_stack_says_channels_first(source, axes):
+    """A 5-channel uint16 IF stack: the first error is about the channels (how to select), not about the axes."""
+    stack = np.zeros((5, 120, 160), np.uint16)
+    stack = stack if axes == "cyx" else stack.transpose(1, 2, 0)
+    with pytest.raises(ValueError, match=r"has 5 channels \(uint16\).*Select one channel.*fluorescence=True"):
+        sg.io.from_anndata(source["adata"][:5].copy(), stack, pixel_size_um=HE_PIXEL, cells_outside="drop")
+
+
+def test_three_channel_fluorescence_composite(source):
+    """A DAPI + 2-marker composite: `fluorescence=True` gives a dark fill, per-channel ranges and the tissue of the
+    1-channel DAPI; read as brightfield (the default for 3 channels) it keeps other tiles."""
+    from sigmma_sc.data._tiles import image_modality, tile_reader
+
+    adata = source["adata"].copy()
+    adata.obsm["spatial"] = source["um"]
+    dapi = np.asarray(source["dapi"].data.compute() if hasattr(source["dapi"].data, "compute") else source["dapi"].data)
+    composite = np.concatenate([dapi, dapi // 4, np.minimum(dapi.astype(np.uint32) * 3, 65535).astype(np.uint16)])
+    kwargs = {"pixel_size_um": PIXEL_SIZE, "coordinates": "um"}
+    ref = sg.io.from_anndata(adata, dapi, **kwargs)
+    fl = sg.io.from_anndata(adata, composite, fluorescence=True, **kwargs)
+    bf = sg.io.from_anndata(adata, composite, **kwargs)
+    assert fl.attrs["sigmma"]["fluorescence"] == ["morphology"]
+    assert "he" in bf.images
+    tiled = {}
+    for name, sdata in (("ref", ref), ("fl", fl), ("bf", bf)):
+        sg.pp.tile(sdata, tile_size_um=32.0, pixel_size_um=1.0)
+        tiled[name] = sdata.tables[Keys.TILE_TABLE].obs[[Keys.TILE_ROW, Keys.TILE_COL, Keys.TISSUE_FRACTION]]
+    np.testing.assert_allclose(tiled["fl"].to_numpy(), tiled["ref"].to_numpy())
+    assert len(tiled["bf"]) < 0.5 * len(tiled["ref"])  # control: read as brightfield, bright tissue looks like glass
+    reader = tile_reader(fl)
+    assert image_modality(fl) == "fluorescence"
+    assert not reader.brightfield
+    assert (reader.read_square(-500.0, -500.0, 20.0, 8) == 0).all()  # off the image: dark, not white
+    lo, hi = reader.intensity_range()
+    assert lo.shape == hi.shape == (3,)
+    np.testing.assert_allclose(hi[1] * 4, hi[0], rtol=0.02)  # each channel stretched by its own percentiles
+    with pytest.raises(ValueError, match="`fluorescence=False` needs RGB"):
+        sg.io.from_anndata(adata, dapi, fluorescence=False, **kwargs)

@@ -1,0 +1,124 @@
+"""Do the cells sit on the tissue? Which unit or scale of their coordinates makes them match the image's tissue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+MASK_SIDE = 256  # long side of the tissue mask the cells are compared with (pixels)
+MAX_CELLS = 20_000  # cells compared (a random subset of larger tables)
+FACTORS = 2.0 ** (np.arange(-20, 21) / 4)  # scale factors tried, 1/32 .. 32 in steps of 2^(1/4)
+ON_IMAGE = 0.99  # a reading places at least this share of the cells on the image
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How well cell coordinates (full-resolution pixels, scaled by ``factor``) match the image's tissue."""
+
+    factor: float
+    on_tissue: float  # share of the cells on tissue
+    coverage: float  # share of the tissue within reach of a cell (reach: ~1.5x the cells' median spacing)
+
+    @property
+    def score(self) -> float:
+        """Harmonic mean of ``on_tissue`` and ``coverage`` (1: the cells and the tissue match)."""
+        s = self.on_tissue + self.coverage
+        return 2 * self.on_tissue * self.coverage / s if s > 0 else 0.0
+
+
+class TissueMatch:
+    """Compare cell positions with the tissue mask of a low-resolution view of the image.
+
+    Parameters
+    ----------
+    reader
+        An :class:`~sigmma_sc.data._image.ImageReader` on the image in µm (``um_per_unit=1``).
+    px
+        ``(n, 2)`` cell coordinates (x, y) in full-resolution pixels of the image, as the user's unit reads them.
+    seed
+        Seed of the cell subset.
+    """
+
+    def __init__(self, reader: Any, px: np.ndarray, *, seed: int = 0) -> None:
+        from sigmma_sc.pp._tile import tissue_mask
+
+        self.shape = reader.shape
+        h, w = self.shape
+        extent_um = max(h, w) * reader.pixel_size_um
+        thumb, to_cs = reader.thumbnail(
+            max_pixel_size_um=max(reader.pixel_size_um, extent_um / MASK_SIDE), background_artefacts=True
+        )
+        stride = max(1, int(np.ceil(max(thumb.shape[1:]) / (2 * MASK_SIDE))))
+        thumb, to_cs = thumb[:, ::stride, ::stride], to_cs @ np.diag([stride, stride, 1.0])
+        mask_px_um = float(np.sqrt(abs(np.linalg.det(to_cs[:2, :2]))))
+        self.mask = tissue_mask(thumb, mask_px_um, brightfield=reader.brightfield)
+        # full-resolution pixel -> mask pixel
+        self._to_mask = np.linalg.inv(to_cs) @ np.diag([reader.pixel_size_um, reader.pixel_size_um, 1.0])
+        self._near = ndimage.binary_dilation(self.mask, iterations=1)
+        if len(px) > MAX_CELLS:
+            px = px[np.random.default_rng(seed).choice(len(px), MAX_CELLS, replace=False)]
+        self.px = px
+        d, _ = cKDTree(px).query(px, k=2) if len(px) > 1 else (np.zeros((1, 2)), None)
+        spacing = float(np.median(d[:, 1])) if len(px) > 1 else 0.0
+        self._reach = 1.5 * spacing * float(np.sqrt(abs(np.linalg.det(self._to_mask[:2, :2]))))
+
+    @property
+    def usable(self) -> bool:
+        """Whether a tissue mask was found (some tissue, some background or a full image)."""
+        return bool(self.mask.any())
+
+    def on_image(self, factor: float) -> float:
+        """Share of the cells on the image when their coordinates are scaled by ``factor``."""
+        q = self.px * factor
+        h, w = self.shape
+        return float(np.mean((q[:, 0] >= 0) & (q[:, 0] <= w) & (q[:, 1] >= 0) & (q[:, 1] <= h)))
+
+    def fit(self, factor: float) -> Fit:
+        """How well the cells scaled by ``factor`` match the tissue."""
+        q = np.c_[self.px * factor, np.ones(len(self.px))] @ self._to_mask.T
+        mh, mw = self.mask.shape
+        ix = np.floor(q[:, 0]).astype(np.int64)
+        iy = np.floor(q[:, 1]).astype(np.int64)
+        inside = (ix >= 0) & (ix < mw) & (iy >= 0) & (iy < mh)
+        on_tissue = float(self._near[iy[inside], ix[inside]].sum() / max(len(q), 1))
+        occupied = np.zeros(self.mask.shape, dtype=bool)
+        occupied[iy[inside], ix[inside]] = True
+        reach = max(1.0, self._reach * factor)
+        covered = ndimage.distance_transform_edt(~occupied) <= reach if occupied.any() else occupied
+        coverage = float((covered & self.mask).sum() / max(self.mask.sum(), 1))
+        return Fit(float(factor), on_tissue, coverage)
+
+    def best(self, extra: tuple[float, ...] = ()) -> tuple[Fit | None, dict[float, Fit]]:
+        """The best-matching scale among ``FACTORS`` and ``extra`` that keep the cells on the image, and all fits."""
+        fits: dict[float, Fit] = {}
+
+        def add(factors: Any) -> Fit | None:
+            for f in factors:
+                if float(f) not in fits and self.on_image(f) >= ON_IMAGE:
+                    fits[float(f)] = self.fit(f)
+            return max(fits.values(), key=lambda f: (round(f.score, 3), -abs(np.log(f.factor)))) if fits else None
+
+        best = add((*FACTORS, 1.0, *extra))
+        if best is not None:  # refine between the grid's steps
+            best = add(best.factor * 2.0 ** (np.arange(-7, 8) / 32))
+        return best, fits
+
+
+def clearly_better(best: Fit, given: Fit) -> bool:
+    """Whether ``best`` matches the tissue clearly better than ``given`` while ``given`` covers little of it."""
+    return (
+        best.score >= 0.8
+        and best.on_tissue >= 0.9
+        and given.coverage <= 0.5
+        and best.score >= given.score + 0.25
+        and abs(np.log(best.factor / given.factor)) > np.log(1.25)
+    )
+
+
+def describe(fit: Fit) -> str:
+    """``'73% of the cells on tissue, covering 24% of it'``."""
+    return f"{fit.on_tissue:.0%} of the cells on tissue, covering {fit.coverage:.0%} of it"

@@ -171,12 +171,18 @@ def test_outside_image_error_and_swap_hint(source):
         (lambda a, im: (a, "missing.tif"), FileNotFoundError, "does not exist"),
         (lambda a, im: (_nan(a), im), ValueError, "NaN or infinite"),
         (lambda a, im: (_dup(a), im), ValueError, "obs_names_make_unique"),
+        # issue 28: a multiplexed stack is told about its channels (not its axes); named columns read by name
+        (lambda a, im: (a, np.zeros((5, 300, 400), np.uint16)), ValueError, "has 5 channels.*Select one channel"),
+        (lambda a, im: (_named(a, ["a", "b"]), im), ValueError, "Cannot tell the x and y columns"),
+        (lambda a, im: (_named(a, ["y", "x"]), im), None, None),
     ],
 )
 def test_bad_inputs(source, change, exc, message):
     adata, image = change(source["adata"].copy(), source["he"])
     if exc is None:
-        sg.io.from_anndata(adata, image, pixel_size_um=HE_PIXEL)
+        sdata = sg.io.from_anndata(adata, image, pixel_size_um=HE_PIXEL)
+        if adata.n_vars:
+            np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], source["he_px"] * HE_PIXEL)
         return
     with pytest.raises(exc, match=message):
         sg.io.from_anndata(adata, image, pixel_size_um=HE_PIXEL)
@@ -184,6 +190,12 @@ def test_bad_inputs(source, change, exc, message):
 
 def _no_spatial(a):
     del a.obsm["spatial"]
+    return a
+
+
+def _named(a, columns):
+    a.obsm["spatial"] = pd.DataFrame(a.obsm["spatial"][:, ::-1] if columns == ["y", "x"] else a.obsm["spatial"],
+                                     index=a.obs_names, columns=columns)  # fmt: skip
     return a
 
 

@@ -358,3 +358,37 @@ def test_three_channel_fluorescence_composite(source):
     np.testing.assert_allclose(hi[1] * 4, hi[0], rtol=0.02)  # each channel stretched by its own percentiles
     with pytest.raises(ValueError, match="`fluorescence=False` needs RGB"):
         sg.io.from_anndata(adata, dapi, fluorescence=False, **kwargs)
+
+
+@pytest.mark.data
+def test_real_bone_marrow_from_matrix_metadata_and_image(caplog):
+    """The files users often have: the 10x cell-feature matrix, the cell centroids and the DAPI image (the real
+    bone-marrow crop, 3000 x 3000 px at 0.2125 µm/px). Right units: no placement warning; µm passed as pixels: a
+    warning naming coordinates='um'; the cells of the left half of the crop (a region of interest): none."""
+    import logging
+
+    import scanpy as sc
+    from conftest import SHARED_DATA
+    from skimage.io import imread
+
+    root = SHARED_DATA / "xenium-bonemarrow"
+    cells = pd.read_parquet(root / "roi" / "cells_roi.parquet").set_index("cell_id")
+    matrix = sc.read_10x_h5(root / "cell_feature_matrix.h5")
+    adata = matrix[matrix.obs_names.isin(cells.index)].copy()
+    frame = cells.loc[adata.obs_names, ["x_px", "y_px"]] - [10_000.0, 1_000.0]  # pixels of the crop, named columns
+    dapi = imread(root / "roi" / "dapi_roi_x10000-13000_y1000-4000.png")
+    assert adata.n_obs == 12_063
+    cases = {
+        "right": (frame, "pixels", False),
+        "um as pixels": (frame.set_axis(["x", "y"], axis=1) * PIXEL_SIZE, "pixels", True),
+        "left half": (frame[frame["x_px"] < 1500], "pixels", False),
+    }
+    for name, (xy, unit, warns) in cases.items():
+        sub = adata[xy.index].copy()
+        sub.obsm["spatial"] = xy
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+            sdata = sg.io.from_anndata(sub, dapi, pixel_size_um=PIXEL_SIZE, coordinates=unit)
+        assert ("pass coordinates='um'" in caplog.text) == warns, (name, caplog.text)
+        assert ("cover only part" in caplog.text) == warns, (name, caplog.text)
+        assert sdata.tables["table"].n_obs == len(xy)

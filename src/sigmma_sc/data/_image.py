@@ -48,7 +48,7 @@ class ImageReader:
     brightfield
         Whether the image is brightfield (white glass, e.g. H&E) or fluorescence (dark background, each channel's
         intensities stretched by its percentiles). ``None``: brightfield when it has 3 (RGB) or 4 (RGBA) channels;
-        :func:`image_is_brightfield` reads what ``sg.io.from_anndata(..., fluorescence=True)`` recorded.
+        ``image_is_brightfield`` reads what ``sg.io.from_anndata(..., fluorescence=True)`` recorded.
     """
 
     def __init__(
@@ -251,7 +251,7 @@ class ImageReader:
 
         Uses the coarsest pyramid level not coarser than ``max_pixel_size_um``; without a pyramid, the
         level is strided so that at most ~16 megapixels are read. With ``background_artefacts``, a saturated
-        plateau of a fluorescence image and its rim (:func:`saturated_artefact`) are shown as background, so
+        plateau of a fluorescence image and its rim (``saturated_artefact``) are shown as background, so
         that tissue detection does not take the artefact for tissue nor let it shift its threshold.
         """
         level = self.level_for(max_pixel_size_um)

@@ -253,7 +253,7 @@ def test_um_passed_as_pixels_warns_with_the_unit_that_fits(source, caplog):
     adata.obsm["spatial"] = source["he_px"] * HE_PIXEL  # µm, passed with the default coordinates='pixels'
     with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
         wrong = sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
-    assert "scaled by 2 they match it" in caplog.text
+    assert "sit on the image's nuclei only when read as um" in caplog.text
     assert "pass coordinates='um'" in caplog.text
     np.testing.assert_allclose(wrong.tables["table"].obsm["spatial"], source["he_px"] * HE_PIXEL**2)  # half-placed
     for coords, xy in (("pixels", source["he_px"]), ("um", source["he_px"] * HE_PIXEL)):
@@ -261,7 +261,7 @@ def test_um_passed_as_pixels_warns_with_the_unit_that_fits(source, caplog):
         adata.obsm["spatial"] = xy
         with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
             sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL, coordinates=coords)
-        assert "match" not in caplog.text, coords
+        assert not caplog.records, (coords, caplog.text)
 
 
 def test_unit_hint_only_when_the_other_unit_matches_the_tissue(source):
@@ -364,7 +364,8 @@ def test_three_channel_fluorescence_composite(source):
 def test_real_bone_marrow_from_matrix_metadata_and_image(caplog):
     """The files users often have: the 10x cell-feature matrix, the cell centroids and the DAPI image (the real
     bone-marrow crop, 3000 x 3000 px at 0.2125 µm/px). Right units: no placement warning; µm passed as pixels: a
-    warning naming coordinates='um'; the cells of the left half of the crop (a region of interest): none."""
+    warning naming coordinates='um'; the cells of the left half or of the top-left quarter of the crop (regions of
+    interest): none (the quarter is told from a wrong unit by its cells sitting on the nuclei)."""
     import logging
 
     import scanpy as sc
@@ -382,13 +383,40 @@ def test_real_bone_marrow_from_matrix_metadata_and_image(caplog):
         "right": (frame, "pixels", False),
         "um as pixels": (frame.set_axis(["x", "y"], axis=1) * PIXEL_SIZE, "pixels", True),
         "left half": (frame[frame["x_px"] < 1500], "pixels", False),
+        # its extent matches the tissue best scaled by 2, but the cells sit on the DAPI nuclei only as given
+        "top-left quarter": (frame[(frame["x_px"] < 1500) & (frame["y_px"] < 1500)], "pixels", False),
     }
     for name, (xy, unit, warns) in cases.items():
         sub = adata[xy.index].copy()
         sub.obsm["spatial"] = xy
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        with caplog.at_level(logging.INFO, logger="sigmma_sc"):
             sdata = sg.io.from_anndata(sub, dapi, pixel_size_um=PIXEL_SIZE, coordinates=unit)
-        assert ("pass coordinates='um'" in caplog.text) == warns, (name, caplog.text)
-        assert ("cover only part" in caplog.text) == warns, (name, caplog.text)
+        warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        assert ("pass coordinates='um'" in warnings) == warns, (name, warnings)
+        assert ("nuclei only when read as um" in warnings) == warns, (name, warnings)
+        assert "cover only part" not in warnings, (name, warnings)
+        assert ("taken as a region of interest" in caplog.text) == (name == "top-left quarter"), name
         assert sdata.tables["table"].n_obs == len(xy)
+
+
+def test_region_of_interest_is_not_taken_for_a_wrong_unit(source, caplog):
+    """The cells of one quarter of the synthetic tissue, in the right unit: their extent alone would fit better
+    scaled up, but they sit on the H&E's nuclei as given, so no warning; the same cells in µm passed as pixels
+    (off their nuclei) still warn."""
+    import logging
+
+    px = source["he_px"]
+    centre = np.median(px, 0)
+    roi = (px[:, 0] < centre[0]) & (px[:, 1] < centre[1])
+    adata = source["adata"][roi].copy()
+    adata.obsm["spatial"] = px[roi]
+    with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "match" in r.getMessage()]
+    caplog.clear()
+    adata.obsm["spatial"] = px[roi] * HE_PIXEL
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    assert "nuclei only when read as um" in caplog.text
+    assert "pass coordinates='um'" in caplog.text

@@ -241,14 +241,17 @@ def check_placement(
 ) -> np.ndarray:
     """Which cells (full-resolution pixel coordinates ``px``) lie on the image; raise with a hint unless ``drop``.
 
-    When every cell lies on the image, the cells are compared with the image's tissue (:mod:`._placement`): a
-    WARNING names the unit (or scale) that makes them match the tissue when the given one covers little of it
-    and another matches clearly better (µm coordinates read as pixels land in a corner of the tissue). When
+    When every cell lies on the image, a WARNING names the other unit when the cells sit on the image's nuclei
+    only when read in it (:func:`._placement.nuclear_contrast`); and the cells are compared with the image's
+    tissue (:mod:`._placement`): a WARNING names the unit (or scale) that makes them match the tissue when the
+    given one covers little of it and another matches clearly better (µm coordinates read as pixels land in a
+    corner of the tissue), unless the cells sit on the nuclei as given and not at that scale (a region of
+    interest). When
     cells lie off the image, the error's hint names the other unit only when it makes the cells match the tissue.
     """
     from sigmma_sc.data._image import ImageReader
 
-    from ._placement import TissueMatch, clearly_better, describe
+    from ._placement import ON_IMAGE, TissueMatch, clearly_better, describe, on_their_nuclei
 
     reader = ImageReader(element, "global", 1.0, brightfield=brightfield)
     height, width = reader.shape
@@ -279,11 +282,29 @@ def check_placement(
 
     inside = on(px)
     if inside.all():
-        m = match()
-        if m is not None:
+        m = TissueMatch(reader, px)
+        if m.on_image(other) >= ON_IMAGE:  # the other unit fits too: which one puts the cells on their nuclei?
+            c_given, c_other = m.contrast(1.0), m.contrast(other)
+            if on_their_nuclei(c_other, c_given):
+                logger.warning(
+                    "The cells sit on the image's nuclei only when read as %s (nuclear contrast %.2f, vs %s as given "
+                    "with coordinates=%r and pixel_size_um=%g): pass coordinates=%r.",
+                    other_unit, c_other, "n/a" if c_given is None else f"{c_given:.2f}", coordinates, pixel_size_um,
+                    other_unit,
+                )  # fmt: skip
+                return inside
+        if m.usable:
             best, fits = preferred(m)
             given = fits.get(1.0)
             if best is not None and given is not None and clearly_better(best, given):
+                c_given, c_best = m.contrast(1.0), m.contrast(best.factor)
+                if on_their_nuclei(c_given, c_best):
+                    logger.info(
+                        "The cells cover only part of the image's tissue (%s), but they sit on nuclei as given "
+                        "(contrast %.2f vs %.2f scaled by %.3g): taken as a region of interest.",
+                        describe(given), c_given, -1.0 if c_best is None else c_best, best.factor,
+                    )  # fmt: skip
+                    return inside
                 logger.warning(
                     "The cells cover only part of the image's tissue as given (coordinates=%r, pixel_size_um=%g: %s); "
                     "with their coordinates scaled by %.3g they match it (%s): %s. If the cells cover only part of "

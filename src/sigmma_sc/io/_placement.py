@@ -127,16 +127,17 @@ def clearly_better(best: Fit, given: Fit) -> bool:
 
 WINDOW_UM = 160.0  # side of the window where the cells are compared with the nuclei
 NUCLEI_PX_UM = 0.5  # pixel size the window is read at (or the image's, if coarser)
+OFFSET_UM = 6.0  # the baseline: the signal this far from each cell (8 directions), between the nuclei
 
 
 def nuclear_contrast(reader: Any, px: np.ndarray, factor: float) -> float | None:
-    """How much brighter (fluorescence) or darker (brightfield) the image is at the cells than around them.
+    """How much brighter (fluorescence) or darker (brightfield) the image is at the cells than next to them.
 
     In a ``WINDOW_UM`` window at the cells' median position (the cells' coordinates, full-resolution pixels,
     scaled by ``factor``), read at ``NUCLEI_PX_UM`` µm/px and smoothed over ~1 µm: the mean nuclear signal at the
-    cells minus its mean over the window, in standard deviations of the window. Cells placed right sit on their
-    nuclei (about 1 on the bone-marrow DAPI); misplaced cells land anywhere (about 0). ``None`` when fewer than
-    10 cells fall in the window.
+    cells minus its mean ``OFFSET_UM`` away from them (8 directions), in standard deviations of the latter. Cells
+    placed right sit on their nuclei (about 1 on the bone-marrow DAPI); misplaced cells land anywhere (about 0),
+    however dense and wherever the window lies. ``None`` when fewer than 10 cells fall in the window.
     """
     um = px * factor * reader.pixel_size_um
     centre = um[np.argmin(((um - np.median(um, 0)) ** 2).sum(1))]
@@ -146,16 +147,25 @@ def nuclear_contrast(reader: Any, px: np.ndarray, factor: float) -> float | None
     gray = reader.read_square(x0, y0, WINDOW_UM, n).astype(np.float32).mean(0)
     signal = ndimage.gaussian_filter(255.0 - gray if reader.brightfield else gray, 1.0 / step)
     rel = (um - [x0, y0]) / step
-    inside = (rel >= 0).all(1) & (rel < n).all(1)
+    margin = OFFSET_UM / step + 1
+    inside = (rel >= margin).all(1) & (rel < n - margin).all(1)
     if inside.sum() < 10:
         return None
-    ij = rel[inside].astype(np.int64)
-    return float((signal[ij[:, 1], ij[:, 0]].mean() - signal.mean()) / (signal.std() + 1e-6))
+    at = rel[inside]
+    angles = np.arange(8) * np.pi / 4
+    ring = at[:, None, :] + OFFSET_UM / step * np.c_[np.cos(angles), np.sin(angles)][None]
+    centre_values = ndimage.map_coordinates(signal, [at[:, 1], at[:, 0]], order=1)
+    ring_values = ndimage.map_coordinates(signal, [ring[..., 1].ravel(), ring[..., 0].ravel()], order=1)
+    return float((centre_values.mean() - ring_values.mean()) / (ring_values.std() + 1e-6))
+
+
+MIN_CONTRAST = 0.2  # cells on their nuclei: 0.36-0.49 on the bone-marrow DAPI; misplaced cells: 0.00-0.10
+CONTRAST_MARGIN = 0.15
 
 
 def on_their_nuclei(given: float | None, best: float | None) -> bool:
-    """Whether the cells sit on nuclei as given and not at the other scale: a region of interest, not a wrong unit."""
-    return given is not None and given >= 0.5 and (best is None or given >= best + 0.3)
+    """Whether cells sit on nuclei as ``given`` and clearly less so in the other reading (``best``)."""
+    return given is not None and given >= MIN_CONTRAST and (best is None or given >= best + CONTRAST_MARGIN)
 
 
 def describe(fit: Fit) -> str:

@@ -217,6 +217,7 @@ def resolve_counts_layer(table: AnnData, layer: str | None, table_key: str) -> s
         return layer
     X = table.X.compute() if hasattr(table.X, "compute") else table.X
     values = X.data if sparse.issparse(X) else np.asarray(X).ravel()
+    values = values[:: max(1, values.size // 1_000_000)]  # a sample, as _is_integer takes
     if not values.size or _is_integer(values[np.isfinite(values)]):
         return layer
     if not _raw_counts_for_genes(table):

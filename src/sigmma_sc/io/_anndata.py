@@ -45,11 +45,18 @@ def from_anndata(
     or not, OME-TIFF pyramids level by level, through tifffile's zarr store), so a whole slide is never
     loaded into memory.
 
+    Before building, the cells are checked against the image: cells off the image raise an error with a hint
+    (x and y swapped, another unit or scale); cells that all fit but sit on the image's nuclei only in the
+    other unit, or cover a corner of the tissue that another unit or scale matches clearly better, get a
+    WARNING naming ``coordinates=`` (see the inputs page of the documentation).
+
     Parameters
     ----------
     adata
-        Cells (or spots) x genes, raw counts in ``.X`` or a layer; ``adata.obsm[spatial_key]`` holds their
-        centroids (x, y) in image pixels of ``image``'s full resolution, or in µm. It is copied, not changed.
+        Cells (or spots) x genes, raw counts in ``.X``, a layer or ``.raw`` (scanpy's convention: see ``layer`` of
+        :func:`sigmma_sc.pp.tile`); ``adata.obsm[spatial_key]`` holds their centroids (x, y) in image pixels of
+        ``image``'s full resolution, or in µm: an array (read by position) or a DataFrame (read by column name,
+        e.g. ``['y', 'x']``, ``x_centroid``, ``pxl_col_in_fullres``). It is copied, not changed.
     image
         H&E (RGB) or a 1-channel morphology image (e.g. DAPI): a numpy or dask array (``(y, x)``, ``(y, x, c)``
         or ``(c, y, x)``), a file (TIFF/OME-TIFF, including pyramids; PNG/JPEG are read whole), or a spatialdata
@@ -62,7 +69,8 @@ def from_anndata(
     spatial_key
         Key of the centroids in ``adata.obsm``.
     image_key
-        Name of the image element. Default: ``'he'`` for a 3-channel image, ``'morphology'`` for 1 channel.
+        Name of the image element. Default: ``'he'`` for a 3-channel brightfield image, ``'morphology'`` for 1
+        channel or a fluorescence composite.
     image_axes
         Axis order of an array image, e.g. ``'yxc'`` or ``'cyx'``; inferred when ``None``.
     cell_radius_um

@@ -328,7 +328,7 @@ def test_five_channel_stack_says_channels_first(source, axes):
         sg.io.from_anndata(source["adata"][:5].copy(), stack, pixel_size_um=HE_PIXEL, cells_outside="drop")
 
 
-def test_three_channel_fluorescence_composite(source):
+def test_three_channel_fluorescence_composite(source, tmp_path):
     """A DAPI + 2-marker composite: `fluorescence=True` gives a dark fill, per-channel ranges and the tissue of the
     1-channel DAPI; read as brightfield (the default for 3 channels) it keeps other tiles."""
     from sigmma_sc.data._tiles import image_modality, tile_reader
@@ -356,6 +356,10 @@ def test_three_channel_fluorescence_composite(source):
     lo, hi = reader.intensity_range()
     assert lo.shape == hi.shape == (3,)
     np.testing.assert_allclose(hi[1] * 4, hi[0], rtol=0.02)  # each channel stretched by its own percentiles
+    import spatialdata as sd
+
+    fl.write(tmp_path / "fl.zarr")  # the record survives a zarr round trip
+    assert not tile_reader(sd.read_zarr(tmp_path / "fl.zarr")).brightfield
     with pytest.raises(ValueError, match="`fluorescence=False` needs RGB"):
         sg.io.from_anndata(adata, dapi, fluorescence=False, **kwargs)
 

@@ -493,13 +493,21 @@ def test_saturated_corner_leaves_range_and_tissue_tiles_unchanged(side, caplog):
     assert "they and their rim" in caplog.text
     assert lo1 == pytest.approx(lo0, rel=0.02)
     assert hi1 == pytest.approx(hi0, rel=0.02)
-    out = {}
+    from sigmma_sc.data._tiles import iter_tile_images
+
+    out, images = {}, {}
     for name, image in (("clean", clean), ("dirty", dirty)):
         s = section(image)
         sg.pp.tile(s, image_key="dapi", tile_size_um=32.0, pixel_size_um=1.0)
         out[name] = s.tables[Keys.TILE_TABLE].obs
+        images[name] = np.stack(list(iter_tile_images(s, n_workers=1))).astype(int)
     keep = [Keys.TILE_ROW, Keys.TILE_COL, Keys.TISSUE_FRACTION]
     np.testing.assert_allclose(out["dirty"][keep].to_numpy(), out["clean"][keep].to_numpy())
+    # what the model sees: the same images, to one grey level, for every tile clear of the artefact and its rim
+    reach = (side + 4) * 0.5  # µm
+    clear = ((out["clean"][Keys.TILE_X0] >= reach) | (out["clean"][Keys.TILE_Y0] >= reach)).to_numpy()
+    assert clear.sum() >= len(clear) - 1
+    assert np.abs(images["dirty"][clear] - images["clean"][clear]).max() <= 1
 
 
 def test_pixel_size_four_times_finer_warns(section, caplog):

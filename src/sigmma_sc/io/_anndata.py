@@ -429,7 +429,8 @@ def _channels(levels: list[Any], c_coords: list[str] | None = None) -> tuple[lis
         raise ValueError(
             f"The image has {n} channels ({dtype}); sigmma_sc needs an H&E (RGB, 3 channels) or one morphology "
             "channel. Select one channel, e.g. the nuclear stain (DAPI) as image[[0]] for a (c, y, x) array "
-            "(image[..., [0]] for (y, x, c)), or three channels with `fluorescence=True` (a fluorescence composite)."
+            "(image[..., [0]] for (y, x, c); for a file, read that channel into an array or a spatialdata element "
+            "first), or three channels with `fluorescence=True` (a fluorescence composite)."
         )
     if c_coords is None or len(c_coords) != levels[0].shape[0]:
         c_coords = ["r", "g", "b"] if levels[0].shape[0] == 3 else None

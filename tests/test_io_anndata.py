@@ -319,11 +319,21 @@ def test_ambiguous_or_contradicting_coordinate_columns(source, columns, coordina
 # ---- images: multiplexed stacks, fluorescence composites --------------------------------------------------------
 
 
-@pytest.mark.parametrize("axes", ["cyx", "yxc"])
-def test_five_channel_stack_says_channels_first(source, axes):
-    """A 5-channel uint16 IF stack: the first error is about the channels (how to select), not about the axes."""
+@pytest.mark.parametrize("axes", ["cyx", "yxc", "ome-tiff", "tiff"])
+def test_five_channel_stack_says_channels_first(source, axes, tmp_path):
+    """A 5-channel uint16 IF stack (array, OME-TIFF or plain multi-page TIFF): the first error is about the channels
+    (how to select one), not about the axes or the file."""
+    import tifffile
+
     stack = np.zeros((5, 120, 160), np.uint16)
-    stack = stack if axes == "cyx" else stack.transpose(1, 2, 0)
+    if axes == "yxc":
+        stack = stack.transpose(1, 2, 0)
+    elif axes == "ome-tiff":
+        tifffile.imwrite(tmp_path / "if.ome.tif", stack, metadata={"axes": "CYX"})
+        stack = tmp_path / "if.ome.tif"
+    elif axes == "tiff":
+        tifffile.imwrite(tmp_path / "if.tif", stack)  # pages, no OME axes
+        stack = tmp_path / "if.tif"
     with pytest.raises(ValueError, match=r"has 5 channels \(uint16\).*Select one channel.*fluorescence=True"):
         sg.io.from_anndata(source["adata"][:5].copy(), stack, pixel_size_um=HE_PIXEL, cells_outside="drop")
 

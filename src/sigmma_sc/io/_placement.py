@@ -13,6 +13,7 @@ MASK_SIDE = 256  # long side of the tissue mask the cells are compared with (pix
 MAX_CELLS = 20_000  # cells compared (a random subset of larger tables)
 FACTORS = 2.0 ** (np.arange(-20, 21) / 4)  # scale factors tried, 1/32 .. 32 in steps of 2^(1/4)
 ON_IMAGE = 0.99  # a reading places at least this share of the cells on the image
+MIN_CELLS = 50  # fewer cells say little about the tissue they cover: no extent warning
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Fit:
     factor: float
     on_tissue: float  # share of the cells on tissue
     coverage: float  # share of the tissue within reach of a cell (reach: ~1.5x the cells' median spacing)
+    n_cells: int = 0  # cells compared
 
     @property
     def score(self) -> float:
@@ -92,7 +94,7 @@ class TissueMatch:
         reach = max(1.0, self._reach * factor)
         covered = ndimage.distance_transform_edt(~occupied) <= reach if occupied.any() else occupied
         coverage = float((covered & self.mask).sum() / max(self.mask.sum(), 1))
-        return Fit(float(factor), on_tissue, coverage)
+        return Fit(float(factor), on_tissue, coverage, len(self.px))
 
     def contrast(self, factor: float) -> float | None:
         """:func:`nuclear_contrast` of all the cells (not the subset) scaled by ``factor``."""
@@ -117,7 +119,8 @@ class TissueMatch:
 def clearly_better(best: Fit, given: Fit) -> bool:
     """Whether ``best`` matches the tissue clearly better than ``given`` while ``given`` covers little of it."""
     return (
-        best.score >= 0.8
+        best.n_cells >= MIN_CELLS
+        and best.score >= 0.8
         and best.on_tissue >= 0.9
         and given.coverage <= 0.5
         and best.score >= given.score + 0.25

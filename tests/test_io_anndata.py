@@ -90,7 +90,8 @@ def test_um_coordinates_equal_pixel_coordinates(source):
 
 
 def test_ome_tiff_pyramid_read_lazily_then_tiled_and_graphed(source, run_dir, monkeypatch):
-    """An OME-TIFF path is not read while building the object; tiling then reads it at the requested scale."""
+    """An OME-TIFF path is read only at a coarse level while building the object (the cells are compared with the
+    tissue there); tiling then reads it at the requested scale."""
     from sigmma_sc.io import _xenium
 
     reads = []
@@ -99,7 +100,9 @@ def test_ome_tiff_pyramid_read_lazily_then_tiled_and_graphed(source, run_dir, mo
         _xenium._TiffLevel, "__getitem__", lambda self, key: reads.append(self.level) or original(self, key)
     )
     sdata = sg.io.from_anndata(source["adata"], run_dir / HE, pixel_size_um=HE_PIXEL)
-    assert reads == []
+    assert reads
+    assert min(reads) >= 1  # never the full resolution
+    reads.clear()
     image = sdata.images["he"]
     assert hasattr(image, "children")
     assert len(image.children) > 1
@@ -146,7 +149,8 @@ def test_outside_image_error_and_swap_hint(source):
         sg.io.from_anndata(cells, wide, pixel_size_um=HE_PIXEL)
     cells.obsm["spatial"] = np.ascontiguousarray(cells.obsm["spatial"][:, ::-1])
     assert sg.io.from_anndata(cells, wide, pixel_size_um=HE_PIXEL).tables["table"].n_obs == 50
-    with pytest.raises(ValueError, match="fit when read as pixels: pass coordinates='pixels'"):
+    with pytest.raises(ValueError, match=r"fit when read as pixels, and then match the image's tissue .*: pass "
+                       r"coordinates='pixels'"):  # fmt: skip
         sg.io.from_anndata(adata, he, pixel_size_um=HE_PIXEL / 4, coordinates="um")
     off = adata.copy()
     off.obsm["spatial"] = adata.obsm["spatial"] + np.array([he.shape[2] * 0.6, 0.0])
@@ -167,12 +171,18 @@ def test_outside_image_error_and_swap_hint(source):
         (lambda a, im: (a, "missing.tif"), FileNotFoundError, "does not exist"),
         (lambda a, im: (_nan(a), im), ValueError, "NaN or infinite"),
         (lambda a, im: (_dup(a), im), ValueError, "obs_names_make_unique"),
+        # issue 28: a multiplexed stack is told about its channels (not its axes); named columns read by name
+        (lambda a, im: (a, np.zeros((5, 300, 400), np.uint16)), ValueError, "has 5 channels.*Select one channel"),
+        (lambda a, im: (_named(a, ["a", "b"]), im), ValueError, "Cannot tell the x and y columns"),
+        (lambda a, im: (_named(a, ["y", "x"]), im), None, None),
     ],
 )
 def test_bad_inputs(source, change, exc, message):
     adata, image = change(source["adata"].copy(), source["he"])
     if exc is None:
-        sg.io.from_anndata(adata, image, pixel_size_um=HE_PIXEL)
+        sdata = sg.io.from_anndata(adata, image, pixel_size_um=HE_PIXEL)
+        if adata.n_vars:
+            np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], source["he_px"] * HE_PIXEL)
         return
     with pytest.raises(exc, match=message):
         sg.io.from_anndata(adata, image, pixel_size_um=HE_PIXEL)
@@ -180,6 +190,12 @@ def test_bad_inputs(source, change, exc, message):
 
 def _no_spatial(a):
     del a.obsm["spatial"]
+    return a
+
+
+def _named(a, columns):
+    a.obsm["spatial"] = pd.DataFrame(a.obsm["spatial"][:, ::-1] if columns == ["y", "x"] else a.obsm["spatial"],
+                                     index=a.obs_names, columns=columns)  # fmt: skip
     return a
 
 
@@ -223,3 +239,198 @@ def test_unknown_scale_names_the_readers(section):
     with pytest.raises(ValueError, match="'aligned' is unknown.*sg.io.from_anndata"):
         sg.pp.tile(section, image_key="he", tile_size_um=16.0)
     assert Keys.TILE_TABLE not in section.tables
+
+
+# ---- coordinates: units, named columns (issue 28) ---------------------------------------------------------------
+
+
+def test_um_passed_as_pixels_warns_with_the_unit_that_fits(source, caplog):
+    """Cells in µm read as pixels of a 0.5 µm/px H&E all fit on the image, in a corner of the tissue: a warning names
+    coordinates='um'; the right reading (either unit) gives none."""
+    import logging
+
+    adata = source["adata"].copy()
+    adata.obsm["spatial"] = source["he_px"] * HE_PIXEL  # µm, passed with the default coordinates='pixels'
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        wrong = sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    assert "sit on the image's nuclei only when read as um" in caplog.text
+    assert "pass coordinates='um'" in caplog.text
+    np.testing.assert_allclose(wrong.tables["table"].obsm["spatial"], source["he_px"] * HE_PIXEL**2)  # half-placed
+    for coords, xy in (("pixels", source["he_px"]), ("um", source["he_px"] * HE_PIXEL)):
+        caplog.clear()
+        adata.obsm["spatial"] = xy
+        with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+            sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL, coordinates=coords)
+        assert not caplog.records, (coords, caplog.text)
+
+
+def test_unit_hint_only_when_the_other_unit_matches_the_tissue(source):
+    """Coordinates of a 1.5x finer image (off this one): dividing by pixel_size_um=2 fits them on the image but not on
+    the tissue, so no 'coordinates=um' hint; the scale that matches is named instead."""
+    adata = source["adata"].copy()
+    adata.obsm["spatial"] = source["he_px"] * 1.5
+    with pytest.raises(ValueError, match=r"cells lie outside the image") as err:
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=2.0)
+    message = str(err.value)
+    assert "coordinates='um'" not in message
+    assert "when scaled by 0.6" in message  # 1 / 1.5 = 0.667, found to about 2%
+    assert "check `pixel_size_um` (2)" in message
+
+
+@pytest.mark.parametrize(
+    ("columns", "order"),
+    [
+        (["x", "y"], [0, 1]),
+        (["y", "x"], [1, 0]),
+        (["Y", "X"], [1, 0]),
+        (["y_centroid", "x_centroid"], [1, 0]),
+        (["CenterY_global_px", "CenterX_global_px"], [1, 0]),
+        (["pxl_row_in_fullres", "pxl_col_in_fullres"], [1, 0]),
+        (["imagerow", "imagecol"], [1, 0]),
+        ([0, 1], [0, 1]),
+    ],
+)
+def test_dataframe_coordinates_read_by_column_name(source, columns, order):
+    adata = source["adata"].copy()
+    he_px = source["he_px"]
+    adata.obsm["spatial"] = pd.DataFrame(he_px[:, order], index=adata.obs_names, columns=columns)
+    sdata = sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], he_px * HE_PIXEL)
+
+
+@pytest.mark.parametrize(
+    ("columns", "coordinates", "message"),
+    [
+        (["a", "b"], "pixels", r"Cannot tell the x and y columns .* \['a', 'b'\]"),
+        (["x_px", "x_um", "y_px", "y_um"], "pixels", r"x candidates \['x_px', 'x_um'\]"),
+        (["array_row", "array_col"], "pixels", "spot grid index"),
+        (["x_um", "y_um"], "pixels", r"say the coordinates are in µm, but coordinates='pixels'; pass coordinates='um'"),
+        (["x_px", "y_px"], "um", r"in pixels, but coordinates='um'; pass coordinates='pixels'"),
+    ],
+)
+def test_ambiguous_or_contradicting_coordinate_columns(source, columns, coordinates, message):
+    adata = source["adata"].copy()
+    values = np.tile(source["he_px"], (1, len(columns) // 2))
+    adata.obsm["spatial"] = pd.DataFrame(values, index=adata.obs_names, columns=columns)
+    with pytest.raises(ValueError, match=message):
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL, coordinates=coordinates)
+
+
+# ---- images: multiplexed stacks, fluorescence composites --------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", ["cyx", "yxc", "ome-tiff", "tiff"])
+def test_five_channel_stack_says_channels_first(source, axes, tmp_path):
+    """A 5-channel uint16 IF stack (array, OME-TIFF or plain multi-page TIFF): the first error is about the channels
+    (how to select one), not about the axes or the file."""
+    import tifffile
+
+    stack = np.zeros((5, 120, 160), np.uint16)
+    if axes == "yxc":
+        stack = stack.transpose(1, 2, 0)
+    elif axes == "ome-tiff":
+        tifffile.imwrite(tmp_path / "if.ome.tif", stack, metadata={"axes": "CYX"})
+        stack = tmp_path / "if.ome.tif"
+    elif axes == "tiff":
+        tifffile.imwrite(tmp_path / "if.tif", stack)  # pages, no OME axes
+        stack = tmp_path / "if.tif"
+    with pytest.raises(ValueError, match=r"has 5 channels \(uint16\).*Select one channel.*fluorescence=True"):
+        sg.io.from_anndata(source["adata"][:5].copy(), stack, pixel_size_um=HE_PIXEL, cells_outside="drop")
+
+
+def test_three_channel_fluorescence_composite(source, tmp_path):
+    """A DAPI + 2-marker composite: `fluorescence=True` gives a dark fill, per-channel ranges and the tissue of the
+    1-channel DAPI; read as brightfield (the default for 3 channels) it keeps other tiles."""
+    from sigmma_sc.data._tiles import image_modality, tile_reader
+
+    adata = source["adata"].copy()
+    adata.obsm["spatial"] = source["um"]
+    dapi = np.asarray(source["dapi"].data.compute() if hasattr(source["dapi"].data, "compute") else source["dapi"].data)
+    composite = np.concatenate([dapi, dapi // 4, np.minimum(dapi.astype(np.uint32) * 3, 65535).astype(np.uint16)])
+    kwargs = {"pixel_size_um": PIXEL_SIZE, "coordinates": "um"}
+    ref = sg.io.from_anndata(adata, dapi, **kwargs)
+    fl = sg.io.from_anndata(adata, composite, fluorescence=True, **kwargs)
+    bf = sg.io.from_anndata(adata, composite, **kwargs)
+    assert fl.attrs["sigmma"]["fluorescence"] == ["morphology"]
+    assert "he" in bf.images
+    tiled = {}
+    for name, sdata in (("ref", ref), ("fl", fl), ("bf", bf)):
+        sg.pp.tile(sdata, tile_size_um=32.0, pixel_size_um=1.0)
+        tiled[name] = sdata.tables[Keys.TILE_TABLE].obs[[Keys.TILE_ROW, Keys.TILE_COL, Keys.TISSUE_FRACTION]]
+    np.testing.assert_allclose(tiled["fl"].to_numpy(), tiled["ref"].to_numpy())
+    assert len(tiled["bf"]) < 0.5 * len(tiled["ref"])  # control: read as brightfield, bright tissue looks like glass
+    reader = tile_reader(fl)
+    assert image_modality(fl) == "fluorescence"
+    assert not reader.brightfield
+    assert (reader.read_square(-500.0, -500.0, 20.0, 8) == 0).all()  # off the image: dark, not white
+    lo, hi = reader.intensity_range()
+    assert lo.shape == hi.shape == (3,)
+    np.testing.assert_allclose(hi[1] * 4, hi[0], rtol=0.02)  # each channel stretched by its own percentiles
+    import spatialdata as sd
+
+    fl.write(tmp_path / "fl.zarr")  # the record survives a zarr round trip
+    assert not tile_reader(sd.read_zarr(tmp_path / "fl.zarr")).brightfield
+    with pytest.raises(ValueError, match="`fluorescence=False` needs RGB"):
+        sg.io.from_anndata(adata, dapi, fluorescence=False, **kwargs)
+
+
+@pytest.mark.data
+def test_real_bone_marrow_from_matrix_metadata_and_image(caplog):
+    """The files users often have: the 10x cell-feature matrix, the cell centroids and the DAPI image (the real
+    bone-marrow crop, 3000 x 3000 px at 0.2125 µm/px). Right units: no placement warning; µm passed as pixels: a
+    warning naming coordinates='um'; the cells of the left half or of the top-left quarter of the crop (regions of
+    interest): none (the quarter is told from a wrong unit by its cells sitting on the nuclei)."""
+    import logging
+
+    import scanpy as sc
+    from conftest import SHARED_DATA
+    from skimage.io import imread
+
+    root = SHARED_DATA / "xenium-bonemarrow"
+    cells = pd.read_parquet(root / "roi" / "cells_roi.parquet").set_index("cell_id")
+    matrix = sc.read_10x_h5(root / "cell_feature_matrix.h5")
+    adata = matrix[matrix.obs_names.isin(cells.index)].copy()
+    frame = cells.loc[adata.obs_names, ["x_px", "y_px"]] - [10_000.0, 1_000.0]  # pixels of the crop, named columns
+    dapi = imread(root / "roi" / "dapi_roi_x10000-13000_y1000-4000.png")
+    assert adata.n_obs == 12_063
+    cases = {
+        "right": (frame, "pixels", False),
+        "um as pixels": (frame.set_axis(["x", "y"], axis=1) * PIXEL_SIZE, "pixels", True),
+        "left half": (frame[frame["x_px"] < 1500], "pixels", False),
+        # its extent matches the tissue best scaled by 2, but the cells sit on the DAPI nuclei only as given
+        "top-left quarter": (frame[(frame["x_px"] < 1500) & (frame["y_px"] < 1500)], "pixels", False),
+    }
+    for name, (xy, unit, warns) in cases.items():
+        sub = adata[xy.index].copy()
+        sub.obsm["spatial"] = xy
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+            sdata = sg.io.from_anndata(sub, dapi, pixel_size_um=PIXEL_SIZE, coordinates=unit)
+        warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        assert ("pass coordinates='um'" in warnings) == warns, (name, warnings)
+        assert ("nuclei only when read as um" in warnings) == warns, (name, warnings)
+        assert "cover only part" not in warnings, (name, warnings)
+        assert ("taken as a region of interest" in caplog.text) == (name == "top-left quarter"), name
+        assert sdata.tables["table"].n_obs == len(xy)
+
+
+def test_region_of_interest_is_not_taken_for_a_wrong_unit(source, caplog):
+    """The cells of one quarter of the synthetic tissue, in the right unit: their extent alone would fit better
+    scaled up, but they sit on the H&E's nuclei as given, so no warning; the same cells in µm passed as pixels
+    (off their nuclei) still warn."""
+    import logging
+
+    px = source["he_px"]
+    centre = np.median(px, 0)
+    roi = (px[:, 0] < centre[0]) & (px[:, 1] < centre[1])
+    adata = source["adata"][roi].copy()
+    adata.obsm["spatial"] = px[roi]
+    with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "match" in r.getMessage()]
+    caplog.clear()
+    adata.obsm["spatial"] = px[roi] * HE_PIXEL
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.io.from_anndata(adata, source["he"], pixel_size_um=HE_PIXEL)
+    assert "nuclei only when read as um" in caplog.text
+    assert "pass coordinates='um'" in caplog.text

@@ -425,3 +425,168 @@ def test_small_section_warns_about_empty_splits(caplog):
     with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
         sg.pp.tile(make_section(n_cells=3000, image_px=512), image_key="he", tile_size_um=8.0, split_region_tiles=2)
     assert "Only" not in caplog.text
+
+
+# ---- issue 28: silent wrong results and unclear messages ---------------------------------------------------------
+
+
+def _dapi_pyramid(artefact_side: int | None = None, n: int = 512, seed: int = 0):
+    """A DAPI-like uint16 section (nuclei in a disc, dark background) as a 4-level pyramid of 2x2 means (as slide
+    writers make it), optionally with a saturated corner (65535) whose soft rim the optics leave at >= 30000."""
+    import dask.array as da
+    from scipy import ndimage
+    from spatialdata.transformations import Scale
+
+    from sigmma_sc.datasets._tiff import _downsample2
+    from sigmma_sc.io._anndata import parse_image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n]
+    disc = (xx - n / 2) ** 2 + (yy - n / 2) ** 2 < (0.42 * n) ** 2
+    pts = rng.uniform(0, n, (n * n // 120, 2)).astype(int)
+    pts = pts[disc[pts[:, 1], pts[:, 0]]]
+    img = np.zeros((n, n), np.float32)
+    img[pts[:, 1], pts[:, 0]] = rng.uniform(0.5, 1.5, len(pts))
+    img = ndimage.gaussian_filter(img, 2.0) * 1e5 + 150 + rng.normal(0, 20, img.shape)
+    img = np.clip(img, 0, 65535).astype(np.uint16)
+    if artefact_side is not None:
+        img[:artefact_side, :artefact_side] = 65535
+        rim = ndimage.binary_dilation(img == 65535, iterations=3) & (img < 65535)
+        img[rim] = np.maximum(img[rim], 30000)
+    levels = [img]
+    for _ in range(3):
+        levels.append(_downsample2(levels[-1]))
+    return parse_image([da.from_array(lv[None]) for lv in levels], None, {"global": Scale([0.5, 0.5], ("x", "y"))})
+
+
+@pytest.mark.parametrize("side", [72, 75, 77])  # 2.0-2.3% of the area; 72 is aligned with the pyramid's blocks
+def test_saturated_corner_leaves_range_and_tissue_tiles_unchanged(side, caplog):
+    """A saturated 2% corner whose rim a downsampled level and the optics blur below the maximum: the intensity range,
+    the kept tiles and their tissue fractions equal the clean image's (before: the rim stayed in the coarse level's
+    99.9th percentile and raised the range up to 12x); the warning says what was left out."""
+    import logging
+
+    import anndata as ad
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    from sigmma_sc.data._image import ImageReader
+
+    def section(image):
+        rng = np.random.default_rng(1)
+        xy = rng.uniform(30, 226, (400, 2))  # µm; the image is 256 x 256 µm
+        circles = ShapesModel.parse(xy, geometry=0, radius=np.full(400, 3.0), transformations={"global": Identity()})
+        table = TableModel.parse(
+            ad.AnnData(rng.poisson(2, (400, 5)).astype(np.float32), obs={"region": ["c"] * 400, "i": np.arange(400)}),
+            region="c", region_key="region", instance_key="i",
+        )  # fmt: skip
+        s = sd.SpatialData(images={"dapi": image}, shapes={"c": circles}, tables={"table": table})
+        s.attrs["sigmma"] = {"um_per_unit": {"global": 1.0}}
+        return s
+
+    clean, dirty = _dapi_pyramid(), _dapi_pyramid(side)
+    lo0, hi0 = ImageReader(clean, "global", 1.0).intensity_range()
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        lo1, hi1 = ImageReader(dirty, "global", 1.0).intensity_range()
+    assert "saturated at 65535" in caplog.text
+    assert "they and their rim" in caplog.text
+    assert lo1 == pytest.approx(lo0, rel=0.02)
+    assert hi1 == pytest.approx(hi0, rel=0.02)
+    from sigmma_sc.data._tiles import iter_tile_images
+
+    out, images = {}, {}
+    for name, image in (("clean", clean), ("dirty", dirty)):
+        s = section(image)
+        sg.pp.tile(s, image_key="dapi", tile_size_um=32.0, pixel_size_um=1.0)
+        out[name] = s.tables[Keys.TILE_TABLE].obs
+        images[name] = np.stack(list(iter_tile_images(s, n_workers=1))).astype(int)
+    keep = [Keys.TILE_ROW, Keys.TILE_COL, Keys.TISSUE_FRACTION]
+    np.testing.assert_allclose(out["dirty"][keep].to_numpy(), out["clean"][keep].to_numpy())
+    # what the model sees: the same images, to one grey level, for every tile clear of the artefact and its rim
+    reach = (side + 4) * 0.5  # µm
+    clear = ((out["clean"][Keys.TILE_X0] >= reach) | (out["clean"][Keys.TILE_Y0] >= reach)).to_numpy()
+    assert clear.sum() >= len(clear) - 1
+    assert np.abs(images["dirty"][clear] - images["clean"][clear]).max() <= 1
+
+
+def test_pixel_size_four_times_finer_warns(section, caplog):
+    """4x upsampling warns (the limit is included); 2.5x does not."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0, pixel_size_um=0.2, inplace=False)
+    assert "finer than image" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0, pixel_size_um=0.125, inplace=False)
+    assert "4x finer than image 'he'" in caplog.text
+
+
+def test_single_level_image_is_subsampled_without_a_warning(caplog):
+    """A large single-level image (a JPEG, a flat TIFF) has no pyramid by nature: INFO, not a WARNING."""
+    import logging
+
+    from sigmma_sc.data._image import ImageReader
+
+    sdata = make_section(n_cells=50, image_px=4200)  # 17.6 megapixels, one level
+    reader = ImageReader(sdata.images["he"], "global", 0.5)
+    with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+        thumb, _ = reader.thumbnail(max_pixel_size_um=4.0)
+    assert thumb.shape[1] == 2100
+    assert "one resolution level; reading it subsampled by 2" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_missing_instance_key_column_names_the_fix(section):
+    del section.tables["table"].obs["cell_id"]
+    with pytest.raises(KeyError, match=r"lacks its instance-key column `.obs\['cell_id'\]`.*TableModel.parse"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0)
+    _assert_untouched(section)
+
+
+def _scanpy_style(table):
+    """scanpy's convention: counts kept in `.raw` (all genes), `.X` log-normalised and subset to some genes."""
+    import anndata as ad
+    import scanpy as sc
+
+    counts = ad.AnnData(table.X.copy(), obs=table.obs.copy(), var=table.var.copy(), uns=dict(table.uns))
+    counts.raw = counts.copy()
+    sc.pp.normalize_total(counts, target_sum=1e4)
+    sc.pp.log1p(counts)
+    return counts[:, 2:].copy()  # .X: log-normalised, fewer genes; .raw: every gene's counts
+
+
+def test_counts_in_raw_are_used_and_logged(section, caplog):
+    import logging
+
+    from scipy import sparse
+
+    counts = section.tables["table"].X.copy()
+    section.tables["table"] = _scanpy_style(section.tables["table"])
+    with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+        tiles, cells = _run(section)
+    assert "using `.raw` (layer='raw')" in caplog.text
+    assert "are not integers" not in caplog.text
+    assert tiles.uns["sigmma"]["tile"]["layer"] == "raw"
+    member = sparse.csr_matrix(
+        (np.ones(cells.n_obs), (np.maximum(cells.obs[Keys.CELL_TILE], 0), np.arange(cells.n_obs))),
+        shape=(tiles.n_obs, cells.n_obs),
+    ).multiply((cells.obs[Keys.CELL_TILE].to_numpy() >= 0)[None])
+    np.testing.assert_allclose(tiles.X.toarray(), member @ np.asarray(counts)[:, 2:])
+    sg.pp.cell_graph(section, n_comps=4)  # reads the recorded layer 'raw' without complaint
+
+
+def test_raw_named_in_errors_and_layer_raw(section):
+    table = _scanpy_style(section.tables["table"])
+    ref = _scanpy_style(section.tables["table"])
+    tiles_explicit = sg.pp.tile(section, image_key="he", tile_size_um=16.0, inplace=False)  # counts in .X
+    section.tables["table"] = table
+    tiles_raw = sg.pp.tile(section, image_key="he", tile_size_um=16.0, layer="raw", inplace=False)
+    np.testing.assert_allclose(tiles_raw[1].X.toarray(), tiles_explicit[1].X.toarray()[:, 2:])
+    with pytest.raises(KeyError, match=r"No layer 'counts'.*available layers: \[\]; `layer='raw'` reads `.raw`"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0, layer="counts")
+    ref.raw = None
+    section.tables["table"] = ref
+    with pytest.raises(KeyError, match=r"no `.raw` and no layer 'raw'"):
+        sg.pp.tile(section, image_key="he", tile_size_um=16.0, layer="raw")
+    _assert_untouched(section)

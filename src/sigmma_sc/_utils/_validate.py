@@ -71,6 +71,12 @@ def annotated_element(sdata: SpatialData, table: AnnData, table_key: str) -> tup
             "Subset the table to one region first."
         )
     key = regions[0]
+    if instance_key not in table.obs:
+        raise KeyError(
+            f"Table {table_key!r} lacks its instance-key column `.obs[{instance_key!r}]`, which links each row to a cell "
+            f"of element {key!r}. Restore it (for each row, the id of its cell in the index of {key!r}), or re-parse the table with `spatialdata.models.TableModel.parse(table, region=..., region_key=..., "
+            "instance_key=...)` naming a column that holds them."
+        )
     for container in (sdata.shapes, sdata.points, sdata.labels):
         if key in container:
             return key, container[key], region_key, instance_key
@@ -124,12 +130,13 @@ def counts_matrix(
 ) -> sparse.csr_matrix:
     """Return the count matrix as CSR float32 after checking it is finite, non-negative and (``check_integer``) raw.
 
-    Non-integer values (log-normalised or scaled data, as many public h5ad files ship in ``.X``) raise an error
-    naming a layer of integer counts when the table has one, and log a warning otherwise.
+    ``layer='raw'`` (when the table has no layer of that name) reads ``table.raw`` for the table's genes. With
+    ``layer=None``, non-integer values in ``.X`` (log-normalised, scanpy's convention) are replaced by the integer
+    counts of ``table.raw`` when it holds them for the same genes (see :func:`resolve_counts_layer`). Otherwise
+    non-integer values raise an error naming a layer of integer counts when the table has one, and log a warning.
     """
-    if layer is not None and layer not in table.layers:
-        raise KeyError(f"No layer {layer!r} in table {table_key!r}; available layers: {sorted(table.layers)}.")
-    X = table.X if layer is None else table.layers[layer]
+    layer = resolve_counts_layer(table, layer, table_key)
+    X = _layer_matrix(table, layer, table_key)
     if X is None:
         raise ValueError(f"Table {table_key!r} has no counts in `.X`; pass `layer=` naming the counts layer.")
     if hasattr(X, "compute"):
@@ -144,11 +151,83 @@ def counts_matrix(
     if data.size and data.min() < 0:
         raise ValueError(
             f"The counts of table {table_key!r} contain negative values (are they log-normalised or scaled?); "
-            "sigmma_sc needs raw counts. Pass `layer=` naming the raw counts layer."
+            "sigmma_sc needs raw counts. Pass `layer=` naming the raw counts layer" + _raw_hint(table) + "."
         )
     if check_integer:
         _check_integer_counts(data, table, layer, table_key)
     return X
+
+
+RAW = "raw"  # `layer=` value that reads `table.raw` (when the table has no layer of that name)
+
+
+def _uses_raw(table: AnnData, layer: str | None) -> bool:
+    return layer == RAW and RAW not in table.layers
+
+
+def _layer_matrix(table: AnnData, layer: str | None, table_key: str) -> Any:
+    """``.X``, ``.layers[layer]`` or (``layer='raw'``) ``.raw.X`` restricted to the table's genes, in their order."""
+    if _uses_raw(table, layer):
+        if table.raw is None:
+            raise KeyError(
+                f"Table {table_key!r} has no `.raw` and no layer 'raw'; available layers: {sorted(table.layers)}. "
+                "Pass `layer=` naming a layer of raw counts, or `layer=None` for `.X`."
+            )
+        col = table.raw.var_names.get_indexer(table.var_names)
+        if (col < 0).any() or table.raw.var_names.has_duplicates:
+            missing = table.var_names[col < 0]
+            raise ValueError(
+                f"`.raw` of table {table_key!r} lacks {int((col < 0).sum())} of the table's {table.n_vars} genes "
+                f"(e.g. {list(missing[:3])}), so it cannot give their counts. Put the counts in a layer of the same "
+                "genes (e.g. table.layers['counts'] = ...) and pass `layer='counts'`."
+            )
+        X = table.raw.X
+        return X[:, col] if not np.array_equal(col, np.arange(X.shape[1])) else X
+    if layer is not None and layer not in table.layers:
+        raise KeyError(
+            f"No layer {layer!r} in table {table_key!r}; available layers: {sorted(table.layers)}"
+            + ("; `layer='raw'` reads `.raw`" if table.raw is not None else "")
+            + "."
+        )
+    return table.X if layer is None else table.layers[layer]
+
+
+def _raw_hint(table: AnnData) -> str:
+    return " (or `layer='raw'` for `.raw`)" if getattr(table, "raw", None) is not None else ""
+
+
+def _integer_values(M: Any) -> bool:
+    """Whether a matrix holds finite, non-negative integers (checked on a sample)."""
+    if M is None:
+        return False
+    if hasattr(M, "compute"):
+        M = M.compute()
+    values = M.data if sparse.issparse(M) else np.asarray(M).ravel()
+    values = values[:: max(1, values.size // 1_000_000)]
+    return bool(values.size) and bool(np.all(np.isfinite(values))) and values.min() >= 0 and _is_integer(values)
+
+
+def resolve_counts_layer(table: AnnData, layer: str | None, table_key: str) -> str | None:
+    """The layer that holds the raw counts: ``layer``, or ``'raw'`` (``table.raw``) when scanpy's convention applies.
+
+    That is when ``layer`` is ``None``, ``.X`` is not integer (log-normalised) and ``table.raw`` holds integer
+    counts for all the table's genes. Using ``.raw`` is logged at INFO; pass ``layer=`` to choose explicitly.
+    """
+    if layer is not None or getattr(table, "raw", None) is None or table.X is None or RAW in table.layers:
+        return layer
+    X = table.X.compute() if hasattr(table.X, "compute") else table.X
+    values = X.data if sparse.issparse(X) else np.asarray(X).ravel()
+    values = values[:: max(1, values.size // 1_000_000)]  # a sample, as _is_integer takes
+    if not values.size or _is_integer(values[np.isfinite(values)]):
+        return layer
+    if not _raw_counts_for_genes(table):
+        return layer
+    logger.info(
+        "Table %r: `.X` is not integer (log-normalised?) and `.raw` holds integer counts for its %d genes; using "
+        "`.raw` (layer='raw'). Pass `layer=` to use another layer.",
+        table_key, table.n_vars,
+    )  # fmt: skip
+    return RAW
 
 
 def _is_integer(values: np.ndarray, n: int = 1_000_000) -> bool:
@@ -161,7 +240,7 @@ def _check_integer_counts(data: np.ndarray, table: AnnData, layer: str | None, t
         return
     where = "`.X`" if layer is None else f"layer {layer!r}"
     example = float(data[np.flatnonzero(data != np.round(data))[0]])
-    raw = []
+    raw = [RAW] if layer != RAW and RAW not in table.layers and _raw_counts_for_genes(table) else []
     for name in table.layers:
         if name == layer:
             continue
@@ -172,14 +251,30 @@ def _check_integer_counts(data: np.ndarray, table: AnnData, layer: str | None, t
     if raw:
         raise ValueError(
             f"The counts in {where} of table {table_key!r} are not integers (e.g. {example:.4g}: log-normalised?), "
-            f"and sigmma_sc sums and log-normalises raw counts itself. Pass `layer={raw[0]!r}` (layers with integer "
-            f"counts: {raw})."
+            f"and sigmma_sc sums and log-normalises raw counts itself. Pass `layer={raw[0]!r}` (integer counts in: "
+            f"{raw}; 'raw' is `.raw`)."
         )
     logger.warning(
         "The counts in %s of table %r are not integers (e.g. %.4g: log-normalised or scaled?); sigmma_sc sums "
-        "and log-normalises them as raw counts. Pass `layer=` naming the raw counts if the table has them.",
-        where, table_key, example,
+        "and log-normalises them as raw counts. Pass `layer=` naming the raw counts if the table has them%s.",
+        where, table_key, example, _raw_status(table),
     )  # fmt: skip
+
+
+def _raw_counts_for_genes(table: AnnData) -> bool:
+    if getattr(table, "raw", None) is None:
+        return False
+    col = table.raw.var_names.get_indexer(table.var_names)
+    return not (col < 0).any() and not table.raw.var_names.has_duplicates and _integer_values(table.raw.X[:, col])
+
+
+def _raw_status(table: AnnData) -> str:
+    if getattr(table, "raw", None) is None:
+        return " (no layer and no `.raw` holds them here)"
+    col = table.raw.var_names.get_indexer(table.var_names)
+    if (col < 0).any():
+        return f" (`.raw` lacks {int((col < 0).sum())} of the genes, so it cannot be used)"
+    return " (`.raw` is not integer counts either)"
 
 
 _UM_NAMES = ("um", "µm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres")

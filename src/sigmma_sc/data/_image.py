@@ -17,6 +17,8 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
+RANGE_SAMPLE_PX = 4_000_000  # pixels read to compute a fluorescence image's intensity range
+
 
 @dataclass(frozen=True)
 class _Level:
@@ -43,9 +45,15 @@ class ImageReader:
         The coordinate system windows are given in.
     um_per_unit
         Micrometres per unit of that coordinate system.
+    brightfield
+        Whether the image is brightfield (white glass, e.g. H&E) or fluorescence (dark background, each channel's
+        intensities stretched by its percentiles). ``None``: brightfield when it has 3 (RGB) or 4 (RGBA) channels;
+        ``image_is_brightfield`` reads what ``sg.io.from_anndata(..., fluorescence=True)`` recorded.
     """
 
-    def __init__(self, element: Any, coordinate_system: str, um_per_unit: float) -> None:
+    def __init__(
+        self, element: Any, coordinate_system: str, um_per_unit: float, *, brightfield: bool | None = None
+    ) -> None:
         from spatialdata.transformations import get_transformation
 
         systems = get_transformation(element, get_all=True)
@@ -64,7 +72,9 @@ class ImageReader:
         n_channels, self.dtype = int(arrays[0].shape[0]), np.dtype(arrays[0].dtype)
         self.rgba = n_channels == 4 and self.dtype == np.uint8  # brightfield with alpha: composited over white
         if n_channels not in (1, 3) and not self.rgba:
-            names = [str(c) for c in arrays[0].coords["c"].values] if "c" in arrays[0].coords else list(range(n_channels))
+            names = (
+                [str(c) for c in arrays[0].coords["c"].values] if "c" in arrays[0].coords else list(range(n_channels))
+            )
             raise ValueError(
                 f"The image has {n_channels} channels ({names}, {self.dtype}); sigmma_sc reads a 1-channel "
                 "morphology stain (e.g. DAPI), an RGB or an RGBA (uint8) image. Store the channel to use as its own "
@@ -89,7 +99,8 @@ class ImageReader:
                 )
             )
         self.pixel_size_um = self.levels[0].pixel_size_um
-        self.brightfield = self.n_channels == 3  # RGB(A): white glass; 1 channel: dark background
+        # RGB(A): white glass; 1 channel (or a composite recorded as fluorescence): dark background
+        self.brightfield = self.n_channels == 3 if brightfield is None or self.rgba else bool(brightfield)
         self.fill = 255 if self.brightfield else 0
         self._intensity_range: tuple[float, float] | None = None
 
@@ -119,45 +130,64 @@ class ImageReader:
         return ok[-1] if ok else 0
 
     # intensity --------------------------------------------------------------------------------
-    def intensity_range(self) -> tuple[float, float]:
+    def intensity_range(self) -> tuple[Any, Any]:
         """Range of raw intensities mapped to 0..255 by :meth:`to_uint8`.
 
-        RGB(A): the full scale of the values (``[0, 1]`` for floats up to 1, ``[0, 255]`` for values up to 255,
-        else ``[0, 65535]`` or the maximum), so that white glass stays white. One channel (fluorescence): the
-        0.5th-99.9th percentile of the coarsest level, ignoring a saturated plateau (pixels at the maximum,
-        e.g. a small bright artefact) that would otherwise squash the tissue into a few grey levels.
+        Brightfield: the full scale of the values (``[0, 1]`` for floats up to 1, ``[0, 255]`` for values up to 255,
+        else ``[0, 65535]`` or the maximum), so that white glass stays white. Fluorescence: the 0.5th-99.9th
+        percentile of the coarsest pyramid level (strided to at most ``RANGE_SAMPLE_PX`` pixels), per channel (floats for one channel, ``(C,)`` arrays for several). A saturated
+        plateau (0.1-5% of the pixels at the maximum, e.g. a bright artefact) is left out together with its rim (the
+        pixels connected to it that are brighter than the rest of the image), which a downsampled pyramid level or
+        the optics blur to values below the maximum.
         """
         if self._intensity_range is None:
             if self.dtype == np.uint8 and self.brightfield:
                 self._intensity_range = (0.0, 255.0)
             else:
-                data = self.levels[-1].data[: self.n_channels]
-                arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
-                self._intensity_range = self._robust_range(arr)
+                arr = self._range_sample()
+                if self.brightfield:
+                    self._intensity_range = self._robust_range(arr)
+                else:
+                    ranges = [self._robust_range(arr[c : c + 1]) for c in range(arr.shape[0])]
+                    lo, hi = (np.array(v, dtype=np.float64) for v in zip(*ranges, strict=True))
+                    self._intensity_range = (float(lo[0]), float(hi[0])) if lo.size == 1 else (lo, hi)
         return self._intensity_range
 
+    def _range_sample(self) -> np.ndarray:
+        """The raw pixels the intensity range is computed on: the coarsest level, strided to ``RANGE_SAMPLE_PX``."""
+        data = self.levels[-1].data[: self.n_channels]
+        stride = max(1, int(np.ceil(np.sqrt(np.prod(data.shape[1:]) / RANGE_SAMPLE_PX))))
+        if stride > 1:
+            data = data[:, ::stride, ::stride]
+        return np.asarray(data.compute() if hasattr(data, "compute") else data)
+
     def _robust_range(self, arr: np.ndarray) -> tuple[float, float]:
-        values = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr.ravel()
-        if values.size == 0:
+        finite = np.isfinite(arr).all(0) if np.issubdtype(arr.dtype, np.floating) else np.ones(arr.shape[1:], bool)
+        if not finite.any():
             return 0.0, 1.0
+        values = arr[:, finite]
         top = float(values.max())
         if self.brightfield:
             hi = 1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
             return 0.0, hi
-        saturated = values == top
-        share = float(saturated.mean())
-        if 1e-3 <= share <= 0.05 and float(values.min()) < top:
-            logger.warning(
-                "%.1f%% of the image's pixels are saturated at %g (an artefact?); they are left out of its "
-                "intensity range.",
-                100 * share,
-                top,
-            )
-            values = values[~saturated]
-        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.9]))
+        keep = finite & self._outside_saturation(arr, finite, top)
+        lo, hi = (float(v) for v in np.percentile(arr[:, keep], [0.5, 99.9]))
         if hi <= lo:  # a flat image: any positive span (floats in [0, 1] must not get a span of 1)
             hi = lo + (1.0 if np.issubdtype(self.dtype, np.integer) else max(abs(lo), 1e-6) * 1e-3 + 1e-6)
         return lo, hi
+
+    def _outside_saturation(self, arr: np.ndarray, finite: np.ndarray, top: float) -> np.ndarray:
+        """``(h, w)`` mask of the pixels outside a saturated plateau and its rim (all True when there is none)."""
+        artefact = saturated_artefact(arr, finite, top)
+        if artefact is None:
+            return np.ones(arr.shape[1:], dtype=bool)
+        logger.warning(
+            "%.1f%% of the image's pixels are saturated at %g (an artefact?); they and their rim (%.1f%% of the "
+            "pixels in all) are left out of its intensity range and of the tissue.",
+            100 * float(((arr == top).any(0) & finite).sum() / finite.sum()), top,
+            100 * float(artefact.sum() / finite.sum()),
+        )  # fmt: skip
+        return ~artefact
 
     def to_uint8(self, arr: np.ndarray) -> np.ndarray:
         """Map raw intensities of a window ``(C, h, w)`` to uint8 with :meth:`intensity_range` (RGB uint8 passes).
@@ -170,7 +200,10 @@ class ImageReader:
         if arr.dtype == np.uint8 and self.brightfield:
             return arr
         lo, hi = self.intensity_range()
-        arr = np.nan_to_num(arr.astype(np.float32), nan=lo)
+        if np.ndim(lo):  # one range per channel (a fluorescence composite)
+            lo, hi = np.reshape(lo, (-1, 1, 1)), np.reshape(hi, (-1, 1, 1))
+        arr = arr.astype(np.float32)
+        arr = np.where(np.isnan(arr), lo, arr).astype(np.float32)
         return np.clip((arr - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
 
     # reading ----------------------------------------------------------------------------------
@@ -211,11 +244,15 @@ class ImageReader:
             )
         return out
 
-    def thumbnail(self, max_pixel_size_um: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
+    def thumbnail(
+        self, max_pixel_size_um: float = 16.0, *, background_artefacts: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A low-resolution uint8 ``(C, h, w)`` view of the image and its 3x3 affine (pixel ``(x, y, 1)`` -> coordinates).
 
         Uses the coarsest pyramid level not coarser than ``max_pixel_size_um``; without a pyramid, the
-        level is strided so that at most ~16 megapixels are read.
+        level is strided so that at most ~16 megapixels are read. With ``background_artefacts``, a saturated
+        plateau of a fluorescence image and its rim (``saturated_artefact``) are shown as background, so
+        that tissue detection does not take the artefact for tissue nor let it shift its threshold.
         """
         level = self.level_for(max_pixel_size_um)
         lv = self.levels[level]
@@ -223,12 +260,54 @@ class ImageReader:
         h, w = data.shape[1:]
         stride = max(1, int(np.ceil(np.sqrt(h * w / 16e6))))
         if stride > 1:
-            logger.warning(
-                "The image has no pyramid level near %.1f µm/px; subsampling level %d by %d.",
-                max_pixel_size_um,
-                level,
-                stride,
-            )
+            if len(self.levels) == 1:  # a single-level image (JPEG, PNG, flat TIFF): expected, not a problem
+                logger.info(
+                    "The image has one resolution level; reading it subsampled by %d for a %.1f µm/px view (a "
+                    "pyramidal OME-TIFF reads faster).",
+                    stride, max_pixel_size_um,
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "The image's pyramid has no level near %.1f µm/px; subsampling level %d by %d.",
+                    max_pixel_size_um, level, stride,
+                )  # fmt: skip
             data = data[:, ::stride, ::stride]
         arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
-        return self.to_uint8(arr), lv.to_cs @ np.diag([stride, stride, 1.0])
+        out = self.to_uint8(arr)
+        if background_artefacts and not self.brightfield:
+            channels = arr[: self.n_channels]
+            finite = np.isfinite(channels).all(0) if np.issubdtype(channels.dtype, np.floating) else None
+            finite = np.ones(channels.shape[1:], bool) if finite is None else finite
+            for c in range(self.n_channels):
+                if finite.any():
+                    artefact = saturated_artefact(channels[c : c + 1], finite, float(channels[c][finite].max()))
+                    if artefact is not None:
+                        out[c][artefact] = self.fill
+        return out, lv.to_cs @ np.diag([stride, stride, 1.0])
+
+
+def image_is_brightfield(sdata: Any, image_key: str) -> bool | None:
+    """``False`` for an image recorded as fluorescence, else ``None`` (brightfield is decided by the channels).
+
+    ``sg.io.from_anndata(..., fluorescence=True)`` lists the image in ``sdata.attrs['sigmma']['fluorescence']``.
+    """
+    recorded = ((getattr(sdata, "attrs", None) or {}).get("sigmma") or {}).get("fluorescence") or []
+    return False if image_key in recorded else None
+
+
+def saturated_artefact(arr: np.ndarray, finite: np.ndarray, top: float) -> np.ndarray | None:
+    """``(h, w)`` mask of a saturated plateau (0.1-5% of the pixels at ``top``) and its rim, or ``None``.
+
+    The rim: the pixels connected to the plateau that are brighter than the image without it (a downsampled
+    pyramid level or the optics blur the plateau's border to values below the maximum).
+    """
+    saturated = (arr == top).any(0) & finite
+    share = float(saturated.sum() / max(finite.sum(), 1))
+    if not 1e-3 <= share <= 0.05 or not (arr[:, finite] < top).any():
+        return None
+    artefact = ndimage.binary_dilation(saturated, iterations=2) & finite
+    for _ in range(2):  # two rounds suffice
+        hi = float(np.percentile(arr[:, finite & ~artefact], 99.9))
+        artefact = ndimage.binary_propagation(artefact, mask=((arr > hi).any(0) & finite) | artefact)
+        artefact = ndimage.binary_dilation(artefact, iterations=1) & finite
+    return artefact

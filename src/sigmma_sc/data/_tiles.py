@@ -11,7 +11,7 @@ from sigmma_sc._constants import Keys
 from sigmma_sc._utils._record import tiling_record
 from sigmma_sc._utils._validate import get_image, get_table
 
-from ._image import ImageReader
+from ._image import ImageReader, image_is_brightfield
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -33,7 +33,9 @@ def tile_reader(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE, image_key: 
     """An :class:`ImageReader` on the tiled image (or on ``image_key``, e.g. an H&E of the same section)."""
     params = tile_params(sdata, tile_key)
     key, image = get_image(sdata, image_key or params["image_key"])
-    return ImageReader(image, params["coordinate_system"], params["um_per_unit"])
+    return ImageReader(
+        image, params["coordinate_system"], params["um_per_unit"], brightfield=image_is_brightfield(sdata, key)
+    )
 
 
 def image_modality(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE, image_key: str | None = None) -> str:

@@ -34,6 +34,7 @@ def from_anndata(
     image_axes: str | None = None,
     cell_radius_um: float = 5.0,
     cells_outside: Literal["raise", "drop"] = "raise",
+    fluorescence: bool | None = None,
 ) -> SpatialData:
     """Build a SpatialData section in µm from an AnnData with cell (or spot) coordinates and an image.
 
@@ -44,11 +45,18 @@ def from_anndata(
     or not, OME-TIFF pyramids level by level, through tifffile's zarr store), so a whole slide is never
     loaded into memory.
 
+    Before building, the cells are checked against the image: cells off the image raise an error with a hint
+    (x and y swapped, another unit or scale); cells that all fit but sit on the image's nuclei only in the
+    other unit, or cover a corner of the tissue that another unit or scale matches clearly better, get a
+    WARNING naming ``coordinates=`` (see the inputs page of the documentation).
+
     Parameters
     ----------
     adata
-        Cells (or spots) x genes, raw counts in ``.X`` or a layer; ``adata.obsm[spatial_key]`` holds their
-        centroids (x, y) in image pixels of ``image``'s full resolution, or in µm. It is copied, not changed.
+        Cells (or spots) x genes, raw counts in ``.X``, a layer or ``.raw`` (scanpy's convention: see ``layer`` of
+        :func:`sigmma_sc.pp.tile`); ``adata.obsm[spatial_key]`` holds their centroids (x, y) in image pixels of
+        ``image``'s full resolution, or in µm: an array (read by position) or a DataFrame (read by column name,
+        e.g. ``['y', 'x']``, ``x_centroid``, ``pxl_col_in_fullres``). It is copied, not changed.
     image
         H&E (RGB) or a 1-channel morphology image (e.g. DAPI): a numpy or dask array (``(y, x)``, ``(y, x, c)``
         or ``(c, y, x)``), a file (TIFF/OME-TIFF, including pyramids; PNG/JPEG are read whole), or a spatialdata
@@ -61,13 +69,20 @@ def from_anndata(
     spatial_key
         Key of the centroids in ``adata.obsm``.
     image_key
-        Name of the image element. Default: ``'he'`` for a 3-channel image, ``'morphology'`` for 1 channel.
+        Name of the image element. Default: ``'he'`` for a 3-channel brightfield image, ``'morphology'`` for 1
+        channel or a fluorescence composite.
     image_axes
         Axis order of an array image, e.g. ``'yxc'`` or ``'cyx'``; inferred when ``None``.
     cell_radius_um
         Radius of the cell circles in µm (for display; tiling uses the centroids). For Visium spots, 27.5.
     cells_outside
         Cells whose centroid lies off the image: ``'raise'`` an error, or ``'drop'`` them from the table.
+    fluorescence
+        Whether the image is a fluorescence image (dark background: filled with 0 outside the image, each
+        channel's intensities stretched by its own percentiles, tissue brighter than the background) or
+        brightfield (white glass, e.g. H&E). ``None``: brightfield for 3 channels (RGB), fluorescence for 1.
+        Pass ``True`` for a 3-channel fluorescence composite (e.g. DAPI + two markers); it is recorded in
+        ``sdata.attrs['sigmma']['fluorescence']``, which every ``sg`` step reads.
 
     Returns
     -------
@@ -92,20 +107,27 @@ def from_anndata(
         raise ValueError(f"`coordinates` must be 'pixels' or 'um', got {coordinates!r}.")
     if cells_outside not in ("raise", "drop"):
         raise ValueError(f"`cells_outside` must be 'raise' or 'drop', got {cells_outside!r}.")
-    xy = spatial_coordinates(adata, spatial_key)
+    if fluorescence not in (None, True, False):
+        raise ValueError(f"`fluorescence` must be True, False or None, got {fluorescence!r}.")
+    xy = spatial_coordinates(adata, spatial_key, coordinates=coordinates)
     if not adata.obs_names.is_unique:
         raise ValueError("`adata.obs_names` are not unique; call `adata.obs_names_make_unique()` first.")
 
     levels, c_coords = image_levels(image, image_axes=image_axes)
+    n_channels = levels[0].shape[0]
+    if fluorescence is False and n_channels == 1:
+        raise ValueError("A 1-channel image is a fluorescence (or morphology) stain; `fluorescence=False` needs RGB.")
+    brightfield = n_channels == 3 if fluorescence is None else not fluorescence
     height, width = levels[0].shape[1:]
-    px = xy / pixel_size_um if coordinates == "um" else xy
-    inside = check_inside(px, (height, width), pixel_size_um=pixel_size_um, coordinates=coordinates, xy=xy,
-                          drop=cells_outside == "drop")  # fmt: skip
-    if image_key is None:
-        image_key = "he" if levels[0].shape[0] == 3 else "morphology"
-
     transformation = Scale(np.array([pixel_size_um, pixel_size_um]), axes=("x", "y"))
     element = parse_image(levels, c_coords, {"global": transformation})
+    px = xy / pixel_size_um if coordinates == "um" else xy
+    inside = check_placement(
+        px, element, brightfield=brightfield, pixel_size_um=pixel_size_um, coordinates=coordinates,
+        drop=cells_outside == "drop",
+    )  # fmt: skip
+    if image_key is None:
+        image_key = "he" if n_channels == 3 and brightfield else "morphology"
 
     table = adata[inside].copy() if not inside.all() else adata.copy()
     xy_um = (px * pixel_size_um)[inside]
@@ -126,6 +148,8 @@ def from_anndata(
     )  # fmt: skip
     sdata = sd.SpatialData(images={image_key: element}, shapes={CELLS_KEY: circles}, tables={TABLE_KEY: table})
     sdata.attrs["sigmma"] = {"um_per_unit": {"global": 1.0}}
+    if n_channels == 3 and not brightfield:
+        sdata.attrs["sigmma"]["fluorescence"] = [image_key]
     logger.info(
         "Built a section of %d cells on image %r (%d x %d px at %.4g µm/px) in µm (coordinate system 'global').",
         table.n_obs, image_key, width, height, pixel_size_um,
@@ -133,14 +157,28 @@ def from_anndata(
     return sdata
 
 
-def spatial_coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
-    """``adata.obsm[spatial_key]`` as finite float ``(n, 2)`` (x, y), or one clear error."""
+def spatial_coordinates(adata: AnnData, spatial_key: str, *, coordinates: str | None = None) -> np.ndarray:
+    """``adata.obsm[spatial_key]`` as finite float ``(n, 2)`` (x, y), or one clear error.
+
+    An array is read by position (x, y). A DataFrame with named columns is read by name (:func:`xy_columns`):
+    ``['y', 'x']`` is not transposed; a unit in the names (``x_um``, ``x_px``) must agree with ``coordinates``.
+    """
     if spatial_key not in adata.obsm:
         raise KeyError(
             f"No cell coordinates in `adata.obsm[{spatial_key!r}]` (obsm keys: {sorted(adata.obsm)}). Pass "
             "`spatial_key=` naming the (x, y) centroids, e.g. adata.obsm['spatial'] = adata.obs[['x', 'y']].to_numpy()."
         )
-    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    value = adata.obsm[spatial_key]
+    if isinstance(value, pd.DataFrame) and not _positional(value.columns):
+        (x, y), unit = xy_columns(value.columns, spatial_key)
+        if unit is not None and coordinates is not None and unit != coordinates:
+            raise ValueError(
+                f"The columns of `adata.obsm[{spatial_key!r}]` ({x!r}, {y!r}) say the coordinates are in "
+                f"{'µm' if unit == 'um' else 'pixels'}, but coordinates={coordinates!r}; pass coordinates={unit!r}."
+            )
+        logger.info("Reading adata.obsm[%r] by column name: x = %r, y = %r.", spatial_key, x, y)
+        value = value[[x, y]]
+    xy = np.asarray(value, dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise ValueError(f"`adata.obsm[{spatial_key!r}]` has shape {xy.shape}; expected (n_cells, 2) x, y centroids.")
     if xy.shape[1] > 2:
@@ -156,17 +194,131 @@ def spatial_coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
     return xy
 
 
-def check_inside(
-    px: np.ndarray, shape: tuple[int, int], *, pixel_size_um: float, coordinates: str, xy: np.ndarray, drop: bool
-) -> np.ndarray:
-    """Which cells (full-resolution pixel coordinates ``px``) lie on the image; raise with a hint unless ``drop``."""
-    height, width = shape
+_X_WORDS = {"x", "col", "column", "imagecol", "cx", "centerx", "centrex", "centroidx", "globalx", "posx", "xcoord"}
+_Y_WORDS = {"y", "row", "imagerow", "cy", "centery", "centrey", "centroidy", "globaly", "posy", "ycoord"}
+_UM_WORDS = {"um", "µm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"}
+_PX_WORDS = {"px", "pxl", "pixel", "pixels", "fullres"}
+_GRID_WORDS = {"array"}  # Visium's array_row / array_col: spot grid indices, not positions
 
-    def on(p: np.ndarray, w: float = width, h: float = height) -> np.ndarray:
-        return (p[:, 0] >= 0) & (p[:, 0] <= w) & (p[:, 1] >= 0) & (p[:, 1] <= h)
+
+def _positional(columns: pd.Index) -> bool:
+    """Columns without names (0, 1, ...): read by position like an array."""
+    return all(isinstance(c, int | np.integer) for c in columns)
+
+
+def _words(name: Any) -> list[str]:
+    import re
+
+    return [w for w in re.split(r"[^0-9a-zµ]+", str(name).lower()) if w]
+
+
+def xy_columns(columns: pd.Index, spatial_key: str = "spatial") -> tuple[tuple[Any, Any], str | None]:
+    """The x and y columns of a coordinate DataFrame, by name, and the unit the names state (``'um'``, ``'pixels'``).
+
+    The unit is ``None`` when the names state none. x: a word ``x`` (``x``, ``X``, ``x_centroid``, ``center_x``, ``x_global_px``, ``CenterX_global_px``), ``col``
+    (``pxl_col_in_fullres``, ``imagecol``); y likewise (``y``, ``row``). Ambiguous names (several candidates,
+    none, or Visium's grid indices ``array_row``/``array_col``) raise a ValueError that says how to pass them.
+    """
+    xs, ys = [], []
+    for c in columns:
+        words = set(_words(c))
+        if words & _GRID_WORDS and words & {"row", "col", "column"}:
+            raise ValueError(
+                f"`adata.obsm[{spatial_key!r}]` has column {c!r}: a spot grid index, not a position. Use the "
+                "spots' pixel coordinates (e.g. Visium's pxl_col_in_fullres, pxl_row_in_fullres)."
+            )
+        is_x, is_y = bool(words & _X_WORDS), bool(words & _Y_WORDS)
+        if is_x != is_y:
+            (xs if is_x else ys).append(c)
+    if len(xs) != 1 or len(ys) != 1:
+        raise ValueError(
+            f"Cannot tell the x and y columns of `adata.obsm[{spatial_key!r}]` from their names {list(columns)} "
+            f"(x candidates {xs}, y candidates {ys}). Store the two columns as an (n, 2) array in (x, y) order, e.g. "
+            f"adata.obsm[{spatial_key!r}] = adata.obsm[{spatial_key!r}][['<x column>', '<y column>']].to_numpy()."
+        )
+    units = set()
+    for c in (xs[0], ys[0]):
+        words = set(_words(c))
+        units |= {"um"} if words & _UM_WORDS else set()
+        units |= {"pixels"} if words & _PX_WORDS else set()
+    return (xs[0], ys[0]), units.pop() if len(units) == 1 else None
+
+
+def check_placement(
+    px: np.ndarray, element: Any, *, brightfield: bool, pixel_size_um: float, coordinates: str, drop: bool
+) -> np.ndarray:
+    """Which cells (full-resolution pixel coordinates ``px``) lie on the image; raise with a hint unless ``drop``.
+
+    When every cell lies on the image, a WARNING names the other unit when the cells sit on the image's nuclei
+    only when read in it (:func:`._placement.nuclear_contrast`); and the cells are compared with the image's
+    tissue (:mod:`._placement`): a WARNING names the unit (or scale) that makes them match the tissue when the
+    given one covers little of it and another matches clearly better (µm coordinates read as pixels land in a
+    corner of the tissue), unless the cells sit on the nuclei as given and not at that scale (a region of
+    interest). When
+    cells lie off the image, the error's hint names the other unit only when it makes the cells match the tissue.
+    """
+    from sigmma_sc.data._image import ImageReader
+
+    from ._placement import ON_IMAGE, TissueMatch, clearly_better, describe, on_their_nuclei
+
+    reader = ImageReader(element, "global", 1.0, brightfield=brightfield)
+    height, width = reader.shape
+    other_unit = "um" if coordinates == "pixels" else "pixels"
+    other = 1 / pixel_size_um if coordinates == "pixels" else pixel_size_um  # factor to the other unit's pixels
+
+    def on(p: np.ndarray) -> np.ndarray:
+        return (p[:, 0] >= 0) & (p[:, 0] <= width) & (p[:, 1] >= 0) & (p[:, 1] <= height)
+
+    def match() -> Any:
+        m = TissueMatch(reader, px)
+        return m if m.usable else None
+
+    def preferred(m: Any) -> Any:
+        """The best fit, or the other unit's when it matches the tissue about as well."""
+        best, fits = m.best((other,))
+        if best is not None and other in fits and fits[other].score >= best.score - 0.05:
+            return fits[other], fits
+        return best, fits
+
+    def unit_hint(fit: Any) -> str:
+        if abs(np.log(fit.factor / other)) <= np.log(1.1):
+            return f"pass coordinates={other_unit!r}"
+        return (
+            f"check `pixel_size_um` ({pixel_size_um:g}) and `coordinates` ({coordinates!r}), or whether the "
+            "coordinates refer to another resolution of the image"
+        )
 
     inside = on(px)
     if inside.all():
+        m = TissueMatch(reader, px)
+        if m.on_image(other) >= ON_IMAGE:  # the other unit fits too: which one puts the cells on their nuclei?
+            c_given, c_other = m.contrast(1.0), m.contrast(other)
+            if on_their_nuclei(c_other, c_given):
+                logger.warning(
+                    "The cells sit on the image's nuclei only when read as %s (nuclear contrast %.2f, vs %s as given "
+                    "with coordinates=%r and pixel_size_um=%g): pass coordinates=%r.",
+                    other_unit, c_other, "n/a" if c_given is None else f"{c_given:.2f}", coordinates, pixel_size_um,
+                    other_unit,
+                )  # fmt: skip
+                return inside
+        if m.usable:
+            best, fits = preferred(m)
+            given = fits.get(1.0)
+            if best is not None and given is not None and clearly_better(best, given):
+                c_given, c_best = m.contrast(1.0), m.contrast(best.factor)
+                if on_their_nuclei(c_given, c_best):
+                    logger.info(
+                        "The cells cover only part of the image's tissue (%s), but they sit on nuclei as given "
+                        "(contrast %.2f vs %.2f scaled by %.3g): taken as a region of interest.",
+                        describe(given), c_given, -1.0 if c_best is None else c_best, best.factor,
+                    )  # fmt: skip
+                    return inside
+                logger.warning(
+                    "The cells cover only part of the image's tissue as given (coordinates=%r, pixel_size_um=%g: %s); "
+                    "with their coordinates scaled by %.3g they match it (%s): %s. If the cells cover only part of "
+                    "the section (a region of interest), ignore this.",
+                    coordinates, pixel_size_um, describe(given), best.factor, describe(best), unit_hint(best),
+                )  # fmt: skip
         return inside
     n_off = int((~inside).sum())
     if drop:
@@ -181,10 +333,22 @@ def check_inside(
             "they all fit with x and y swapped: the columns look transposed; swap them "
             "(adata.obsm[spatial_key] = adata.obsm[spatial_key][:, ::-1])"
         )
-    other = xy / pixel_size_um if coordinates == "pixels" else xy
-    if on(other).all():
-        unit = "um" if coordinates == "pixels" else "pixels"
-        hints.append(f"they all fit when read as {unit}: pass coordinates={unit!r}")
+    m = match()
+    best = preferred(m)[0] if m is not None else None
+    if best is not None and best.score >= 0.5:
+        if abs(np.log(best.factor / other)) <= np.log(1.1):
+            hints.append(
+                f"they all fit when read as {other_unit}, and then match the image's tissue ({describe(best)}): "
+                f"pass coordinates={other_unit!r}"
+            )
+        else:
+            hints.append(f"they match the image's tissue when scaled by {best.factor:.3g} ({describe(best)}): "
+                         + unit_hint(best))  # fmt: skip
+    elif m is None and on(px * other).all():
+        hints.append(
+            f"they all fit on the image when read as {other_unit} (no tissue was detected to confirm it): "
+            f"check `coordinates` ({coordinates!r})"
+        )
     if not hints:
         ratio = max(hi[0] / width, hi[1] / height)
         hints.append(
@@ -216,6 +380,9 @@ def image_levels(image: Any, *, image_axes: str | None = None) -> tuple[list[Any
     return _channels([arr.transpose(_order(axes))])
 
 
+MAX_CHANNELS = 64  # an axis this short next to two much longer ones is the channel axis (multiplexed IF too)
+
+
 def _infer_axes(shape: tuple[int, ...]) -> str:
     if len(shape) == 2:
         return "yx"
@@ -226,6 +393,11 @@ def _infer_axes(shape: tuple[int, ...]) -> str:
         if first <= 4 < min(shape[1:]):
             return "cyx"
         if last <= 4 < min(shape[:2]):
+            return "yxc"
+        # more channels (e.g. a 5-channel immunofluorescence stack): the short axis, when the others are 8x longer
+        if first <= MAX_CHANNELS and 8 * first <= min(shape[1:]) and not 8 * last <= min(shape[:2]):
+            return "cyx"
+        if last <= MAX_CHANNELS and 8 * last <= min(shape[:2]) and not 8 * first <= min(shape[1:]):
             return "yxc"
     raise ValueError(
         f"Cannot tell the axes of an image of shape {tuple(shape)}; pass image_axes='yxc' (RGB as height x width "
@@ -255,8 +427,10 @@ def _channels(levels: list[Any], c_coords: list[str] | None = None) -> tuple[lis
         levels, c_coords = [lv[:3] for lv in levels], None
     elif n not in (1, 3):
         raise ValueError(
-            f"The image has {n} channels; sigmma_sc needs an H&E (RGB, 3 channels) or one morphology channel. "
-            "Select one channel (e.g. image[0] for DAPI) or three."
+            f"The image has {n} channels ({dtype}); sigmma_sc needs an H&E (RGB, 3 channels) or one morphology "
+            "channel. Select one channel, e.g. the nuclear stain (DAPI) as image[[0]] for a (c, y, x) array "
+            "(image[..., [0]] for (y, x, c); for a file, read that channel into an array or a spatialdata element "
+            "first), or three channels with `fluorescence=True` (a fluorescence composite)."
         )
     if c_coords is None or len(c_coords) != levels[0].shape[0]:
         c_coords = ["r", "g", "b"] if levels[0].shape[0] == 3 else None

@@ -304,8 +304,8 @@ def _tiff_levels(path: Path, *, tiled_only: bool = True):
     for i, ax in enumerate(axes):
         if ax in "YX":
             dims.append(ax.lower())
-        elif ax in "SC" and "c" not in dims:
-            dims.append("c")
+        elif (ax in "SC" or (ax in "QI" and not set(axes) & set("SC"))) and "c" not in dims:
+            dims.append("c")  # a plain multi-page TIFF (pages 'Q'/'I', no OME axes): its pages are the channels
         else:
             squeeze.append(i)
     chunks = tuple(_HE_CHUNK if ax in "YX" else -1 for ax in axes)

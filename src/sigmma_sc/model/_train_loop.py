@@ -589,15 +589,26 @@ def _join(device: str | torch.device | None) -> tuple[D.DistContext | None, torc
     return ctx, device
 
 
+def _torch_reason(e: BaseException) -> str:
+    """The cause in a ``torch.load`` error, without its advice to load with ``weights_only=False``."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    first = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:200]}"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint; a clear error when the file is not one (truncated, another format)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
+    except Exception as e:  # noqa: BLE001 (torch raises many types for a corrupt file; chained, its advice would lead)
+        # the fix first; torch's own advice ("re-running with weights_only=False") does not apply to a corrupt file
         raise ValueError(
-            f"Cannot read the checkpoint {str(path)!r} ({type(e).__name__}: {e}); it is corrupt or not a SIGMMA "
-            "checkpoint. Delete it (or use another `checkpoint_dir`) to train from scratch."
-        ) from e
+            f"The checkpoint {str(path)!r} is corrupt or not a SIGMMA checkpoint: delete it (or use another "
+            f"`checkpoint_dir`) to train from scratch. (torch could not read it: {_torch_reason(e)})"
+        ) from None
     if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
         raise ValueError(
             f"{str(path)!r} is not a SIGMMA training checkpoint; delete it or use another `checkpoint_dir`."

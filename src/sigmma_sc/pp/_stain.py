@@ -149,11 +149,14 @@ def slide_stains(sdata: SpatialData, image_key: str | None = None, *, coordinate
     ``{'stain_matrix', 'max_concentrations'}`` of the tissue pixels (brightfield tissue mask).
     """
     from .._utils._validate import um_per_unit as _um_per_unit
-    from ..data._image import ImageReader
+    from ..data._image import ImageReader, image_is_brightfield
     from ._tile import tissue_mask
 
     key, image = get_image(sdata, image_key)
-    reader = ImageReader(image, coordinate_system, _um_per_unit(sdata, coordinate_system, um_per_unit))
+    reader = ImageReader(
+        image, coordinate_system, _um_per_unit(sdata, coordinate_system, um_per_unit),
+        brightfield=image_is_brightfield(sdata, key),
+    )  # fmt: skip
     _check_rgb(reader, key)
     thumb, to_cs = reader.thumbnail(max_pixel_size_um=max(max_pixel_size_um, reader.pixel_size_um))
     px = float(np.sqrt(abs(np.linalg.det(to_cs[:2, :2])))) * reader.um_per_unit
@@ -163,10 +166,10 @@ def slide_stains(sdata: SpatialData, image_key: str | None = None, *, coordinate
 
 
 def _check_rgb(reader: Any, key: str) -> None:
-    if reader.n_channels != 3 or reader.dtype != np.uint8:
+    if reader.n_channels != 3 or reader.dtype != np.uint8 or not reader.brightfield:
         raise ValueError(
             f"Stain normalisation needs an RGB uint8 brightfield image (H&E); {key!r} has {reader.n_channels} "
-            f"channel(s) of {reader.dtype}."
+            f"channel(s) of {reader.dtype}" + ("" if reader.brightfield else ", recorded as fluorescence") + "."
         )
 
 

@@ -20,11 +20,12 @@ from sigmma_sc._utils._validate import (
     counts_matrix,
     get_image,
     get_table,
+    resolve_counts_layer,
     shared_coordinate_system,
 )
 from sigmma_sc._utils._validate import um_per_unit as _um_per_unit
 from sigmma_sc.data._geometry import block_ids, grid_position
-from sigmma_sc.data._image import ImageReader
+from sigmma_sc.data._image import ImageReader, image_is_brightfield
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIN_CROP_PX = 4
-FINER_WARNING = 4  # warn when tiles are read this many times finer than the image's full resolution
+FINER_WARNING = 4  # warn when tiles are read this many times finer (or more) than the image's full resolution
 
 
 @doc_params(inplace=doc_inplace)
@@ -89,7 +90,9 @@ def tile(
         (:func:`sigmma_sc.io.xenium`, :func:`sigmma_sc.io.from_anndata`, ...) in ``sdata.attrs['sigmma']``, or 1 when
         the coordinate system's name says micrometres (``'microns'``, ``'um'``, ``'global_um'``, ...).
     layer
-        Layer of the cell table holding raw counts (``None``: ``.X``).
+        Layer of the cell table holding raw counts; ``'raw'`` reads ``table.raw`` (scanpy's place for them).
+        ``None``: ``.X``, or ``.raw`` when ``.X`` is not integer (log-normalised) and ``.raw`` holds integer
+        counts for the same genes (logged).
     min_tissue_fraction
         Minimum tissue fraction of a kept tile.
     min_cells
@@ -143,7 +146,7 @@ def tile(
     if coordinate_system is None:
         coordinate_system = shared_coordinate_system(sdata, image, table if table_key is not None else None, table_key)
     scale = _um_per_unit(sdata, coordinate_system, um_per_unit)
-    reader = ImageReader(image, coordinate_system, scale)
+    reader = ImageReader(image, coordinate_system, scale, brightfield=image_is_brightfield(sdata, image_key))
 
     tile_px = MIN_CROP_PX * max(1, round(tile_size_um / pixel_size_um / MIN_CROP_PX))
     if tile_px // GRID["micro"] < MIN_CROP_PX:  # the tile as read (a multiple of MIN_CROP_PX px), not the ratio
@@ -160,7 +163,7 @@ def tile(
             f"`tile_size_um` (at least {MIN_CROP_PX * GRID['micro'] * reader.pixel_size_um:.4g} µm), or check "
             "`um_per_unit` and the image's transformation."
         )
-    if pixel_size_um * FINER_WARNING < reader.pixel_size_um:
+    if pixel_size_um * FINER_WARNING <= reader.pixel_size_um * 1.01:  # 4x and more (1% tolerance)
         logger.warning(
             "`pixel_size_um=%g` is %.0fx finer than image %r's full resolution (%.4g µm/px): tiles are upsampled and "
             "hold no more detail. Pass `pixel_size_um=%.4g` (or coarser), or check `um_per_unit` (%g µm per unit).",
@@ -171,6 +174,7 @@ def tile(
     if table_key is None:
         counts, xy = table.X, np.zeros((0, 2), dtype=np.float64)
     else:
+        layer = resolve_counts_layer(table, layer, table_key)  # scanpy's .raw when .X is log-normalised
         counts = counts_matrix(table, layer, table_key)
         xy = cell_coordinates(sdata, table, table_key, coordinate_system)
     on_image = reader.contains(xy)
@@ -360,16 +364,17 @@ def _otsu(values: np.ndarray) -> float:
     return float(centers[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
 
 
-def tissue_mask(thumb: np.ndarray, pixel_size_um: float = 4.0) -> np.ndarray:
+def tissue_mask(thumb: np.ndarray, pixel_size_um: float = 4.0, *, brightfield: bool | None = None) -> np.ndarray:
     """Tissue mask of a low-resolution uint8 ``(C, h, w)`` image with pixels of ``pixel_size_um``.
 
     RGB (brightfield, e.g. H&E): tissue is darker or more saturated than the white glass, without pen marks
     and dust (:func:`sigmma_sc.pp._tissue.brightfield_tissue_mask`). One channel
     (fluorescence, e.g. DAPI): after smoothing over ~12 µm, tissue is brighter than the background by a
-    quarter of the Otsu threshold's height above it (sparse nuclei still count as tissue).
+    quarter of the Otsu threshold's height above it (sparse nuclei still count as tissue); so is a 3-channel
+    image when ``brightfield=False`` (a fluorescence composite; ``None``: brightfield when it has 3 channels).
     """
     img = thumb.astype(np.float32)
-    if img.shape[0] == 3:  # brightfield: pen marks and dust removed, folds kept (see pp/_tissue.py)
+    if img.shape[0] == 3 and brightfield is not False:  # pen marks and dust removed, folds kept (see pp/_tissue.py)
         from ._tissue import brightfield_tissue_mask
 
         return brightfield_tissue_mask(thumb, pixel_size_um)
@@ -390,8 +395,12 @@ def _tissue_fraction(
 
     The mask is computed on the pyramid level closest to 1/16 of the tile side per pixel.
     """
-    thumb, to_cs = reader.thumbnail(max_pixel_size_um=max(size * reader.um_per_unit / 16, reader.pixel_size_um))
-    mask = tissue_mask(thumb, float(np.sqrt(abs(np.linalg.det(to_cs[:2, :2])))) * reader.um_per_unit)
+    thumb, to_cs = reader.thumbnail(
+        max_pixel_size_um=max(size * reader.um_per_unit / 16, reader.pixel_size_um), background_artefacts=True
+    )
+    mask = tissue_mask(
+        thumb, float(np.sqrt(abs(np.linalg.det(to_cs[:2, :2])))) * reader.um_per_unit, brightfield=reader.brightfield
+    )
     g = 16
     offs = (np.arange(g) + 0.5) / g * size
     ox, oy = np.meshgrid(offs, offs)

@@ -352,7 +352,7 @@ def predict_slide(
 
 def _check_slide(sdata: SpatialData, key: str, tile_key: str, tile_size_um: float, model_px: float) -> None:
     from .._utils._validate import um_per_unit
-    from ..data._image import ImageReader
+    from ..data._image import ImageReader, image_is_brightfield
 
     cs = "global"
     if tile_key in sdata.tables:
@@ -367,7 +367,9 @@ def _check_slide(sdata: SpatialData, key: str, tile_key: str, tile_size_um: floa
                 f"or pass another `tile_key`, and let predict_slide tile it."
             )
         cs = params.get("coordinate_system", cs)
-    reader = ImageReader(sdata.images[key], cs, um_per_unit(sdata, cs, None))
+    reader = ImageReader(
+        sdata.images[key], cs, um_per_unit(sdata, cs, None), brightfield=image_is_brightfield(sdata, key)
+    )
     if reader.n_channels != 3 or reader.dtype != np.uint8:
         raise ValueError(
             f"Image {key!r} has {reader.n_channels} channel(s) of {reader.dtype}; the model predicts from RGB uint8 "

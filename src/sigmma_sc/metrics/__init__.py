@@ -12,6 +12,7 @@ from ._bootstrap import paired_bootstrap, tile_metrics
 from ._evaluate import compare, evaluate
 from ._folds import spatial_folds
 from ._probe import ProbeResult, linear_probe, mean_baseline
+from ._reliance import graph_reliance
 from ._retrieval import cross_modal_retrieval, recall_at
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "compare",
     "cross_modal_retrieval",
     "evaluate",
+    "graph_reliance",
     "linear_probe",
     "mean_baseline",
     "paired_bootstrap",

@@ -56,7 +56,7 @@ def graph_reliance(
         Every edge dropped (kNN edges and edge-addition candidates): each cell sees only itself.
     ``'rewire'``
         Edges rewired at random by degree-preserving swaps inside the blocks where the model allows them,
-        so every cell keeps its degree in each graph (see :mod:`sigmma_sc.model._perturb`; ``changed`` says which
+        so every cell keeps its degree in each graph (see ``sigmma_sc.model._perturb``; ``changed`` says which
         fraction of the edges moved: in small dense blocks few swaps are possible).
 
     A model that reads only the tile's composition (e.g. ``use_graph=False``, a mean of the node features) shows

@@ -204,3 +204,16 @@ def test_kfold_probe_scores_every_tile_once_and_never_fits_on_it():
     cmp = sg.metrics.compare(tiles, a="emb", b="noise", n_genes=20, folds=4, n_boot=100)
     assert set(cmp["tiles"]) == {"4-fold"}
     assert (cmp["n_tiles"] == tiles.n_obs).all()
+
+
+def test_kfold_warns_for_embeddings_of_a_model_trained_here(caplog):
+    import logging
+
+    tiles = _tiles()
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc.metrics"):
+        sg.metrics.evaluate(tiles, n_genes=20, folds=3, n_boot=0, protocols=("paper",))
+    assert "not held-out" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc.metrics"):
+        sg.metrics.evaluate(tiles, embeddings=["emb"], n_genes=20, folds=3, n_boot=0, protocols=("paper",))
+    assert "not held-out" not in caplog.text

@@ -79,8 +79,9 @@ class RecallMetric:
         own = np.diag(sim)[:, None]
         tol = 1e-9 * np.maximum(1.0, np.abs(own))  # the tie tolerance of recall_at
         off = ~np.eye(sim.shape[0], dtype=bool)  # a query's own partner is never its competitor
-        self.better = ((sim > own + tol) & off).astype(np.float64)
-        self.ties = ((np.abs(sim - own) <= tol) & off).astype(np.float64)
+        # 0/1 matrices in float32: their products with the draw counts are exact integers (< 2**24), at half the memory
+        self.better = ((sim > own + tol) & off).astype(np.float32)
+        self.ties = ((np.abs(sim - own) <= tol) & off).astype(np.float32)
         self.p = float(p)
         self.n = sim.shape[0]
 
@@ -89,7 +90,8 @@ class RecallMetric:
         c = counts.astype(np.float64)
         size = c.sum(0)
         k = np.maximum(1.0, np.floor(self.p * size))
-        better, ties = self.better @ c, self.ties @ c  # competitors of each query, with their multiplicity
+        c32 = counts.astype(np.float32)
+        better, ties = (self.better @ c32).astype(np.float64), (self.ties @ c32).astype(np.float64)  # with multiplicity
         score = np.clip((k - better) / (ties + 1.0), 0.0, 1.0)
         return (c * score).sum(0) / size
 

@@ -98,7 +98,7 @@ def measure(out: Path, n_boot: int = 2000) -> None:
         sdata, embeddings={"backbone_concat": backbone}, folds=5, n_boot=n_boot, retrieval=False
     )
     res["kfold_backbone"] = kfold.reset_index(names="row").to_dict(orient="records")
-    rel = {name: sg.metrics.graph_reliance(sdata, m, n_boot=n_boot) for name, m in models.items()}
+    rel = {name: sg.metrics.graph_reliance(sdata, m, use_rep=name, n_boot=n_boot) for name, m in models.items()}
     res["graph_reliance"] = {k: v.to_dict(orient="records") for k, v in rel.items()}
     res["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)

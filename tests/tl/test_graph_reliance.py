@@ -20,6 +20,8 @@ def trained():
     sg.tl.featurize(sdata, backbone="test_efficientnet", pretrained=False)
     gnn = sg.tl.train_sigmma(sdata, epochs=1, **TINY)
     mlp = sg.tl.train_sigmma(sdata, epochs=1, use_graph=False, **TINY)
+    sg.tl.embed(sdata, gnn)
+    sg.tl.embed(sdata, mlp, key_added="mlp")
     return sdata, gnn, mlp
 
 
@@ -38,16 +40,21 @@ def test_graph_reliance_of_a_gnn_and_of_the_no_graph_control(trained):
     rec = res[res["metric"] == "image->st R@10%"].set_index(["perturbation", "scale"])
     assert ((rec["ci_low"] <= rec["diff"] + 1e-12) & (rec["diff"] <= rec["ci_high"] + 1e-12)).all()
     # the control: a model that reads only the tile's composition does not change at all
-    ctrl = sg.metrics.graph_reliance(sdata, mlp, n_boot=50, perturbations=["permute_features", "rewire", "no_edges"])
+    ctrl = sg.metrics.graph_reliance(
+        sdata, mlp, use_rep="mlp", n_boot=50, perturbations=["permute_features", "rewire", "no_edges"]
+    )
     np.testing.assert_allclose(ctrl["diff"], 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="subset of"):
         sg.metrics.graph_reliance(sdata, gnn, perturbations=["shuffle"])
+    with pytest.raises(ValueError, match="not written by this model"):  # the embeddings of another model
+        sg.metrics.graph_reliance(sdata, gnn, use_rep="mlp")
+    with pytest.raises(KeyError, match="run `sg.tl.embed"):
+        sg.metrics.graph_reliance(sdata, gnn, use_rep="nothing")
 
 
 def test_graph_reliance_unperturbed_equals_embed(trained):
     """The unperturbed reference is the model's own embedding of the test tiles (the pairing is exact)."""
     sdata, gnn, _ = trained
-    sg.tl.embed(sdata, gnn)
     tiles = sdata.tables[Keys.TILE_TABLE]
     direct = sg.metrics.cross_modal_retrieval(sdata, scales=["macro"], include_all=False).set_index("direction")
     res = sg.metrics.graph_reliance(sdata, gnn, perturbations=["no_edges"], n_boot=20, fractions=(0.05, 0.1, 0.15))

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .._constants import Keys
 from .._docs import doc_device, doc_graph_key, doc_params
+from .._utils._record import embedding_keys
 from ._bootstrap import MeanMetric, paired_bootstrap, tile_metrics
 from ._retrieval import DEFAULT_FRACTIONS, _l2, split_mask, tile_table, too_few_tiles_hint
 
@@ -37,17 +38,20 @@ def graph_reliance(
     n_boot: int = 2000,
     ci: float = 0.95,
     seed: int | None = 0,
+    use_rep: str = Keys.PREFIX,
     table_key: str = "table",
     tile_key: str = Keys.TILE_TABLE,
     graph_key: str = Keys.PREFIX,
-    image_key: str | None = None,
     batch_size: int = 256,
     device: str | None = None,
 ) -> pd.DataFrame:
     """How much a trained model's ST embeddings and retrieval change when its cell graphs are perturbed.
 
     The ST side of the tiles of ``split`` is embedded again from perturbed cell graphs (the model and the image
-    side are unchanged), and each perturbed embedding is compared with the unperturbed one on the same tiles:
+    side are unchanged), and each perturbed embedding is compared with the unperturbed one on the same tiles.
+    The image embeddings are those :func:`sigmma_sc.tl.embed` wrote with this model (``key_added=use_rep``);
+    the model's own unperturbed ST embedding of the tiles must reproduce the written one, which checks that
+    model, embeddings and cell graph belong together. The perturbations:
 
     ``'permute_features'``
         Node features (cell expression) permuted among the cells of each tile: the tile's composition is kept
@@ -83,13 +87,13 @@ def graph_reliance(
         Coverage of the CIs.
     seed
         Seed of the perturbations (permutation, swaps) and of the resamples.
+    use_rep
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run of this model.
     table_key
         Cell table.
     tile_key
         Tile table.
     {graph_key}
-    image_key
-        Image to featurize if features are not cached (as in :func:`sigmma_sc.tl.embed`).
     batch_size
         Tiles per forward pass.
     {device}
@@ -105,7 +109,6 @@ def graph_reliance(
     """
     from ..data._bundle import build_bundle
     from ..model._perturb import PERTURBATIONS, perturb_bundle, subset_bundle
-    from ..tl._embed import embed
 
     perturbations = [perturbations] if isinstance(perturbations, str) else list(perturbations)
     bad = [p for p in perturbations if p not in PERTURBATIONS]
@@ -117,16 +120,33 @@ def graph_reliance(
     mask = split_mask(tiles, split)
     if int(mask.sum()) < 2:
         raise ValueError(f"Retrieval needs at least 2 {split!r} tiles with cells. {too_few_tiles_hint(tiles)}")
-    out = embed(
-        sdata, model, table_key=table_key, tile_key=tile_key, graph_key=graph_key, image_key=image_key,
-        batch_size=batch_size, device=device, inplace=False,
-    )  # fmt: skip
-    # (embed checks the model against the section before anything slow)
+    keys = {kind: embedding_keys(tiles, use_rep, kind) for kind in ("image", "st")}
+    missing = [s for s in model.scales if s not in keys["image"] or s not in keys["st"]]
+    if missing:
+        raise KeyError(
+            f"The tile table holds no image and ST embeddings of scales {missing} under {use_rep!r}; run "
+            f"`sg.tl.embed(sdata, model, key_added={use_rep!r})` with this model first."
+        )
+    if device is not None:
+        model.to(device)
     bundle, _ = build_bundle(
         sdata, table_key=table_key, tile_key=tile_key, graph_key=graph_key, require_image_features=False
     )
+    if bundle.n_features != model.config.n_features:
+        raise ValueError(
+            f"The cell graph's node features have {bundle.n_features} dimensions, the model was trained on "
+            f"{model.config.n_features}; pass the `graph_key` the model was embedded with."
+        )
     sub = subset_bundle(bundle, np.flatnonzero(mask))
     base, _ = model.encode_st(sub, batch_size=batch_size)
+    for s, z in base.items():  # the model's own embedding must be the one written: same model, same graph
+        written = np.asarray(tiles.obsm[keys["st"][s]], dtype=np.float64)[mask]
+        if not np.allclose(z.numpy(), written, atol=1e-4, rtol=1e-3):
+            raise ValueError(
+                f"The ST embeddings `{keys['st'][s]}` were not written by this model from this cell graph "
+                f"({graph_key!r}); run `sg.tl.embed(sdata, model, key_added={use_rep!r}, graph_key={graph_key!r})` "
+                "with this model first, or pass the `use_rep` it was written under."
+            )
     scales = list(base)
     groups = [(s, [s]) for s in scales] + ([("all", scales)] if len(scales) > 1 else [])
 
@@ -134,7 +154,7 @@ def graph_reliance(
         arrays = [np.asarray(z[s], dtype=np.float64) for s in group]
         return arrays[0] if len(arrays) == 1 else np.hstack([_l2(a) for a in arrays])
 
-    image = {s: np.asarray(out["image"][s])[mask] for s in scales}
+    image = {s: np.asarray(tiles.obsm[keys["image"][s]])[mask] for s in scales}
     base = {s: z.numpy() for s, z in base.items()}
     frames = []
     for kind in perturbations:

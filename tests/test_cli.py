@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -182,6 +184,9 @@ def test_run_then_evaluate(small_run, tmp_path, capsys, caplog, monkeypatch):
     assert "Scores on" in printed
     assert "image->st R@10%" in printed
     assert "hest_gene_pcc" in printed
+    assert re.search(r"\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]", printed)  # scores with their 95% CIs
+    assert re.search(r"SIGMMA 'all' minus the frozen backbone 'backbone_concat'.*\n\s+paper_pcc: [+-]", printed)
+    assert "image->st R@10%_ci_low" in pd.read_csv(tmp_path / "s.csv", index_col=0)
     scores = pd.read_csv(tmp_path / "s.csv", index_col=0)
     assert {"all", "backbone_macro", "backbone_concat"} <= set(scores.index)
     assert 0 <= scores.loc["all", "image->st R@10%"] <= 1

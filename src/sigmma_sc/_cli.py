@@ -211,7 +211,14 @@ def _parser() -> argparse.ArgumentParser:
         "--protocols", nargs="+", choices=("paper", "hest"), default=["paper", "hest"], help="probe protocols"
     )
     ev.add_argument("--n-genes", type=_pos_int, default=50, help="target genes of the probes")
-    ev.add_argument("--backbone", action="store_true", help="also score the frozen backbone's features")
+    ev.add_argument(
+        "--backbone",
+        action="store_true",
+        help="also score the frozen backbone's features, and SIGMMA minus the backbone with a paired CI",
+    )
+    ev.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples of the 95%% CIs (0: none; default: %(default)s)"
+    )
     ev.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV file (default: none)")
 
     _predict_parser(sub)
@@ -397,17 +404,36 @@ def _evaluate(args) -> None:
         if not any(k.startswith("backbone") for k in embeddings):  # not already the default rows
             embeddings |= {"backbone_macro": backbone[-1:], "backbone_concat": backbone}
     scores = sg.metrics.evaluate(tiles, embeddings=embeddings, protocols=args.protocols, split=args.split,
-                                 n_genes=args.n_genes)  # fmt: skip
-    cols = [c for c in scores.columns if "R@" in c] + [
+                                 n_genes=args.n_genes, n_boot=args.n_boot)  # fmt: skip
+    cols = [c for c in scores.columns if "R@" in c and not c.endswith(("_ci_low", "_ci_high"))] + [
         f"{p}_{k}" for p in args.protocols for k in ("pcc", "mse", "gene_pcc")
     ]
-    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.3f}".format):
-        print(f"Scores on {int(scores['n_eval'].iloc[0])} {args.split} tiles of {args.zarr}:")
-        print(scores[cols].T.to_string())
+
+    def cell(row, col) -> str:  # "0.417 [0.35, 0.48]": the score and its 95% CI over the scored tiles
+        if pd.isna(row[col]):
+            return "-"
+        lo, hi = row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high")
+        return f"{row[col]:.3f}" + ("" if lo is None or pd.isna(lo) else f" [{lo:.3f}, {hi:.3f}]")
+
+    table = pd.DataFrame({name: {c: cell(row, c) for c in cols} for name, row in scores.iterrows()})
+    with pd.option_context("display.width", 250, "display.max_columns", 50):
+        ci = f", 95% CI over {args.n_boot} bootstrap resamples of the tiles" if args.n_boot else ""
+        print(f"Scores on {int(scores['n_eval'].iloc[0])} {args.split} tiles of {args.zarr}{ci}:")
+        print(table.to_string())
     print(
         "R@p%: fraction of tiles whose partner is among the top floor(p N) hits (chance = floor(p N) / N). "
         "pcc / mse: tile-level, across genes (paper eq. 1-2); gene_pcc: gene-wise, across tiles (HEST's metric)."
     )
+    sigmma_rows = [n for n in embeddings if not n.startswith("backbone")]
+    if args.backbone and sigmma_rows and args.n_boot:  # SIGMMA against the frozen backbone, paired on the same tiles
+        row = "all" if "all" in sigmma_rows else sigmma_rows[-1]
+        base = "backbone_concat" if len(embeddings[row]) > 1 else "backbone_macro"
+        diff = sg.metrics.compare(tiles, a=embeddings[row], b=embeddings[base], protocols=args.protocols,
+                                  split=args.split, n_genes=args.n_genes, n_boot=args.n_boot)  # fmt: skip
+        print(f"\nSIGMMA {row!r} minus the frozen backbone {base!r} (paired bootstrap over the same tiles):")
+        for r in diff.itertuples():
+            if r.metric.endswith(("_pcc", "_mse", "_gene_pcc")):
+                print(f"  {r.metric:>16}: {r.diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  p={r.p:.3f}")
     if args.csv is not None:
         scores.to_csv(args.csv)
         logger.info("Wrote %s.", args.csv)

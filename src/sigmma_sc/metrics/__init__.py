@@ -8,8 +8,23 @@ validation tiles only pick the paper protocol's ridge penalty, test tiles are on
 :mod:`sigmma_sc.metrics._probe` for the details and for how the missing intercept affects HEST's MSE.
 """
 
-from ._evaluate import evaluate
+from ._bootstrap import paired_bootstrap, tile_metrics
+from ._evaluate import compare, evaluate
+from ._folds import spatial_folds
 from ._probe import ProbeResult, linear_probe, mean_baseline
+from ._reliance import graph_reliance
 from ._retrieval import cross_modal_retrieval, recall_at
 
-__all__ = ["ProbeResult", "cross_modal_retrieval", "evaluate", "linear_probe", "mean_baseline", "recall_at"]
+__all__ = [
+    "ProbeResult",
+    "compare",
+    "cross_modal_retrieval",
+    "evaluate",
+    "graph_reliance",
+    "linear_probe",
+    "mean_baseline",
+    "paired_bootstrap",
+    "recall_at",
+    "spatial_folds",
+    "tile_metrics",
+]

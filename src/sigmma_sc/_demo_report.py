@@ -11,7 +11,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._constants import SPLITS, Keys
 
@@ -178,7 +178,3 @@ def write_summary(summary: dict, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
     tmp.replace(path)
-
-
-def _load(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

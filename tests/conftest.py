@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from _section import make_section
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the real data of the ``data``-marked tests; ``SIGMMA_SHARED_DATA`` points elsewhere (e.g. a missing folder, to
+#: check that every test needing it is marked and skips without it)
+SHARED_DATA = Path(os.environ.get("SIGMMA_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def pytest_addoption(parser):
@@ -23,7 +26,7 @@ def _cuda() -> bool:
         return False
 
 
-_SKIPS = {  # marker -> (skip?, reason)
+_SKIPS = {  # registered marker (pyproject.toml, --strict-markers) -> (skip?, reason)
     "gpu": (lambda config: not _cuda(), "needs a CUDA device"),
     "network": (lambda config: not config.getoption("--run-network"), "needs --run-network"),
     "data": (lambda config: not SHARED_DATA.exists(), f"needs the real data in {SHARED_DATA}"),
@@ -31,11 +34,16 @@ _SKIPS = {  # marker -> (skip?, reason)
 
 
 def pytest_collection_modifyitems(config, items):
+    """Skip the tests that carry a marker whose need is not met.
+
+    Only real markers count: ``item.keywords`` also holds the names of folders and modules, so matching it
+    skipped every test in ``tests/data/`` (which needs no data) wherever ``../shared/data`` was absent.
+    """
     for marker, (should_skip, reason) in _SKIPS.items():
         if should_skip(config):
             skip = pytest.mark.skip(reason=reason)
             for item in items:
-                if marker in item.keywords:
+                if item.get_closest_marker(marker) is not None:
                     item.add_marker(skip)
 
 

@@ -156,6 +156,10 @@ def test_run_then_evaluate(small_run, tmp_path, capsys, caplog, monkeypatch):
         logging.getLogger("sigmma_sc").setLevel(level)
     wrote = [r for r in caplog.records if r.name == "sigmma_sc" and r.getMessage().startswith("Wrote")]
     assert [r.levelno for r in wrote] == [logging.INFO]  # not a WARNING
+    encoding = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Encoding")]
+    assert encoding
+    assert " on cpu (" in encoding[0]  # the device actually used, with its threads, not "auto"
+    assert "auto" not in encoding[0]
     assert tile_calls[0]["cells_outside"] == "drop"
     assert tile_calls[0]["image_key"] == "he"
     assert (tmp_path / "ckpt" / "last.pt").exists()
@@ -192,5 +196,81 @@ def test_run_then_evaluate(small_run, tmp_path, capsys, caplog, monkeypatch):
     assert 0 <= scores.loc["all", "image->st R@10%"] <= 1
     assert -1 <= scores.loc["all", "paper_gene_pcc"] <= 1
     assert pd.isna(scores.loc["backbone_macro", "image->st R@10%"])  # no ST partner: no retrieval
-    with pytest.raises(SystemExit, match="No such zarr"):
+    with pytest.raises(SystemExit, match="^sigmma evaluate: No such zarr"):
         main(["evaluate", str(tmp_path / "missing.zarr")])
+
+
+def test_every_subcommand_has_a_description():
+    """``sigmma run --help`` (and the others) explain the command, not only list its options."""
+    from sigmma_sc._cli import _parser
+
+    parser = _parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        assert len(sub.description or "") > 80, f"sigmma {name} --help has no description"
+
+
+def test_evaluate_errors_name_the_command(tmp_path):
+    import spatialdata as sd
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^sigmma evaluate: .*empty is not a SpatialData zarr; pass the zarr written"):
+        main(["-q", "evaluate", str(tmp_path / "empty")])
+    sd.SpatialData().write(tmp_path / "bare.zarr")
+    with pytest.raises(SystemExit, match=r"^sigmma evaluate: .*bare.zarr has no tile table 'sigmma_tiles'"):
+        main(["-q", "evaluate", str(tmp_path / "bare.zarr")])
+
+
+def test_a_folder_that_is_not_a_xenium_run_gets_no_he_hint(small_run, tmp_path):
+    """The "pass --he IMAGE --alignment CSV" hint is for a missing H&E alignment, not for a wrong folder."""
+    import shutil
+
+    (tmp_path / "not_xenium").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "run", "--xenium", str(tmp_path / "not_xenium"), "--out", str(tmp_path / "o.zarr")])
+    message = str(e.value.code)
+    assert message.startswith("sigmma run: ")
+    assert "is not a Xenium output folder" in message
+    assert "--he" not in message
+    # control: an H&E without its alignment file still gets the command-line hint
+    folder = shutil.copytree(small_run, tmp_path / "run", ignore=shutil.ignore_patterns("*imagealignment.csv"))
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "run", "--xenium", str(folder), "--out", str(tmp_path / "o.zarr")])
+    message = str(e.value.code)
+    assert message.startswith("sigmma run: Found the H&E image")
+    assert "pass --he IMAGE --alignment CSV, or --he none" in message
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_demo_ends_with_the_held_out_score_against_chance(small_run, tmp_path, capsys, monkeypatch):
+    """`sigmma demo` prints test retrieval against chance (no `sigmma evaluate` needed) and writes its summary."""
+    import json
+
+    import spatialdata as sd
+
+    import sigmma_sc._cli as cli
+    from sigmma_sc._demo_report import DEMO_TIME, chance
+
+    monkeypatch.setattr(sg.datasets, "demo", lambda **kwargs: sg.io.xenium(small_run))  # small and fast
+    monkeypatch.setattr(cli, "DEMO_TILE_UM", 48.0)
+    out = tmp_path / "demo.zarr"
+    argv = ["-q", "demo", "--out", str(out), "--steps", "8", "--input-size", "32", "--hidden", "16"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "demo.summary.json").read_text())
+    test = summary["test_retrieval"]
+    n = test["n"]
+    assert n == summary["tiles"]["test"] > 0
+    assert test["chance"]["R@10%"] == pytest.approx(chance(n, 10)) == pytest.approx(max(1, int(0.1 * n)) / n)
+    rows = {(r["scale"], r["direction"]): r for r in test["rows"]}
+    # the printed score is the one `sigmma evaluate` computes from the written zarr
+    scores = sg.metrics.cross_modal_retrieval(sd.read_zarr(out))
+    ref = scores.set_index(["scale", "direction"])
+    for key, row in rows.items():
+        assert row["R@10%"] == pytest.approx(ref.loc[key, "R@10%"])
+    assert "Held-out test tiles" in printed
+    assert f"image -> cells  {rows[('all', 'image->st')]['R@5%']:.2f}" in printed
+    assert f"chance          {chance(n, 5):.2f} / {chance(n, 10):.2f} / {chance(n, 15):.2f}" in printed
+    assert summary["training"]["steps"] == 8
+    assert set(summary["timings_s"]) >= {"featurize", "train", "total"}
+    assert summary["settings"]["demo_defaults"] is False
+    assert DEMO_TIME not in printed  # the stated time is for the demo's own settings only

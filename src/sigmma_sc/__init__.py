@@ -11,6 +11,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from ._settings import settings
+from ._threads import passive_openmp
+
+passive_openmp()  # before torch loads libgomp: its threads sleep, not spin, between operations (see _threads)
 
 try:
     __version__ = version("sigmma-sc")

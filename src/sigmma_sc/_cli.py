@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._demo_report import DEMO_TIME
+
 logger = logging.getLogger("sigmma_sc")
 
 #: what ``sigmma --help`` prints (plain text: argparse shows it as is)
@@ -121,7 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic Xenium section")
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the embedded synthetic Xenium section",
+        description="Write the embedded synthetic Xenium section (15,000 cells, an H&E registered by an affine; once, "
+        "then cached), tile it at 96 µm, build the cell graphs, train SIGMMA with CPU-sized settings, embed every "
+        "tile and cell, cluster microenvironments, write --out and end with the held-out test tiles' retrieval "
+        "score against chance (and a JSON summary next to --out). It takes " + DEMO_TIME + " (BENCHMARKS.md).",
+    )
     demo.add_argument("--out", type=Path, default=Path("sigmma_demo.zarr"), help="output SpatialData zarr")
     demo.add_argument(
         "--n-cells", type=_pos_int, default=None, help="cells of the synthetic section (default: the demo's)"
@@ -143,7 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common_training(demo, steps=DEMO_STEPS)
 
-    run = sub.add_parser("run", help="tile, graph, train, embed and cluster a Xenium run")
+    run = sub.add_parser(
+        "run",
+        help="tile, graph, train, embed and cluster a Xenium run",
+        description="Read a Xenium output folder (and its registered H&E: found in the folder, or --he IMAGE "
+        "--alignment CSV; without one the DAPI morphology image), cut it into tiles of --tile-size-um read at "
+        "--pixel-size-um, build each tile's cell graph, train SIGMMA (GPU when available), embed every tile and "
+        "cell, cluster microenvironments and write one SpatialData zarr (--out) for napari-spatialdata. Several "
+        "--xenium folders train one model over the cohort. Score the result with `sigmma evaluate OUT.zarr`.",
+    )
     run.add_argument(
         "--xenium",
         type=Path,
@@ -223,7 +240,13 @@ def _parser() -> argparse.ArgumentParser:
 
     _predict_parser(sub)
 
-    bundle = sub.add_parser("bundle", help="featurize processed zarr(s) and save training bundles (tensors)")
+    bundle = sub.add_parser(
+        "bundle",
+        help="featurize processed zarr(s) and save training bundles (tensors)",
+        description="Encode the tiles of a tiled and graphed zarr (sigmma run / sg.pp.tile + sg.pp.cell_graph) with "
+        "the frozen backbone and save everything training needs as plain tensors, so that `sigmma train-bundle` "
+        "can train on a GPU machine that has only torch and torch-geometric.",
+    )
     bundle.add_argument("zarr", type=Path, nargs="+", help="tiled and graphed zarr; several: a cohort")
     bundle.add_argument(
         "--out", type=Path, required=True, help="bundle file; for several zarrs a folder of <zarr name>.pt files"
@@ -241,7 +264,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     train = sub.add_parser(
-        "train-bundle", help="train on saved bundle(s) (needs only torch; runs under `torchrun --nproc-per-node N`)"
+        "train-bundle",
+        help="train on saved bundle(s) (needs only torch; runs under `torchrun --nproc-per-node N`)",
+        description="Train SIGMMA on training bundles saved by `sigmma bundle` and save the model (--out); needs only "
+        "torch and torch-geometric. Under torchrun (or srun) one process per GPU trains one model with the negatives "
+        "of the whole batch.",
     )
     train.add_argument("bundle", type=Path, nargs="+", help="bundle file(s); several are joined (one per section)")
     train.add_argument("--out", type=Path, required=True, help="where to save the model")
@@ -272,21 +299,70 @@ def _image_key(sdata, args: argparse.Namespace) -> str:
     return image
 
 
-def _pipeline(sdata, args, image_key: str, out: Path, tile_size_um: float = 128.0, pixel_size_um: float = 0.5):
+def _pipeline(
+    sdata,
+    args,
+    image_key: str,
+    out: Path,
+    tile_size_um: float = 128.0,
+    pixel_size_um: float = 0.5,
+    timings: dict | None = None,
+):
     import sigmma_sc as sg
 
-    t0 = time.perf_counter()
+    timings = {} if timings is None else timings  # seconds per step, for the demo's summary
+    t0 = tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - tick
+        tick = time.perf_counter()
+
     sg.pp.tile(sdata, image_key=image_key, tile_size_um=tile_size_um, pixel_size_um=pixel_size_um,
                cells_outside=getattr(args, "cells_outside", "raise"))  # fmt: skip
     sg.pp.cell_graph(sdata)
-    model = sg.tl.train_sigmma(sdata, **_training(args))
+    lap("tile + graph")
+    training = _training(args)
+    sg.tl.featurize(sdata, backbone=training["backbone"], input_size=training["input_size"], device=args.device)
+    lap("featurize")
+    model = sg.tl.train_sigmma(sdata, **training)  # reuses the features just cached
+    lap("train")
     sg.tl.embed(sdata, model)
+    lap("embed")
     sg.tl.microenvironments(sdata)
+    lap("microenvironments")
     sdata.write(out)  # refuses an existing path (main checks it before any work)
+    lap("write")
     logger.info(
         "Wrote %s in %.0f s; open it with napari-spatialdata or spatialdata.read_zarr.", out, time.perf_counter() - t0
     )
     return model
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """``sigmma demo``: the pipeline on the embedded section, then its held-out score against chance and a summary."""
+    import sigmma_sc as sg
+    from sigmma_sc._demo_report import demo_summary, format_summary, summary_path, write_summary
+
+    t0 = time.perf_counter()
+    kwargs = {} if args.n_cells is None else {"n_cells": args.n_cells}
+    sdata = sg.datasets.demo(**kwargs)
+    timings = {"read the demo section": time.perf_counter() - t0}
+    model = _pipeline(sdata, args, args.image, args.out, tile_size_um=DEMO_TILE_UM, timings=timings)
+    timings["total"] = time.perf_counter() - t0
+    settings = {
+        "n_cells": args.n_cells or sg.datasets._demo.DEMO_N_CELLS, "image": args.image, "tile_size_um": DEMO_TILE_UM,
+        "input_size": args.input_size, "hidden": args.hidden, **_budget(args), "backbone": args.backbone,
+        "seed": args.seed, "device": str(model.device),
+    }  # fmt: skip
+    defaults = {k: a.default for a in _parser()._subparsers._group_actions[0].choices["demo"]._actions
+                for k in [a.dest] if k not in ("help", "out")}  # fmt: skip
+    settings["demo_defaults"] = all(getattr(args, k) == v for k, v in defaults.items())  # DEMO_TIME applies
+    summary = demo_summary(sdata, model, settings=settings, timings=timings)
+    path = summary_path(args.out)
+    write_summary(summary, path)
+    print(format_summary(summary))
+    print(f"Wrote {args.out} and {path.name}; `sigmma evaluate {args.out}` adds the expression probes.")
 
 
 def _predict_parser(sub) -> None:
@@ -387,6 +463,10 @@ def _evaluate(args) -> None:
 
     if not args.zarr.exists():
         raise SystemExit(f"No such zarr: {args.zarr}")
+    if not (args.zarr / "zarr.json").exists() and not (args.zarr / ".zgroup").exists():
+        raise SystemExit(
+            f"{args.zarr} is not a SpatialData zarr; pass the zarr written by `sigmma run` or `sigmma demo`."
+        )
     with warnings.catch_warnings():  # reading only the tables: spatialdata warns that their elements are absent
         warnings.simplefilter("ignore", UserWarning)
         sdata = sd.read_zarr(args.zarr, selection=("tables",))
@@ -458,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     sg.settings.progress_bar = not args.quiet
     try:
         return _main(args)
+    except SystemExit as e:  # every subcommand's one-line errors start with "sigmma <command>:"
+        if isinstance(e.code, str) and not e.code.startswith("sigmma "):
+            raise SystemExit(f"sigmma {args.command}: {e.code}") from e
+        raise
     except USER_ERRORS as e:
         if args.debug:
             raise
@@ -494,9 +578,7 @@ def _main(args: argparse.Namespace) -> int:
     import sigmma_sc as sg
 
     if args.command == "demo":
-        kwargs = {} if args.n_cells is None else {"n_cells": args.n_cells}
-        sdata = sg.datasets.demo(**kwargs)
-        _pipeline(sdata, args, args.image, args.out, tile_size_um=DEMO_TILE_UM)
+        _demo(args)
     elif args.command == "run" and len(args.xenium) > 1:
         _run_cohort(args)
     elif args.command == "run":
@@ -507,7 +589,7 @@ def _main(args: argparse.Namespace) -> int:
                 args.xenium, he_image=None if no_he else (args.he or "auto"), he_alignment=args.alignment
             )
         except FileNotFoundError as e:
-            if args.he is not None:
+            if args.he is not None or not any(args.xenium.glob("*he_image.ome.tif")):  # not about the H&E
                 raise
             raise SystemExit(
                 f"sigmma run: {e} With the command line: pass --he IMAGE --alignment CSV, or --he none."

@@ -74,7 +74,7 @@ def featurize(
     - tile table ``.uns['sigmma']['backbone']``: name, feature width, image key, pixel size and image modality
       (``'brightfield'`` or ``'fluorescence'``).
     """
-    from .._settings import settings
+    from ..model._train_loop import resolve_device
     from ..nn import MultiCropEncoder, build_backbone
     from ..nn import featurize as _featurize
 
@@ -106,8 +106,8 @@ def featurize(
             raise ValueError(f"`input_size` must be at least 16 pixels, got {input_size}.")
         info = dataclasses.replace(info, input_size=int(input_size))
     encoder = MultiCropEncoder(model, info)
-    device = device or settings.device
-    logger.info("Encoding %d tiles x 21 crops with %s on %s.", tiles.n_obs, info.name, device or "auto")
+    device = resolve_device(device)  # the device actually used, named in the log (not "auto")
+    logger.info("Encoding %d tiles x 21 crops with %s on %s.", tiles.n_obs, info.name, _device_name(device))
     feats = _featurize(
         iter_tile_images(sdata, tile_key=tile_key, image_key=image_key),
         encoder,
@@ -127,3 +127,15 @@ def featurize(
     tiles.uns[Keys.UNS] = uns
     logger.info("Wrote tile table %r .obsm%s and .uns['sigmma']['backbone'].", tile_key, list(keys.values()))
     return None
+
+
+def _device_name(device) -> str:
+    """``'cuda:0 (NVIDIA H100 ...)'`` or ``'cpu (2 threads)'``: what the featurization log names."""
+    import torch
+
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)

@@ -166,6 +166,7 @@ def train_sigmma(
     tiles = get_table(sdata, tile_key)
     checked_graph(sdata, table_key=table_key, tile_key=tile_key)  # missing, other tiling or stale: before featurizing
     _check_training_tiles(int((tiles.obs[Keys.SPLIT].to_numpy() == "train").sum()))
+    _warn_spinning_threads(device or settings.device)
     featurize(
         sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
         input_size=input_size, batch_size=featurize_batch_size, device=device,
@@ -200,6 +201,19 @@ def train_sigmma(
     if summary is not None:
         logger.info(summary)
     return model
+
+
+def _warn_spinning_threads(device: str | None) -> None:
+    """On a busy CPU, warn when torch's threads busy-wait (torch imported before sigmma_sc; see ``_threads``)."""
+    import torch
+
+    from .._threads import spinning_under_load
+    from ..model._train_loop import resolve_device
+
+    if resolve_device(device).type == "cpu":
+        message = spinning_under_load(torch.get_num_threads())
+        if message is not None:
+            logger.warning(message)
 
 
 def _check_config(preset: str, budget: dict[str, Any], config: dict[str, Any]) -> None:

@@ -13,3 +13,7 @@ from ._probe import ProbeResult, linear_probe, mean_baseline
 from ._retrieval import cross_modal_retrieval, recall_at
 
 __all__ = ["ProbeResult", "cross_modal_retrieval", "evaluate", "linear_probe", "mean_baseline", "recall_at"]
+
+from ._grid import grid_artefact
+
+__all__ += ["grid_artefact"]

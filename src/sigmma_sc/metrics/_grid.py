@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: pair-length bins within which pairs across a border are compared with pairs inside a block
+N_LENGTH_BINS = 8
 #: offset of the control grid, in micro blocks (not a phase of the section's grid, nor of regular shifts)
 CONTROL_OFFSET = 0.375
 
@@ -45,9 +47,10 @@ def grid_artefact(
     than pairs inside a block. At each scale, the pairs whose two cells lie in different blocks of that scale
     (micro: different 32 µm micro blocks for 128 µm tiles; meso: different meso blocks; macro: different tiles)
     are compared with the pairs inside one micro block (both cells share every block): ``ratio`` is the mean cosine
-    distance of their embeddings across over inside; 1 means the embedding does not see the grid. The same ratio on
-    a control grid offset by ``control_offset`` micro blocks, which the model never saw, shows what tissue structure
-    alone gives; ``excess`` is ``ratio / ratio_control``.
+    distance of their embeddings across over inside, at matched pair lengths (pairs binned by length, each bin's
+    inside mean weighted by its share of the pairs across, since longer pairs cross borders more often); 1 means the
+    embedding does not see the grid. The same ratio on a control grid offset by ``control_offset`` micro blocks,
+    which the model never saw, shows what tissue structure alone gives; ``excess`` is ``ratio / ratio_control``.
 
     Parameters
     ----------
@@ -98,7 +101,9 @@ def grid_artefact(
         raise ValueError(f"Only {idx.size} tiled cells have an embedding; too few to measure a grid artefact.")
     pairs, dist = _knn_pairs(xy_all[idx], n_neighs)
     keep = dist <= np.quantile(dist, closest)
-    pairs = idx[pairs[keep]]
+    pairs, dist = idx[pairs[keep]], dist[keep]
+    edges = np.quantile(dist, np.linspace(0, 1, N_LENGTH_BINS + 1)[1:-1])
+    length_bin = np.searchsorted(edges, dist, side="right")
     size = float(params["tile_size"])
     origin = np.asarray(params["grid_origin"], dtype=np.float64)
     same = _same_blocks(xy_all, pairs, origin, size)
@@ -107,8 +112,8 @@ def grid_artefact(
     rows = []
     for s in scales:
         d = _cosine_distance(rep[s], pairs)
-        ratio = _ratio(d, same, s)
-        ctrl = _ratio(d, same_ctrl, s)
+        ratio = _ratio(d, same, s, length_bin)
+        ctrl = _ratio(d, same_ctrl, s, length_bin)
         rows.append({
             "scale": s,
             "ratio": ratio,
@@ -152,8 +157,16 @@ def _cosine_distance(z: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return 1.0 - np.einsum("ij,ij->i", zn[pairs[:, 0]], zn[pairs[:, 1]])
 
 
-def _ratio(d: np.ndarray, same: dict[str, np.ndarray], scale: str) -> float:
-    inside, across = d[same["micro"]], d[~same[scale]]
-    if inside.size == 0 or across.size == 0 or inside.mean() <= 0:
+def _ratio(d: np.ndarray, same: dict[str, np.ndarray], scale: str, length_bin: np.ndarray) -> float:
+    """Mean distance across over inside, the inside means of each length bin weighted as the pairs across."""
+    inside, across = same["micro"], ~same[scale]
+    n_bins = int(length_bin.max(initial=0)) + 1
+    n_in = np.bincount(length_bin[inside], minlength=n_bins)
+    n_ac = np.bincount(length_bin[across], minlength=n_bins)
+    ok = (n_in > 0) & (n_ac > 0)  # bins with both kinds of pairs
+    if not ok.any():
         return float("nan")
-    return float(across.mean() / inside.mean())
+    sum_in = np.bincount(length_bin[inside], weights=d[inside], minlength=n_bins)
+    sum_ac = np.bincount(length_bin[across], weights=d[across], minlength=n_bins)
+    expected = float((n_ac[ok] * sum_in[ok] / n_in[ok]).sum())
+    return float(sum_ac[ok].sum() / expected) if expected > 0 else float("nan")

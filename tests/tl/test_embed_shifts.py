@@ -50,7 +50,7 @@ def test_no_shift_is_the_plain_embedding(trained):
 
 
 def test_shifted_embedding_is_the_tent_weighted_blend_of_per_shift_embeddings(trained):
-    from sigmma_sc.tl._shifts import blend_weights
+    from sigmma_sc.tl._shifts import BLEND_POWER, blend_weights
 
     second = (1.5, 2.25)
     e0, _ = _cells(trained, shifts=[(0, 0)])
@@ -62,8 +62,8 @@ def test_shifted_embedding_is_the_tent_weighted_blend_of_per_shift_embeddings(tr
     xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL])[tiled]
     size, (x0, y0) = float(params["tile_size"]), params["grid_origin"]
     for s in SCALES:
-        w0 = blend_weights(xy, (x0, y0), size, s)
-        w1 = blend_weights(xy, (x0 - second[0] * size / 4, y0 - second[1] * size / 4), size, s)
+        w0 = blend_weights(xy, (x0, y0), size, s, BLEND_POWER)
+        w1 = blend_weights(xy, (x0 - second[0] * size / 4, y0 - second[1] * size / 4), size, s, BLEND_POWER)
         assert w0.min() >= 1e-3
         assert w0.max() <= 1
         assert w0.std() > 0.1  # tents, not constants
@@ -87,6 +87,7 @@ def test_blend_weights_are_tents_over_the_scale_block():
     np.testing.assert_allclose(blend_weights(xy, (0, 0), 8.0, "micro"), [1e-3, 1e-3, 1.0, 1e-3, 1.0])
     np.testing.assert_allclose(blend_weights(xy, (0, 0), 8.0, "meso"), [1.0, 1e-3, 0.25, 1e-3, 0.25])
     np.testing.assert_allclose(blend_weights(xy, (0, 0), 8.0, "macro"), [0.25, 1e-3, 0.0625, 1.0, 0.1875])
+    np.testing.assert_allclose(blend_weights(xy, (0, 0), 8.0, "macro", 2.0), [0.0625, 1e-3, 0.0625**2, 1.0, 0.1875**2])
 
 
 def test_integer_shifts_are_the_low_discrepancy_offsets(trained):

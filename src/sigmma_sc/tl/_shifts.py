@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: grids blended by default (``shifts='auto'``), chosen on the demo section (BENCHMARKS, "Grid artefacts")
-AUTO_SHIFTS = 8
+#: grids blended by default (``shifts='auto'``), chosen on the demo section (BENCHMARKS, "Cell maps")
+AUTO_SHIFTS = 16
 #: default time budget of the shifted passes, in seconds (``sg.tl.embed(time_budget_s=...)``)
 TIME_BUDGET_S = 300.0
+#: power of the tent weights (1: linear tents; higher: each cell mostly from the grids that centre it best), chosen
+#: with AUTO_SHIFTS on the demo section (BENCHMARKS, "Cell maps")
+BLEND_POWER = 2.0
 #: floor of a cell's blending weight, so that a cell on a border of every grid still gets an embedding
 MIN_WEIGHT = 1e-3
 _PLASTIC = 1.324717957244746  # the R2 low-discrepancy sequence's constant (x**3 = x + 1)
@@ -107,15 +110,16 @@ def check_time_budget(time_budget_s: float | None) -> None:
         )
 
 
-def blend_weights(xy: np.ndarray, origin: Sequence[float], size: float, scale: str) -> np.ndarray:
+def blend_weights(xy: np.ndarray, origin: Sequence[float], size: float, scale: str, power: float = 1.0) -> np.ndarray:
     """Blending weight of each cell under a grid: a tent over its position in its block of ``scale``.
 
     ``1`` at the centre of the block (macro: the tile), falling linearly to :data:`MIN_WEIGHT` at its borders, in
-    x times in y; so a cell's blended embedding takes little from the grids that cut its neighbourhood.
+    x times in y, to the ``power``; so a cell's blended embedding takes little from the grids that cut its
+    neighbourhood.
     """
     u = np.mod((np.asarray(xy, dtype=np.float64) - np.asarray(origin)) / (size / GRID[scale]), 1.0)
     tent = 1.0 - np.abs(2.0 * u - 1.0)
-    return np.maximum(tent[:, 0] * tent[:, 1], MIN_WEIGHT)
+    return np.maximum((tent[:, 0] * tent[:, 1]) ** power, MIN_WEIGHT)
 
 
 def shifted_cell_embeddings(
@@ -130,6 +134,8 @@ def shifted_cell_embeddings(
     blend: str = "tent",
     time_budget_s: float | None = None,
     stop_at_budget: bool = False,
+    power: float | None = None,
+    passes: list | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each cell's embedding blended over tile grids shifted by ``shifts`` (micro blocks).
 
@@ -142,7 +148,8 @@ def shifted_cell_embeddings(
 
     After the first shift, the time of the remaining ones is estimated; if the total exceeds ``time_budget_s``,
     the shifts that fit are kept with ``stop_at_budget`` (a warning says how many), otherwise all run after a
-    warning with the estimate.
+    warning with the estimate. ``power``: of the tent weights (default :data:`BLEND_POWER`); ``passes``: a list
+    that receives ``(origin, rows, {scale: embeddings})`` of every pass (for benchmarks).
 
     Returns
     -------
@@ -156,6 +163,7 @@ def shifted_cell_embeddings(
 
     if blend not in ("tent", "mean"):
         raise ValueError(f"`blend` must be 'tent' or 'mean', got {blend!r}.")
+    power = BLEND_POWER if power is None else float(power)
     params = tile_params(sdata, tile_key)
     cells = get_table(sdata, table_key)
     graph = graph_record(cells, graph_key, table_key)
@@ -244,10 +252,12 @@ def shifted_cell_embeddings(
             if s not in sums:
                 sums[s] = np.zeros((cells.n_obs, z.shape[1]), dtype=np.float64)
                 weights[s] = np.zeros(cells.n_obs, dtype=np.float64)
-            w = blend_weights(xy[rows], origin, size, s) if blend == "tent" else np.ones(rows.size)
+            w = blend_weights(xy[rows], origin, size, s, power) if blend == "tent" else np.ones(rows.size)
             sums[s][rows] += w[:, None] * z.numpy()
             weights[s][rows] += w
         count[rows] += 1
+        if passes is not None:
+            passes.append((origin, rows, {s: z.numpy() for s, z in z_cell.items()}))
         logger.info("Embedded %d cells under the grid shifted by (%.3g, %.3g) micro blocks.", rows.size, dx, dy)
 
     means = {}

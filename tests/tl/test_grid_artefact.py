@@ -75,3 +75,25 @@ def test_grid_artefact_checks_its_inputs(tiled):
         sg.metrics.grid_artefact(tiled, use_rep=name, control_offset=1.0)
     with pytest.raises(KeyError, match="run `sg.pp.tile` first"):
         sg.metrics.grid_artefact(make_section(n_cells=20, image_px=32))
+
+
+def test_default_cell_embeddings_lose_the_grid_the_section_grid_shows():
+    """The guard of issue 27: ``sg.tl.embed``'s default blend removes the block grid that one tiling leaves.
+
+    On this small section (2,000 cells, 24 µm tiles, a 2-epoch model whose embeddings are nearly tile-constant)
+    the section's own grid gives 1.9 / 4.4 / 17 (micro / meso / macro); the default blend ~1.06 / 1.2 / 1.25
+    (on the demo section, with a trained model: 0.96 / 1.01 / 1.11; BENCHMARKS "Cell maps").
+    """
+    sdata = make_section(n_cells=2000, image_px=256, rotation_deg=8.0)
+    sg.pp.tile(sdata, image_key="he", tile_size_um=24.0, pixel_size_um=0.25)
+    sg.pp.cell_graph(sdata, n_comps=8)
+    sg.tl.featurize(sdata, backbone="test_efficientnet", pretrained=False)
+    tiny = {"backbone": "test_efficientnet", "pretrained": False, "hidden": 16, "out_dim": 16, "batch_size": 64}
+    model = sg.tl.train_sigmma(sdata, epochs=2, lr=1e-3, **tiny)
+    sg.tl.embed(sdata, model, shifts=None)  # the old default: the section's grid only
+    old = sg.metrics.grid_artefact(sdata)["ratio"]
+    sg.tl.embed(sdata, model)
+    new = sg.metrics.grid_artefact(sdata)["ratio"]
+    assert (old > 1.5).all(), old  # the old default fails the guard below at every scale
+    assert (new <= 1.3).all(), new
+    assert (new < old / 1.4).all(), (old, new)

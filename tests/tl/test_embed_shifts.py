@@ -182,6 +182,6 @@ def test_microenvironments_at_a_scale_the_model_was_not_trained_at():
     assert not any(k.startswith("sigmma_microenv") for k in cells.obs)
     sg.tl.microenvironments(sdata)  # the default: the scales embedded
     assert [k for k in cells.obs if k.startswith("sigmma_microenv")] == ["sigmma_microenv_macro"]
-    assert cells.uns["sigmma"]["microenvironments"]["resolution"] == {"macro": 0.2}
+    assert cells.uns["sigmma"]["microenvironments"]["resolution"] == {"macro": 0.1}
     with pytest.raises(ValueError, match="`resolution` must be a positive number"):
         sg.tl.microenvironments(sdata, resolution=0)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: default Leiden resolution per scale (``resolution=None``), chosen on the demo section (BENCHMARKS)
-RESOLUTION: dict[str, float] = {"micro": 0.5, "meso": 0.3, "macro": 0.2}
+RESOLUTION: dict[str, float] = {"micro": 0.3, "meso": 0.2, "macro": 0.1}
 
 
 @doc_params(use_rep=doc_use_rep, seed=doc_seed)

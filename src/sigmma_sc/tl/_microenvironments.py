@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: default Leiden resolution per scale (``resolution=None``), chosen on the demo section (BENCHMARKS)
-RESOLUTION: dict[str, float] = {"micro": 0.3, "meso": 0.2, "macro": 0.1}
+RESOLUTION: dict[str, float] = {"micro": 0.5, "meso": 0.2, "macro": 0.1}
 
 
 @doc_params(use_rep=doc_use_rep, seed=doc_seed)
@@ -54,8 +54,9 @@ def microenvironments(
     {use_rep}
         Or an ``.obsm`` key of cell embeddings (``{scale}`` is replaced by the scale).
     resolution
-        Leiden resolution (higher: more microenvironments). Default: per scale, :data:`RESOLUTION` (coarser
-        scales describe larger, fewer domains), chosen on the demo section (BENCHMARKS, "Microenvironments").
+        Leiden resolution (higher: more microenvironments). Default: per scale, micro 0.5, meso 0.2, macro 0.1
+        (coarser scales describe larger, fewer domains; at one resolution they give more clusters), chosen on the
+        demo section (BENCHMARKS, "Cell maps").
         The resolution and number of microenvironments of each scale are logged.
     n_neighbors
         Neighbours of the embedding graph.

@@ -23,6 +23,10 @@ Usage::
     python benchmarks/grid_artefacts.py --real               # the real Xenium bone-marrow section (slow)
 
 Results: ``benchmarks/results/grid_artefacts_{demo,bonemarrow}.{json,md}`` and maps under ``--fig-dir``.
+
+Since issue 27, ``shifts=n`` means n grids offset over the whole tile and blended with tent weights (the default
+of ``sg.tl.embed`` is ``shifts='auto'``); the results committed before it (``shifts=4``: the 16 offsets i/4 of a
+micro block, plain mean) were made with the old meaning. ``benchmarks/cell_maps.py`` compares both.
 """
 
 from __future__ import annotations

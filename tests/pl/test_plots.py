@@ -94,6 +94,42 @@ def test_microenvironments_single_scale_crop_and_axes(trained):
         sg.pl.microenvironments(trained, scale="nano")
 
 
+def test_microenvironments_close_up_under_the_whole_section(trained):
+    from matplotlib.patches import Rectangle
+
+    cells = trained.tables["table"]
+    fig = sg.pl.microenvironments(trained, zoom_um=40.0)
+    axes = _data_axes(fig)
+    assert len(axes) == 6  # whole section, then the close-ups
+    xy = cells.obsm[Keys.CELL_SPATIAL] * 0.5  # µm
+    cx, cy = np.median(xy, axis=0)
+    for top, close, s in zip(axes[:3], axes[3:], SCALES, strict=True):
+        assert top.get_title().startswith(f"{s} scale: ")
+        assert close.get_title().startswith(f"{s} scale, close-up")
+        np.testing.assert_allclose(close.get_xlim(), (cx - 20, cx + 20))
+        np.testing.assert_allclose(close.get_ylim(), (cy + 20, cy - 20))  # image orientation
+        assert sum(isinstance(im, AxesImage) for im in close.get_images()) == 1  # the image under the close-up too
+        n_close = sum(len(c.get_offsets()) for c in close.collections)
+        assert 0 < n_close < cells.n_obs
+        assert close.get_legend() is None
+        boxes = [p for p in top.patches if isinstance(p, Rectangle) and p.get_width() == pytest.approx(40.0)]
+        assert len(boxes) == 1  # the window, outlined on the whole-section panel
+        assert boxes[0].get_xy() == pytest.approx((cx - 20, cy - 20))
+    one = sg.pl.microenvironments(trained, scale="micro", zoom=(10, 10, 50, 50))
+    assert isinstance(one, Figure)
+    assert _data_axes(one)[1].get_xlim() == (10, 50)
+    # no close-up when the section is not larger than the window, nor when `ax` has one Axes per scale
+    assert isinstance(sg.pl.microenvironments(trained, scale="micro"), Axes)
+    _, ax = plt.subplots()
+    assert sg.pl.microenvironments(trained, scale="micro", zoom_um=40.0, ax=ax) is ax
+    with pytest.raises(ValueError, match="Expected 2 axes"):
+        sg.pl.microenvironments(trained, scale="micro", zoom=(10, 10, 50, 50), ax=ax)
+    with pytest.raises(ValueError, match="`zoom` must be"):
+        sg.pl.microenvironments(trained, zoom="half")
+    with pytest.raises(ValueError, match="min < max"):
+        sg.pl.microenvironments(trained, zoom=(50, 50, 10, 10))
+
+
 def test_microenvironments_background_is_registered(trained):
     """The drawn window samples the image where the cells are: tissue (dark) under cells, white outside."""
     a = sg.pl.microenvironments(trained, scale="micro", image_alpha=1.0)

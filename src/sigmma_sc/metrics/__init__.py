@@ -11,6 +11,7 @@ validation tiles only pick the paper protocol's ridge penalty, test tiles are on
 from ._bootstrap import paired_bootstrap, tile_metrics
 from ._evaluate import compare, evaluate
 from ._folds import spatial_folds
+from ._grid import grid_artefact
 from ._probe import ProbeResult, linear_probe, mean_baseline
 from ._reliance import graph_reliance
 from ._retrieval import cross_modal_retrieval, recall_at
@@ -21,6 +22,7 @@ __all__ = [
     "cross_modal_retrieval",
     "evaluate",
     "graph_reliance",
+    "grid_artefact",
     "linear_probe",
     "mean_baseline",
     "paired_bootstrap",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,15 +20,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: default Leiden resolution per scale (``resolution=None``), chosen on the demo section (BENCHMARKS)
+RESOLUTION: dict[str, float] = {"micro": 0.5, "meso": 0.2, "macro": 0.1}
+
 
 @doc_params(use_rep=doc_use_rep, seed=doc_seed)
 def microenvironments(
     sdata: SpatialData,
     *,
-    scale: str | Sequence[str] = SCALES,
+    scale: str | Sequence[str] | None = None,
     table_key: str = "table",
     use_rep: str = Keys.PREFIX,
-    resolution: float = 0.5,
+    resolution: float | None = None,
     n_neighbors: int = 15,
     seed: int | None = 0,
     key_added: str | None = None,
@@ -45,13 +48,16 @@ def microenvironments(
     sdata
         SpatialData object processed by :func:`sigmma_sc.tl.embed`.
     scale
-        Scale(s) to cluster: ``'micro'``, ``'meso'``, ``'macro'`` or several.
+        Scale(s) to cluster: ``'micro'``, ``'meso'``, ``'macro'`` or several; default: every scale embedded.
     table_key
         Cell table.
     {use_rep}
         Or an ``.obsm`` key of cell embeddings (``{scale}`` is replaced by the scale).
     resolution
-        Leiden resolution (higher: more microenvironments).
+        Leiden resolution (higher: more microenvironments). Default: per scale, micro 0.5, meso 0.2, macro 0.1
+        (coarser scales describe larger, fewer domains; at one resolution they give more clusters), chosen on the
+        demo section (BENCHMARKS, "Cell maps").
+        The resolution and number of microenvironments of each scale are logged.
     n_neighbors
         Neighbours of the embedding graph.
     {seed}
@@ -75,16 +81,17 @@ def microenvironments(
     import anndata as ad
     import scanpy as sc
 
-    scales = (scale,) if isinstance(scale, str) else tuple(scale)
-    if set(scales) - set(SCALES):
-        raise ValueError(f"`scale` must be among {SCALES}, got {scales!r}.")
     cells = get_table(sdata, table_key)
+    scales = _scales(cells, scale, use_rep)
+    if resolution is not None and not (isinstance(resolution, int | float) and resolution > 0):
+        raise ValueError(f"`resolution` must be a positive number or None (per-scale defaults), got {resolution!r}.")
     if key_added is None:
         key_added = f"{use_rep}_microenv_{{scale}}"
     obs_keys = {s: key_added.format(scale=s) if "{scale}" in key_added else f"{key_added}_{s}" for s in scales}
     rep_keys = _cell_embedding_keys(cells, use_rep, scales, table_key)
     seed = resolve_seed(seed)
     out: dict[str, pd.Categorical] = {}
+    used: dict[str, float] = {}
     for s in scales:
         key = rep_keys[s]
         Z = np.asarray(cells.obsm[key])
@@ -96,12 +103,14 @@ def microenvironments(
         sc.pp.neighbors(
             tmp, use_rep="X", n_neighbors=k, metric="cosine", transformer=_knn_transformer(int(ok.sum()), k, seed)
         )
-        sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+        res = RESOLUTION[s] if resolution is None else float(resolution)
+        sc.tl.leiden(tmp, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
         labels = np.full(cells.n_obs, None, dtype=object)
         labels[ok] = tmp.obs["leiden"].astype(str).to_numpy()
         cats = sorted(tmp.obs["leiden"].astype(str).unique(), key=int)
         out[s] = pd.Categorical(labels, categories=cats)
-        logger.info("%s scale: %d microenvironments over %d cells.", s, len(cats), int(ok.sum()))
+        used[s] = res
+        logger.info("%s scale: %d microenvironments over %d cells (Leiden resolution %g).", s, len(cats), ok.sum(), res)
     if not inplace:
         return out
     for s, labels in out.items():
@@ -112,7 +121,7 @@ def microenvironments(
         use_rep,
         "microenvironments",
         {
-            "resolution": resolution,
+            "resolution": {**(before if isinstance(before := previous.get("resolution"), Mapping) else {}), **used},
             "n_neighbors": n_neighbors,
             "seed": seed,
             "scales": list(scales),
@@ -122,6 +131,25 @@ def microenvironments(
     )
     logger.info("Wrote cell table %r .obs%s.", table_key, list(obs_keys.values()))
     return None
+
+
+def _scales(cells, scale: str | Sequence[str] | None, use_rep: str) -> tuple[str, ...]:
+    """The scales to cluster: those asked for (checked against the scales embedded), or every scale embedded."""
+    record = read_record(cells, use_rep, "embed") or {}
+    trained = tuple((record.get("config") or {}).get("scales") or ())
+    if scale is None:
+        embedded = tuple(s for s in SCALES if s in embedding_keys(cells, use_rep, "cell", SCALES))
+        return embedded or trained or SCALES  # nothing embedded: the error of the first scale names the fix
+    scales = (scale,) if isinstance(scale, str) else tuple(scale)
+    if not scales or set(scales) - set(SCALES):
+        raise ValueError(f"`scale` must be among {SCALES}, got {scale!r}.")
+    untrained = [s for s in scales if trained and s not in trained]
+    if untrained:
+        raise ValueError(
+            f"The model behind `use_rep={use_rep!r}` was trained at scale(s) {trained} only, so it embedded no cells "
+            f"at {untrained}. Pass `scale=` among {trained} (or leave `scale=None`), or train a model at these scales."
+        )
+    return scales
 
 
 def _cell_embedding_keys(cells, use_rep: str, scales: tuple[str, ...], table_key: str) -> dict[str, str]:

@@ -110,7 +110,7 @@ def microenvironments(
         cats = sorted(tmp.obs["leiden"].astype(str).unique(), key=int)
         out[s] = pd.Categorical(labels, categories=cats)
         used[s] = res
-        logger.info("%s scale: %d microenvironments over %d cells (Leiden resolution %g).", s, len(cats), ok.sum(), res)
+        logger.info("%s scale: %d microenvironments over %d cells (Leiden resolution %g).", s, len(cats), int(ok.sum()), res)
     if not inplace:
         return out
     for s, labels in out.items():

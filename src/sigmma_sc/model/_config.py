@@ -81,6 +81,11 @@ class SigmmaConfig:
         ``"hierarchical"`` (default: micro -> meso -> macro graphs with the neighbour-patch constraint) or
         ``"tile"``: one GNN over the tile's plain kNN graph, pooled once (the paper's single-scale graph row of
         Table 5; needs ``scales=("macro",)`` and ``edge_addition=False``).
+    edges
+        The GNN's edges: ``"spatial"`` (default: the cell graphs), ``"none"`` (the no-edges control: the same GNN
+        depth, attention pooling and heads with no edge at all, so no message passing) or ``"rewired"`` (the
+        rewired-edges control: every edge set's targets permuted at random inside its blocks, degrees kept; see
+        :class:`~sigmma_sc.nn.HierarchicalGraphEncoder`). Needs ``use_graph=True``.
     lr, weight_decay
         AdamW parameters (``lr`` is the peak learning rate after warm-up).
     steps
@@ -162,6 +167,7 @@ class SigmmaConfig:
     use_graph: bool = True
     edge_addition: bool = True
     graph: str = "hierarchical"
+    edges: str = "spatial"
     lr: float = 1e-3
     weight_decay: float = 1e-3
     steps: int | None = 1000
@@ -190,7 +196,9 @@ class SigmmaConfig:
         if not given or set(given) - set(SCALES):
             raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {given!r}.")
         self.scales = tuple(s for s in SCALES if s in given)
-        check_graph(self.graph, scales=self.scales, edge_addition=self.edge_addition, use_graph=self.use_graph)
+        check_graph(
+            self.graph, scales=self.scales, edge_addition=self.edge_addition, use_graph=self.use_graph, edges=self.edges
+        )
         for name in ("n_features", "image_dim", "hidden", "out_dim", "layers_per_scale", "step_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")

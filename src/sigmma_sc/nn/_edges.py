@@ -154,3 +154,78 @@ class EdgeSampler(nn.Module):
             "candidates": int(edge_index.shape[1]),
         }
         return hard - soft.detach() + soft
+
+
+def _mix31(a: Tensor) -> Tensor:
+    """A deterministic integer hash of int64 values into ``[0, 2**31)`` (two rounds of xor-shift-multiply)."""
+    a = a & 0xFFFFFFFF
+    a = ((a ^ (a >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    a = ((a ^ (a >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return (a ^ (a >> 16)) & 0x7FFFFFFF
+
+
+def tile_local_index(batch: Tensor, num_tiles: int) -> Tensor:
+    """Each cell's row inside its own tile (``0 .. n_t - 1``), for cells ordered by tile (as a batch holds them)."""
+    n = batch.numel()
+    idx = torch.arange(n, device=batch.device)
+    first = torch.full((max(num_tiles, 1),), n, dtype=torch.long, device=batch.device)
+    first = first.scatter_reduce(0, batch.long(), idx, reduce="amin", include_self=True)
+    return idx - first[batch.long()]
+
+
+def rewire_edges(edge_index: Tensor, segment: Tensor, local: Tensor, *, salt: int = 0) -> Tensor:
+    """Degree-preserving random rewiring of directed edges inside segments (the rewired-edges control).
+
+    The targets of the edges of each segment are permuted among those edges, so every node keeps its out-degree
+    and its in-degree within each segment, and a rewired edge stays inside the segment's block when every
+    original edge of the segment lies in that block (segments are blocks of the edges' sources). The
+    permutation is a fixed function of each edge's tile-local end points (``local``, from
+    :func:`tile_local_index`) and ``salt``, so a tile gets the same rewired graph in every batch, in training
+    and at inference, whatever the other tiles of the batch. Self loops that the permutation creates are
+    swapped away with another edge of the segment where possible (degrees still kept); the few that remain (a
+    segment whose edges all lead to one node, say) are kept.
+
+    Parameters
+    ----------
+    edge_index
+        ``(2, E)`` edges (messages flow ``edge_index[0] -> edge_index[1]``).
+    segment
+        ``(E,)`` int64 segment of each edge (e.g. ``(kind, block of the source)``); targets move only within one.
+    local
+        ``(N,)`` tile-local row of each node.
+    salt
+        Changes the permutation (one value per edge set, so that two sets are rewired independently).
+
+    Returns
+    -------
+    ``(2, E)`` rewired edges: the same sources in the same order, permuted targets.
+    """
+    e = edge_index.shape[1]
+    if e < 2:
+        return edge_index
+    src, dst = edge_index[0], edge_index[1]
+    key = _mix31(local[src] * 1_000_003 + local[dst] * 7919 + int(salt) * 104_729 + 12_345)
+    seg_order = torch.sort(segment * (2**31) + torch.arange(e, device=src.device), stable=True).indices
+    rnd_order = torch.sort(segment * (2**31) + key, stable=True).indices
+    new_dst = torch.empty_like(dst)
+    new_dst[seg_order] = dst[rnd_order]
+    # swap self loops with another edge of the segment (positions in segment order; a few offsets)
+    seg_sorted = segment[seg_order]
+    start_flag = torch.ones(e, dtype=torch.bool, device=src.device)
+    start_flag[1:] = seg_sorted[1:] != seg_sorted[:-1]
+    pos = torch.arange(e, device=src.device)
+    seg_start = torch.where(start_flag, pos, torch.zeros_like(pos)).cummax(0).values
+    seg_size = torch.bincount(torch.cumsum(start_flag.long(), 0) - 1)[torch.cumsum(start_flag.long(), 0) - 1]
+    s_sorted = src[seg_order]
+    for offset in (1, 2, 3, 5, 8):
+        d_sorted = new_dst[seg_order]
+        loop = s_sorted == d_sorted
+        if not bool(loop.any()):
+            break
+        p = torch.nonzero(loop & (seg_size > offset)).flatten()
+        q = seg_start[p] + (p - seg_start[p] + offset) % seg_size[p]
+        ok = ~loop[q] & (d_sorted[q] != s_sorted[p]) & (s_sorted[q] != s_sorted[p])
+        p, q = p[ok], q[ok]
+        d_sorted[p], d_sorted[q] = d_sorted[q].clone(), d_sorted[p].clone()
+        new_dst[seg_order] = d_sorted
+    return torch.stack([src, new_dst])

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from .._constants import GRID, SCALES, SPLITS, Keys
+from .._constants import GRID, SCALES, SPLIT_BUFFER, SPLITS, Keys
 from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import check_graph_tiling, get_table, require_obs
 from ._geometry import separate_groups
@@ -219,7 +219,9 @@ def build_bundle(
             f"Tile table {tile_key!r} has no cached backbone features; run `sg.tl.featurize` (or `sg.tl.train_sigmma`, "
             "which featurizes) first."
         )
-    split = tiles.obs[Keys.SPLIT].map({s: i for i, s in enumerate(SPLITS)}).to_numpy().astype(np.int8)
+    # 0 train, 1 val, 2 test, 3 unused ('buffer' tiles of sg.pp.tile(split_buffer=...))
+    codes = {s: i for i, s in enumerate(SPLITS)} | {SPLIT_BUFFER: 3}
+    split = tiles.obs[Keys.SPLIT].astype(str).map(codes).to_numpy().astype(np.int8)
     backbone = dict(tiles.uns.get(Keys.UNS, {}).get("backbone", {}))
     meta = {
         "features_key": feats_key,

@@ -359,9 +359,11 @@ def test_arrangement_section_differs_only_in_arrangement(arrangement):
     score, param = np.asarray(uns["mixing_score"]), np.asarray(uns["mixing_param"])
     # the same composition in every tile: 64 cells, half tumour
     counts = pd.crosstab(obs["arrangement_tile"], obs["cell_type"])
-    assert (counts["tumour"] == 32).all() and (counts["T_cell"] == 32).all()
+    assert (counts["tumour"] == 32).all()
+    assert (counts["T_cell"] == 32).all()
     # the arrangement varies from segregated to intermixed and follows the mixing parameter
-    assert score.min() < 0.6 and score.max() > 0.85
+    assert score.min() < 0.6
+    assert score.max() > 0.85
     assert spearmanr(param, score).statistic > 0.5  # 64 cells per tile: a noisy but clear relation
     # expression is drawn from the type alone: within a type, a cell's library does not follow its tile's mixing
     lib = np.asarray(cells.X.sum(1)).ravel()

@@ -76,7 +76,7 @@ def _brute_all(group, exclude):
     ex = (exclude + exclude.T).toarray() != 0
     same = (group[:, None] == group[None, :]) & (group[:, None] >= 0)
     ok = same & ~ex & ~np.eye(n, dtype=bool)
-    return set(zip(*map(lambda a: a.tolist(), np.nonzero(ok)), strict=True))
+    return set(zip(*(a.tolist() for a in np.nonzero(ok)), strict=True))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -120,8 +120,9 @@ def test_all_pairs_memory_is_bounded_by_the_chunk():
 
 def test_bundle_with_the_papers_candidate_rule():
     """``build_bundle(candidates="all")``: every pair inside a meso block / tile is a candidate at one scale."""
-    import sigmma_sc as sg
     from _section import make_section
+
+    import sigmma_sc as sg
     from sigmma_sc._constants import GRID
     from sigmma_sc.data._bundle import build_bundle
     from sigmma_sc.nn import block_ids

@@ -452,3 +452,52 @@ def test_edges_switch_errors():
         _encoder(edges="random")
     with pytest.raises(ValueError, match="use_graph"):
         _encoder(edges="none", use_graph=False)
+
+
+def test_tau_changes_the_gradient_not_the_sampled_edges():
+    """``tau_e`` shapes the straight-through gradient only: the same noise samples the same edges at any tau."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(30, 8, generator=g)
+    ei = torch.randint(0, 30, (2, 200), generator=g)
+    ei = ei[:, ei[0] != ei[1]]
+    weights, grads = [], []
+    for tau in (0.1, 1.0, 10.0):
+        torch.manual_seed(0)
+        s = EdgeSampler(8, tau=tau)
+        s.train()
+        hh = h.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same Gumbel noise
+        w = s(hh, ei)
+        w.sum().backward()
+        weights.append(w.detach())
+        grads.append(hh.grad.clone())
+    assert torch.equal(weights[0], weights[1])
+    assert torch.equal(weights[1], weights[2])
+    assert not torch.allclose(grads[0], grads[1])
+    assert not torch.allclose(grads[1], grads[2])
+    # the sampled fraction follows the edge probability s_uv (a Bernoulli draw), whatever tau
+    s = EdgeSampler(8, tau=0.05).train()
+    prob = torch.sigmoid(s.logits(h, ei)).detach()
+    draws = torch.stack([s(h, ei).detach() for _ in range(400)])
+    assert (draws.mean(0) - prob).abs().max() < 0.1
+
+
+def test_evaluation_threshold_or_expected_weights():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(30, 8, generator=g)
+    ei = torch.randint(0, 30, (2, 300), generator=g)
+    torch.manual_seed(0)
+    thr = EdgeSampler(8).eval()
+    torch.manual_seed(0)
+    exp = EdgeSampler(8, evaluation="expected").eval()
+    prob = torch.sigmoid(thr.logits(h, ei)).detach()
+    # an untrained scorer: probabilities near 0.5, the threshold keeps an arbitrary subset, "expected" weighs all
+    assert ((prob - 0.5).abs() < 0.1).float().mean() > 0.9
+    kept = thr(h, ei)
+    assert 0.05 < kept.mean() < 0.95
+    torch.testing.assert_close(kept, (prob > 0.5).float())
+    torch.testing.assert_close(exp(h, ei), prob)
+    with pytest.raises(ValueError, match="evaluation"):
+        EdgeSampler(8, evaluation="mean")
+    enc = _encoder(edge_evaluation="expected")
+    assert all(s.evaluation == "expected" for s in enc.samplers.values())

@@ -226,8 +226,8 @@ def build_bundle(
         ``n_neighs``).
     candidates
         The candidate rule of stochastic edge addition: ``"knn"`` (default: each cell's ``n_candidates`` nearest
-        cells of its meso block / tile not yet linked, :func:`candidate_edges`) or ``"all"`` (the paper's rule:
-        every not-yet-linked pair inside the meso block / tile, :func:`all_pair_edges`; about 10x more candidate
+        cells of its meso block / tile not yet linked, ``candidate_edges``) or ``"all"`` (the paper's rule:
+        every not-yet-linked pair inside the meso block / tile, ``all_pair_edges``; about 10x more candidate
         edges, so more memory and time per step).
     require_image_features
         Raise if the tile table has no cached backbone features.

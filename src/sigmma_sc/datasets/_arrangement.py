@@ -66,7 +66,7 @@ def synthetic_arrangement(
     ``[0, 1]`` and labels as tumour the half of its cells with the highest ``cos(a) g + sin(a) z`` (``a = pi m^2 / 2``),
     ``g`` a smooth random field (correlation length 24 µm: patches of about 50-70 µm) and ``z`` independent noise
     per cell; ``m = 0`` gives segregated patches of each type, ``m = 1`` a random intermixing. The continuous
-    ground truth per tile is the *mixing score* (:func:`mixing_score`: the share of 6-nearest-neighbour pairs of
+    ground truth per tile is the *mixing score* (``sigmma_sc.datasets._arrangement.mixing_score``: the share of 6-nearest-neighbour pairs of
     the tile that join the two types, divided by its value under random labelling; about 0.3 when segregated and
     1 when intermixed). The H&E is rendered as the other synthetic sections (tumour nuclei large and pale with open
     chromatin, T-cell nuclei small and dark, the same background everywhere), so the arrangement is visible in

@@ -70,7 +70,13 @@ class SigmmaConfig:
     temperature
         InfoNCE temperature.
     tau_e
-        Gumbel-sigmoid temperature of the edge sampler (not given in the paper; 1.0).
+        Gumbel-sigmoid temperature of the edge sampler (not given in the paper; 1.0). It shapes the straight-through
+        gradient only: the sampled edges are Bernoulli draws with the scorer's probability ``s_uv`` at any
+        temperature (:class:`~sigmma_sc.nn.EdgeSampler`).
+    edge_evaluation
+        Edge weights at evaluation (embedding, validation): ``"threshold"`` (default: keep a candidate when
+        ``s_uv > 0.5``, the most likely sample; an untrained scorer keeps an arbitrary half) or ``"expected"``
+        (weight every candidate by ``s_uv``, the expected value of its training-time sample).
     scales
         Scales trained and embedded (a subset of ``("micro", "meso", "macro")``; one scale = Table 5 ablation).
     use_graph
@@ -163,6 +169,7 @@ class SigmmaConfig:
     dropout: float = 0.1
     temperature: float = 0.01
     tau_e: float = 1.0
+    edge_evaluation: str = "threshold"
     scales: tuple[str, ...] = SCALES
     use_graph: bool = True
     edge_addition: bool = True
@@ -224,6 +231,8 @@ class SigmmaConfig:
             raise ValueError(f"`micro_batch` must be None or >= 1, got {self.micro_batch}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+        if self.edge_evaluation not in ("threshold", "expected"):
+            raise ValueError(f"`edge_evaluation` must be 'threshold' or 'expected', got {self.edge_evaluation!r}.")
         if self.temperature <= 0 or self.tau_e <= 0:
             raise ValueError("`temperature` and `tau_e` must be positive.")
         if int(self.finetune_blocks) < 0:

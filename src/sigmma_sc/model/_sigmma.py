@@ -134,6 +134,7 @@ class SigmmaModel(nn.Module):
                 scales=config.scales,
                 graph=config.graph,
                 edges=config.edges,
+                edge_evaluation=config.edge_evaluation,
             )
             self.image_heads = nn.ModuleDict(
                 {s: ProjectionHead(config.image_dim, config.out_dim, config.dropout) for s in config.scales}

@@ -70,6 +70,9 @@ def _pair_uniform(key: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty_like(u).index_put_((order,), u[first])
 
 
+EDGE_EVALUATION = ("threshold", "expected")
+
+
 class EdgeSampler(nn.Module):
     r"""Score candidate edges and sample them with the Gumbel-sigmoid straight-through estimator.
 
@@ -81,7 +84,16 @@ class EdgeSampler(nn.Module):
     Training: binary Concrete / Gumbel-sigmoid sample with logistic noise ``g`` shared by the two
     directions of a pair, ``soft = sigmoid((logit + g) / tau)``, ``hard = 1[soft > 0.5]``, and the
     returned weight is ``hard - soft.detach() + soft`` (value ``hard``, gradient of ``soft``).
-    Evaluation: deterministic ``hard = 1[s_uv > 0.5]``.
+    ``hard = 1[logit + g > 0]`` does not depend on ``tau``: at any temperature an edge is sampled on with
+    probability exactly ``s_uv`` (a Bernoulli draw, as the paper's §3.2 states); ``tau`` only sets how sharp the
+    surrogate ``soft`` is, i.e. the straight-through gradient (low ``tau``: large gradients near the decision,
+    small elsewhere; high ``tau``: smaller, smoother gradients).
+
+    Evaluation is deterministic: ``evaluation="threshold"`` (default) keeps an edge when ``s_uv > 0.5`` (the
+    most likely sample of each edge; when the scorer has not learned, ``s_uv`` is close to 0.5 everywhere and
+    which candidates pass is decided by small differences of an untrained network), ``evaluation="expected"``
+    weights every candidate by ``s_uv``, the expected value of its training-time sample (an untrained scorer
+    then gives every candidate about half weight instead of keeping an arbitrary half).
 
     Monitoring: after every forward pass in training mode, :attr:`last_stats` holds
     ``{"sampled": fraction of the candidate edges sampled on, "prob": mean s_uv, "candidates": number of
@@ -96,7 +108,9 @@ class EdgeSampler(nn.Module):
     hidden_channels
         Width of the scorer's hidden layer (default ``max(in_channels // 4, 16)``).
     tau
-        Temperature ``tau_e`` of the Gumbel-sigmoid.
+        Temperature ``tau_e`` of the Gumbel-sigmoid (the straight-through gradient only, see above).
+    evaluation
+        ``"threshold"`` or ``"expected"``: the edge weights of an evaluation pass (see above).
 
     Shapes
     ------
@@ -109,12 +123,17 @@ class EdgeSampler(nn.Module):
         Edge statistics of the last training-mode forward pass (``None`` before the first one).
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int | None = None, *, tau: float = 1.0):
+    def __init__(
+        self, in_channels: int, hidden_channels: int | None = None, *, tau: float = 1.0, evaluation: str = "threshold"
+    ):
         super().__init__()
         hidden_channels = hidden_channels or max(in_channels // 4, 16)
         if tau <= 0:
             raise ValueError(f"The edge temperature tau must be positive, got {tau}.")
+        if evaluation not in EDGE_EVALUATION:
+            raise ValueError(f"`evaluation` must be one of {EDGE_EVALUATION}, got {evaluation!r}.")
         self.tau = float(tau)
+        self.evaluation = evaluation
         self.lin_u = nn.Linear(in_channels, hidden_channels)
         self.lin_v = nn.Linear(in_channels, hidden_channels, bias=False)
         self.act = nn.LeakyReLU()
@@ -138,6 +157,8 @@ class EdgeSampler(nn.Module):
         """Sampled weights of the candidate edges (straight-through in training, thresholded in eval)."""
         logit = self.logits(h, edge_index)
         if not self.training:
+            if self.evaluation == "expected":
+                return torch.sigmoid(logit)  # the expected value of the training-time sample
             return (logit > 0).to(logit.dtype)  # sigmoid(logit) > 0.5
         if logit.numel() == 0:
             zero = logit.new_zeros((), dtype=torch.float32).detach()

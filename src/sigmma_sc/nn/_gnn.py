@@ -183,7 +183,7 @@ class HierarchicalGraphEncoder(nn.Module):
     ``W_r x_i`` plus the neighbour branch's bias, a per-cell MLP of the same depth; ``edges="rewired"`` permutes
     the targets of the kNN edges among the edges of the same kind and block (same micro block, same meso block,
     same tile) and the targets of the meso / macro candidates among those of the same meso block / tile
-    (:func:`~sigmma_sc.nn._edges.rewire_edges`): every cell keeps its in- and out-degree in each edge set and every
+    (``sigmma_sc.nn._edges.rewire_edges``): every cell keeps its in- and out-degree in each edge set and every
     edge stays in its block, but which cells are linked is random (a fixed draw per tile, the same in training
     and at inference).
 
@@ -200,7 +200,8 @@ class HierarchicalGraphEncoder(nn.Module):
     dropout
         Dropout after every layer.
     tau_e
-        Gumbel-sigmoid temperature of the edge sampler.
+        Gumbel-sigmoid temperature of the edge sampler: it shapes the straight-through gradient only, never which
+        edges are sampled (see :class:`~sigmma_sc.nn.EdgeSampler`).
     edge_addition
         Stochastic edge addition (else fixed block-restricted kNN graphs).
     use_graph
@@ -213,6 +214,9 @@ class HierarchicalGraphEncoder(nn.Module):
     edges
         ``"spatial"`` (the graphs above), ``"none"`` (no edges: the no-edges control) or ``"rewired"`` (degree-
         preserving random rewiring inside blocks: the rewired-edges control); see above.
+    edge_evaluation
+        Edge weights of an evaluation pass: ``"threshold"`` (keep ``s_uv > 0.5``) or ``"expected"`` (weight
+        ``s_uv``); see :class:`~sigmma_sc.nn.EdgeSampler`.
 
     Shapes
     ------
@@ -235,6 +239,7 @@ class HierarchicalGraphEncoder(nn.Module):
         scales: Sequence[str] = SCALES,
         graph: str = "hierarchical",
         edges: str = "spatial",
+        edge_evaluation: str = "threshold",
     ):
         super().__init__()
         scales = tuple(scales)
@@ -271,7 +276,7 @@ class HierarchicalGraphEncoder(nn.Module):
         self.samplers = nn.ModuleDict()
         if edge_addition:
             for s in self._run[1:]:
-                self.samplers[s] = EdgeSampler(out, tau=tau_e)
+                self.samplers[s] = EdgeSampler(out, tau=tau_e, evaluation=edge_evaluation)
         self.pools = nn.ModuleDict({s: AttentionalPooling(out) for s in self.scales})
 
     def reset_parameters(self) -> None:

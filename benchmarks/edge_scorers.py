@@ -83,6 +83,55 @@ def two_means(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return best[1]
 
 
+def contact_section(args, n_cells: int, cache: Path):
+    """The synthetic Xenium section with the planted contact programme: bundle, cell types and contact per row."""
+    import pandas as pd
+
+    import sigmma_sc as sg
+    from sigmma_sc.model import TrainingBundle
+
+    folder = cache / f"contact_{n_cells}_{args.input_size}"
+    if (folder / "bundle.pt").exists():
+        extra = np.load(folder / "extra.npz")
+        return TrainingBundle.load(folder / "bundle.pt"), extra
+    section = folder / "xenium"
+    sg.datasets.synthetic_xenium(section, n_cells=n_cells, contact_program=True, transcripts=False, overwrite=True)
+    sdata = sg.io.xenium(section, he_image="auto")
+    sg.pp.tile(sdata, image_key="he", tile_size_um=128.0, pixel_size_um=0.5)
+    sg.pp.cell_graph(sdata)
+    sg.tl.featurize(sdata, input_size=args.input_size)
+    bundle, rows = sg.data.build_bundle(sdata)
+    cells = sdata.tables["table"]
+    truth = pd.read_parquet(section / "sigmma_truth.parquet").set_index("cell_id")
+    ids = cells.obs["cell_id"].astype(str).to_numpy() if "cell_id" in cells.obs else cells.obs_names.astype(str)
+    tr = truth.loc[np.asarray(ids)[rows]]
+    np.savez(
+        folder / "extra.npz",
+        cell_type=tr["cell_type"].astype(str).to_numpy().astype("U16"),
+        contact=tr["contact"].to_numpy(bool),
+    )
+    bundle.save(folder / "bundle.pt")
+    return bundle, np.load(folder / "extra.npz")
+
+
+def contact_summary(d: dict, cell_type: np.ndarray, contact: np.ndarray, tile_um: float) -> dict:
+    """s_uv of tumour-T-cell pairs closer than the contact distance (15 µm) vs the other pairs at that distance."""
+    dist = d["distance"] * tile_um
+    a, b = cell_type[d["src"]], cell_type[d["dst"]]
+    tt = ((a == "tumour") & (b == "T_cell")) | ((a == "T_cell") & (b == "tumour"))
+    near = dist < 15.0
+    out = {}
+    for name, m in (
+        ("tumour-T < 15 µm (the contacts)", tt & near),
+        ("tumour-T >= 15 µm", tt & ~near),
+        ("other pairs < 15 µm", ~tt & near),
+        ("other pairs >= 15 µm", ~tt & ~near),
+        ("pairs touching a contacted tumour cell", contact[d["src"]] | contact[d["dst"]]),
+    ):
+        out[name] = [float(d["prob"][m].mean()) if m.any() else float("nan"), int(m.sum())]
+    return out
+
+
 def main(argv=None):
     import arrangement
 
@@ -90,6 +139,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rules", nargs="+", default=["knn", "all"], choices=["knn", "all"])
+    p.add_argument("--dataset", choices=["arrangement", "contact"], default="arrangement")
+    p.add_argument("--contact-cells", type=int, default=15000, help="cells of the contact section")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "edge_scorers.md")
     own, rest = p.parse_known_args(argv)
     args = arrangement.parse_args(rest)  # the section, backbone and widths of benchmarks/arrangement.py
@@ -100,13 +151,18 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    bundle, extra = arrangement.prepare(args)
-    y = extra["score"]
+    if own.dataset == "contact":
+        bundle, extra = contact_section(args, own.contact_cells, args.cache_dir)
+        y = None
+        types = extra["cell_type"]
+    else:
+        bundle, extra = arrangement.prepare(args)
+        y = extra["score"]
+        types = two_means(bundle.x.numpy())
+        ptr = bundle.cell_ptr.numpy()
+        per_tile = np.array([types[ptr[t] : ptr[t + 1]].mean() for t in range(bundle.n_tiles)])
+        logger.info("2-means type share per tile: %.3f-%.3f (0.5 expected)", per_tile.min(), per_tile.max())
     split = bundle.split.numpy()
-    types = two_means(bundle.x.numpy())
-    ptr = bundle.cell_ptr.numpy()
-    per_tile = np.array([types[ptr[t] : ptr[t + 1]].mean() for t in range(bundle.n_tiles)])
-    logger.info("2-means type share per tile: %.3f-%.3f (0.5 expected)", per_tile.min(), per_tile.max())
     tile_um = float(bundle.meta.get("tile_size_um", 128.0))
     out: dict = {"info": {}, "rules": {}}
     for rule in own.rules:
@@ -128,8 +184,9 @@ def main(argv=None):
         tr = split == 0
         mu, sd = xs[tr].mean(0), xs[tr].std(0) + 1e-8
         z = (xs - mu) / sd
-        w = np.linalg.solve(z[tr].T @ z[tr] + 10 * np.eye(z.shape[1]), z[tr].T @ (y[tr] - y[tr].mean()))
-        r2_val = arrangement.r2(z[val] @ w + y[tr].mean(), y[val])
+        yy = y if y is not None else np.zeros(len(split))
+        w = np.linalg.solve(z[tr].T @ z[tr] + 10 * np.eye(z.shape[1]), z[tr].T @ (yy[tr] - yy[tr].mean()))
+        r2_val = arrangement.r2(z[val] @ w + y[tr].mean(), y[val]) if y is not None else float("nan")
         res = {
             "train_seconds": train_s,
             "candidates": {"meso": int(b.cand_meso.shape[1]), "macro": int(b.cand_macro.shape[1])},
@@ -162,6 +219,8 @@ def main(argv=None):
                 "prob_by_distance": by_dist,
                 "corr_prob_distance": float(np.corrcoef(d["prob"], dist)[0, 1]),
             }
+            if own.dataset == "contact":
+                res["scales"][s]["contact"] = contact_summary(d, types, extra["contact"], tile_um)
         out["rules"][rule] = res
         logger.info("%s: %s", rule, json.dumps(res)[:600])
     out["info"] = {
@@ -174,7 +233,7 @@ def main(argv=None):
     own.out.parent.mkdir(parents=True, exist_ok=True)
     own.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
     lines = [
-        "# Edge scorers and candidate rules on the arrangement section",
+        f"# Edge scorers and candidate rules on the {own.dataset} section",
         "",
         f"- Command: `{out['info']['command']}`",
         f"- Date {out['info']['date']}; {out['info']['machine']}; runtime {out['info']['runtime_s'] / 60:.1f} min",
@@ -199,6 +258,17 @@ def main(argv=None):
                 f"{d['prob_same_type']:.3f} | {d['prob_diff_type']:.3f} | {d['auc_same_vs_diff']:.3f} | "
                 f"{d['corr_prob_distance']:+.3f} | {dist} |"
             )
+    if own.dataset == "contact":
+        lines += ["", "Planted contact programme: mean s_uv (n pairs)", ""]
+        lines += [
+            "| rule | scale | " + " | ".join(next(iter(out["rules"].values()))["scales"]["meso"]["contact"]) + " |"
+        ]
+        lines += ["|---|---|" + "---|" * 5]
+        for rule, r in out["rules"].items():
+            for s, d in r["scales"].items():
+                lines.append(
+                    f"| {rule} | {s} | " + " | ".join(f"{v[0]:.3f} ({v[1]})" for v in d["contact"].values()) + " |"
+                )
     own.out.write_text("\n".join(lines) + "\n")
     logger.info("Wrote %s", own.out)
     return own.out

@@ -105,7 +105,7 @@ def tile(
         Side of a split region in tiles (default: about 50 regions over the section).
     split_buffer
         Training tiles within this many tiles of a validation or test tile become ``'buffer'`` tiles, unused
-        (0: none, the regions touch). A buffer of 1 typically takes a third or more of the training tiles away
+        (0: none, the regions touch). A buffer of 1 took half of the demo's training tiles away
         (see ``BENCHMARKS.md``), so it is off by default.
     cells_outside
         What to do with cells whose centroid lies off the image: ``'raise'`` or ``'drop'`` them (tile ``-1``).

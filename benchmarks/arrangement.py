@@ -43,6 +43,7 @@ ROWS = {
     "rewired": ("Control: full SIGMMA, edges rewired (degrees kept)", {"edges": "rewired"}),
     "no_edges": ("Control: same GNN and pooling, no edges", {"edge_addition": False, "edges": "none"}),
     "no_graph": ("No graph, multi-scale (MLP of the mean node features)", {"use_graph": False, "edge_addition": False}),
+    "sigmma_expected": ("Full SIGMMA, edge_evaluation='expected'", {"edge_evaluation": "expected"}),
     "sigmma_untrained": ("Reference: full SIGMMA at initialisation (no training)", {}),
     "no_edges_untrained": ("Reference: no-edges control at initialisation", {"edge_addition": False, "edges": "none"}),
 }
@@ -60,7 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--rows", nargs="+", default=[r for r in ROWS if "untrained" not in r], choices=list(ROWS))
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=[r for r in ROWS if "untrained" not in r and r != "sigmma_expected"],
+        choices=list(ROWS),
+    )
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--section-seed", type=int, default=0)

@@ -141,7 +141,9 @@ class TrainingBundle:
     image_features
         Scale -> ``(T, D)`` float32/float16 cached backbone features, or ``None`` (ST-only use).
     split
-        ``(T,)`` int8: 0 train, 1 validation, 2 test (``None``: every tile is a training tile).
+        ``(T,)`` int8: 0 train, 1 validation, 2 test, 3 unused (the ``'buffer'`` tiles of
+        ``sg.pp.tile(split_buffer=...)``: embedded, never trained on or scored) (``None``: every tile is a training
+        tile).
     tiles
         ``(T, C, H, W)`` ``uint8`` tile images (``C`` = 1 or 3, RGB 0..255 or one morphology channel), or
         ``None``. Only needed to fine-tune backbone blocks (``SigmmaConfig.finetune_blocks > 0``), where the
@@ -250,8 +252,10 @@ class TrainingBundle:
         if self.split is None:
             self.split = torch.zeros(t, dtype=torch.int8, device=ptr.device)
         self.split = _tensor(self.split, torch.int8, "split")
-        if self.split.shape != (t,) or bool(((self.split < 0) | (self.split > 2)).any()):
-            raise ValueError(f"`split` must be a (T,) = ({t},) vector of 0 (train), 1 (val), 2 (test).")
+        if self.split.shape != (t,) or bool(((self.split < 0) | (self.split > 3)).any()):
+            raise ValueError(
+                f"`split` must be a (T,) = ({t},) vector of 0 (train), 1 (val), 2 (test) or 3 (unused: buffer)."
+            )
         try:
             json.dumps(self.meta)
         except TypeError as e:

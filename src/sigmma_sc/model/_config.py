@@ -70,7 +70,13 @@ class SigmmaConfig:
     temperature
         InfoNCE temperature.
     tau_e
-        Gumbel-sigmoid temperature of the edge sampler (not given in the paper; 1.0).
+        Gumbel-sigmoid temperature of the edge sampler (not given in the paper; 1.0). It shapes the straight-through
+        gradient only: the sampled edges are Bernoulli draws with the scorer's probability ``s_uv`` at any
+        temperature (:class:`~sigmma_sc.nn.EdgeSampler`).
+    edge_evaluation
+        Edge weights at evaluation (embedding, validation): ``"threshold"`` (default: keep a candidate when
+        ``s_uv > 0.5``, the most likely sample; an untrained scorer keeps an arbitrary half) or ``"expected"``
+        (weight every candidate by ``s_uv``, the expected value of its training-time sample).
     scales
         Scales trained and embedded (a subset of ``("micro", "meso", "macro")``; one scale = Table 5 ablation).
     use_graph
@@ -81,6 +87,11 @@ class SigmmaConfig:
         ``"hierarchical"`` (default: micro -> meso -> macro graphs with the neighbour-patch constraint) or
         ``"tile"``: one GNN over the tile's plain kNN graph, pooled once (the paper's single-scale graph row of
         Table 5; needs ``scales=("macro",)`` and ``edge_addition=False``).
+    edges
+        The GNN's edges: ``"spatial"`` (default: the cell graphs), ``"none"`` (the no-edges control: the same GNN
+        depth, attention pooling and heads with no edge at all, so no message passing) or ``"rewired"`` (the
+        rewired-edges control: every edge set's targets permuted at random inside its blocks, degrees kept; see
+        :class:`~sigmma_sc.nn.HierarchicalGraphEncoder`). Needs ``use_graph=True``.
     lr, weight_decay
         AdamW parameters (``lr`` is the peak learning rate after warm-up).
     steps
@@ -158,10 +169,12 @@ class SigmmaConfig:
     dropout: float = 0.1
     temperature: float = 0.01
     tau_e: float = 1.0
+    edge_evaluation: str = "threshold"
     scales: tuple[str, ...] = SCALES
     use_graph: bool = True
     edge_addition: bool = True
     graph: str = "hierarchical"
+    edges: str = "spatial"
     lr: float = 1e-3
     weight_decay: float = 1e-3
     steps: int | None = 1000
@@ -190,7 +203,9 @@ class SigmmaConfig:
         if not given or set(given) - set(SCALES):
             raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {given!r}.")
         self.scales = tuple(s for s in SCALES if s in given)
-        check_graph(self.graph, scales=self.scales, edge_addition=self.edge_addition, use_graph=self.use_graph)
+        check_graph(
+            self.graph, scales=self.scales, edge_addition=self.edge_addition, use_graph=self.use_graph, edges=self.edges
+        )
         for name in ("n_features", "image_dim", "hidden", "out_dim", "layers_per_scale", "step_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
@@ -216,6 +231,8 @@ class SigmmaConfig:
             raise ValueError(f"`micro_batch` must be None or >= 1, got {self.micro_batch}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+        if self.edge_evaluation not in ("threshold", "expected"):
+            raise ValueError(f"`edge_evaluation` must be 'threshold' or 'expected', got {self.edge_evaluation!r}.")
         if self.temperature <= 0 or self.tau_e <= 0:
             raise ValueError("`temperature` and `tau_e` must be positive.")
         if int(self.finetune_blocks) < 0:

@@ -128,6 +128,8 @@ class SigmmaModel(nn.Module):
                 use_graph=config.use_graph,
                 scales=config.scales,
                 graph=config.graph,
+                edges=config.edges,
+                edge_evaluation=config.edge_evaluation,
             )
             self.image_heads = nn.ModuleDict(
                 {s: ProjectionHead(config.image_dim, config.out_dim, config.dropout) for s in config.scales}
@@ -535,6 +537,7 @@ class SigmmaModel(nn.Module):
             f"SigmmaModel(scales={list(c.scales)}, n_features={c.n_features}, image_dim={c.image_dim}, "
             f"hidden={c.hidden}, out_dim={c.out_dim}, use_graph={c.use_graph}, edge_addition={c.edge_addition}, "
             + (f"graph={c.graph!r}, " if c.graph != "hierarchical" else "")
+            + (f"edges={c.edges!r}, " if c.edges != "spatial" else "")
             + (f"fine-tuned {c.backbone!r} ({c.finetune_blocks} blocks), " if self.finetuned else "")
             + f"{n} parameters, {len(self.history)} epochs trained)"
         )

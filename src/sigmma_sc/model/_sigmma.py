@@ -18,7 +18,7 @@ from ..nn._loss import ProjectionHead, multiscale_info_nce
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
 from ._determinism import deterministic_on_cpu
-from ._finetune import as_tile_tensor, build_image_encoder, encode_tiles
+from ._finetune import as_tile_tensor, build_image_encoder, encode_cached, encode_tiles
 from ._inference import (
     LinearProbe,
     RetrievalReference,
@@ -229,6 +229,8 @@ class SigmmaModel(nn.Module):
     def batch_image_features(self, batch: TileBatch) -> dict[str, Tensor]:
         """Image features of a batch: cached (frozen backbone) or encoded from ``batch.tiles`` (fine-tuning)."""
         if self.image_encoder is not None:
+            if batch.boundary is not None:  # the frozen part's cached output: only the trainable blocks run
+                return encode_cached(self.image_encoder, batch.boundary, self.scales)
             if batch.tiles is None:
                 raise ValueError(
                     "This model fine-tunes its backbone: batches need the tile images (`TileBatch.tiles`), "

@@ -192,3 +192,23 @@ def test_cache_object_memory(tiled):
     assert cache.nbytes == 2 * 21 * int(np.prod(enc.boundary_shape())) * 4
     cache.write(0, torch.ones(2, 21, *enc.boundary_shape()))
     assert torch.equal(cache.gather(torch.tensor([6, 3, 6])), torch.ones(3, 21, *enc.boundary_shape()))
+
+
+def test_cached_training_step_has_no_host_sync(tiled):
+    """The GPU path: a cached step (gather on the host, copy to the device, trainable blocks) never reads the device;
+    on the ``meta`` device any data-dependent shape or host read raises."""
+    from sigmma_sc.model._finetune import optimizer_groups
+    from sigmma_sc.model._train_loop import _train_step
+
+    model = _tuned(tiled, "test_vit", None, blocks=1)
+    enc = model.image_encoder
+    idx = torch.arange(tiled.n_tiles)
+    cache = build_boundary_cache(enc, tiled.tiles, idx, model.scales, _plan(enc, tiled.n_tiles))
+    model.to("meta").train()
+    data = tiled.to("meta", tiles=False).with_boundary_cache(cache)
+    assert data.select(torch.arange(3)).boundary.device.type == "meta"
+    opt = torch.optim.AdamW(optimizer_groups(model, enc, 1e-3, 1e-5))
+    for micro_batch in (None, 3):
+        loss, stats = _train_step(model, data, torch.arange(8), opt, {"micro_batch": micro_batch})
+        assert loss.device.type == "meta"
+        assert stats["grad_norm"].device.type == "meta"

@@ -504,7 +504,8 @@ class MultiCropEncoder(nn.Module):
         parts: dict[str, list[Tensor]] = {s: [] for s in scales}
         for chunk in boundary.split(max(self.max_crops // per_tile, 1)):
             b = chunk.shape[0]
-            x = chunk.to(p.dtype) if not torch.is_autocast_enabled(chunk.device.type) else chunk
+            autocast = chunk.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+            x = chunk if autocast else chunk.to(p.dtype)  # a bf16 cache enters autocast as is
             crops, start = [], 0
             for s in scales:  # crop-major within each scale, as `crops` orders them
                 n = GRID[s] ** 2

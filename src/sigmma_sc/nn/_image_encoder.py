@@ -420,7 +420,7 @@ class MultiCropEncoder(nn.Module):
     # ------------------------------------------------------------------ the frozen/trainable split (cached fine-tuning)
     @property
     def can_cache(self) -> bool:
-        """Whether the frozen part's output can be cached: fine-tuning a backbone whose split this class knows."""
+        """Whether the frozen part's output can be cached (a fine-tuned backbone whose split this class knows)."""
         return self.family is not None
 
     def check_cacheable(self) -> None:

@@ -75,7 +75,11 @@ def main() -> None:
             plan = plan_boundary_cache(model.image_encoder, cache_idx.numel(), model.scales, mode="memory")
             t0 = time.perf_counter()
             cache = build_boundary_cache(model.image_encoder, bundle.tiles, cache_idx, model.scales, plan)
-            cache_info[name] = {"bytes": cache.nbytes, "build_s": time.perf_counter() - t0, "shape": list(plan["shape"])}
+            cache_info[name] = {
+                "bytes": cache.nbytes,
+                "build_s": time.perf_counter() - t0,
+                "shape": list(plan["shape"]),
+            }
             data = data.with_boundary_cache(cache)
         opt = torch.optim.AdamW(optimizer_groups(model, model.image_encoder, model.config.lr, model.config.backbone_lr))
         setups[name] = (model, data, opt)

@@ -53,6 +53,9 @@ class TileBatch:
         then those sharing only a meso block, then the others, or ``None`` (any order).
     candidates_in_blocks
         ``cand_meso`` pairs are known to share a meso block and ``cand_macro`` pairs a tile.
+    boundary
+        ``(B, n_crops, ...)`` cached outputs of the frozen part of a fine-tuned backbone (a bundle with a
+        fine-tuning cache, :meth:`TrainingBundle.with_boundary_cache`), or ``None``.
     """
 
     x: Tensor
@@ -66,6 +69,7 @@ class TileBatch:
     tiles: Tensor | None = None
     edge_sections: tuple[int, int, int] | None = None
     candidates_in_blocks: bool = False
+    boundary: Tensor | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter(
@@ -399,7 +403,20 @@ class TrainingBundle:
             tiles=None if self.tiles is None else self.tiles[tile_idx],
             edge_sections=(totals["knn0"], totals["knn1"], totals["knn2"]),
             candidates_in_blocks=True,
+            boundary=None if self._boundary_cache is None else self._boundary_cache.gather(host_idx, self.device),
         )
+
+    _boundary_cache = None  # a fine-tuning cache (a class attribute, not a field: bundles have none unless given one)
+
+    def with_boundary_cache(self, cache: Any) -> TrainingBundle:
+        """A shallow copy whose batches carry the cache's frozen-backbone outputs (``TileBatch.boundary``).
+
+        ``cache`` is a ``sigmma_sc.model._finetune.BoundaryCache`` (or ``None`` to drop one); the tensors are shared.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._boundary_cache = cache
+        return new
 
     # ------------------------------------------------------------------ I/O
     def state_dict(self) -> dict[str, Any]:

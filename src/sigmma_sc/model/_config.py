@@ -13,6 +13,7 @@ from ..nn._gnn import check_graph
 PRECISIONS = ("fp32", "tf32", "bf16")
 SCHEDULES = ("cosine", "step")
 SELECT_BY = ("retrieval", "loss")
+FINETUNE_CACHES = ("auto", "memory", "disk", "off")
 
 #: The paper's Table 3 training settings (Suppl. D): AdamW lr 1e-4, StepLR, 100 epochs, full batches of 1280 tiles,
 #: no warm-up, no early stopping, no gradient clipping. ``preset="paper"`` applies them.
@@ -159,6 +160,17 @@ class SigmmaConfig:
         the loss stay in float32). The backbone of a fine-tuned model always runs under bf16 autocast on CUDA.
     seed
         Seed of the parameter initialisation (and the default training seed).
+    finetune_cache
+        With fine-tuning: where the output of the backbone's frozen part (a CNN's feature map before its last
+        blocks, a ViT's tokens before block ``L - finetune_blocks``) is cached, computed once per train/val tile
+        before training so that a step runs only the trainable blocks, the heads and the GNN. ``"auto"`` (default):
+        in memory when it takes at most half of the available memory, else memory-mapped on disk in ``cache_dir``;
+        ``"memory"`` or ``"disk"`` force one; its size is logged first and training refuses (``MemoryError``, naming
+        the fixes) when it fits nowhere. ``"off"``: no cache, every crop re-encoded through the whole backbone at
+        every step (e.g. for augmentation). Same features and gradients either way (to float rounding).
+    cache_dir
+        Directory of a memory-mapped fine-tuning cache (default: the temporary directory); the file is unlinked
+        as soon as it is mapped, so nothing is left behind.
     """
 
     n_features: int
@@ -197,6 +209,8 @@ class SigmmaConfig:
     backbone_lr: float = 1e-5
     precision: str = "fp32"
     seed: int = 0
+    finetune_cache: str = "auto"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         given = (self.scales,) if isinstance(self.scales, str) else tuple(self.scales)
@@ -245,6 +259,10 @@ class SigmmaConfig:
             self.backbone_weights = str(self.backbone_weights)
         if self.backbone_info is not None:  # plain types: read back from zarr it holds numpy arrays
             self.backbone_info = jsonable(dict(self.backbone_info))
+        if self.finetune_cache not in FINETUNE_CACHES:
+            raise ValueError(f"`finetune_cache` must be one of {FINETUNE_CACHES}, got {self.finetune_cache!r}.")
+        if self.cache_dir is not None:
+            self.cache_dir = str(self.cache_dir)
 
     @classmethod
     def preset(cls, name: str = "default", **fields_: Any) -> SigmmaConfig:

@@ -22,7 +22,11 @@ skip featurization. Every row then trains on the same tiles and the same spatial
    (micro: kNN edges inside a micro block; meso: inside a meso block; macro: all kNN edges of the tile), three
    losses;
 6. full SIGMMA: the same hierarchy with stochastic edge addition (candidates sampled into the meso and macro
-   graphs).
+   graphs);
+7. control, no edges: rows 5-6's network (six SAGE layers, attention pooling, heads) with no edge at all
+   (``edges="none"``), so it differs from row 5 only by the edges;
+8. control, rewired edges: row 6 with every edge set rewired at random inside its blocks, degrees kept
+   (``edges="rewired"``).
 
 Training uses the package's defaults (:class:`sigmma_sc.model.SigmmaConfig`: a budget of 1000 optimiser steps,
 batches of at most a quarter of the training tiles, AdamW lr 1e-3 with warm-up and cosine decay, gradient
@@ -93,6 +97,30 @@ ROWS: tuple[dict[str, Any], ...] = (
         "label": "Full SIGMMA",
         "ticks": ("✓", "✓", "✓"),
         "config": {"scales": SCALES, "use_graph": True, "edge_addition": True, "graph": "hierarchical"},
+    },
+    {
+        "name": "no_edges",
+        "label": "Control: same GNN, pooling and heads, no edges (multi-scale)",
+        "ticks": ("", "✓", ""),
+        "config": {
+            "scales": SCALES,
+            "use_graph": True,
+            "edge_addition": False,
+            "graph": "hierarchical",
+            "edges": "none",
+        },
+    },
+    {
+        "name": "rewired",
+        "label": "Control: full SIGMMA with edges rewired at random (degrees kept)",
+        "ticks": ("✓", "✓", "✓"),
+        "config": {
+            "scales": SCALES,
+            "use_graph": True,
+            "edge_addition": True,
+            "graph": "hierarchical",
+            "edges": "rewired",
+        },
     },
 )
 

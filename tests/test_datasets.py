@@ -343,3 +343,68 @@ def test_xenium_bonemarrow_reads_the_real_section():
 def test_xenium_bonemarrow_explains_a_wrong_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="celldega_Xenium_data_human-bone-and-bone-marrow"):
         sg.datasets.xenium_bonemarrow(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def arrangement():
+    return sg.datasets.synthetic_arrangement(n_tiles_side=4, cells_per_tile=64, n_genes=30, seed=3)
+
+
+def test_arrangement_section_differs_only_in_arrangement(arrangement):
+    from scipy.stats import spearmanr
+
+    cells = arrangement.tables["table"]
+    obs = cells.obs
+    uns = cells.uns["sigmma_arrangement"]
+    score, param = np.asarray(uns["mixing_score"]), np.asarray(uns["mixing_param"])
+    # the same composition in every tile: 64 cells, half tumour
+    counts = pd.crosstab(obs["arrangement_tile"], obs["cell_type"])
+    assert (counts["tumour"] == 32).all()
+    assert (counts["T_cell"] == 32).all()
+    # the arrangement varies from segregated to intermixed and follows the mixing parameter
+    assert score.min() < 0.6
+    assert score.max() > 0.85
+    assert spearmanr(param, score).statistic > 0.5  # 64 cells per tile: a noisy but clear relation
+    # expression is drawn from the type alone: within a type, a cell's library does not follow its tile's mixing
+    lib = np.asarray(cells.X.sum(1)).ravel()
+    for t in ("tumour", "T_cell"):
+        m = (obs["cell_type"] == t).to_numpy()
+        per_tile = pd.Series(lib[m]).groupby(obs["arrangement_tile"].to_numpy()[m]).mean()
+        assert abs(spearmanr(per_tile.to_numpy(), score[per_tile.index]).statistic) < 0.6
+    # sg.pp.tile with the same tile size finds the generating tiles: exactly 64 cells each
+    sg.pp.tile(arrangement, image_key="he", tile_size_um=128.0)
+    assert (arrangement.tables["sigmma_tiles"].obs["n_cells"] == 64).all()
+    per_tile = pd.crosstab(obs["sigmma_tile"], obs["arrangement_tile"])
+    assert ((per_tile > 0).sum(1) == 1).all()
+
+
+def test_arrangement_is_visible_in_the_he(arrangement):
+    """Tumour and T-cell nuclei look different, and segregated tiles have patchier nuclei than intermixed ones."""
+    from scipy.stats import spearmanr
+
+    cells = arrangement.tables["table"]
+    img = np.asarray(arrangement.images["he"]["scale0"]["image"].data if hasattr(arrangement.images["he"], "keys")
+                     else arrangement.images["he"].data)  # fmt: skip
+    dark = 255.0 - img.astype(np.float32).mean(0)  # (y, x) darkness
+    xy = np.asarray(cells.obsm["spatial"])
+    px = (xy / 0.5).astype(int)
+    at = dark[px[:, 1], px[:, 0]]
+    tumour = (cells.obs["cell_type"] == "tumour").to_numpy()
+    assert at[~tumour].mean() > at[tumour].mean() + 10  # small dark T-cell nuclei, pale vesicular tumour nuclei
+    # per tile: how unevenly the darkest pixels (T-cell nuclei) fill its 32 µm blocks falls with the mixing (the
+    # mean darkness of a block does not tell: pale large tumour nuclei and small dark T-cell nuclei even out)
+    score = np.asarray(cells.uns["sigmma_arrangement"]["mixing_score"])
+    darkest = dark > np.percentile(dark, 98)
+    spread = []
+    for t in range(16):
+        r, c = divmod(t, 4)
+        tile = darkest[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256].astype(np.float32)
+        spread.append(tile.reshape(4, 64, 4, 64).mean((1, 3)).std())
+    assert spearmanr(spread, score).statistic < -0.5
+
+
+def test_arrangement_arguments():
+    with pytest.raises(ValueError, match="n_tiles_side"):
+        sg.datasets.synthetic_arrangement(n_tiles_side=1)
+    with pytest.raises(ValueError, match="cells_per_tile"):
+        sg.datasets.synthetic_arrangement(cells_per_tile=3)

@@ -59,3 +59,6 @@ def test_rows_run_the_papers_rows():
     assert (multi.graph, multi.scales, multi.edge_addition) == ("hierarchical", pt.SCALES, False)
     full = rows["sigmma"]
     assert (full.graph, full.scales, full.edge_addition, full.use_graph) == ("hierarchical", pt.SCALES, True, True)
+    # the controls change only the edges of the row they control
+    assert rows["no_edges"].to_dict() == {**multi.to_dict(), "edges": "none"}
+    assert rows["rewired"].to_dict() == {**full.to_dict(), "edges": "rewired"}

@@ -12,6 +12,9 @@ GRID: Final[dict[str, int]] = {"micro": 4, "meso": 2, "macro": 1}
 
 SPLITS: Final[tuple[str, ...]] = ("train", "val", "test")
 
+SPLIT_BUFFER: Final = "buffer"
+"""Split label of the tiles ``sg.pp.tile(split_buffer=...)`` takes out of training (next to a val/test region)."""
+
 
 class Keys:
     """Names of SpatialData elements and AnnData fields written by ``sigmma_sc``."""

@@ -352,3 +352,61 @@ def test_tile_graph_config_train_save_load(bundle, small_config, tmp_path):
     old = {k: v for k, v in m.config.to_dict().items() if k != "graph"} | {"scales": list(SCALES)}
     old |= {"edge_addition": True}
     assert SigmmaConfig.from_dict(old).graph == "hierarchical"
+
+
+@pytest.mark.parametrize("edges", ["none", "rewired"])
+def test_edge_controls_train_save_load(bundle, small_config, tmp_path, edges):
+    """The no-edges / rewired-edges controls: same parameters as the spatial model, trained, saved and loaded."""
+    cfg = SigmmaConfig(n_features=4, image_dim=6, edges=edges)
+    assert SigmmaConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="use_graph"):
+        SigmmaConfig(n_features=4, image_dim=6, edges=edges, use_graph=False)
+    with pytest.raises(ValueError, match="one of"):
+        SigmmaConfig(n_features=4, image_dim=6, edges="random")
+    m = SigmmaModel.from_bundle(bundle, **small_config, edges=edges)
+    ref = SigmmaModel.from_bundle(bundle, **small_config)
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert f"edges={edges!r}" in repr(m)
+    history = m.fit(bundle, progress=False, epochs=1)
+    assert np.isfinite(history[0]["train_loss"])
+    m.save(tmp_path / "control.pt")
+    m2 = SigmmaModel.load(tmp_path / "control.pt")
+    assert m2.config.edges == edges
+    _equal_dicts(m.encode_st(bundle)[0], m2.encode_st(bundle)[0])
+    # the same weights with spatial edges embed differently: the control changes what the GNN sees
+    ref.load_state_dict(m.state_dict())
+    assert not np.allclose(ref.encode_st(bundle)[0]["macro"], m.encode_st(bundle)[0]["macro"])
+    old = {k: v for k, v in m.config.to_dict().items() if k != "edges"}
+    assert SigmmaConfig.from_dict(old).edges == "spatial"
+
+
+def test_edge_scores_report_every_scored_candidate(bundle, small_config):
+    from sigmma_sc.model import edge_scores
+
+    m = SigmmaModel.from_bundle(bundle, **small_config)
+    scores = edge_scores(m, bundle, batch_size=5)  # several chunks
+    assert set(scores) == {"meso", "macro"}
+    for s, d in scores.items():
+        cand = getattr(bundle, f"cand_{s}")
+        got = set(zip(d["src"].tolist(), d["dst"].tolist(), strict=True))
+        assert got == set(zip(*[a.tolist() for a in cand], strict=True))  # bundle rows, every candidate once
+        assert ((d["prob"] > 0) & (d["prob"] < 1)).all()
+        np.testing.assert_array_equal(d["kept"], (d["prob"] > 0.5).astype(np.float32))  # the evaluation threshold
+        pos = bundle.pos.numpy()
+        np.testing.assert_allclose(d["distance"], np.linalg.norm(pos[d["src"]] - pos[d["dst"]], axis=1), rtol=1e-6)
+        tile_of = np.repeat(np.arange(bundle.n_tiles), np.diff(bundle.cell_ptr.numpy()))
+        np.testing.assert_array_equal(d["tile"], tile_of[d["src"]])
+    with pytest.raises(ValueError, match="edge scorer"):
+        edge_scores(SigmmaModel.from_bundle(bundle, **small_config, edge_addition=False), bundle)
+
+
+def test_edge_evaluation_config(bundle, small_config):
+    cfg = SigmmaConfig(n_features=4, image_dim=6, edge_evaluation="expected")
+    assert SigmmaConfig.from_json(cfg.to_json()) == cfg
+    assert SigmmaConfig(n_features=4, image_dim=6).edge_evaluation == "threshold"
+    with pytest.raises(ValueError, match="edge_evaluation"):
+        SigmmaConfig(n_features=4, image_dim=6, edge_evaluation="mean")
+    thr = SigmmaModel.from_bundle(bundle, **small_config)
+    exp = SigmmaModel.from_bundle(bundle, **small_config, edge_evaluation="expected")
+    exp.load_state_dict(thr.state_dict())
+    assert not np.allclose(thr.encode_st(bundle)[0]["macro"], exp.encode_st(bundle)[0]["macro"])

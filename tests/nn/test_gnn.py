@@ -361,3 +361,143 @@ def test_tile_graph_is_one_gnn_over_the_plain_knn_graph(toy_batch):
 def test_graph_switch_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _encoder(**kwargs)
+
+
+# ---------------------------------------------------------------------- edge controls (issue 26)
+@pytest.mark.parametrize("edge_addition", [True, False])
+def test_no_edges_control_has_no_message_passing(toy_batch, edge_addition):
+    """``edges="none"``: the output is the spatial network's on an empty graph (same weights), so no message passes."""
+    b = toy_batch
+    none = _encoder(edges="none", edge_addition=edge_addition).eval()
+    spatial = _encoder(edge_addition=edge_addition).eval()
+    spatial.load_state_dict(none.state_dict())  # the same parameters: the control changes only the edges
+    empty = torch.empty(2, 0, dtype=torch.long)
+    ref = spatial(b.x, b.pos, b.batch, empty, empty, empty, num_tiles=b.num_tiles)
+    with_graph = _run(spatial, b)
+    for kw in ({}, {"edge_sections": b.edge_sections, "candidates_in_blocks": True}):
+        out = _run(none, b, **kw)
+        for s in SCALES:
+            torch.testing.assert_close(out.pooled[s], ref.pooled[s], rtol=0, atol=0)
+            assert out.graphs[s][0].shape[1] == 0
+        assert not torch.allclose(out.pooled["macro"], with_graph.pooled["macro"])  # the graph did matter
+    # a cell's embedding depends on its own features only
+    x2 = b.x.clone()
+    x2[1:] = torch.randn_like(x2[1:])
+    out2 = none(x2, b.pos, b.batch, b.edge_index, b.cand_meso, b.cand_macro, num_tiles=b.num_tiles)
+    torch.testing.assert_close(out2.nodes["macro"][0], _run(none, b).nodes["macro"][0])
+
+
+def _degrees(ei, n):
+    return torch.bincount(ei[0], minlength=n), torch.bincount(ei[1], minlength=n)
+
+
+def test_rewire_edges_keeps_degrees_and_segments():
+    from sigmma_sc.nn._edges import rewire_edges
+
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    seg_of_node = torch.randint(0, 4, (n,), generator=g)
+    src, dst = torch.randint(0, n, (2, 400), generator=g)
+    keep = (seg_of_node[src] == seg_of_node[dst]) & (src != dst)
+    ei = torch.stack([src[keep], dst[keep]])
+    out = rewire_edges(ei, seg_of_node[ei[0]], torch.arange(n))
+    assert torch.equal(out[0], ei[0])  # same sources, same order
+    for a, b in zip(_degrees(out, n), _degrees(ei, n), strict=True):
+        assert torch.equal(a, b)
+    assert (seg_of_node[out[0]] == seg_of_node[out[1]]).all()  # targets stay in the segment
+    assert (out[0] == out[1]).float().mean() < 0.02  # self loops swapped away
+    overlap = torch.isin(out[0] * n + out[1], ei[0] * n + ei[1]).float().mean()
+    assert overlap < 0.5  # rewired, not the same graph
+    assert torch.equal(rewire_edges(ei, seg_of_node[ei[0]], torch.arange(n)), out)  # deterministic
+    assert not torch.equal(rewire_edges(ei, seg_of_node[ei[0]], torch.arange(n), salt=3), out)
+
+
+def test_rewired_control_keeps_degrees_blocks_and_is_batch_independent(toy_batch):
+    b = toy_batch
+    n = b.x.shape[0]
+    enc = _encoder(edges="rewired").eval()
+    spatial = _encoder().eval()
+    ref = _run(spatial, b)
+    for kw in ({}, {"edge_sections": b.edge_sections, "candidates_in_blocks": True}):
+        out = _run(enc, b, **kw)
+        for s in SCALES:
+            ei, _ = out.graphs[s]
+            ref_ei, _ = ref.graphs[s]
+            assert same_block(ei, b.pos, b.batch, GRID[s]).all()
+            if s == "micro":  # fixed edges: exactly the same degrees, other partners
+                for a, c in zip(_degrees(ei, n), _degrees(ref_ei, n), strict=True):
+                    assert torch.equal(a, c)
+                # the toy's micro blocks hold 2-4 cells, so many rewired edges coincide with original ones
+                assert not torch.isin(ei[0] * n + ei[1], ref_ei[0] * n + ref_ei[1]).all()
+        for s in ("meso", "macro"):  # the candidates: same degrees, same blocks
+            cand, _ = out.added[s]
+            ref_cand, _ = ref.added[s]
+            for a, c in zip(_degrees(cand, n), _degrees(ref_cand, n), strict=True):
+                assert torch.equal(a, c)
+    sliced = _run(enc, b, edge_sections=b.edge_sections, candidates_in_blocks=True)
+    torch.testing.assert_close(_run(enc, b).pooled["macro"], sliced.pooled["macro"])
+    # a tile's rewired graph does not depend on the other tiles of the batch
+    from sigmma_sc.model._toy import toy_bundle
+
+    bundle = toy_bundle(n_tiles=12, n_features=6, image_dim=10, n_empty=1, seed=1)
+    full = bundle.select(torch.arange(bundle.n_tiles))
+    part = bundle.select(torch.tensor([5, 2]))
+    a = enc(*tuple(full)[:6], num_tiles=full.num_tiles, edge_sections=full.edge_sections, candidates_in_blocks=True)
+    c = enc(*tuple(part)[:6], num_tiles=part.num_tiles, edge_sections=part.edge_sections, candidates_in_blocks=True)
+    torch.testing.assert_close(c.pooled["macro"], a.pooled["macro"][[5, 2]], rtol=1e-5, atol=1e-6)
+
+
+def test_edges_switch_errors():
+    with pytest.raises(ValueError, match="one of"):
+        _encoder(edges="random")
+    with pytest.raises(ValueError, match="use_graph"):
+        _encoder(edges="none", use_graph=False)
+
+
+def test_tau_changes_the_gradient_not_the_sampled_edges():
+    """``tau_e`` shapes the straight-through gradient only: the same noise samples the same edges at any tau."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(30, 8, generator=g)
+    ei = torch.randint(0, 30, (2, 200), generator=g)
+    ei = ei[:, ei[0] != ei[1]]
+    weights, grads = [], []
+    for tau in (0.1, 1.0, 10.0):
+        torch.manual_seed(0)
+        s = EdgeSampler(8, tau=tau)
+        s.train()
+        hh = h.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same Gumbel noise
+        w = s(hh, ei)
+        w.sum().backward()
+        weights.append(w.detach())
+        grads.append(hh.grad.clone())
+    assert torch.equal(weights[0], weights[1])
+    assert torch.equal(weights[1], weights[2])
+    assert not torch.allclose(grads[0], grads[1])
+    assert not torch.allclose(grads[1], grads[2])
+    # the sampled fraction follows the edge probability s_uv (a Bernoulli draw), whatever tau
+    s = EdgeSampler(8, tau=0.05).train()
+    prob = torch.sigmoid(s.logits(h, ei)).detach()
+    draws = torch.stack([s(h, ei).detach() for _ in range(400)])
+    assert (draws.mean(0) - prob).abs().max() < 0.1
+
+
+def test_evaluation_threshold_or_expected_weights():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(30, 8, generator=g)
+    ei = torch.randint(0, 30, (2, 300), generator=g)
+    torch.manual_seed(0)
+    thr = EdgeSampler(8).eval()
+    torch.manual_seed(0)
+    exp = EdgeSampler(8, evaluation="expected").eval()
+    prob = torch.sigmoid(thr.logits(h, ei)).detach()
+    # an untrained scorer: probabilities near 0.5, the threshold keeps an arbitrary subset, "expected" weighs all
+    assert ((prob - 0.5).abs() < 0.1).float().mean() > 0.9
+    kept = thr(h, ei)
+    assert 0.05 < kept.mean() < 0.95
+    torch.testing.assert_close(kept, (prob > 0.5).float())
+    torch.testing.assert_close(exp(h, ei), prob)
+    with pytest.raises(ValueError, match="evaluation"):
+        EdgeSampler(8, evaluation="mean")
+    enc = _encoder(edge_evaluation="expected")
+    assert all(s.evaluation == "expected" for s in enc.samplers.values())

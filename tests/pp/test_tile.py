@@ -152,6 +152,46 @@ def test_split_fractions_and_spatial_disjointness():
     assert not (tiles3.obs[Keys.SPLIT] == obs[Keys.SPLIT]).all()
 
 
+@pytest.mark.parametrize("buffer", [1, 2])
+def test_split_buffer_separates_held_out_tiles_from_training(buffer):
+    """With ``split_buffer=b`` no training tile lies within ``b`` tiles of a val/test tile; the rest is unchanged."""
+    sdata = make_section(n_cells=3000, image_px=512)
+    plain, _ = _run(sdata, tile_size_um=8.0, split_region_tiles=2)
+    plain = plain.obs.copy()
+    tiles, _ = _run(
+        make_section(n_cells=3000, image_px=512), tile_size_um=8.0, split_region_tiles=2, split_buffer=buffer
+    )
+    obs = tiles.obs
+    split, plain_split = obs[Keys.SPLIT].astype(str).to_numpy(), plain[Keys.SPLIT].astype(str).to_numpy()
+    rc = obs[[Keys.TILE_ROW, Keys.TILE_COL]].to_numpy()
+    cheb = np.abs(rc[:, None, :] - rc[None, :, :]).max(-1)  # grid distance between every two tiles
+    held = np.isin(split, ["val", "test"])
+    train = split == "train"
+    # without a buffer the regions touch: some training tile is the direct neighbour of a held-out tile
+    plain_train = plain_split == "train"
+    assert (cheb[np.ix_(plain_train, held)] <= 1).any()
+    assert (cheb[np.ix_(train, held)] > buffer).all()
+    # val/test are unchanged; the buffer tiles are exactly the training tiles that were too close
+    assert (split[held] == plain_split[held]).all()
+    buf = split == "buffer"
+    assert buf.any()
+    assert (plain_split[buf] == "train").all()
+    assert (cheb[np.ix_(buf, held)].min(1) <= buffer).all()
+    assert train.sum() + buf.sum() == plain_train.sum()
+    assert tiles.uns["sigmma"]["tile"]["split_buffer"] == buffer
+    # the bundle leaves buffer tiles out of every split the model uses
+    from sigmma_sc.data._bundle import build_bundle
+
+    buffered = make_section(n_cells=3000, image_px=512)
+    _run(buffered, tile_size_um=8.0, split_region_tiles=2, split_buffer=buffer)
+    sg.pp.cell_graph(buffered, n_comps=5)
+    bundle, _ = build_bundle(buffered, require_image_features=False)
+    codes = bundle.split.numpy()
+    assert (codes[buf] == 3).all()
+    assert set(bundle.tiles_in("train").tolist()) == set(np.flatnonzero(train).tolist())
+    assert set(bundle.tiles_in("test").tolist()) == set(np.flatnonzero(split == "test").tolist())
+
+
 def test_fluorescence_image_tissue_detection():
     sdata = make_section(rgb=False, n_cells=300)
     tiles, _ = _run(sdata, tile_size_um=10.0)
@@ -213,6 +253,8 @@ def _assert_untouched(sdata):
     ({"tile_size_um": 6.0, "pixel_size_um": 0.1}, "full resolution.*Increase `tile_size_um`"),
     ({"coordinate_system": "other"}, "coordinate system 'other'"),
     ({"split_fractions": (0.5, 0.1, 0.1)}, "split_fractions"),
+    ({"split_buffer": -1}, "split_buffer.*non-negative"),
+    ({"split_buffer": 0.5}, "split_buffer.*non-negative"),
 ])  # fmt: skip
 def test_bad_arguments(section, kwargs, match):
     with pytest.raises((ValueError, KeyError), match=match):

@@ -116,3 +116,26 @@ def test_resume_without_checkpoint_warns_once(graphed, tmp_path, caplog):
     warned = [r for r in caplog.records if "No checkpoint at" in r.getMessage()]
     assert len(warned) == 1
     assert (tmp_path / "ckpt" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "match"),
+    [
+        ({"backbone": "test_resnet", "finetune_blocks": 1}, ValueError, "no `blocks`"),
+        ({"backbone": "test_vit_relpos", "finetune_blocks": 1}, ValueError, "cannot be split.*finetune_cache='off'"),
+        ({"finetune_blocks": 6}, ValueError, "only 5 blocks"),
+        ({"finetune_blocks": 1, "finetune_cache": "gpu"}, ValueError, "finetune_cache"),
+    ],
+)
+def test_finetune_backbone_before_featurization(graphed, no_featurize, config, error, match):
+    with pytest.raises(error, match=match):
+        sg.tl.train_sigmma(graphed, **(TINY | {"epochs": 1} | config))
+
+
+def test_finetune_cache_too_large_before_featurization(graphed, no_featurize, monkeypatch):
+    import sigmma_sc.model._finetune as finetune
+
+    monkeypatch.setattr(finetune, "available_memory", lambda: 1000)  # 1 kB free, and a full disk
+    monkeypatch.setattr(finetune.shutil, "disk_usage", lambda _: type("U", (), {"free": 1000})())
+    with pytest.raises(MemoryError, match=r"does not fit.*cache_dir=.*finetune_cache='off'"):
+        sg.tl.train_sigmma(graphed, epochs=1, finetune_blocks=1, **TINY)

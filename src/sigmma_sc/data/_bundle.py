@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from .._constants import GRID, SCALES, SPLITS, Keys
+from .._constants import GRID, SCALES, SPLIT_BUFFER, SPLITS, Keys
 from .._utils._json import jsonable
 from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import check_graph_tiling, get_table, require_obs
@@ -106,6 +106,72 @@ def candidate_edges(
     return np.vstack([key // n, key % n]).astype(np.int64)
 
 
+CANDIDATE_RULES = ("knn", "all")
+
+
+def all_pair_edges(group: np.ndarray, exclude: sparse.spmatrix, *, max_pairs: int = 1 << 20) -> np.ndarray:
+    """The paper's candidate rule (§3.2, neighbour-patch constraint): every pair of cells of the same group.
+
+    Every ordered pair ``(u, v)``, ``u != v``, of cells sharing a group ``>= 0`` (a meso block or a tile) that is
+    not linked in ``exclude`` (either direction). The pairs are generated a chunk of cells at a time, each chunk
+    holding at most ``max_pairs`` pairs (or one cell's row when that is longer), so the temporaries stay
+    ``O(max_pairs)`` (about 48 bytes per pair: 48 MiB at the default) whatever the section's or a group's size;
+    the result holds ``E = sum_g n_g (n_g - 1)`` minus the excluded pairs (about 5,000 meso and 15,000 macro pairs
+    per 128 µm tile of 140 cells) and assembling it takes about ``48 E`` bytes more (keys, sort, rows).
+
+    Parameters
+    ----------
+    group
+        ``(N,)`` group of each cell; cells with a negative group get no candidates.
+    exclude
+        ``(N, N)`` sparse matrix of the pairs already linked (any non-zero entry, either direction).
+    max_pairs
+        Pairs generated per chunk.
+
+    Returns
+    -------
+    ``(2, E)`` int64 edges holding both directions of every candidate pair, sorted by source then target.
+    """
+    group = np.asarray(group)
+    n = group.size
+    empty = np.empty((2, 0), dtype=np.int64)
+    valid = np.flatnonzero(group >= 0)
+    if valid.size < 2:
+        return empty
+    ex = sparse.coo_matrix(exclude)
+    nz = ex.data != 0
+    r0, c0 = ex.row[nz].astype(np.int64), ex.col[nz].astype(np.int64)
+    ex_key = _sorted_unique(np.concatenate([r0 * n + c0, c0 * n + r0]))
+    order = valid[np.argsort(group[valid], kind="stable")]  # cells by group, then by index
+    g_sorted = group[order]
+    starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+    sizes = np.diff(np.r_[starts, order.size])
+    # rows (cells) in sorted order with their group's start and size; chunks of rows with <= max_pairs pairs
+    row_size = np.repeat(sizes, sizes)
+    row_start = np.repeat(starts, sizes)
+    cum = np.cumsum(row_size)
+    out = []
+    lo = 0
+    while lo < order.size:
+        base = cum[lo - 1] if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(cum, base + max_pairs, side="right")))
+        rs, rstart = row_size[lo:hi], row_start[lo:hi]
+        total = int(rs.sum())
+        first = np.repeat(np.cumsum(rs) - rs, rs)  # offset of each pair's row inside the chunk
+        col_pos = np.repeat(rstart, rs) + (np.arange(total) - first)
+        src = np.repeat(order[lo:hi], rs).astype(np.int64)
+        dst = order[col_pos].astype(np.int64)
+        keep = src != dst
+        key = src[keep] * n + dst[keep]
+        if ex_key.size:
+            pos = np.minimum(np.searchsorted(ex_key, key), ex_key.size - 1)
+            key = key[ex_key[pos] != key]
+        out.append(key)
+        lo = hi
+    key = np.sort(np.concatenate(out)) if out else np.empty(0, np.int64)
+    return np.vstack([key // n, key % n]).astype(np.int64) if key.size else empty
+
+
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
     """``np.unique`` of an int64 vector by sorting (several times faster than numpy's hash-based unique here)."""
     a = np.sort(a)
@@ -140,6 +206,7 @@ def build_bundle(
     tile_key: str = Keys.TILE_TABLE,
     graph_key: str = Keys.GRAPH,
     n_candidates: int | None = None,
+    candidates: str = "knn",
     require_image_features: bool = True,
     include_tiles: bool = False,
 ) -> tuple[TrainingBundle, np.ndarray]:
@@ -156,7 +223,13 @@ def build_bundle(
     graph_key
         Prefix of the cell graph in the cell table's ``.obsp``.
     n_candidates
-        Candidate edges per cell for stochastic edge addition (default: the graph's ``n_neighs``).
+        Candidate edges per cell for stochastic edge addition with ``candidates="knn"`` (default: the graph's
+        ``n_neighs``).
+    candidates
+        The candidate rule of stochastic edge addition: ``"knn"`` (default: each cell's ``n_candidates`` nearest
+        cells of its meso block / tile not yet linked, ``candidate_edges``) or ``"all"`` (the paper's rule:
+        every not-yet-linked pair inside the meso block / tile, ``all_pair_edges``; about 10x more candidate
+        edges, so more memory and time per step).
     require_image_features
         Raise if the tile table has no cached backbone features.
     include_tiles
@@ -169,6 +242,8 @@ def build_bundle(
     """
     from ..model import TrainingBundle
 
+    if candidates not in CANDIDATE_RULES:
+        raise ValueError(f"`candidates` must be one of {CANDIDATE_RULES}, got {candidates!r}.")
     params = tile_params(sdata, tile_key)
     tkeys = tiling_keys(params)
     tiles = get_table(sdata, tile_key)
@@ -205,11 +280,15 @@ def build_bundle(
     micro_edges = sparse.csr_matrix(
         (np.ones(int(same_micro.sum()), dtype=np.int8), (conn.row[same_micro], conn.col[same_micro])), shape=(n, n)
     )
-    cand_meso = candidate_edges(xy, t * (GRID["meso"] ** 2) + meso, k, micro_edges)
+    meso_group = t * (GRID["meso"] ** 2) + meso
+    if candidates == "all":
+        cand_meso = all_pair_edges(meso_group, micro_edges)
+    else:
+        cand_meso = candidate_edges(xy, meso_group, k, micro_edges)
     linked = micro_edges + sparse.csr_matrix(
         (np.ones(cand_meso.shape[1], dtype=np.int8), (cand_meso[0], cand_meso[1])), shape=(n, n)
     )
-    cand_macro = candidate_edges(xy, t, k, linked)
+    cand_macro = all_pair_edges(t, linked) if candidates == "all" else candidate_edges(xy, t, k, linked)
 
     image_features = None
     keys = [Keys.BACKBONE.format(scale=s) for s in SCALES]
@@ -220,7 +299,9 @@ def build_bundle(
             f"Tile table {tile_key!r} has no cached backbone features; run `sg.tl.featurize` (or `sg.tl.train_sigmma`, "
             "which featurizes) first."
         )
-    split = tiles.obs[Keys.SPLIT].map({s: i for i, s in enumerate(SPLITS)}).to_numpy().astype(np.int8)
+    # 0 train, 1 val, 2 test, 3 unused ('buffer' tiles of sg.pp.tile(split_buffer=...))
+    codes = {s: i for i, s in enumerate(SPLITS)} | {SPLIT_BUFFER: 3}
+    split = tiles.obs[Keys.SPLIT].astype(str).map(codes).to_numpy().astype(np.int8)
     backbone = dict(tiles.uns.get(Keys.UNS, {}).get("backbone", {}))
     meta = {
         "features_key": feats_key,
@@ -232,6 +313,7 @@ def build_bundle(
         "image_channels": tile_reader(sdata, tile_key).n_channels if params["image_key"] in sdata.images else None,
         "n_neighs": int(graph["n_neighs"]),
         "n_candidates": k,
+        "candidates": candidates,
         "backbone": backbone.get("name"),
         "image_modality": backbone.get("modality"),
         # how the cached features were computed: a model made with SigmmaModel.from_bundle records it, so that

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import SPLITS, Keys
+from .._constants import SPLIT_BUFFER, SPLITS, Keys
 from .._utils._record import graph_record, tiling_keys
 from .._utils._validate import counts_matrix, get_table
 from ._tiles import tile_params
@@ -202,5 +202,6 @@ def cohort_tile_table(
                                obsm=dict(t.obsm))  # fmt: skip
     joined = ad.concat(tables, join="inner", label="_section_label", index_unique="-")
     joined.obs[Keys.SECTION] = pd.Categorical(joined.obs.pop("_section_label").astype(str), categories=list(named))
-    joined.obs[Keys.SPLIT] = pd.Categorical(joined.obs[Keys.SPLIT].astype(str), categories=list(SPLITS))
+    categories = list(SPLITS) + ([SPLIT_BUFFER] if (joined.obs[Keys.SPLIT].astype(str) == SPLIT_BUFFER).any() else [])
+    joined.obs[Keys.SPLIT] = pd.Categorical(joined.obs[Keys.SPLIT].astype(str), categories=categories)
     return joined

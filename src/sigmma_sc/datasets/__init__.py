@@ -1,5 +1,6 @@
 """Datasets: synthetic Xenium, MERSCOPE, CosMx and Visium HD output folders, the demo, and a reader for a real section."""
 
+from ._arrangement import synthetic_arrangement
 from ._bonemarrow import xenium_bonemarrow
 from ._demo import demo
 from ._layouts import synthetic_cosmx, synthetic_merscope, synthetic_visium_hd
@@ -7,6 +8,7 @@ from ._synthetic import synthetic_xenium
 
 __all__ = [
     "demo",
+    "synthetic_arrangement",
     "synthetic_cosmx",
     "synthetic_merscope",
     "synthetic_visium_hd",

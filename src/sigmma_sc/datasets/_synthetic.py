@@ -71,15 +71,17 @@ def synthetic_xenium(
     (micro). Tumour cells of the hypoxic nests express a planted chemokine programme (``CXCL2``,
     ``CXCL6``).
 
-    With ``contact_program``, a cell-contact programme is planted at the cell scale, which only a
-    cell graph (not a tile's mean expression or a niche label) can resolve: every tumour cell whose centroid
+    With ``contact_program``, a cell-contact programme is planted at the cell scale: every tumour cell whose centroid
     lies closer than 15 µm to a T cell's centroid expresses ``CXCL10``, ``CD274`` (PD-L1) and ``IDO1`` (an
     interferon-gamma response), each adding on average 3% of the cell's library (0.7-1.3x, per cell and gene;
     about 6-8 counts per gene in a contacted tumour cell, against a background of ~0.01 counts elsewhere). In the H&E and
     DAPI images the contacted cells' nuclei are 1.35x larger along both axes and their haematoxylin and DAPI
     intensities 1.3x higher. Non-contacted tumour cells and every other cell type keep the background level.
     Tumour cells meet T cells mostly in the tumour stroma and at nest borders (T cells are 5% of nest cells,
-    15% of tumour-stroma cells), so contact cuts across the niche and region structure. The programme draws no
+    15% of tumour-stroma cells), so contact cuts across the niche and region structure. The programme's genes are
+    added to the receiving cell's own counts, so a tile's mean expression carries them too (in proportion to its
+    contacted tumour cells); what a mean cannot tell is which cells are in contact (for a section where only the
+    arrangement differs between tiles, see :func:`~sigmma_sc.datasets.synthetic_arrangement`). The programme draws no
     random number of the layout, so cells, types and domains are the same with and without it. It is off by
     default: switched on, the small 8-epoch model of the downstream tests no longer found the planted
     chemokine niche (the default output is the one of sections written before the programme existed).

@@ -6,6 +6,7 @@ GPU machine from a saved :class:`TrainingBundle`.
 
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
+from ._edge_scores import edge_scores
 from ._inference import LinearProbe, RetrievalReference, inference_tiling
 from ._sigmma import SigmmaModel
 
@@ -16,5 +17,6 @@ __all__ = [
     "SigmmaModel",
     "TileBatch",
     "TrainingBundle",
+    "edge_scores",
     "inference_tiling",
 ]

@@ -53,6 +53,9 @@ class TileBatch:
         then those sharing only a meso block, then the others, or ``None`` (any order).
     candidates_in_blocks
         ``cand_meso`` pairs are known to share a meso block and ``cand_macro`` pairs a tile.
+    boundary
+        ``(B, n_crops, ...)`` cached outputs of the frozen part of a fine-tuned backbone (a bundle with a
+        fine-tuning cache, :meth:`TrainingBundle.with_boundary_cache`), or ``None``.
     """
 
     x: Tensor
@@ -66,6 +69,7 @@ class TileBatch:
     tiles: Tensor | None = None
     edge_sections: tuple[int, int, int] | None = None
     candidates_in_blocks: bool = False
+    boundary: Tensor | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter(
@@ -141,7 +145,9 @@ class TrainingBundle:
     image_features
         Scale -> ``(T, D)`` float32/float16 cached backbone features, or ``None`` (ST-only use).
     split
-        ``(T,)`` int8: 0 train, 1 validation, 2 test (``None``: every tile is a training tile).
+        ``(T,)`` int8: 0 train, 1 validation, 2 test, 3 unused (the ``'buffer'`` tiles of
+        ``sg.pp.tile(split_buffer=...)``: embedded, never trained on or scored) (``None``: every tile is a training
+        tile).
     tiles
         ``(T, C, H, W)`` ``uint8`` tile images (``C`` = 1 or 3, RGB 0..255 or one morphology channel), or
         ``None``. Only needed to fine-tune backbone blocks (``SigmmaConfig.finetune_blocks > 0``), where the
@@ -250,8 +256,10 @@ class TrainingBundle:
         if self.split is None:
             self.split = torch.zeros(t, dtype=torch.int8, device=ptr.device)
         self.split = _tensor(self.split, torch.int8, "split")
-        if self.split.shape != (t,) or bool(((self.split < 0) | (self.split > 2)).any()):
-            raise ValueError(f"`split` must be a (T,) = ({t},) vector of 0 (train), 1 (val), 2 (test).")
+        if self.split.shape != (t,) or bool(((self.split < 0) | (self.split > 3)).any()):
+            raise ValueError(
+                f"`split` must be a (T,) = ({t},) vector of 0 (train), 1 (val), 2 (test) or 3 (unused: buffer)."
+            )
         try:
             json.dumps(self.meta)
         except TypeError as e:
@@ -395,7 +403,20 @@ class TrainingBundle:
             tiles=None if self.tiles is None else self.tiles[tile_idx],
             edge_sections=(totals["knn0"], totals["knn1"], totals["knn2"]),
             candidates_in_blocks=True,
+            boundary=None if self._boundary_cache is None else self._boundary_cache.gather(host_idx, self.device),
         )
+
+    _boundary_cache = None  # a fine-tuning cache (a class attribute, not a field: bundles have none unless given one)
+
+    def with_boundary_cache(self, cache: Any) -> TrainingBundle:
+        """A shallow copy whose batches carry the cache's frozen-backbone outputs (``TileBatch.boundary``).
+
+        ``cache`` is a ``sigmma_sc.model._finetune.BoundaryCache`` (or ``None`` to drop one); the tensors are shared.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._boundary_cache = cache
+        return new
 
     # ------------------------------------------------------------------ I/O
     def state_dict(self) -> dict[str, Any]:

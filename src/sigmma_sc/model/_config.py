@@ -13,6 +13,7 @@ from ..nn._gnn import check_graph
 PRECISIONS = ("fp32", "tf32", "bf16")
 SCHEDULES = ("cosine", "step")
 SELECT_BY = ("retrieval", "loss")
+FINETUNE_CACHES = ("auto", "memory", "disk", "off")
 
 #: The paper's Table 3 training settings (Suppl. D): AdamW lr 1e-4, StepLR, 100 epochs, full batches of 1280 tiles,
 #: no warm-up, no early stopping, no gradient clipping. ``preset="paper"`` applies them.
@@ -70,7 +71,13 @@ class SigmmaConfig:
     temperature
         InfoNCE temperature.
     tau_e
-        Gumbel-sigmoid temperature of the edge sampler (not given in the paper; 1.0).
+        Gumbel-sigmoid temperature of the edge sampler (not given in the paper; 1.0). It shapes the straight-through
+        gradient only: the sampled edges are Bernoulli draws with the scorer's probability ``s_uv`` at any
+        temperature (:class:`~sigmma_sc.nn.EdgeSampler`).
+    edge_evaluation
+        Edge weights at evaluation (embedding, validation): ``"threshold"`` (default: keep a candidate when
+        ``s_uv > 0.5``, the most likely sample; an untrained scorer keeps an arbitrary half) or ``"expected"``
+        (weight every candidate by ``s_uv``, the expected value of its training-time sample).
     scales
         Scales trained and embedded (a subset of ``("micro", "meso", "macro")``; one scale = Table 5 ablation).
     use_graph
@@ -81,6 +88,11 @@ class SigmmaConfig:
         ``"hierarchical"`` (default: micro -> meso -> macro graphs with the neighbour-patch constraint) or
         ``"tile"``: one GNN over the tile's plain kNN graph, pooled once (the paper's single-scale graph row of
         Table 5; needs ``scales=("macro",)`` and ``edge_addition=False``).
+    edges
+        The GNN's edges: ``"spatial"`` (default: the cell graphs), ``"none"`` (the no-edges control: the same GNN
+        depth, attention pooling and heads with no edge at all, so no message passing) or ``"rewired"`` (the
+        rewired-edges control: every edge set's targets permuted at random inside its blocks, degrees kept; see
+        :class:`~sigmma_sc.nn.HierarchicalGraphEncoder`). Needs ``use_graph=True``.
     lr, weight_decay
         AdamW parameters (``lr`` is the peak learning rate after warm-up).
     steps
@@ -148,6 +160,17 @@ class SigmmaConfig:
         the loss stay in float32). The backbone of a fine-tuned model always runs under bf16 autocast on CUDA.
     seed
         Seed of the parameter initialisation (and the default training seed).
+    finetune_cache
+        With fine-tuning: where the output of the backbone's frozen part (a CNN's feature map before its last
+        blocks, a ViT's tokens before block ``L - finetune_blocks``) is cached, computed once per train/val tile
+        before training so that a step runs only the trainable blocks, the heads and the GNN. ``"auto"`` (default):
+        in memory when it takes at most half of the available memory, else memory-mapped on disk in ``cache_dir``;
+        ``"memory"`` or ``"disk"`` force one; its size is logged first and training refuses (``MemoryError``, naming
+        the fixes) when it fits nowhere. ``"off"``: no cache, every crop re-encoded through the whole backbone at
+        every step (e.g. for augmentation). Same features and gradients either way (to float rounding).
+    cache_dir
+        Directory of a memory-mapped fine-tuning cache (default: the temporary directory); the file is unlinked
+        as soon as it is mapped, so nothing is left behind.
     """
 
     n_features: int
@@ -158,10 +181,12 @@ class SigmmaConfig:
     dropout: float = 0.1
     temperature: float = 0.01
     tau_e: float = 1.0
+    edge_evaluation: str = "threshold"
     scales: tuple[str, ...] = SCALES
     use_graph: bool = True
     edge_addition: bool = True
     graph: str = "hierarchical"
+    edges: str = "spatial"
     lr: float = 1e-3
     weight_decay: float = 1e-3
     steps: int | None = 1000
@@ -184,13 +209,17 @@ class SigmmaConfig:
     backbone_lr: float = 1e-5
     precision: str = "fp32"
     seed: int = 0
+    finetune_cache: str = "auto"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         given = (self.scales,) if isinstance(self.scales, str) else tuple(self.scales)
         if not given or set(given) - set(SCALES):
             raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {given!r}.")
         self.scales = tuple(s for s in SCALES if s in given)
-        check_graph(self.graph, scales=self.scales, edge_addition=self.edge_addition, use_graph=self.use_graph)
+        check_graph(
+            self.graph, scales=self.scales, edge_addition=self.edge_addition, use_graph=self.use_graph, edges=self.edges
+        )
         for name in ("n_features", "image_dim", "hidden", "out_dim", "layers_per_scale", "step_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
@@ -216,6 +245,8 @@ class SigmmaConfig:
             raise ValueError(f"`micro_batch` must be None or >= 1, got {self.micro_batch}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+        if self.edge_evaluation not in ("threshold", "expected"):
+            raise ValueError(f"`edge_evaluation` must be 'threshold' or 'expected', got {self.edge_evaluation!r}.")
         if self.temperature <= 0 or self.tau_e <= 0:
             raise ValueError("`temperature` and `tau_e` must be positive.")
         if int(self.finetune_blocks) < 0:
@@ -228,6 +259,10 @@ class SigmmaConfig:
             self.backbone_weights = str(self.backbone_weights)
         if self.backbone_info is not None:  # plain types: read back from zarr it holds numpy arrays
             self.backbone_info = jsonable(dict(self.backbone_info))
+        if self.finetune_cache not in FINETUNE_CACHES:
+            raise ValueError(f"`finetune_cache` must be one of {FINETUNE_CACHES}, got {self.finetune_cache!r}.")
+        if self.cache_dir is not None:
+            self.cache_dir = str(self.cache_dir)
 
     @classmethod
     def preset(cls, name: str = "default", **fields_: Any) -> SigmmaConfig:

@@ -19,7 +19,7 @@ from ..nn._loss import ProjectionHead, multiscale_info_nce
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
 from ._determinism import deterministic_on_cpu
-from ._finetune import as_tile_tensor, build_image_encoder, encode_tiles
+from ._finetune import as_tile_tensor, build_image_encoder, encode_cached, encode_tiles
 from ._inference import (
     LinearProbe,
     RetrievalReference,
@@ -128,6 +128,8 @@ class SigmmaModel(nn.Module):
                 use_graph=config.use_graph,
                 scales=config.scales,
                 graph=config.graph,
+                edges=config.edges,
+                edge_evaluation=config.edge_evaluation,
             )
             self.image_heads = nn.ModuleDict(
                 {s: ProjectionHead(config.image_dim, config.out_dim, config.dropout) for s in config.scales}
@@ -224,6 +226,8 @@ class SigmmaModel(nn.Module):
     def batch_image_features(self, batch: TileBatch) -> dict[str, Tensor]:
         """Image features of a batch: cached (frozen backbone) or encoded from ``batch.tiles`` (fine-tuning)."""
         if self.image_encoder is not None:
+            if batch.boundary is not None:  # the frozen part's cached output: only the trainable blocks run
+                return encode_cached(self.image_encoder, batch.boundary, self.scales)
             if batch.tiles is None:
                 raise ValueError(
                     "This model fine-tunes its backbone: batches need the tile images (`TileBatch.tiles`), "
@@ -468,11 +472,17 @@ class SigmmaModel(nn.Module):
         The stored :class:`LinearProbe`.
         """
         lp = probe if isinstance(probe, LinearProbe) else LinearProbe.from_probe_result(probe, check=check)
-        scales = {k.split("_")[2] for k in lp.embedding_keys if k.startswith("X_sigmma_") and k.endswith("_image")}
+        # image features a new slide gives: the model's image embeddings, its fine-tuned encoder's pooled features,
+        # or the frozen backbone's (sg.tl.fit_probe chooses among them on validation tiles)
+        forms = [("X_sigmma_", "_image"), ("sigmma_backbone_", "")] + ([("X_sigmma_", "_encoder")] if self.finetuned else [])
+        scales = {k[len(a) : len(k) - len(b)] for k in lp.embedding_keys for a, b in forms
+                  if k.startswith(a) and k.endswith(b)}  # fmt: skip
         if len(scales) != len(lp.embedding_keys) or not scales <= set(self.scales):
             raise ValueError(
-                f"A probe saved with the model must read this model's image embeddings "
-                f"(X_sigmma_{{scale}}_image for scales {list(self.scales)}); got {lp.embedding_keys}."
+                f"A probe saved with the model must read image features of this model's scales {list(self.scales)}: "
+                f"X_sigmma_{{scale}}_image, sigmma_backbone_{{scale}}"
+                + (" or X_sigmma_{scale}_encoder" if self.finetuned else "")
+                + f"; got {lp.embedding_keys}."
             )
         self.probes[str(name)] = lp
         return lp
@@ -535,6 +545,7 @@ class SigmmaModel(nn.Module):
             f"SigmmaModel(scales={list(c.scales)}, n_features={c.n_features}, image_dim={c.image_dim}, "
             f"hidden={c.hidden}, out_dim={c.out_dim}, use_graph={c.use_graph}, edge_addition={c.edge_addition}, "
             + (f"graph={c.graph!r}, " if c.graph != "hierarchical" else "")
+            + (f"edges={c.edges!r}, " if c.edges != "spatial" else "")
             + (f"fine-tuned {c.backbone!r} ({c.finetune_blocks} blocks), " if self.finetuned else "")
             + f"{n} parameters, {len(self.history)} epochs trained)"
         )

@@ -24,7 +24,7 @@ from . import _distributed as D
 from ._bundle import TrainingBundle
 from ._determinism import deterministic_on_cpu
 from ._diagnostics import chance_loss, partner_rank, training_diagnostics
-from ._finetune import optimizer_groups
+from ._finetune import build_boundary_cache, optimizer_groups, plan_boundary_cache
 from ._memory import inference_chunks, plan_cpu_micro_batch
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 # config fields that may differ between the run that wrote a checkpoint and the one resuming it
-_RESUMABLE = {"epochs", "steps", "patience", "micro_batch", "precision"}
+_RESUMABLE = {"epochs", "steps", "patience", "micro_batch", "precision", "finetune_cache", "cache_dir"}
 #: the cosine schedule decays to this fraction of the peak learning rate
 _MIN_LR_RATIO = 0.01
 
@@ -399,8 +399,20 @@ def fit_model(
                 "file system that every rank shares."
             )
 
+    cache_plan, cache_idx = None, None
+    if model.finetuned and cfg.finetune_cache != "off":  # size planned (or refused) before anything slow
+        cache_idx = torch.cat([train_idx, val_idx]) if val_idx is not None else train_idx
+        cache_plan = plan_boundary_cache(
+            model.image_encoder, cache_idx.numel(), model.scales, mode=cfg.finetune_cache, cache_dir=cfg.cache_dir,
+            device=device,
+        )  # fmt: skip
     model.to(device)
-    data = bundle.to(device, tiles=model.finetuned)  # the pixels go to the device only to fine-tune
+    # the pixels go to the device only to fine-tune without a cache
+    data = bundle.to(device, tiles=model.finetuned and cache_plan is None)
+    if cache_plan is not None:  # the frozen part runs once per tile; a step runs only the trainable blocks
+        cache = build_boundary_cache(model.image_encoder, bundle.tiles, cache_idx, model.scales, cache_plan,
+                                     device=device)  # fmt: skip
+        data = data.with_boundary_cache(cache)
     fork_devices = [device] if device.type == "cuda" else []
     amp = autocast_for(cfg.precision, device)
     tf32 = cfg.precision in ("tf32", "bf16") and device.type == "cuda"

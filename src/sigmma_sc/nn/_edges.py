@@ -70,6 +70,9 @@ def _pair_uniform(key: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty_like(u).index_put_((order,), u[first])
 
 
+EDGE_EVALUATION = ("threshold", "expected")
+
+
 class EdgeSampler(nn.Module):
     r"""Score candidate edges and sample them with the Gumbel-sigmoid straight-through estimator.
 
@@ -81,7 +84,16 @@ class EdgeSampler(nn.Module):
     Training: binary Concrete / Gumbel-sigmoid sample with logistic noise ``g`` shared by the two
     directions of a pair, ``soft = sigmoid((logit + g) / tau)``, ``hard = 1[soft > 0.5]``, and the
     returned weight is ``hard - soft.detach() + soft`` (value ``hard``, gradient of ``soft``).
-    Evaluation: deterministic ``hard = 1[s_uv > 0.5]``.
+    ``hard = 1[logit + g > 0]`` does not depend on ``tau``: at any temperature an edge is sampled on with
+    probability exactly ``s_uv`` (a Bernoulli draw, as the paper's §3.2 states); ``tau`` only sets how sharp the
+    surrogate ``soft`` is, i.e. the straight-through gradient (low ``tau``: large gradients near the decision,
+    small elsewhere; high ``tau``: smaller, smoother gradients).
+
+    Evaluation is deterministic: ``evaluation="threshold"`` (default) keeps an edge when ``s_uv > 0.5`` (the
+    most likely sample of each edge; when the scorer has not learned, ``s_uv`` is close to 0.5 everywhere and
+    which candidates pass is decided by small differences of an untrained network), ``evaluation="expected"``
+    weights every candidate by ``s_uv``, the expected value of its training-time sample (an untrained scorer
+    then gives every candidate about half weight instead of keeping an arbitrary half).
 
     Monitoring: after every forward pass in training mode, :attr:`last_stats` holds
     ``{"sampled": fraction of the candidate edges sampled on, "prob": mean s_uv, "candidates": number of
@@ -96,7 +108,9 @@ class EdgeSampler(nn.Module):
     hidden_channels
         Width of the scorer's hidden layer (default ``max(in_channels // 4, 16)``).
     tau
-        Temperature ``tau_e`` of the Gumbel-sigmoid.
+        Temperature ``tau_e`` of the Gumbel-sigmoid (the straight-through gradient only, see above).
+    evaluation
+        ``"threshold"`` or ``"expected"``: the edge weights of an evaluation pass (see above).
 
     Shapes
     ------
@@ -109,12 +123,17 @@ class EdgeSampler(nn.Module):
         Edge statistics of the last training-mode forward pass (``None`` before the first one).
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int | None = None, *, tau: float = 1.0):
+    def __init__(
+        self, in_channels: int, hidden_channels: int | None = None, *, tau: float = 1.0, evaluation: str = "threshold"
+    ):
         super().__init__()
         hidden_channels = hidden_channels or max(in_channels // 4, 16)
         if tau <= 0:
             raise ValueError(f"The edge temperature tau must be positive, got {tau}.")
+        if evaluation not in EDGE_EVALUATION:
+            raise ValueError(f"`evaluation` must be one of {EDGE_EVALUATION}, got {evaluation!r}.")
         self.tau = float(tau)
+        self.evaluation = evaluation
         self.lin_u = nn.Linear(in_channels, hidden_channels)
         self.lin_v = nn.Linear(in_channels, hidden_channels, bias=False)
         self.act = nn.LeakyReLU()
@@ -138,6 +157,8 @@ class EdgeSampler(nn.Module):
         """Sampled weights of the candidate edges (straight-through in training, thresholded in eval)."""
         logit = self.logits(h, edge_index)
         if not self.training:
+            if self.evaluation == "expected":
+                return torch.sigmoid(logit)  # the expected value of the training-time sample
             return (logit > 0).to(logit.dtype)  # sigmoid(logit) > 0.5
         if logit.numel() == 0:
             zero = logit.new_zeros((), dtype=torch.float32).detach()
@@ -154,3 +175,78 @@ class EdgeSampler(nn.Module):
             "candidates": int(edge_index.shape[1]),
         }
         return hard - soft.detach() + soft
+
+
+def _mix31(a: Tensor) -> Tensor:
+    """A deterministic integer hash of int64 values into ``[0, 2**31)`` (two rounds of xor-shift-multiply)."""
+    a = a & 0xFFFFFFFF
+    a = ((a ^ (a >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    a = ((a ^ (a >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return (a ^ (a >> 16)) & 0x7FFFFFFF
+
+
+def tile_local_index(batch: Tensor, num_tiles: int) -> Tensor:
+    """Each cell's row inside its own tile (``0 .. n_t - 1``), for cells ordered by tile (as a batch holds them)."""
+    n = batch.numel()
+    idx = torch.arange(n, device=batch.device)
+    first = torch.full((max(num_tiles, 1),), n, dtype=torch.long, device=batch.device)
+    first = first.scatter_reduce(0, batch.long(), idx, reduce="amin", include_self=True)
+    return idx - first[batch.long()]
+
+
+def rewire_edges(edge_index: Tensor, segment: Tensor, local: Tensor, *, salt: int = 0) -> Tensor:
+    """Degree-preserving random rewiring of directed edges inside segments (the rewired-edges control).
+
+    The targets of the edges of each segment are permuted among those edges, so every node keeps its out-degree
+    and its in-degree within each segment, and a rewired edge stays inside the segment's block when every
+    original edge of the segment lies in that block (segments are blocks of the edges' sources). The
+    permutation is a fixed function of each edge's tile-local end points (``local``, from
+    :func:`tile_local_index`) and ``salt``, so a tile gets the same rewired graph in every batch, in training
+    and at inference, whatever the other tiles of the batch. Self loops that the permutation creates are
+    swapped away with another edge of the segment where possible (degrees still kept); the few that remain (a
+    segment whose edges all lead to one node, say) are kept.
+
+    Parameters
+    ----------
+    edge_index
+        ``(2, E)`` edges (messages flow ``edge_index[0] -> edge_index[1]``).
+    segment
+        ``(E,)`` int64 segment of each edge (e.g. ``(kind, block of the source)``); targets move only within one.
+    local
+        ``(N,)`` tile-local row of each node.
+    salt
+        Changes the permutation (one value per edge set, so that two sets are rewired independently).
+
+    Returns
+    -------
+    ``(2, E)`` rewired edges: the same sources in the same order, permuted targets.
+    """
+    e = edge_index.shape[1]
+    if e < 2:
+        return edge_index
+    src, dst = edge_index[0], edge_index[1]
+    key = _mix31(local[src] * 1_000_003 + local[dst] * 7919 + int(salt) * 104_729 + 12_345)
+    seg_order = torch.sort(segment * (2**31) + torch.arange(e, device=src.device), stable=True).indices
+    rnd_order = torch.sort(segment * (2**31) + key, stable=True).indices
+    new_dst = torch.empty_like(dst)
+    new_dst[seg_order] = dst[rnd_order]
+    # swap self loops with another edge of the segment (positions in segment order; a few offsets)
+    seg_sorted = segment[seg_order]
+    start_flag = torch.ones(e, dtype=torch.bool, device=src.device)
+    start_flag[1:] = seg_sorted[1:] != seg_sorted[:-1]
+    pos = torch.arange(e, device=src.device)
+    seg_start = torch.where(start_flag, pos, torch.zeros_like(pos)).cummax(0).values
+    seg_size = torch.bincount(torch.cumsum(start_flag.long(), 0) - 1)[torch.cumsum(start_flag.long(), 0) - 1]
+    s_sorted = src[seg_order]
+    for offset in (1, 2, 3, 5, 8):
+        d_sorted = new_dst[seg_order]
+        loop = s_sorted == d_sorted
+        if not bool(loop.any()):
+            break
+        p = torch.nonzero(loop & (seg_size > offset)).flatten()
+        q = seg_start[p] + (p - seg_start[p] + offset) % seg_size[p]
+        ok = ~loop[q] & (d_sorted[q] != s_sorted[p]) & (s_sorted[q] != s_sorted[p])
+        p, q = p[ok], q[ok]
+        d_sorted[p], d_sorted[q] = d_sorted[q].clone(), d_sorted[p].clone()
+        new_dst[seg_order] = d_sorted
+    return torch.stack([src, new_dst])

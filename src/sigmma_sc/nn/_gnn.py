@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
-from .._constants import SCALES
-from ._edges import EdgeSampler, scale_mask
+from .._constants import GRID, SCALES
+from ._edges import EdgeSampler, block_ids, rewire_edges, scale_mask, tile_local_index
 from ._pool import AttentionalPooling, mean_pool
 
 
@@ -125,12 +125,24 @@ class GraphEncoderOutput:
 
 
 GRAPHS = ("hierarchical", "tile")
+#: what the GNN's edges are: the spatial graphs, none (self only: the no-edges control) or the spatial graphs with
+#: their targets rewired at random inside each block, every degree kept (the rewired-edges control)
+EDGES = ("spatial", "none", "rewired")
 
 
-def check_graph(graph: str, *, scales: Sequence[str], edge_addition: bool, use_graph: bool) -> None:
+def check_graph(
+    graph: str, *, scales: Sequence[str], edge_addition: bool, use_graph: bool, edges: str = "spatial"
+) -> None:
     """Raise ``ValueError`` unless ``graph`` is one of :data:`GRAPHS` and consistent with the other switches."""
     if graph not in GRAPHS:
         raise ValueError(f"`graph` must be one of {GRAPHS}, got {graph!r}.")
+    if edges not in EDGES:
+        raise ValueError(f"`edges` must be one of {EDGES}, got {edges!r}.")
+    if edges != "spatial" and not use_graph:
+        raise ValueError(
+            f"`edges={edges!r}` is a control of the cell-graph model (same GNN and pooling, other edges); with "
+            "`use_graph=False` there is no GNN: leave `edges='spatial'`."
+        )
     if graph != "tile":
         return
     if not use_graph:
@@ -166,6 +178,15 @@ class HierarchicalGraphEncoder(nn.Module):
     ``MLP(x)``, the same for every scale; ``scales`` restricts the scales returned (the hierarchy still
     runs through the finer scales needed to build the coarsest requested one).
 
+    Controls that change only the edges (same layers, attention pooling and heads): ``edges="none"`` runs every
+    layer with no edge at all (no kNN edge, no candidate), so each SAGE layer reduces to its root term
+    ``W_r x_i`` plus the neighbour branch's bias, a per-cell MLP of the same depth; ``edges="rewired"`` permutes
+    the targets of the kNN edges among the edges of the same kind and block (same micro block, same meso block,
+    same tile) and the targets of the meso / macro candidates among those of the same meso block / tile
+    (``sigmma_sc.nn._edges.rewire_edges``): every cell keeps its in- and out-degree in each edge set and every
+    edge stays in its block, but which cells are linked is random (a fixed draw per tile, the same in training
+    and at inference).
+
     Parameters
     ----------
     in_channels
@@ -179,7 +200,8 @@ class HierarchicalGraphEncoder(nn.Module):
     dropout
         Dropout after every layer.
     tau_e
-        Gumbel-sigmoid temperature of the edge sampler.
+        Gumbel-sigmoid temperature of the edge sampler: it shapes the straight-through gradient only, never which
+        edges are sampled (see :class:`~sigmma_sc.nn.EdgeSampler`).
     edge_addition
         Stochastic edge addition (else fixed block-restricted kNN graphs).
     use_graph
@@ -189,6 +211,12 @@ class HierarchicalGraphEncoder(nn.Module):
     graph
         ``"hierarchical"`` (micro -> meso -> macro, see above) or ``"tile"`` (one GNN over the tile's kNN graph;
         needs ``scales=("macro",)`` and ``edge_addition=False``).
+    edges
+        ``"spatial"`` (the graphs above), ``"none"`` (no edges: the no-edges control) or ``"rewired"`` (degree-
+        preserving random rewiring inside blocks: the rewired-edges control); see above.
+    edge_evaluation
+        Edge weights of an evaluation pass: ``"threshold"`` (keep ``s_uv > 0.5``) or ``"expected"`` (weight
+        ``s_uv``); see :class:`~sigmma_sc.nn.EdgeSampler`.
 
     Shapes
     ------
@@ -210,6 +238,8 @@ class HierarchicalGraphEncoder(nn.Module):
         use_graph: bool = True,
         scales: Sequence[str] = SCALES,
         graph: str = "hierarchical",
+        edges: str = "spatial",
+        edge_evaluation: str = "threshold",
     ):
         super().__init__()
         scales = tuple(scales)
@@ -217,8 +247,9 @@ class HierarchicalGraphEncoder(nn.Module):
             raise ValueError(f"`scales` must be a non-empty subset of {SCALES}, got {scales!r}.")
         if layers_per_scale < 1:
             raise ValueError(f"`layers_per_scale` must be >= 1, got {layers_per_scale}.")
-        check_graph(graph, scales=scales, edge_addition=edge_addition, use_graph=use_graph)
+        check_graph(graph, scales=scales, edge_addition=edge_addition, use_graph=use_graph, edges=edges)
         self.graph = graph
+        self.edges = edges
         self.scales = tuple(s for s in SCALES if s in scales)
         self.in_channels, self.hidden, self.out = in_channels, hidden, out
         self.dropout = dropout
@@ -245,7 +276,7 @@ class HierarchicalGraphEncoder(nn.Module):
         self.samplers = nn.ModuleDict()
         if edge_addition:
             for s in self._run[1:]:
-                self.samplers[s] = EdgeSampler(out, tau=tau_e)
+                self.samplers[s] = EdgeSampler(out, tau=tau_e, evaluation=edge_evaluation)
         self.pools = nn.ModuleDict({s: AttentionalPooling(out) for s in self.scales})
 
     def reset_parameters(self) -> None:
@@ -292,6 +323,13 @@ class HierarchicalGraphEncoder(nn.Module):
             return GraphEncoderOutput(nodes=dict.fromkeys(self.scales, cells), pooled=dict.fromkeys(self.scales, tiles))
 
         device = x.device
+        if self.edges == "none":
+            edge_index = cand_meso = cand_macro = _empty_edges(device)
+            edge_sections, candidates_in_blocks = (0, 0, 0), True
+        elif self.edges == "rewired":
+            edge_index, cand_meso, cand_macro, edge_sections = _rewired(
+                edge_index, cand_meso, cand_macro, pos, batch, num_tiles, edge_sections
+            )
         cands = {"meso": cand_meso, "macro": cand_macro}
         nodes: dict[str, Tensor] = {}
         graphs: dict[str, tuple[Tensor, Tensor]] = {}
@@ -322,3 +360,40 @@ class HierarchicalGraphEncoder(nn.Module):
             nodes[s], graphs[s] = h, (ei, wi)
         pooled = {s: self.pools[s](nodes[s], batch, num_tiles) for s in self.scales}
         return GraphEncoderOutput(nodes={s: nodes[s] for s in self.scales}, pooled=pooled, graphs=graphs, added=added)
+
+
+def _rewired(
+    edge_index: Tensor,
+    cand_meso: Tensor | None,
+    cand_macro: Tensor | None,
+    pos: Tensor,
+    batch: Tensor,
+    num_tiles: int,
+    edge_sections: tuple[int, int, int] | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[int, int, int]]:
+    """The rewired-edges control: every edge set rewired inside its blocks (see :class:`HierarchicalGraphEncoder`).
+
+    The kNN edges come back ordered into ``(same micro block, same meso block only, other)`` sections, each
+    rewired inside the blocks of its sources at that scale, with the section sizes.
+    """
+    local = tile_local_index(batch, num_tiles)
+    ids = {s: block_ids(pos, batch, GRID[s]) for s in ("micro", "meso")}
+    tile = batch.long()
+    src, dst = edge_index
+    if edge_sections is not None:
+        group = torch.repeat_interleave(
+            torch.arange(3, device=src.device), torch.as_tensor(edge_sections, device=src.device)
+        )
+    else:
+        same_meso = ids["meso"][src] == ids["meso"][dst]
+        group = 2 - same_meso.long() - (ids["micro"][src] == ids["micro"][dst]).long()
+        order = torch.sort(group, stable=True).indices
+        edge_index, group = edge_index[:, order], group[order]
+        src = edge_index[0]
+    block = torch.where(group == 0, ids["micro"][src], torch.where(group == 1, ids["meso"][src], tile[src]))
+    edge_index = rewire_edges(edge_index, block * 3 + group, local, salt=0)
+    sections = tuple(int(c) for c in torch.bincount(group, minlength=3).tolist())
+    out = []
+    for salt, (cand, seg) in enumerate(((cand_meso, ids["meso"]), (cand_macro, tile)), start=1):
+        out.append(None if cand is None else rewire_edges(cand, seg[cand[0]], local, salt=salt))
+    return edge_index, out[0], out[1], sections  # type: ignore[return-value]

@@ -319,11 +319,13 @@ class MultiCropEncoder(nn.Module):
             blocks = getattr(backbone, "blocks", None)
             if blocks is None:
                 raise ValueError(
-                    f"Backbone {info.name!r} has no `blocks` attribute; it cannot be fine-tuned by blocks."
+                    f"Backbone {info.name!r} has no `blocks` attribute; it cannot be fine-tuned by blocks. Use "
+                    "`finetune_blocks=0` (frozen backbone), or a timm ViT (e.g. 'uni') or EfficientNet backbone."
                 )
             if finetune_blocks > len(blocks):
                 raise ValueError(
-                    f"`finetune_blocks={finetune_blocks}` but backbone {info.name!r} has only {len(blocks)} blocks."
+                    f"`finetune_blocks={finetune_blocks}` but backbone {info.name!r} has only {len(blocks)} blocks; "
+                    f"use `finetune_blocks` between 1 and {len(blocks)} (0: frozen backbone)."
                 )
             self._trainable = list(blocks[-finetune_blocks:])
             for attr in ("norm", "fc_norm", "conv_head", "bn2"):
@@ -332,6 +334,7 @@ class MultiCropEncoder(nn.Module):
                     self._trainable.append(m)
             for m in self._trainable:
                 m.requires_grad_(requires_grad=True)
+        self.family = _split_family(backbone) if finetune_blocks > 0 else None
         self.train(mode=False)
 
     def train(self, mode: bool = True) -> MultiCropEncoder:  # noqa: FBT001, FBT002 - torch signature
@@ -413,3 +416,124 @@ class MultiCropEncoder(nn.Module):
                     parts[s].append(feats[start : start + b * n].reshape(b, n, -1).mean(1))
                     start += b * n
         return {s: torch.cat(v) if len(v) > 1 else v[0] for s, v in parts.items()}
+
+    # ------------------------------------------------------------------ the frozen/trainable split (cached fine-tuning)
+    @property
+    def can_cache(self) -> bool:
+        """Whether the frozen part's output can be cached (a fine-tuned backbone whose split this class knows)."""
+        return self.family is not None
+
+    def check_cacheable(self) -> None:
+        """Raise ``ValueError`` (naming the fix) when the frozen part's output cannot be cached."""
+        if self.finetune_blocks < 1:
+            raise ValueError("Only a fine-tuned encoder (`finetune_blocks > 0`) has a frozen part to cache.")
+        if self.family is None:
+            raise ValueError(
+                f"Backbone {self.info.name!r} ({type(self.backbone).__name__}) has `blocks`, but its frozen part "
+                "cannot be split from the trainable blocks to be cached: the cache knows timm's VisionTransformer "
+                "(ViT, UNI) and EfficientNet families. Use `finetune_cache='off'` (re-encode every crop through the "
+                "whole backbone at every step; slower) or one of those backbones."
+            )
+
+    def _frozen_part(self, x: Tensor) -> Tensor:
+        bb = self.backbone
+        if self.family == "vit":
+            x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
+        else:
+            x = bb.bn1(bb.conv_stem(x))
+        for block in bb.blocks[: len(bb.blocks) - self.finetune_blocks]:
+            x = block(x)
+        return x
+
+    def _trainable_part(self, x: Tensor) -> Tensor:
+        bb = self.backbone
+        for block in bb.blocks[len(bb.blocks) - self.finetune_blocks :]:
+            x = block(x)
+        x = bb.norm(x) if self.family == "vit" else bb.bn2(bb.conv_head(x))
+        return bb.forward_head(x)
+
+    def boundary_shape(self) -> tuple[int, ...]:
+        """Shape of one crop's output at the frozen/trainable boundary (a CNN feature map, a ViT's tokens).
+
+        Runs one crop of zeros through the frozen part (on the parameters' device; a ``meta``-device encoder gives
+        the shape without computing anything).
+        """
+        self.check_cacheable()
+        p = next(self.backbone.parameters())
+        size = self.info.input_size
+        with torch.no_grad():
+            out = self._frozen_part(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        return tuple(int(d) for d in out.shape[1:])
+
+    def frozen_crops(self, tiles: Tensor, scales: Sequence[str] = SCALES) -> Tensor:
+        """The frozen part's output for every crop of every tile: ``(B, n_crops, *boundary_shape)``, no gradient.
+
+        ``n_crops = sum(GRID[s] ** 2)`` over ``scales``; per tile, the crops of each scale in row-major order, micro
+        then meso then macro. :meth:`forward_cached` turns it into the same features as :meth:`forward`.
+        """
+        self.check_cacheable()
+        scales = [s for s in SCALES if s in scales]
+        per_tile = sum(GRID[s] ** 2 for s in scales)
+        parts = []
+        with torch.no_grad():
+            for chunk in tiles.split(max(self.max_crops // per_tile, 1)):
+                b = chunk.shape[0]
+                out = self._frozen_part(self.crops(chunk, scales))
+                start, per_scale = 0, []
+                for s in scales:
+                    n = GRID[s] ** 2
+                    per_scale.append(out[start : start + b * n].reshape(b, n, *out.shape[1:]))
+                    start += b * n
+                parts.append(torch.cat(per_scale, 1))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def forward_cached(self, boundary: Tensor, scales: Sequence[str] = SCALES) -> dict[str, Tensor]:
+        """Per-scale mean-pooled crop features from the frozen part's output (:meth:`frozen_crops`).
+
+        Runs only the trainable blocks, the final norm and the pooling, in batched calls of at most ``max_crops``
+        crops; equal to :meth:`forward` of the same tiles (to float rounding), gradients included.
+        """
+        scales = [s for s in SCALES if s in scales]
+        per_tile = sum(GRID[s] ** 2 for s in scales)
+        if boundary.ndim < 3 or boundary.shape[1] != per_tile:
+            raise ValueError(
+                f"Cached frozen-part outputs must be (B, {per_tile}, ...) for scales {scales}, got "
+                f"{tuple(boundary.shape)}."
+            )
+        p = next(p for m in self._trainable for p in m.parameters())
+        parts: dict[str, list[Tensor]] = {s: [] for s in scales}
+        for chunk in boundary.split(max(self.max_crops // per_tile, 1)):
+            b = chunk.shape[0]
+            autocast = chunk.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+            x = chunk if autocast else chunk.to(p.dtype)  # a bf16 cache enters autocast as is
+            crops, start = [], 0
+            for s in scales:  # crop-major within each scale, as `crops` orders them
+                n = GRID[s] ** 2
+                crops.append(x[:, start : start + n].reshape(b * n, *x.shape[2:]))
+                start += n
+            feats = self._trainable_part(torch.cat(crops) if len(crops) > 1 else crops[0])
+            start = 0
+            for s in scales:
+                n = GRID[s] ** 2
+                parts[s].append(feats[start : start + b * n].reshape(b, n, -1).mean(1))
+                start += b * n
+        return {s: torch.cat(v) if len(v) > 1 else v[0] for s, v in parts.items()}
+
+
+def _split_family(backbone: nn.Module) -> str | None:
+    """``"vit"`` / ``"efficientnet"`` when the frozen part of ``backbone`` can be split off its last blocks, else ``None``.
+
+    Only timm's own classes (subclasses included), whose ``forward_features`` is known: a ViT's ``patch_embed ->
+    _pos_embed -> patch_drop -> norm_pre -> blocks -> norm`` and an EfficientNet's ``conv_stem -> bn1 -> blocks ->
+    conv_head -> bn2``, each followed by ``forward_head``.
+    """
+    try:
+        from timm.models.efficientnet import EfficientNet
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    if isinstance(backbone, VisionTransformer):
+        return "vit"
+    if isinstance(backbone, EfficientNet):
+        return "efficientnet"
+    return None

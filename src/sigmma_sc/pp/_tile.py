@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage, sparse
 
-from sigmma_sc._constants import GRID, SPLITS, Keys
+from sigmma_sc._constants import GRID, SPLIT_BUFFER, SPLITS, Keys
 from sigmma_sc._docs import doc_inplace, doc_params
 from sigmma_sc._utils._record import write_record
 from sigmma_sc._utils._validate import (
@@ -53,6 +53,7 @@ def tile(
     min_cells: int = 1,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     split_region_tiles: int | None = None,
+    split_buffer: int = 0,
     cells_outside: Literal["raise", "drop"] = "raise",
     seed: int = 0,
     key_added: str = Keys.PREFIX,
@@ -65,7 +66,11 @@ def tile(
     pyramid level); the others are dropped as background and counted in the log. Tiles are grouped into
     square regions of ``split_region_tiles`` x ``split_region_tiles`` tiles and whole regions are assigned to
     train, validation and test, so that validation and test tiles lie in regions spatially disjoint from the
-    training regions.
+    training regions. Regions touch, though: without a buffer, a training tile can be the direct neighbour of a
+    test tile (the same tissue structure, a few µm away). ``split_buffer=b`` takes the training tiles within
+    ``b`` tiles (8-neighbourhood, grid steps) of a validation or test tile out of training: their split becomes
+    ``'buffer'`` (they are tiled, graphed and embedded, but no training, model selection or held-out score
+    uses them), so every held-out tile is at least ``b`` tiles away from any training tile.
 
     Parameters
     ----------
@@ -101,6 +106,10 @@ def tile(
         Train, validation and test fractions of tiles.
     split_region_tiles
         Side of a split region in tiles (default: about 50 regions over the section).
+    split_buffer
+        Training tiles within this many tiles of a validation or test tile become ``'buffer'`` tiles, unused
+        (0: none, the regions touch). A buffer of 1 took half of the demo's training tiles away
+        (see ``BENCHMARKS.md``), so it is off by default.
     cells_outside
         What to do with cells whose centroid lies off the image: ``'raise'`` or ``'drop'`` them (tile ``-1``).
     seed
@@ -121,7 +130,7 @@ def tile(
     `sdata.tables['sigmma_tiles' | f'{key_added}_tiles']`
         One row per kept tile annotating those shapes; ``.X`` summed counts of its cells; ``.obs``
         ``tile_id``, ``tile_row``, ``tile_col``, ``x0``, ``y0``, ``n_cells``, ``tissue_fraction``, ``split``
-        (train/val/test), ``split_region``; ``.uns[key_added]['tile']`` the parameters and, under ``'keys'``,
+        (train/val/test, and ``buffer`` with ``split_buffer``), ``split_region``; ``.uns[key_added]['tile']`` the parameters and, under ``'keys'``,
         every key written.
     `table.obs['sigmma_tile' | f'{key_added}_tile']`
         Row of the tile table of each cell (``-1`` if dropped).
@@ -135,6 +144,8 @@ def tile(
     pixel_size_um = check_positive(pixel_size_um, "pixel_size_um")
     if not 0 <= min_tissue_fraction <= 1:
         raise ValueError(f"`min_tissue_fraction` must be in [0, 1], got {min_tissue_fraction}.")
+    if not isinstance(split_buffer, int | np.integer) or isinstance(split_buffer, bool) or split_buffer < 0:
+        raise ValueError(f"`split_buffer` must be a non-negative integer (tiles), got {split_buffer!r}.")
     fractions = np.asarray(split_fractions, dtype=float)
     if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
         raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {split_fractions}.")
@@ -238,6 +249,7 @@ def tile(
         blocks[scale_name] = np.where(tiled, block_ids(xy, row, col, (xmin, ymin), size, GRID[scale_name]), -1)
 
     split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
+    split = _buffer_split(split, t_row, t_col, split_buffer)
     _warn_small_splits(split, fractions, tile_size_um)
 
     # summed counts per tile
@@ -267,6 +279,7 @@ def tile(
         "min_tissue_fraction": float(min_tissue_fraction),
         "min_cells": int(min_cells),
         "split_fractions": [float(f) for f in fractions],
+        "split_buffer": int(split_buffer),
         "seed": int(seed),
         "n_dropped_cells": n_dropped_cells,
     }
@@ -444,6 +457,23 @@ def _spatial_split(
         filled[s] += sizes[r]
     split = np.asarray(SPLITS)[assigned[region]]
     return categorical(split, SPLITS), region
+
+
+def _buffer_split(split: pd.Categorical, rows: np.ndarray, cols: np.ndarray, buffer: int) -> pd.Categorical:
+    """Training tiles within ``buffer`` grid steps (Chebyshev) of a val/test tile become ``'buffer'`` tiles."""
+    if buffer == 0 or rows.size == 0:
+        return split
+    labels = np.asarray(split).astype(object)
+    held = np.zeros((int(rows.max()) + 1, int(cols.max()) + 1), dtype=bool)
+    held[rows[labels != "train"], cols[labels != "train"]] = True
+    near = ndimage.maximum_filter(held, size=2 * int(buffer) + 1, mode="constant", cval=False)
+    drop = (labels == "train") & near[rows, cols]
+    labels[drop] = SPLIT_BUFFER
+    logger.info(
+        "Split buffer of %d tile(s): %d of %d training tiles next to a val/test tile are 'buffer' tiles (unused).",
+        int(buffer), int(drop.sum()), int(drop.sum() + (labels == "train").sum()),
+    )  # fmt: skip
+    return categorical(labels, (*SPLITS, SPLIT_BUFFER))
 
 
 def _tile_shapes(x0: np.ndarray, y0: np.ndarray, size: float, coordinate_system: str) -> gpd.GeoDataFrame:

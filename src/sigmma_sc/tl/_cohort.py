@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import SPLITS, Keys
+from .._constants import SPLIT_BUFFER, SPLITS, Keys
 from .._utils._validate import counts_matrix, get_table
 from .._utils._version import package_version
 from ..data._bundle import _hash_names, build_bundle
@@ -239,7 +239,8 @@ def prepare_cohort(
         tiles = get_table(sdata, tile_key)
         if split == "section" and Keys.SPLIT_SPATIAL not in tiles.obs:
             tiles.obs[Keys.SPLIT_SPATIAL] = tiles.obs[Keys.SPLIT].copy()
-        tiles.obs[Keys.SPLIT] = pd.Categorical(splits[n], categories=list(SPLITS))
+        buffered = [SPLIT_BUFFER] if (np.asarray(splits[n]) == SPLIT_BUFFER).any() else []  # sg.pp.tile(split_buffer)
+        tiles.obs[Keys.SPLIT] = pd.Categorical(splits[n], categories=[*SPLITS, *buffered])
         tiles.obs[Keys.SECTION] = pd.Categorical([n] * tiles.n_obs, categories=names)
         g = graphs[n]
         if pca is not None:

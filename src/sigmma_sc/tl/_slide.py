@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import SCALES, SPLITS, Keys
+from .._constants import SPLITS, Keys
 from .._utils._validate import get_image, get_table
 
 if TYPE_CHECKING:
@@ -49,8 +49,15 @@ def fit_probe(
     name: str = "expression",
     tile_key: str = Keys.TILE_TABLE,
     use_rep: str = Keys.PREFIX,
+    features: str = "auto",
 ) -> ProbeResult:
-    """Fit a linear probe of tile expression on the model's image embeddings and store it in the model.
+    """Fit a linear probe of tile expression on the best image features and store it in the model.
+
+    With ``features='auto'`` the probe's input is chosen on the *validation* tiles among SIGMMA's image
+    embeddings, the fine-tuned encoder's pooled features (a model with ``finetune_blocks > 0``) and the frozen
+    backbone's features: the one whose probe has the highest validation gene-wise PCC, so that image-only
+    prediction is never worse on validation tiles than a probe on the backbone a user already has. All three are
+    computed from the image alone, so :func:`predict_slide` computes the chosen ones on a new slide.
 
     The probe (:func:`sigmma_sc.metrics.linear_probe`: PCA + ridge fitted on the *training* tiles, penalty
     chosen on the validation tiles, scored on the test tiles) is collapsed into one affine map and kept in
@@ -77,12 +84,20 @@ def fit_probe(
         Tile table.
     use_rep
         The ``key_added`` under which ``model`` embedded the section (:func:`sigmma_sc.tl.embed`).
+    features
+        The probe's input: ``'auto'`` (chosen on validation tiles, see above), ``'sigmma'`` (the model's image
+        embeddings), ``'encoder'`` (the fine-tuned encoder's pooled features) or ``'backbone'`` (the frozen
+        backbone's features, ``sg.tl.featurize``).
 
     Returns
     -------
-    The fitted probe with its held-out scores (``.summary()``). Writes ``model.probes[name]``.
+    The fitted probe with its held-out scores (``.summary()``). Writes ``model.probes[name]`` and
+    ``tiles.uns['sigmma']['probes'][name]``: ``features`` (the source used), ``keys`` (its ``.obsm`` keys, written
+    for ``'encoder'``/``'backbone'`` if missing), ``chosen_on`` and, with ``'auto'``, ``validation``: each
+    candidate's validation gene-wise and tile PCC.
     """
     from ..metrics import linear_probe
+    from ._probe_features import SOURCES, choose_features, ensure_features, source_keys
 
     tiles = get_table(sdata, tile_key)
     _check_embedded_by(tiles, model, tile_key)
@@ -90,12 +105,40 @@ def fit_probe(
     bad = [s for s in scales if s not in model.scales]
     if bad or not scales:
         raise ValueError(f"`scales` must be a non-empty subset of the model's scales {list(model.scales)}; got {bad}.")
-    keys = [Keys.embedding(use_rep)["image"][s] for s in SCALES if s in scales]
-    probe = linear_probe(
-        sdata, keys, protocol=protocol, n_genes=n_genes, n_components=n_components, tile_key=tile_key
-    )  # fmt: skip
+    if features != "auto" and features not in SOURCES:
+        raise ValueError(f"`features` must be 'auto' or one of {SOURCES}, got {features!r}.")
+    if features == "encoder" and not model.finetuned:
+        raise ValueError("`features='encoder'` needs a fine-tuned model (`finetune_blocks > 0`); use 'backbone'.")
+    kwargs = {"protocol": protocol, "n_genes": n_genes, "n_components": n_components}
+    validation = None
+    chosen = features
+    if features == "auto":
+        n_val = int((tiles.obs[Keys.SPLIT].to_numpy() == "val").sum())
+        candidates = tuple(c for c in SOURCES if c != "encoder" or model.finetuned)
+        if n_val < 3:
+            logger.warning("Only %d validation tiles: the probe reads SIGMMA's image embeddings (no choice).", n_val)
+            chosen = "sigmma"
+        else:
+            chosen, validation = choose_features(
+                sdata, model, scales=scales, candidates=candidates, use_rep=use_rep, tile_key=tile_key,
+                probe_kwargs=kwargs,
+            )  # fmt: skip
+            logger.info(
+                "Probe %r reads the %s features: validation gene PCC %s (%d validation tiles).", name, chosen,
+                ", ".join(f"{c} {v['gene_pcc']:.3f}" for c, v in validation.items()), n_val,
+            )  # fmt: skip
+    keys = source_keys(chosen, scales, use_rep)
+    ensure_features(sdata, model, chosen, keys, tile_key=tile_key)
+    tiles = get_table(sdata, tile_key)
+    probe = linear_probe(sdata, keys, tile_key=tile_key, **kwargs)
     x = np.hstack([np.asarray(tiles.obsm[k], dtype=np.float64) for k in keys])
     model.add_probe(probe, name, check=x[: min(len(x), 64)])
+    uns = dict(tiles.uns.get(Keys.UNS, {}))
+    probes = dict(uns.get("probes", {}))
+    probes[name] = {"features": chosen, "keys": keys, "chosen_on": "validation" if validation else "given",
+                    "protocol": protocol, **({"validation": validation} if validation else {})}  # fmt: skip
+    uns["probes"] = probes
+    tiles.uns[Keys.UNS] = uns
     s = probe.summary()
     logger.info(
         "Probe %r: %d genes on %s; held-out (%d tiles) tile PCC %.3f, gene PCC %.3f.",
@@ -336,8 +379,12 @@ def predict_slide(
         "stain_normalize": bool(stain_normalize),
         "image_key": tile_image,
     }
-    if lp is not None:
-        tiles = _with_expression(tiles, lp, probe)
+    if lp is not None:  # the probe's inputs: SIGMMA's embeddings (above), or the encoder's / backbone's features
+        from ._probe_features import ensure_features, source_of
+
+        ensure_features(sdata, model, source_of(lp.embedding_keys), list(lp.embedding_keys), tile_key=tile_key,
+                        batch_size=batch_size, device=device)  # fmt: skip
+        tiles = _with_expression(sdata.tables[tile_key], lp, probe)
     if retrieve:
         _write_retrieval(tiles, model, int(retrieve))
     uns = dict(tiles.uns.get(Keys.UNS, {}))

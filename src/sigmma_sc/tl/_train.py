@@ -166,6 +166,7 @@ def train_sigmma(
     tiles = get_table(sdata, tile_key)
     checked_graph(sdata, table_key=table_key, tile_key=tile_key)  # missing, other tiling or stale: before featurizing
     _check_training_tiles(int((tiles.obs[Keys.SPLIT].to_numpy() == "train").sum()))
+    _check_finetune(tiles, backbone, input_size, device, config)  # blocks, split and cache size: before featurizing
     _warn_spinning_threads(device or settings.device)
     featurize(
         sdata, backbone=backbone, tile_key=tile_key, pretrained=pretrained, weights=weights,
@@ -259,3 +260,20 @@ def _check_training_tiles(n_train: int) -> None:
             "Use a smaller `tile_size_um` in `sg.pp.tile`, or a larger section."
         )
 
+
+def _check_finetune(tiles: Any, backbone: str, input_size: int | None, device: str | None, config: dict) -> None:
+    """Fine-tuning: a backbone with blocks to split and a cache that fits, checked before the featurization."""
+    from .._constants import SCALES
+    from ..model._finetune import check_finetune
+    from ..model._train_loop import resolve_device
+
+    blocks = int(config.get("finetune_blocks", 0) or 0)
+    if blocks < 1:
+        return
+    scales = config.get("scales") or SCALES
+    check_finetune(
+        backbone, blocks, n_tiles=int(tiles.obs[Keys.SPLIT].isin(["train", "val"]).sum()),
+        scales=(scales,) if isinstance(scales, str) else tuple(scales), input_size=input_size,
+        finetune_cache=config.get("finetune_cache", "auto"), cache_dir=config.get("cache_dir"),
+        device=resolve_device(device),
+    )  # fmt: skip

@@ -11,7 +11,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from ._render import Frame, Renderer
-from ._tissue import _NUCLEUS, CELL_TYPES, NEST, TCELL, TUMOUR, Cells, Layout, noise_field
+from ._tissue import CELL_TYPES, NEST, TCELL, TUMOUR, Cells, Layout, noise_field, nucleus_draws
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -193,21 +193,9 @@ def _nuclei(rng: np.random.Generator, xy: np.ndarray, cell_type: np.ndarray) -> 
     a, b, theta = np.empty(n), np.empty(n), rng.uniform(0, np.pi, n)
     hem, dapi, pleo = np.empty(n), np.empty(n), np.zeros((n, 4))
     for t in ARRANGEMENT_TYPES:
-        a_mu, a_sd, r_lo, r_hi, p_amp, h, d, _ = _NUCLEUS[t]
         m = cell_type == t
         k = int(m.sum())
-        a[m] = np.clip(rng.normal(a_mu, a_sd, k), 0.6 * a_mu, 1.6 * a_mu)
-        b[m] = a[m] * rng.uniform(r_lo, r_hi, k)
-        hem[m] = h * rng.uniform(0.85, 1.15, k)
-        dapi[m] = d * rng.uniform(0.8, 1.2, k)
-        pleo[m] = np.column_stack(
-            [
-                p_amp * rng.random(k),
-                rng.uniform(0, 2 * np.pi, k),
-                0.6 * p_amp * rng.random(k),
-                rng.uniform(0, 2 * np.pi, k),
-            ]
-        )
+        a[m], b[m], hem[m], dapi[m], pleo[m] = nucleus_draws(rng, t, k)
     vesicular = np.where(cell_type == TUMOUR, rng.uniform(0.3, 0.55, n), 0.0)
     return Cells(
         x=xy[:, 0],

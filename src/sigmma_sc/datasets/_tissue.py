@@ -256,6 +256,27 @@ def _paint_vessels(rng, domain, angle, grid, xx, yy) -> None:
         sub[ok & (d < r_in)] = LUMEN
 
 
+def nucleus_draws(rng: np.random.Generator, cell_type: int, k: int) -> tuple[np.ndarray, ...]:
+    """Semi-axes ``a``, ``b``, haematoxylin and DAPI stain and ``(k, 4)`` pleomorphism of ``k`` nuclei of one type.
+
+    One place for the draws (and their order) that every synthetic section makes from ``_NUCLEUS``.
+    """
+    a_mu, a_sd, r_lo, r_hi, p_amp, h, d, _ = _NUCLEUS[cell_type]
+    a = np.clip(rng.normal(a_mu, a_sd, k), 0.6 * a_mu, 1.6 * a_mu)
+    b = a * rng.uniform(r_lo, r_hi, k)
+    hem = h * rng.uniform(0.85, 1.15, k)
+    dapi = d * rng.uniform(0.8, 1.2, k)
+    pleo = np.column_stack(
+        [
+            p_amp * rng.random(k),
+            rng.uniform(0, 2 * np.pi, k),
+            0.6 * p_amp * rng.random(k),
+            rng.uniform(0, 2 * np.pi, k),
+        ]
+    )
+    return a, b, hem, dapi, pleo
+
+
 def contact_mask(x: np.ndarray, y: np.ndarray, cell_type: np.ndarray, distance: float = CONTACT_DISTANCE_UM) -> np.ndarray:
     """Cells of ``CONTACT_RECEIVER`` type whose centroid lies closer than ``distance`` µm to a ``CONTACT_SENDER`` cell."""
     out = np.zeros(len(x), dtype=bool)
@@ -298,21 +319,10 @@ def place_cells(rng: np.random.Generator, layout: Layout, n_cells: int, *, conta
     pleo, notch = np.zeros((n_cells, 4)), np.zeros((n_cells, 3))
     hem, dapi = np.empty(n_cells), np.empty(n_cells)
     field_angle = layout.lookup(x, y, layout.angle)
-    for t, (a_mu, a_sd, r_lo, r_hi, p_amp, h, d, kidney) in _NUCLEUS.items():
+    for t, (*_, kidney) in _NUCLEUS.items():
         m = cell_type == t
         k = int(m.sum())
-        a[m] = np.clip(rng.normal(a_mu, a_sd, k), 0.6 * a_mu, 1.6 * a_mu)
-        b[m] = a[m] * rng.uniform(r_lo, r_hi, k)
-        hem[m] = h * rng.uniform(0.85, 1.15, k)
-        dapi[m] = d * rng.uniform(0.8, 1.2, k)
-        pleo[m] = np.column_stack(
-            [
-                p_amp * rng.random(k),
-                rng.uniform(0, 2 * np.pi, k),
-                0.6 * p_amp * rng.random(k),
-                rng.uniform(0, 2 * np.pi, k),
-            ]
-        )
+        a[m], b[m], hem[m], dapi[m], pleo[m] = nucleus_draws(rng, t, k)
         if t in _ALIGNED_TYPES:
             theta[m] = field_angle[m] + rng.normal(0, 0.25, k)
         if kidney:

@@ -409,12 +409,7 @@ class MultiCropEncoder(nn.Module):
         with contextlib.nullcontext() if grad else torch.no_grad():
             for chunk in tiles.split(max(self.max_crops // per_tile, 1)):
                 b = chunk.shape[0]
-                feats = self.backbone(self.crops(chunk, scales))
-                start = 0
-                for s in scales:
-                    n = GRID[s] ** 2
-                    parts[s].append(feats[start : start + b * n].reshape(b, n, -1).mean(1))
-                    start += b * n
+                _pool_crops(self.backbone(self.crops(chunk, scales)), b, scales, parts)
         return {s: torch.cat(v) if len(v) > 1 else v[0] for s, v in parts.items()}
 
     # ------------------------------------------------------------------ the frozen/trainable split (cached fine-tuning)
@@ -511,13 +506,17 @@ class MultiCropEncoder(nn.Module):
                 n = GRID[s] ** 2
                 crops.append(x[:, start : start + n].reshape(b * n, *x.shape[2:]))
                 start += n
-            feats = self._trainable_part(torch.cat(crops) if len(crops) > 1 else crops[0])
-            start = 0
-            for s in scales:
-                n = GRID[s] ** 2
-                parts[s].append(feats[start : start + b * n].reshape(b, n, -1).mean(1))
-                start += b * n
+            _pool_crops(self._trainable_part(torch.cat(crops) if len(crops) > 1 else crops[0]), b, scales, parts)
         return {s: torch.cat(v) if len(v) > 1 else v[0] for s, v in parts.items()}
+
+
+def _pool_crops(feats: Tensor, b: int, scales: Sequence[str], parts: dict[str, list[Tensor]]) -> None:
+    """Append each scale's per-tile mean of ``feats`` (``b`` tiles' crops, scale-major as ``crops`` orders them)."""
+    start = 0
+    for s in scales:
+        n = GRID[s] ** 2
+        parts[s].append(feats[start : start + b * n].reshape(b, n, -1).mean(1))
+        start += b * n
 
 
 def _split_family(backbone: nn.Module) -> str | None:

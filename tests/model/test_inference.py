@@ -79,9 +79,11 @@ def test_model_saves_probes_and_reference_weights_only(bundle, small_config, tmp
 def test_probe_must_read_the_models_image_embeddings(bundle, small_config):
     m = SigmmaModel.from_bundle(bundle, **small_config, scales=("macro",))
     probe = _Probe("paper", np.random.default_rng(2))
-    probe.embedding_keys = ["X_sigmma_micro_image"]
-    with pytest.raises(ValueError, match="this model's image embeddings"):
-        m.add_probe(probe)
+    # a probe may read the model's image embeddings or the frozen backbone's features (sg.tl.fit_probe chooses on
+    # validation tiles), of the model's own scales only; the fine-tuned encoder's only for a fine-tuned model
+    for keys in (["X_sigmma_micro_image"], ["sigmma_backbone_micro"], ["X_sigmma_macro_encoder"], ["X_sigmma_macro"]):
+        probe.embedding_keys = keys
+        with pytest.raises(ValueError, match="this model's scales"):
+            m.add_probe(probe)
     probe.embedding_keys = ["sigmma_backbone_macro"]
-    with pytest.raises(ValueError, match="this model's image embeddings"):
-        m.add_probe(probe)
+    assert m.add_probe(probe).embedding_keys == ["sigmma_backbone_macro"]

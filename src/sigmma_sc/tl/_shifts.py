@@ -258,7 +258,7 @@ def shifted_cell_embeddings(
         count[rows] += 1
         if passes is not None:
             passes.append((origin, rows, {s: z.numpy() for s, z in z_cell.items()}))
-        logger.info("Embedded %d cells under the grid shifted by (%.3g, %.3g) micro blocks.", rows.size, dx, dy)
+        logger.debug("Embedded %d cells under the grid shifted by (%.3g, %.3g) micro blocks.", rows.size, dx, dy)
 
     means = {}
     with np.errstate(invalid="ignore", divide="ignore"):

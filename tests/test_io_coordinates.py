@@ -109,3 +109,11 @@ def test_transposed_cells_get_the_swap_hint(px):
     """Cells given as (row, col) on a wider-than-high image: some fall off, and all fit when swapped."""
     with pytest.raises(ValueError, match="look transposed; swap them"):
         sg.io.from_anndata(_adata(px[:, ::-1].copy()), _image(), pixel_size_um=0.5)
+
+
+def test_a_cell_on_the_border_in_um_is_on_the_image():
+    """Found by hypothesis: (0, 48) px on a 48 px high image, given in µm at 2.83017 µm/px, came back 48.0000001 px."""
+    px = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 48.0]])
+    ps = 2.830172490854282
+    sdata = sg.io.from_anndata(_adata(px * ps), _image(), pixel_size_um=ps, coordinates="um")
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], px * ps)

@@ -266,8 +266,10 @@ def check_placement(
     other_unit = "um" if coordinates == "pixels" else "pixels"
     other = 1 / pixel_size_um if coordinates == "pixels" else pixel_size_um  # factor to the other unit's pixels
 
+    tol = 1e-6 * max(width, height)  # µm -> px round trips land a cell on the border a rounding error off it
+
     def on(p: np.ndarray) -> np.ndarray:
-        return (p[:, 0] >= 0) & (p[:, 0] <= width) & (p[:, 1] >= 0) & (p[:, 1] <= height)
+        return (p[:, 0] >= -tol) & (p[:, 0] <= width + tol) & (p[:, 1] >= -tol) & (p[:, 1] <= height + tol)
 
     def match() -> Any:
         m = TissueMatch(reader, px)

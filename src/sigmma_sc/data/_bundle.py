@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import sparse
 
-from .._constants import GRID, SCALES, SPLIT_BUFFER, SPLITS, Keys
+from .._constants import GRID, Keys
 from .._utils._json import jsonable
-from .._utils._record import graph_record, tiling_keys
-from .._utils._validate import check_graph_tiling, get_table, require_obs
 from ._geometry import separate_groups
-from ._tiles import tile_params, tile_reader
+from ._records import CellGraph, Tiling
 
 #: the fields of :class:`~sigmma_sc.nn.BackboneInfo` a model records (``SigmmaConfig.backbone_info``)
 BACKBONE_INFO = ("name", "num_features", "input_size", "mean", "std", "is_vit")
@@ -185,18 +184,123 @@ def checked_graph(
 
     Cheap (no image is read), so :func:`sigmma_sc.tl.train_sigmma` runs it before the slow featurization.
     """
-    tkeys = tiling_keys(tile_params(sdata, tile_key))
-    cells = get_table(sdata, table_key)
-    blocks = [tkeys["cell_blocks"][s] for s in ("micro", "meso")]
-    require_obs(cells, [tkeys["cell_tile"], *blocks], table_key, "sg.pp.tile")
-    graph = graph_record(cells, graph_key, table_key)
-    if graph.get("tile_key", tile_key) != tile_key:
-        raise ValueError(
-            f"Cell graph {graph_key!r} was built on tile table {graph['tile_key']!r}, not {tile_key!r}. Build one on "
-            f"this tiling: `sg.pp.cell_graph(sdata, tile_key={tile_key!r}, key_added=...)` and pass `graph_key=`."
-        )
-    check_graph_tiling(cells, table_key, graph, tkeys["cell_tile"])  # stale after a new sg.pp.tile: say so
-    return graph
+    graph = CellGraph.resolve(sdata, Tiling.resolve(sdata, tile_key), table_key=table_key, graph_key=graph_key)
+    return dict(graph.record)
+
+
+def bundle_from_arrays(
+    *,
+    x: np.ndarray,
+    xy: np.ndarray,
+    tile_of: np.ndarray,
+    micro: np.ndarray,
+    meso: np.ndarray,
+    connectivities: sparse.spmatrix,
+    tile_origins: np.ndarray,
+    tile_size: float,
+    n_candidates: int,
+    candidates: str = "knn",
+    split: np.ndarray | None = None,
+    image_features: Mapping[str, np.ndarray] | None = None,
+    tiles: np.ndarray | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[TrainingBundle, np.ndarray]:
+    """The one array-level constructor of a :class:`~sigmma_sc.model.TrainingBundle` from per-cell arrays.
+
+    :func:`build_bundle` (a tiled, graphed section), the shifted grids of :func:`sigmma_sc.tl.embed` (cells
+    re-tiled in memory) and cohorts (through :func:`build_bundle`) all call it. It orders the tiled cells by tile,
+    takes positions inside the tiles, restricts the graph to the tiled cells and draws the candidate edges of
+    stochastic edge addition (neighbour-patch constraint: same meso block, same tile).
+
+    Parameters
+    ----------
+    x
+        ``(n_obs, F)`` node features of every cell.
+    xy
+        ``(n_obs, 2)`` cell centroids (coordinate-system units).
+    tile_of
+        ``(n_obs,)`` tile of each cell (``-1``: untiled, left out), ``< T``.
+    micro, meso
+        ``(n_obs,)`` block of each cell inside its tile (row-major on a 4x4 / 2x2 grid), as
+        :func:`~sigmma_sc.data._geometry.cell_blocks` computes them.
+    connectivities
+        ``(n_obs, n_obs)`` sparse cell graph (edges inside tiles).
+    tile_origins
+        ``(T, 2)`` top-left corner of each tile.
+    tile_size
+        Tile side (coordinate-system units).
+    n_candidates
+        Candidate edges per cell with ``candidates='knn'``.
+    candidates
+        ``'knn'`` (:func:`candidate_edges`) or ``'all'`` (:func:`all_pair_edges`).
+    split
+        ``(T,)`` split codes (0 train, 1 val, 2 test, 3 unused; ``None``: all train).
+    image_features
+        Scale -> ``(T, D)`` cached backbone features, or ``None``.
+    tiles
+        ``uint8 (T, C, H, W)`` tile images (fine-tuning), or ``None``.
+    meta
+        JSON-able information recorded with the bundle.
+
+    Returns
+    -------
+    The bundle, and for each of its cells (ordered by tile) its row in the per-cell arrays.
+    """
+    from ..model import TrainingBundle
+
+    if candidates not in CANDIDATE_RULES:
+        raise ValueError(f"`candidates` must be one of {CANDIDATE_RULES}, got {candidates!r}.")
+    n_tiles = int(np.shape(tile_origins)[0])
+    rows = np.flatnonzero(tile_of >= 0)
+    rows = rows[np.argsort(tile_of[rows], kind="stable")]
+    t = tile_of[rows]
+    cell_ptr = np.zeros(n_tiles + 1, dtype=np.int64)
+    np.cumsum(np.bincount(t, minlength=n_tiles), out=cell_ptr[1:])
+
+    x = np.asarray(x, dtype=np.float32)[rows]
+    xy = np.asarray(xy, dtype=np.float64)[rows]
+    pos = np.clip((xy - np.asarray(tile_origins)[t]) / tile_size, 0.0, np.nextafter(1.0, 0.0)).astype(np.float32)
+    conn = sparse.csr_matrix(connectivities)[rows][:, rows].tocoo()
+    edge_index = np.vstack([conn.row, conn.col]).astype(np.int64)
+    cand_meso, cand_macro = _candidates(xy, t, micro[rows], meso[rows], conn, n_candidates, candidates)
+    bundle = TrainingBundle(
+        tiles=tiles,
+        x=x,
+        cell_ptr=cell_ptr,
+        pos=pos,
+        edge_index=edge_index,
+        cand_meso=cand_meso,
+        cand_macro=cand_macro,
+        image_features=None if image_features is None else dict(image_features),
+        split=split,
+        meta=dict(meta or {}),
+    )
+    logger.info(
+        "Bundle: %d tiles, %d cells, %d graph edges, %d meso and %d macro candidate edges.",
+        n_tiles, rows.size, edge_index.shape[1], cand_meso.shape[1], cand_macro.shape[1],
+    )  # fmt: skip
+    return bundle, rows
+
+
+def _candidates(
+    xy: np.ndarray, t: np.ndarray, micro: np.ndarray, meso: np.ndarray, conn: sparse.coo_matrix, k: int, rule: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Meso and macro candidate edges of cells ordered by tile: same meso block / same tile, not yet linked."""
+    same_micro = micro[conn.row] == micro[conn.col]
+    n = t.size
+    micro_edges = sparse.csr_matrix(
+        (np.ones(int(same_micro.sum()), dtype=np.int8), (conn.row[same_micro], conn.col[same_micro])), shape=(n, n)
+    )
+    meso_group = t * (GRID["meso"] ** 2) + meso
+    if rule == "all":
+        cand_meso = all_pair_edges(meso_group, micro_edges)
+    else:
+        cand_meso = candidate_edges(xy, meso_group, k, micro_edges)
+    linked = micro_edges + sparse.csr_matrix(
+        (np.ones(cand_meso.shape[1], dtype=np.int8), (cand_meso[0], cand_meso[1])), shape=(n, n)
+    )
+    cand_macro = all_pair_edges(t, linked) if rule == "all" else candidate_edges(xy, t, k, linked)
+    return cand_meso, cand_macro
 
 
 def build_bundle(
@@ -240,79 +344,107 @@ def build_bundle(
     -------
     The bundle, and for each of its cells (ordered by tile) the row of the cell table it came from.
     """
-    from ..model import TrainingBundle
-
     if candidates not in CANDIDATE_RULES:
         raise ValueError(f"`candidates` must be one of {CANDIDATE_RULES}, got {candidates!r}.")
-    params = tile_params(sdata, tile_key)
-    tkeys = tiling_keys(params)
-    tiles = get_table(sdata, tile_key)
-    cells = get_table(sdata, table_key)
-    graph = checked_graph(sdata, table_key=table_key, tile_key=tile_key, graph_key=graph_key)
-    feats_key = graph["features_key"]
+    tiling = Tiling.resolve(sdata, tile_key)
+    graph = CellGraph.resolve(sdata, tiling, table_key=table_key, graph_key=graph_key)
+    return bundle_from_records(
+        sdata, tiling, graph, n_candidates=n_candidates, candidates=candidates,
+        require_image_features=require_image_features, include_tiles=include_tiles,
+    )  # fmt: skip
 
-    tile_of = cells.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64)
-    if tile_of.max(initial=-1) >= tiles.n_obs:
+
+def bundle_from_records(
+    sdata: SpatialData,
+    tiling: Tiling,
+    graph: CellGraph,
+    *,
+    n_candidates: int | None = None,
+    candidates: str = "knn",
+    require_image_features: bool = True,
+    include_tiles: bool = False,
+) -> tuple[TrainingBundle, np.ndarray]:
+    """:func:`build_bundle` on resolved records: records -> arrays -> :func:`bundle_from_arrays`."""
+    inputs = st_inputs(tiling, graph)
+    if inputs["tile_of"].max(initial=-1) >= tiling.n_tiles:
         raise ValueError(
-            f"Cell table {table_key!r} refers to tiles that tile table {tile_key!r} lacks; run `sg.pp.tile` again."
+            f"Cell table {graph.table_key!r} refers to tiles that tile table {tiling.key!r} lacks; run `sg.pp.tile` "
+            "again."
         )
-    rows = np.flatnonzero(tile_of >= 0)
-    rows = rows[np.argsort(tile_of[rows], kind="stable")]
-    t = tile_of[rows]
-    cell_ptr = np.zeros(tiles.n_obs + 1, dtype=np.int64)
-    np.cumsum(np.bincount(t, minlength=tiles.n_obs), out=cell_ptr[1:])
-
-    x = np.asarray(cells.obsm[feats_key], dtype=np.float32)[rows]
-    xy = np.asarray(cells.obsm[tkeys["cell_spatial"]], dtype=np.float64)[rows]
-    size = float(params["tile_size"])
-    origin = np.c_[tiles.obs[Keys.TILE_X0].to_numpy(), tiles.obs[Keys.TILE_Y0].to_numpy()][t]
-    pos = np.clip((xy - origin) / size, 0.0, np.nextafter(1.0, 0.0)).astype(np.float32)
-
-    conn = cells.obsp[graph["keys"]["connectivities"]].tocsr()[rows][:, rows].tocoo()
-    edge_index = np.vstack([conn.row, conn.col]).astype(np.int64)
-
-    # candidate edges for stochastic edge addition (neighbour-patch constraint): same meso block / same tile
-    k = int(n_candidates or graph["n_neighs"])
-    blocks = [tkeys["cell_blocks"][s] for s in ("micro", "meso")]
-    micro, meso = (cells.obs[b].to_numpy().astype(np.int64)[rows] for b in blocks)  # as sg.pp.tile wrote them
-    same_micro = micro[conn.row] == micro[conn.col]
-    n = rows.size
-    micro_edges = sparse.csr_matrix(
-        (np.ones(int(same_micro.sum()), dtype=np.int8), (conn.row[same_micro], conn.col[same_micro])), shape=(n, n)
-    )
-    meso_group = t * (GRID["meso"] ** 2) + meso
-    if candidates == "all":
-        cand_meso = all_pair_edges(meso_group, micro_edges)
-    else:
-        cand_meso = candidate_edges(xy, meso_group, k, micro_edges)
-    linked = micro_edges + sparse.csr_matrix(
-        (np.ones(cand_meso.shape[1], dtype=np.int8), (cand_meso[0], cand_meso[1])), shape=(n, n)
-    )
-    cand_macro = all_pair_edges(t, linked) if candidates == "all" else candidate_edges(xy, t, k, linked)
-
-    image_features = None
-    keys = [Keys.BACKBONE.format(scale=s) for s in SCALES]
-    if all(key in tiles.obsm for key in keys):
-        image_features = {s: np.asarray(tiles.obsm[key], dtype=np.float32) for s, key in zip(SCALES, keys, strict=True)}
-    elif require_image_features:
+    image_features = tiling.backbone_features()
+    if image_features is None and require_image_features:
         raise KeyError(
-            f"Tile table {tile_key!r} has no cached backbone features; run `sg.tl.featurize` (or `sg.tl.train_sigmma`, "
-            "which featurizes) first."
+            f"Tile table {tiling.key!r} has no cached backbone features; run `sg.tl.featurize` (or "
+            "`sg.tl.train_sigmma`, which featurizes) first."
         )
-    # 0 train, 1 val, 2 test, 3 unused ('buffer' tiles of sg.pp.tile(split_buffer=...))
-    codes = {s: i for i, s in enumerate(SPLITS)} | {SPLIT_BUFFER: 3}
-    split = tiles.obs[Keys.SPLIT].astype(str).map(codes).to_numpy().astype(np.int8)
-    backbone = dict(tiles.uns.get(Keys.UNS, {}).get("backbone", {}))
-    meta = {
-        "features_key": feats_key,
-        "n_features": int(x.shape[1]),
-        "tile_size_um": float(params["tile_size_um"]),
-        "pixel_size_um": float(params["pixel_size_um"]),
-        "image_key": params["image_key"],  # image modality, checked when the model predicts on new slides
-        # None when the image is not in ``sdata`` (cells embedded on their own, e.g. under shifted grids)
-        "image_channels": tile_reader(sdata, tile_key).n_channels if params["image_key"] in sdata.images else None,
-        "n_neighs": int(graph["n_neighs"]),
-        "n_candidates": k,
+    k = int(n_candidates or graph.n_neighs)
+    tiles_px = None
+    if include_tiles:
+        from .._utils._progress import track
+        from ._tiles import iter_tile_images
+
+        images = iter_tile_images(sdata, tile_key=tiling.key)
+        tiles_px = np.stack(list(track(images, desc="Reading tiles", total=tiling.n_tiles)))
+    bundle, rows = bundle_from_arrays(
+        **inputs, n_candidates=k, candidates=candidates, split=tiling.split_codes(), image_features=image_features,
+        tiles=tiles_px, meta=bundle_meta(sdata, tiling, graph, n_candidates=k, candidates=candidates),
+    )  # fmt: skip
+    # what sg.tl.embed compares to reuse the bundle training built (see SigmmaModel.fit, tl._embed.st_bundle)
+    bundle.inputs_fingerprint = inputs_fingerprint(inputs, n_candidates=k, candidates=candidates)
+    bundle.cell_rows = rows
+    return bundle, rows
+
+
+def st_inputs(tiling: Tiling, graph: CellGraph) -> dict[str, Any]:
+    """The per-cell arrays of a section that :func:`bundle_from_arrays` takes (records -> arrays)."""
+    micro, meso = graph.blocks()  # as sg.pp.tile wrote them
+    return {
+        "x": graph.features(),
+        "xy": graph.positions(),
+        "tile_of": tiling.cell_tiles(graph.cells, graph.table_key),
+        "micro": micro,
+        "meso": meso,
+        "connectivities": graph.connectivities(),
+        "tile_origins": tiling.origins(),
+        "tile_size": tiling.tile_size,
+    }
+
+
+def inputs_fingerprint(inputs: Mapping[str, Any], *, n_candidates: int, candidates: str) -> str:
+    """A hash of everything :func:`bundle_from_arrays` reads for the ST side: equal hashes, equal bundles.
+
+    Hashes the arrays of :func:`st_inputs` (node features, positions, tiles, blocks, graph, tile corners and side)
+    with the candidate rule; split, image features and tile images are left out (they do not enter the ST side).
+    About 10 ms per 100 MB of arrays; building the bundle draws candidate edges with KD-tree queries instead.
+    """
+    import hashlib
+
+    h = hashlib.sha1(usedforsecurity=False)
+    for name in ("x", "xy", "tile_of", "micro", "meso", "tile_origins"):
+        a = np.ascontiguousarray(inputs[name])
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    conn = sparse.csr_matrix(inputs["connectivities"])
+    for a in (conn.indptr, conn.indices, conn.data):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(f"{float(inputs['tile_size'])!r}|{int(n_candidates)}|{candidates}".encode())
+    return h.hexdigest()
+
+
+def bundle_meta(sdata: SpatialData, tiling: Tiling, graph: CellGraph, *, n_candidates: int, candidates: str) -> dict:
+    """What a bundle records of its section: node features, tiling, image modality, backbone, genes, PCA."""
+    backbone = tiling.backbone()
+    image_key = tiling.image_key
+    return {
+        "features_key": graph.features_key,
+        "n_features": int(np.shape(graph.cells.obsm[graph.features_key])[1]),
+        "tile_size_um": tiling.tile_size_um,
+        "pixel_size_um": tiling.pixel_size_um,
+        "image_key": image_key,  # image modality, checked when the model predicts on new slides
+        # None when the image is not in ``sdata`` (cells embedded on their own)
+        "image_channels": tiling.reader(sdata).n_channels if image_key in sdata.images else None,
+        "n_neighs": graph.n_neighs,
+        "n_candidates": n_candidates,
         "candidates": candidates,
         "backbone": backbone.get("name"),
         "image_modality": backbone.get("modality"),
@@ -320,34 +452,9 @@ def build_bundle(
         # sg.tl.embed accepts these features (and refuses others)
         "backbone_pretrained": None if backbone.get("pretrained") is None else bool(backbone["pretrained"]),
         "backbone_info": jsonable({k: backbone[k] for k in BACKBONE_INFO if k in backbone}) or None,
-        "var_names_hash": _hash_names(cells.var_names),
-        "pca": jsonable(graph.get("pca")),
+        "var_names_hash": _hash_names(graph.cells.var_names),
+        "pca": jsonable(graph.pca),
     }
-    tiles_px = None
-    if include_tiles:
-        from .._utils._progress import track
-        from ._tiles import iter_tile_images
-
-        tiles_px = np.stack(
-            list(track(iter_tile_images(sdata, tile_key=tile_key), desc="Reading tiles", total=tiles.n_obs))
-        )
-    bundle = TrainingBundle(
-        tiles=tiles_px,
-        x=x,
-        cell_ptr=cell_ptr,
-        pos=pos,
-        edge_index=edge_index,
-        cand_meso=cand_meso,
-        cand_macro=cand_macro,
-        image_features=image_features,
-        split=split,
-        meta=meta,
-    )
-    logger.info(
-        "Bundle: %d tiles, %d cells, %d graph edges, %d meso and %d macro candidate edges.",
-        tiles.n_obs, n, edge_index.shape[1], cand_meso.shape[1], cand_macro.shape[1],
-    )  # fmt: skip
-    return bundle, rows
 
 
 def _hash_names(names) -> str:

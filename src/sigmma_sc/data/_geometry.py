@@ -11,6 +11,8 @@ import pandas as pd
 from scipy import sparse
 from scipy.spatial import cKDTree
 
+from .._constants import GRID
+
 
 def grid_position(
     xy: np.ndarray, origin: tuple[float, float], size: float, shape: tuple[int, int]
@@ -34,6 +36,35 @@ def block_ids(
     bx = np.clip(np.floor((xy[:, 0] - x0) / (size / grid)), 0, grid - 1).astype(np.int64)
     by = np.clip(np.floor((xy[:, 1] - y0) / (size / grid)), 0, grid - 1).astype(np.int64)
     return by * grid + bx
+
+
+def grid_cells(
+    xy: np.ndarray, valid: np.ndarray, origin: tuple[float, float], size: float, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each point's square of a grid and the points per square: the grid assignment of tiling and shifted grids.
+
+    Returns ``(row, col, grid_id, counts)``: the position of each point (:func:`grid_position`), its row-major
+    square ``row * cols + col`` (``-1`` where ``valid`` is False) and the number of valid points per square.
+    """
+    row, col = grid_position(xy, origin, size, shape)
+    grid_id = np.where(valid, row * shape[1] + col, -1)
+    counts = np.bincount(grid_id[grid_id >= 0], minlength=shape[0] * shape[1])
+    return row, col, grid_id, counts
+
+
+def tile_of_points(grid_id: np.ndarray, kept: np.ndarray, n_squares: int) -> np.ndarray:
+    """Tile index of each point: the rank of its square among the ``kept`` squares (ascending), ``-1`` elsewhere."""
+    tile_of_grid = np.full(n_squares, -1, dtype=np.int64)
+    tile_of_grid[kept] = np.arange(kept.size)
+    return np.where(grid_id >= 0, tile_of_grid[np.maximum(grid_id, 0)], -1)
+
+
+def cell_blocks(
+    xy: np.ndarray, row: np.ndarray, col: np.ndarray, origin: tuple[float, float], size: float, tile: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Micro and meso block (:func:`block_ids` on the 4x4 / 2x2 grids) of each point, ``-1`` where ``tile < 0``."""
+    tiled = tile >= 0
+    return {s: np.where(tiled, block_ids(xy, row, col, origin, size, GRID[s]), -1) for s in ("micro", "meso")}
 
 
 def separate_groups(xy: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

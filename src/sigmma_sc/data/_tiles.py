@@ -8,34 +8,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sigmma_sc._constants import Keys
-from sigmma_sc._utils._record import tiling_record
-from sigmma_sc._utils._validate import get_image, get_table
 
-from ._image import ImageReader, image_is_brightfield
+from ._image import ImageReader
+from ._records import Tiling
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
 def tile_params(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE) -> dict:
-    """The parameters ``sg.pp.tile`` recorded in the tile table, or a clear error."""
-    if tile_key not in sdata.tables:
-        known = [k for k, t in sdata.tables.items() if tiling_record(t) is not None]
-        hint = f" Tile tables here: {known} (pass `tile_key=`)." if known else ""
-        raise KeyError(f"No tile table {tile_key!r} in the SpatialData object; run `sg.pp.tile` first.{hint}")
-    params = tiling_record(sdata.tables[tile_key])
-    if params is None:
-        raise KeyError(f"Table {tile_key!r} is not a sigmma tile table; run `sg.pp.tile` first.")
-    return params
+    """The parameters ``sg.pp.tile`` recorded in the tile table, or a clear error (see :class:`Tiling`)."""
+    return dict(Tiling.resolve(sdata, tile_key).params)
 
 
 def tile_reader(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE, image_key: str | None = None) -> ImageReader:
     """An :class:`ImageReader` on the tiled image (or on ``image_key``, e.g. an H&E of the same section)."""
-    params = tile_params(sdata, tile_key)
-    key, image = get_image(sdata, image_key or params["image_key"])
-    return ImageReader(
-        image, params["coordinate_system"], params["um_per_unit"], brightfield=image_is_brightfield(sdata, key)
-    )
+    return Tiling.resolve(sdata, tile_key).reader(sdata, image_key)
 
 
 def image_modality(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE, image_key: str | None = None) -> str:
@@ -56,13 +44,12 @@ def iter_tile_images(
     Only the window of the best pyramid level under each tile is read (see :class:`ImageReader`);
     ``n_workers`` threads read ahead (image decoding and resampling release the GIL).
     """
-    params = tile_params(sdata, tile_key)
-    reader = tile_reader(sdata, tile_key, image_key)
-    obs = get_table(sdata, tile_key).obs
-    x0, y0 = obs[Keys.TILE_X0].to_numpy(), obs[Keys.TILE_Y0].to_numpy()
-    size, out_px = float(params["tile_size"]), int(params["tile_px"])
-    level = reader.level_for(params["pixel_size_um"])
-    order = np.arange(len(obs)) if indices is None else np.asarray(indices, dtype=np.int64)
+    tiling = Tiling.resolve(sdata, tile_key)
+    reader = tiling.reader(sdata, image_key)
+    x0, y0 = tiling.origins().T
+    size, out_px = tiling.tile_size, int(tiling.params["tile_px"])
+    level = reader.level_for(tiling.pixel_size_um)
+    order = np.arange(tiling.n_tiles) if indices is None else np.asarray(indices, dtype=np.int64)
     read = lambda i: reader.read_square(float(x0[i]), float(y0[i]), size, out_px, level=level)
     if n_workers <= 1:
         yield from map(read, order)

@@ -447,6 +447,7 @@ class SigmmaModel(nn.Module):
         )
         self.history = history
         self.meta = jsonable({**bundle.meta, **self.meta})
+        self.training_bundle = bundle.to(bundle.device, tiles=False)  # sg.tl.embed reuses it for the same inputs
         return history
 
     # ------------------------------------------------------------------ inference on new slides

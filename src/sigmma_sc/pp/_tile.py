@@ -24,8 +24,10 @@ from sigmma_sc._utils._validate import (
     shared_coordinate_system,
 )
 from sigmma_sc._utils._validate import um_per_unit as _um_per_unit
-from sigmma_sc.data._geometry import block_ids, grid_position
+from sigmma_sc.data._geometry import cell_blocks, grid_cells, tile_of_points
 from sigmma_sc.data._image import ImageReader, image_is_brightfield
+
+from ._tissue import brightfield_tissue_mask, otsu
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -203,9 +205,7 @@ def tile(
     xmin, ymin, xmax, ymax = reader.extent()
     n_cols, n_rows = max(1, int(np.ceil((xmax - xmin) / size))), max(1, int(np.ceil((ymax - ymin) / size)))
 
-    row, col = grid_position(xy, (xmin, ymin), size, (n_rows, n_cols))
-    grid_id = np.where(on_image, row * n_cols + col, -1)
-    n_cells_grid = np.bincount(grid_id[grid_id >= 0], minlength=n_rows * n_cols)
+    row, col, grid_id, n_cells_grid = grid_cells(xy, on_image, (xmin, ymin), size, (n_rows, n_cols))
 
     has_cells = n_cells_grid >= max(min_cells, 1) if table_key is not None else np.ones(n_rows * n_cols, dtype=bool)
     candidates = np.flatnonzero(has_cells)  # tissue is only measured where cells are
@@ -224,9 +224,7 @@ def tile(
             "No tile holds enough cells and tissue. Check `tile_size_um`, `min_cells`, `min_tissue_fraction` "
             "and that the cells lie on the tissue of the image."
         )
-    tile_of_grid = np.full(n_rows * n_cols, -1, dtype=np.int64)
-    tile_of_grid[kept_grid] = np.arange(kept_grid.size)
-    cell_tile = np.where(grid_id >= 0, tile_of_grid[np.maximum(grid_id, 0)], -1)
+    cell_tile = tile_of_points(grid_id, kept_grid, n_rows * n_cols)
 
     t_row, t_col = kept_grid // n_cols, kept_grid % n_cols
     x0, y0 = xmin + t_col * size, ymin + t_row * size
@@ -242,11 +240,8 @@ def tile(
         )  # fmt: skip
         _warn_untiled(grid_id, has_cells, tissue, min_tissue_fraction, n_dropped_cells, len(xy))
 
-    # blocks inside each tile (row-major)
-    blocks = {}
+    blocks = cell_blocks(xy, row, col, (xmin, ymin), size, cell_tile)  # inside each tile (row-major)
     tiled = cell_tile >= 0
-    for scale_name in ("micro", "meso"):
-        blocks[scale_name] = np.where(tiled, block_ids(xy, row, col, (xmin, ymin), size, GRID[scale_name]), -1)
 
     split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
     split = _buffer_split(split, t_row, t_col, split_buffer)
@@ -367,16 +362,6 @@ def _empty_cell_table() -> AnnData:
     return ad.AnnData(X=sparse.csr_matrix((0, 0), dtype=np.float32))
 
 
-def _otsu(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=256)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1)
-    return float(centers[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
-
-
 def tissue_mask(thumb: np.ndarray, pixel_size_um: float = 4.0, *, brightfield: bool | None = None) -> np.ndarray:
     """Tissue mask of a low-resolution uint8 ``(C, h, w)`` image with pixels of ``pixel_size_um``.
 
@@ -388,15 +373,13 @@ def tissue_mask(thumb: np.ndarray, pixel_size_um: float = 4.0, *, brightfield: b
     """
     img = thumb.astype(np.float32)
     if img.shape[0] == 3 and brightfield is not False:  # pen marks and dust removed, folds kept (see pp/_tissue.py)
-        from ._tissue import brightfield_tissue_mask
-
         return brightfield_tissue_mask(thumb, pixel_size_um)
     else:
         smooth = ndimage.gaussian_filter(img.max(0), max(1.0, 12.0 / pixel_size_um))
         if np.ptp(smooth) < 1:
             return np.zeros(smooth.shape, dtype=bool)
         bg = np.percentile(smooth, 5)
-        mask = smooth > bg + 0.25 * (_otsu(smooth) - bg)
+        mask = smooth > bg + 0.25 * (otsu(smooth) - bg)
     mask = ndimage.binary_closing(mask, iterations=2)
     return ndimage.binary_fill_holes(mask) if mask.mean() < 0.999 else mask
 

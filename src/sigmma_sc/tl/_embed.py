@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .._constants import SCALES, Keys
 from .._docs import doc_device, doc_graph_key, doc_params
 from .._utils._record import read_record, write_record
-from .._utils._validate import check_prefix, get_table
-from ..data._bundle import _hash_names, build_bundle
-from ..data._tiles import image_modality, tile_params
+from .._utils._validate import check_prefix
+from ..data._bundle import _hash_names, bundle_from_records, inputs_fingerprint, st_inputs
+from ..data._records import CellGraph, Tiling
+from ..data._tiles import image_modality
 from ._featurize import featurize
 from ._shifts import TIME_BUDGET_S, check_shifts, check_time_budget, shifted_cell_embeddings
 
@@ -112,24 +113,83 @@ def embed(
         key written.
     """
     check_prefix(key_added)
-    params = tile_params(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
+    tiling = Tiling.resolve(sdata, tile_key)  # a clear error before anything else if sg.pp.tile has not run
     auto = isinstance(shifts, str) and shifts == "auto"
+    shift_pairs = _shift_plan(shifts, time_budget_s, table_key)
+    # every check before anything is computed or written
+    use_cached = _check_image_side(sdata, model, tiling, image_key)
+    bundle = rows = graph = None
+    if table_key is not None:
+        graph = CellGraph.resolve(sdata, tiling, table_key=table_key, graph_key=graph_key)
+        bundle, rows = st_bundle(sdata, model, tiling, graph)
+        _check_st_space(model, bundle.meta, graph.cells, graph_key)
+
+    z_img = _image_embeddings(
+        sdata, model, tiling, image_key=image_key, use_cached=use_cached, batch_size=batch_size, device=device,
+        inplace=inplace,
+    )  # fmt: skip
+    out: dict[str, dict[str, np.ndarray]] = {"image": {s: z.numpy() for s, z in z_img.items()}}
+    if bundle is not None:
+        z_tile, z_cell = model.encode_st(bundle, batch_size=batch_size)
+        out["st"] = {s: z.numpy() for s, z in z_tile.items()}
+        out["cell"] = {}
+        for s, z in z_cell.items():
+            out["cell"][s] = np.full((graph.cells.n_obs, z.shape[1]), np.nan, dtype=np.float32)
+            out["cell"][s][rows] = z.numpy()
+    if shift_pairs is not None:  # cell embeddings blended over shifted grids (see _shifts.py), before any write
+        shifted, count = shifted_cell_embeddings(
+            sdata, model, shift_pairs, table_key=table_key, tile_key=tile_key, batch_size=batch_size,
+            graph_key=graph_key, time_budget_s=time_budget_s, stop_at_budget=auto,
+        )  # fmt: skip
+        shift_pairs = shift_pairs[: int(count.max(initial=0))] if auto else shift_pairs
+        out["cell"] = {s: shifted[s] for s in out["cell"]}
+    if not inplace:
+        return out
+    _write_embeddings(tiling, graph, out, model=model, key_added=key_added, shift_pairs=shift_pairs)
+    return None
+
+
+def _shift_plan(
+    shifts: int | Sequence[tuple[float, float]] | str | None, time_budget_s: float | None, table_key: str | None
+) -> list[tuple[float, float]] | None:
+    """The shifted grids to blend (``None``: the section's grid only), after checking ``shifts`` and the budget."""
     shift_pairs = check_shifts(shifts)
     check_time_budget(time_budget_s)
-    if table_key is None and auto:
-        shift_pairs = None  # an image-only section has no cells to re-tile
+    if table_key is None and isinstance(shifts, str) and shifts == "auto":
+        return None  # an image-only section has no cells to re-tile
     if shift_pairs is not None and table_key is None:
         raise ValueError(
             f"`shifts={shifts!r}` re-tiles the cells, but `table_key=None` embeds no cells. Pass the cell table as "
             "`table_key` (e.g. 'table'), or `shifts=None` for tile embeddings only."
         )
-    tiles = get_table(sdata, tile_key)
-    cfg = model.config
-    cached = tiles.uns.get(Keys.UNS, {}).get("backbone", {})
+    return shift_pairs
+
+
+def st_bundle(sdata: SpatialData, model: SigmmaModel, tiling: Tiling, graph: CellGraph) -> tuple[Any, np.ndarray]:
+    """The bundle of the section's cells: the one training built when its inputs are the same, else a new one.
+
+    :meth:`~sigmma_sc.model.SigmmaModel.fit` keeps the bundle it trained on (``model.training_bundle``, without
+    tile images); :func:`~sigmma_sc.data._bundle.build_bundle` records a fingerprint of the arrays it was built
+    from (cells, tiles, blocks, graph, node features, candidate rule). The kept bundle is reused when the
+    section's fingerprint matches, so ``embed`` right after ``train_sigmma`` does not draw the candidate edges
+    again.
+    """
+    kept = getattr(model, "training_bundle", None)
+    if kept is not None and getattr(kept, "inputs_fingerprint", None) is not None:
+        inputs = st_inputs(tiling, graph)
+        if kept.inputs_fingerprint == inputs_fingerprint(inputs, n_candidates=graph.n_neighs, candidates="knn"):
+            logger.info("Reusing the bundle training built (same cells, tiles, graph and node features).")
+            return kept, kept.cell_rows
+    return bundle_from_records(sdata, tiling, graph, require_image_features=False)
+
+
+def _check_image_side(sdata: SpatialData, model: SigmmaModel, tiling: Tiling, image_key: str | None) -> bool:
+    """Tiling, cached backbone features and image modality against the model's training; whether to use the cache."""
+    tiles, cfg = tiling.tiles, model.config
+    cached = tiling.backbone()
     finetuned = getattr(model, "finetuned", False)
     trained_size = (cfg.backbone_info or {}).get("input_size")
-    # every check before anything is computed or written
-    _check_tiling(model.meta or {}, params)
+    _check_tiling(model.meta or {}, tiling.params)
     has_cached = all(Keys.BACKBONE.format(scale=s) in tiles.obsm for s in SCALES)
     if cached and cached.get("name") != cfg.backbone and has_cached:
         if cached.get("num_features") != cfg.image_dim:
@@ -157,11 +217,12 @@ def embed(
     if use_cached and cached.get("modality"):
         modality = cached["modality"]
     else:
-        modality = image_modality(sdata, tile_key, image_key or (cached.get("image_key") if use_cached else None))
-    _check_modality(model.meta or {}, modality, image_key or cached.get("image_key") or params["image_key"])
+        modality = image_modality(sdata, tiling.key, image_key or (cached.get("image_key") if use_cached else None))
+    _check_modality(model.meta or {}, modality, image_key or cached.get("image_key") or tiling.image_key)
     if use_cached and not has_cached:
         raise KeyError(
-            f"Tile table {tile_key!r} records backbone features but lacks `.obsm` {[Keys.BACKBONE.format(scale=s) for s in SCALES]}; "
+            f"Tile table {tiling.key!r} records backbone features but lacks `.obsm` "
+            f"{[Keys.BACKBONE.format(scale=s) for s in SCALES]}; "
             f"re-run `sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
         )
     if use_cached and np.shape(tiles.obsm[Keys.BACKBONE.format(scale="macro")])[1] != cfg.image_dim:
@@ -170,86 +231,87 @@ def embed(
             f"dimensions, the model expects {cfg.image_dim}. Re-run "
             f"`sg.tl.featurize(sdata, backbone={cfg.backbone!r}, overwrite=True)`."
         )
-    bundle = rows = cells = None
-    if table_key is not None:
-        cells = get_table(sdata, table_key)
-        bundle, rows = build_bundle(
-            sdata, table_key=table_key, tile_key=tile_key, graph_key=graph_key, require_image_features=False
-        )
-        _check_st_space(model, bundle.meta, cells, graph_key)
+    return use_cached
 
+
+def _image_embeddings(
+    sdata: SpatialData,
+    model: SigmmaModel,
+    tiling: Tiling,
+    *,
+    image_key: str | None,
+    use_cached: bool,
+    batch_size: int,
+    device: str | None,
+    inplace: bool,
+) -> dict[str, Any]:
+    """Scale -> image embedding of every tile: from cached (or now computed) features, or a fine-tuned backbone.
+
+    Moves the model to ``device`` (after any featurization, which runs on ``device`` too).
+    """
+    cfg = model.config
     computed = None
-    if not cached and not finetuned:  # featurize as for training: same weights and crop size
+    finetuned = getattr(model, "finetuned", False)
+    if not tiling.backbone() and not finetuned:  # featurize as for training: same weights and crop size
         computed = featurize(
-            sdata, backbone=cfg.backbone, tile_key=tile_key, image_key=image_key, device=device,
+            sdata, backbone=cfg.backbone, tile_key=tiling.key, image_key=image_key, device=device,
             pretrained=cfg.backbone_pretrained, weights=cfg.backbone_weights,
-            input_size=trained_size, inplace=inplace,
+            input_size=(cfg.backbone_info or {}).get("input_size"), inplace=inplace,
         )  # fmt: skip
     if device is not None:
         model.to(device)
-
     if finetuned:  # its backbone changed: encode tile images, streamed in chunks
+        import torch
+
         from ..data._tiles import iter_tile_images
 
         chunks: dict[str, list] = {}
-        images = iter_tile_images(sdata, tile_key=tile_key, image_key=image_key)
+        images = iter_tile_images(sdata, tile_key=tiling.key, image_key=image_key)
         while batch := [img for _, img in zip(range(batch_size), images, strict=False)]:
             for s, z in model.encode_image(tiles=np.stack(batch), batch_size=batch_size).items():
                 chunks.setdefault(s, []).append(z.cpu())
-        import torch
+        return {s: torch.cat(v) for s, v in chunks.items()}
+    feats = computed or {s: tiling.tiles.obsm[Keys.BACKBONE.format(scale=s)] for s in SCALES}
+    feats = {s: np.asarray(feats[s], dtype=np.float32) for s in SCALES}
+    return model.encode_image(feats, batch_size=batch_size)
 
-        z_img = {s: torch.cat(v) for s, v in chunks.items()}
-    else:
-        feats = computed or {s: tiles.obsm[Keys.BACKBONE.format(scale=s)] for s in SCALES}
-        feats = {s: np.asarray(feats[s], dtype=np.float32) for s in SCALES}
-        z_img = model.encode_image(feats, batch_size=batch_size)
-    z_st = model.encode_st(bundle, batch_size=batch_size) if bundle is not None else None
-    shifted = None
-    if shift_pairs is not None:  # cell embeddings blended over shifted grids (see _shifts.py), before any write
-        shifted, count = shifted_cell_embeddings(
-            sdata, model, shift_pairs, table_key=table_key, tile_key=tile_key, batch_size=batch_size,
-            graph_key=graph_key, time_budget_s=time_budget_s, stop_at_budget=auto,
-        )  # fmt: skip
-        shift_pairs = shift_pairs[: int(count.max(initial=0))] if auto else shift_pairs
 
-    out: dict[str, dict[str, np.ndarray]] = {"image": {s: z.numpy() for s, z in z_img.items()}}
-    if z_st is not None:
-        z_tile, z_cell = z_st
-        out["st"] = {s: z.numpy() for s, z in z_tile.items()}
-        out["cell"] = {}
-        for s, z in z_cell.items():
-            full = np.full((cells.n_obs, z.shape[1]), np.nan, dtype=np.float32)
-            full[rows] = z.numpy()
-            out["cell"][s] = full if shifted is None else shifted[s]
-    if not inplace:
-        return out
-
+def _write_embeddings(
+    tiling: Tiling,
+    graph: CellGraph | None,
+    out: dict[str, dict[str, np.ndarray]],
+    *,
+    model: SigmmaModel,
+    key_added: str,
+    shift_pairs: list[tuple[float, float]] | None,
+) -> None:
+    """Write the embeddings and the ``embed`` record into the tile (and cell) table."""
     names = Keys.embedding(key_added, tuple(out["image"]))
     keys = {kind: {s: names[kind][s] for s in arrays} for kind, arrays in out.items()}
     record = {
-        "config": cfg.to_dict(),
-        "backbone": cfg.backbone,
+        "config": model.config.to_dict(),
+        "backbone": model.config.backbone,
         "key_added": key_added,
-        "tile_key": tile_key,
-        "table_key": table_key,
-        "graph_key": graph_key if table_key is not None else None,
+        "tile_key": tiling.key,
+        "table_key": None if graph is None else graph.table_key,
+        "graph_key": None if graph is None else graph.graph_key,
         "keys": keys,
     }
     if shift_pairs is not None:
         record["shifts"] = [list(p) for p in shift_pairs]
+    tiles = tiling.tiles
     for kind in ("image", "st"):
         for s, z in out.get(kind, {}).items():
             tiles.obsm[keys[kind][s]] = z
     if "cell" in out:
         for s, z in out["cell"].items():
-            cells.obsm[keys["cell"][s]] = z
-        write_record(cells, key_added, "embed", record)
-        logger.info("Wrote cell table %r .obsm%s.", table_key, list(keys["cell"].values()))
+            graph.cells.obsm[keys["cell"][s]] = z
+        write_record(graph.cells, key_added, "embed", record)
+        logger.info("Wrote cell table %r .obsm%s.", graph.table_key, list(keys["cell"].values()))
     write_record(tiles, key_added, "embed", record)
     logger.info(
-        "Wrote tile table %r .obsm%s.", tile_key, [k for kind in ("image", "st") for k in keys.get(kind, {}).values()]
+        "Wrote tile table %r .obsm%s.", tiling.key, [k for kind in ("image", "st") for k in keys.get(kind, {}).values()]
     )
-    return None
 
 
 def _check_tiling(trained: dict, params: dict) -> None:

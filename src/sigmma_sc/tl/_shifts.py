@@ -16,17 +16,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import GRID, SPLITS, Keys
-from .._utils._record import graph_record, tiling_keys
-from .._utils._validate import get_table
-from ..data._bundle import build_bundle
-from ..data._geometry import block_ids, grid_position, knn_within_tiles
-from ..data._tiles import tile_params
+from .._constants import GRID, Keys
+from ..data._bundle import bundle_from_arrays
+from ..data._geometry import cell_blocks, grid_cells, knn_within_tiles, tile_of_points
+from ..data._records import CellGraph, Tiling
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-    from ..model import SigmmaModel
+    from ..model import SigmmaModel, TrainingBundle
 
 logger = logging.getLogger(__name__)
 
@@ -156,103 +154,34 @@ def shifted_cell_embeddings(
     Scale -> ``(n_obs, out_dim)`` blended embeddings (NaN for untiled cells), and the number of shifts blended
     per cell ``(n_obs,)``.
     """
-    import anndata as ad
-    import pandas as pd
-    from scipy import sparse
-    from spatialdata import SpatialData as _SpatialData
-
     if blend not in ("tent", "mean"):
         raise ValueError(f"`blend` must be 'tent' or 'mean', got {blend!r}.")
     power = BLEND_POWER if power is None else float(power)
-    params = tile_params(sdata, tile_key)
-    cells = get_table(sdata, table_key)
-    graph = graph_record(cells, graph_key, table_key)
-    feats_key = graph["features_key"]
-    tkeys = tiling_keys(params)
-    tiled = cells.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64) >= 0
-    xy = np.asarray(cells.obsm[tkeys["cell_spatial"]], dtype=np.float64)
-    view_keys = Keys.tiling(Keys.PREFIX, params["image_key"])  # the in-memory views use the default names
-    # rebuilt per shift below, so not stale on the shifted tiling: drop the original tiling's fingerprint
-    view_graph = {
-        **{k: v for k, v in graph.items() if k != "tiling"},
-        "keys": Keys.graph(Keys.PREFIX) | {"features": feats_key},
-    }
-    size = float(params["tile_size"])
-    block = size / GRID["micro"]
-    x_min, y_min = params["grid_origin"]
-    n_rows, n_cols = (int(v) + 1 for v in params["grid_shape"])  # one more row/column covers the shifted edge
-    min_cells = max(int(params.get("min_cells", 1)), 1)
-    var = pd.DataFrame(index=cells.var_names.copy())
+    graph = CellGraph.resolve(sdata, Tiling.resolve(sdata, tile_key), table_key=table_key, graph_key=graph_key)
+    grid = _ShiftedGrids(graph)
+    n_obs = graph.cells.n_obs
 
     sums: dict[str, np.ndarray] = {}
     weights: dict[str, np.ndarray] = {}
-    count = np.zeros(cells.n_obs, dtype=np.int64)
+    count = np.zeros(n_obs, dtype=np.int64)
     start = time.perf_counter()
     n_run = len(shifts)
     for i, (dx, dy) in enumerate(shifts):
         if i >= n_run:
             break
         if i == 1 and time_budget_s is not None:
-            per_shift = time.perf_counter() - start
-            estimate = per_shift * len(shifts)
-            if estimate > time_budget_s:
-                fits = max(int(time_budget_s // max(per_shift, 1e-9)), 1)
-                if stop_at_budget:
-                    logger.warning(
-                        "Blending %d shifted grids would take about %.0f s (%.1f s each), over `time_budget_s=%g`; "
-                        "blending the first %d. The cell embeddings may show the tile grid; raise `time_budget_s` "
-                        "(or pass `time_budget_s=None`) for all of them.",
-                        len(shifts), estimate, per_shift, time_budget_s, fits,
-                    )  # fmt: skip
-                    n_run = min(fits, n_run)
-                else:
-                    logger.warning(
-                        "%d shifted grids will take about %.0f s (%.1f s each), over `time_budget_s=%g`; running "
-                        "them all as asked. Pass fewer shifts or `shifts='auto'` to stay within the budget.",
-                        len(shifts), estimate, per_shift, time_budget_s,
-                    )  # fmt: skip
+            n_run = _shifts_within_budget(
+                time.perf_counter() - start, len(shifts), time_budget_s, stop_at_budget=stop_at_budget
+            )
             if i >= n_run:
                 break
-        origin = (x_min - dx * block, y_min - dy * block)
-        row, col = grid_position(xy, origin, size, (n_rows, n_cols))
-        grid_id = np.where(tiled, row * n_cols + col, -1)
-        n_in = np.bincount(grid_id[tiled], minlength=n_rows * n_cols)
-        kept = np.flatnonzero(n_in >= min_cells)
-        tile_of_grid = np.full(n_rows * n_cols, -1, dtype=np.int64)
-        tile_of_grid[kept] = np.arange(kept.size)
-        tile = np.where(grid_id >= 0, tile_of_grid[np.maximum(grid_id, 0)], -1)
-        conn, _ = knn_within_tiles(xy, tile, int(graph["n_neighs"]))
-
-        tiles = ad.AnnData(
-            obs=pd.DataFrame(
-                {
-                    Keys.TILE_X0: origin[0] + (kept % n_cols) * size,
-                    Keys.TILE_Y0: origin[1] + (kept // n_cols) * size,
-                    Keys.SPLIT: pd.Categorical([SPLITS[0]] * kept.size, categories=list(SPLITS)),
-                },
-                index=[str(i) for i in range(kept.size)],
-            )
-        )
-        view_params = {**params, "key_added": Keys.PREFIX, "keys": view_keys}
-        tiles.uns[Keys.PREFIX] = {"tile": {**view_params, "grid_origin": [float(origin[0]), float(origin[1])]}}
-        obs = {view_keys["cell_tile"]: tile}
-        for scale, key in view_keys["cell_blocks"].items():  # blocks of the shifted grid, as sg.pp.tile defines them
-            obs[key] = np.where(tile >= 0, block_ids(xy, row, col, origin, size, GRID[scale]), -1)
-        shifted = ad.AnnData(
-            obs=pd.DataFrame(obs, index=cells.obs_names.copy()),
-            var=var,
-            obsm={feats_key: cells.obsm[feats_key], view_keys["cell_spatial"]: xy},
-            obsp={view_graph["keys"]["connectivities"]: sparse.csr_matrix(conn)},
-            uns={Keys.PREFIX: {"cell_graph": view_graph}},
-        )
-        view = _SpatialData(tables={tile_key: tiles, table_key: shifted})
-        bundle, rows = build_bundle(view, table_key=table_key, tile_key=tile_key, require_image_features=False)
+        origin, bundle, rows = grid.bundle(dx, dy)
         _, z_cell = model.encode_st(bundle, batch_size=batch_size)
         for s, z in z_cell.items():
             if s not in sums:
-                sums[s] = np.zeros((cells.n_obs, z.shape[1]), dtype=np.float64)
-                weights[s] = np.zeros(cells.n_obs, dtype=np.float64)
-            w = blend_weights(xy[rows], origin, size, s, power) if blend == "tent" else np.ones(rows.size)
+                sums[s] = np.zeros((n_obs, z.shape[1]), dtype=np.float64)
+                weights[s] = np.zeros(n_obs, dtype=np.float64)
+            w = blend_weights(grid.xy[rows], origin, grid.size, s, power) if blend == "tent" else np.ones(rows.size)
             sums[s][rows] += w[:, None] * z.numpy()
             weights[s][rows] += w
         count[rows] += 1
@@ -268,3 +197,62 @@ def shifted_cell_embeddings(
             means[s] = mean
     logger.info("Blended %d shifted grids in %.1f s.", int(count.max(initial=0)), time.perf_counter() - start)
     return means, count
+
+
+def _shifts_within_budget(per_shift: float, n_shifts: int, time_budget_s: float, *, stop_at_budget: bool) -> int:
+    """How many shifts to run after timing the first: all, or (``stop_at_budget``) those that fit the budget."""
+    estimate = per_shift * n_shifts
+    if estimate <= time_budget_s:
+        return n_shifts
+    fits = max(int(time_budget_s // max(per_shift, 1e-9)), 1)
+    if stop_at_budget:
+        logger.warning(
+            "Blending %d shifted grids would take about %.0f s (%.1f s each), over `time_budget_s=%g`; "
+            "blending the first %d. The cell embeddings may show the tile grid; raise `time_budget_s` "
+            "(or pass `time_budget_s=None`) for all of them.",
+            n_shifts, estimate, per_shift, time_budget_s, fits,
+        )  # fmt: skip
+        return min(fits, n_shifts)
+    logger.warning(
+        "%d shifted grids will take about %.0f s (%.1f s each), over `time_budget_s=%g`; running "
+        "them all as asked. Pass fewer shifts or `shifts='auto'` to stay within the budget.",
+        n_shifts, estimate, per_shift, time_budget_s,
+    )  # fmt: skip
+    return n_shifts
+
+
+class _ShiftedGrids:
+    """The tiled cells of a section re-tiled in memory under the grid of :func:`sigmma_sc.pp.tile` moved by a shift.
+
+    The same grid assignment, kept tiles (at least the tiling's ``min_cells`` cells), block ids and per-tile k-NN
+    graph as :func:`sigmma_sc.pp.tile` and :func:`sigmma_sc.pp.cell_graph` (``sigmma_sc.data._geometry``), and
+    the bundle from :func:`~sigmma_sc.data._bundle.bundle_from_arrays`; nothing is written.
+    """
+
+    def __init__(self, graph: CellGraph):
+        tiling = graph.tiling
+        self.graph = graph
+        self.xy = graph.positions()
+        self.tiled = tiling.cell_tiles(graph.cells, graph.table_key) >= 0
+        self.x = graph.features()
+        self.size = tiling.tile_size
+        self.block = self.size / GRID["micro"]
+        self.origin = tiling.grid_origin
+        self.shape = tuple(int(v) + 1 for v in tiling.grid_shape)  # one more row/column covers the shifted edge
+        self.min_cells = tiling.min_cells
+
+    def bundle(self, dx: float, dy: float) -> tuple[tuple[float, float], TrainingBundle, np.ndarray]:
+        """The grid moved by ``(dx, dy)`` micro blocks towards the top left: its origin, bundle and cell rows."""
+        origin = (self.origin[0] - dx * self.block, self.origin[1] - dy * self.block)
+        row, col, grid_id, n_in = grid_cells(self.xy, self.tiled, origin, self.size, self.shape)
+        kept = np.flatnonzero(n_in >= self.min_cells)
+        tile = tile_of_points(grid_id, kept, n_in.size)
+        blocks = cell_blocks(self.xy, row, col, origin, self.size, tile)
+        conn, _ = knn_within_tiles(self.xy, tile, self.graph.n_neighs)
+        n_cols = self.shape[1]
+        origins = np.c_[origin[0] + (kept % n_cols) * self.size, origin[1] + (kept // n_cols) * self.size]
+        bundle, rows = bundle_from_arrays(
+            x=self.x, xy=self.xy, tile_of=tile, micro=blocks["micro"], meso=blocks["meso"], connectivities=conn,
+            tile_origins=origins, tile_size=self.size, n_candidates=self.graph.n_neighs,
+        )  # fmt: skip
+        return origin, bundle, rows

@@ -144,118 +144,44 @@ def tile(
     check_prefix(key_added)
     tile_size_um = check_positive(tile_size_um, "tile_size_um")
     pixel_size_um = check_positive(pixel_size_um, "pixel_size_um")
-    if not 0 <= min_tissue_fraction <= 1:
-        raise ValueError(f"`min_tissue_fraction` must be in [0, 1], got {min_tissue_fraction}.")
-    if not isinstance(split_buffer, int | np.integer) or isinstance(split_buffer, bool) or split_buffer < 0:
-        raise ValueError(f"`split_buffer` must be a non-negative integer (tiles), got {split_buffer!r}.")
-    fractions = np.asarray(split_fractions, dtype=float)
-    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
-        raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {split_fractions}.")
-    if cells_outside not in ("raise", "drop"):
-        raise ValueError(f"`cells_outside` must be 'raise' or 'drop', got {cells_outside!r}.")
-
+    fractions = _check_tile_args(min_tissue_fraction, split_buffer, split_fractions, cells_outside)
     image_key, image = get_image(sdata, image_key)
     table = get_table(sdata, table_key) if table_key is not None else _empty_cell_table()
     if coordinate_system is None:
         coordinate_system = shared_coordinate_system(sdata, image, table if table_key is not None else None, table_key)
     scale = _um_per_unit(sdata, coordinate_system, um_per_unit)
     reader = ImageReader(image, coordinate_system, scale, brightfield=image_is_brightfield(sdata, image_key))
+    tile_px = _tile_px(reader, tile_size_um, pixel_size_um, image_key)
 
-    tile_px = MIN_CROP_PX * max(1, round(tile_size_um / pixel_size_um / MIN_CROP_PX))
-    if tile_px // GRID["micro"] < MIN_CROP_PX:  # the tile as read (a multiple of MIN_CROP_PX px), not the ratio
-        raise ValueError(
-            f"A {tile_size_um} µm tile at {pixel_size_um} µm/px is read as {tile_px} px, giving micro crops of "
-            f"{tile_px // GRID['micro']} px; at least {MIN_CROP_PX} px are needed. Increase `tile_size_um` (at least "
-            f"{MIN_CROP_PX * GRID['micro'] * pixel_size_um:g} µm) or decrease `pixel_size_um`."
-        )
-    native_crop = tile_size_um / reader.pixel_size_um / GRID["micro"]
-    if native_crop < MIN_CROP_PX * (1 - 1e-6):
-        raise ValueError(
-            f"The image's full resolution is {reader.pixel_size_um:.4g} µm/px, so a micro crop of a {tile_size_um} µm "
-            f"tile spans only {_floor(native_crop)} image pixels (at least {MIN_CROP_PX} needed). Increase "
-            f"`tile_size_um` (at least {MIN_CROP_PX * GRID['micro'] * reader.pixel_size_um:.4g} µm), or check "
-            "`um_per_unit` and the image's transformation."
-        )
-    if pixel_size_um * FINER_WARNING <= reader.pixel_size_um * 1.01:  # 4x and more (1% tolerance)
-        logger.warning(
-            "`pixel_size_um=%g` is %.0fx finer than image %r's full resolution (%.4g µm/px): tiles are upsampled and "
-            "hold no more detail. Pass `pixel_size_um=%.4g` (or coarser), or check `um_per_unit` (%g µm per unit).",
-            pixel_size_um, reader.pixel_size_um / pixel_size_um, image_key, reader.pixel_size_um,
-            reader.pixel_size_um, scale,
-        )  # fmt: skip
-
-    if table_key is None:
-        counts, xy = table.X, np.zeros((0, 2), dtype=np.float64)
-    else:
-        layer = resolve_counts_layer(table, layer, table_key)  # scanpy's .raw when .X is log-normalised
-        counts = counts_matrix(table, layer, table_key)
-        xy = cell_coordinates(sdata, table, table_key, coordinate_system)
-    on_image = reader.contains(xy)
-    if not on_image.all():
-        n_off = int((~on_image).sum())
-        if cells_outside == "raise":
-            raise ValueError(
-                f"{n_off} of {len(xy)} cell centroids lie outside image {image_key!r} in {coordinate_system!r}. "
-                "Check the image registration (alignment file) and `coordinate_system`, or pass "
-                "`cells_outside='drop'` to leave those cells untiled."
-            )
-        logger.warning("%d cells lie outside image %r and are left untiled (tile -1).", n_off, image_key)
+    counts, xy, layer = _cell_inputs(sdata, table, table_key, layer, coordinate_system)
+    on_image = _cells_on_image(reader, xy, cells_outside, image_key, coordinate_system)
 
     size = tile_size_um / scale  # tile side in coordinate-system units
     xmin, ymin, xmax, ymax = reader.extent()
     n_cols, n_rows = max(1, int(np.ceil((xmax - xmin) / size))), max(1, int(np.ceil((ymax - ymin) / size)))
-
     row, col, grid_id, n_cells_grid = grid_cells(xy, on_image, (xmin, ymin), size, (n_rows, n_cols))
-
     has_cells = n_cells_grid >= max(min_cells, 1) if table_key is not None else np.ones(n_rows * n_cols, dtype=bool)
     candidates = np.flatnonzero(has_cells)  # tissue is only measured where cells are
     tissue = np.zeros(n_rows * n_cols, dtype=np.float64)
     tissue[candidates] = _tissue_fraction(reader, xmin, ymin, size, candidates, n_cols)
     keep = has_cells & (tissue >= min_tissue_fraction)
     kept_grid = np.flatnonzero(keep)
-    if kept_grid.size == 0 and table_key is None:
-        raise ValueError(
-            f"No tile of image {image_key!r} holds at least {min_tissue_fraction:.0%} tissue. Check "
-            "`min_tissue_fraction` and that the image shows tissue on a brighter (H&E) or darker (fluorescence) "
-            "background."
-        )
-    if kept_grid.size == 0:
-        raise ValueError(
-            "No tile holds enough cells and tissue. Check `tile_size_um`, `min_cells`, `min_tissue_fraction` "
-            "and that the cells lie on the tissue of the image."
-        )
+    _check_kept(kept_grid, image_key, min_tissue_fraction, image_only=table_key is None)
     cell_tile = tile_of_points(grid_id, kept_grid, n_rows * n_cols)
-
     t_row, t_col = kept_grid // n_cols, kept_grid % n_cols
     x0, y0 = xmin + t_col * size, ymin + t_row * size
-    n_bg = int((~keep & (n_cells_grid > 0)).sum())
     n_dropped_cells = int((cell_tile < 0).sum())
-    if table_key is None:
-        logger.info("Kept %d of %d grid tiles with >= %.0f%% tissue (image only, no cells).",
-                    kept_grid.size, keep.size, 100 * min_tissue_fraction)  # fmt: skip
-    else:
-        logger.info(
-            "Kept %d of %d grid tiles (%d empty, %d with cells dropped as background); %d of %d cells are tiled.",
-            kept_grid.size, keep.size, int((n_cells_grid == 0).sum()), n_bg, len(xy) - n_dropped_cells, len(xy),
-        )  # fmt: skip
-        _warn_untiled(grid_id, has_cells, tissue, min_tissue_fraction, n_dropped_cells, len(xy))
-
+    _log_kept(kept_grid, keep, n_cells_grid, has_cells, grid_id, tissue, min_tissue_fraction, n_dropped_cells,
+              image_only=table_key is None)  # fmt: skip
     blocks = cell_blocks(xy, row, col, (xmin, ymin), size, cell_tile)  # inside each tile (row-major)
-    tiled = cell_tile >= 0
 
     split, region = _spatial_split(t_row, t_col, fractions, split_region_tiles, seed)
     split = _buffer_split(split, t_row, t_col, split_buffer)
     _warn_small_splits(split, fractions, tile_size_um)
-
-    # summed counts per tile
-    idx = np.flatnonzero(tiled)
-    member = sparse.csr_matrix(
-        (np.ones(idx.size, dtype=np.float32), (cell_tile[idx], idx)), shape=(kept_grid.size, len(xy))
-    )
-    summed = (member @ counts).tocsr()
+    member, summed = _summed_counts(cell_tile, counts, kept_grid.size)
 
     keys = Keys.tiling(key_added, image_key)
-    shapes_key, tile_table_key = keys["shapes"], keys["tile_table"]
+    shapes_key = keys["shapes"]
     params = {
         "key_added": key_added,
         "keys": keys,
@@ -283,22 +209,38 @@ def tile(
         summed, table, shapes_key, t_row, t_col, x0, y0, member, tissue[kept_grid], split, region, params
     )
     cells = pd.DataFrame(
-        {
-            keys["cell_tile"]: cell_tile,
-            keys["cell_blocks"]["micro"]: blocks["micro"],
-            keys["cell_blocks"]["meso"]: blocks["meso"],
-        },
+        {keys["cell_tile"]: cell_tile} | {keys["cell_blocks"][b]: blocks[b] for b in ("micro", "meso")},
         index=table.obs_names,
     )
     if not inplace:
         return shapes, tile_table, cells
+    _write_tiling(
+        sdata, table, table_key, shapes, tile_table, cells, xy, keys, key_added=key_added, image_key=image_key
+    )
+    return None
 
+
+def _write_tiling(
+    sdata: SpatialData,
+    table: AnnData,
+    table_key: str | None,
+    shapes: gpd.GeoDataFrame,
+    tile_table: AnnData,
+    cells: pd.DataFrame,
+    xy: np.ndarray,
+    keys: dict,
+    *,
+    key_added: str,
+    image_key: str,
+) -> None:
+    """Write the tile shapes, the tile table and (with a cell table) each cell's tile, blocks and centroid."""
+    shapes_key, tile_table_key = keys["shapes"], keys["tile_table"]
     sdata.shapes[shapes_key] = shapes
     sdata.tables[tile_table_key] = tile_table
     for key in (shapes_key, tile_table_key):
         logger.info("Wrote %r.", key)
     if table_key is None:
-        return None
+        return
     for key in cells:
         table.obs[key] = cells[key].to_numpy()
     table.obsm[keys["cell_spatial"]] = xy
@@ -306,7 +248,128 @@ def tile(
     logger.info(
         "Wrote cell table %r .obs%s and .obsm[%r].", table_key, list(cells), keys["cell_spatial"]
     )  # fmt: skip
-    return None
+
+
+def _cell_inputs(
+    sdata: SpatialData, table: AnnData, table_key: str | None, layer: str | None, coordinate_system: str
+) -> tuple[sparse.spmatrix, np.ndarray, str | None]:
+    """The cells' raw counts, centroids in ``coordinate_system`` and the counts layer used (none image-only)."""
+    if table_key is None:
+        return table.X, np.zeros((0, 2), dtype=np.float64), layer
+    layer = resolve_counts_layer(table, layer, table_key)  # scanpy's .raw when .X is log-normalised
+    counts = counts_matrix(table, layer, table_key)
+    return counts, cell_coordinates(sdata, table, table_key, coordinate_system), layer
+
+
+def _check_tile_args(
+    min_tissue_fraction: float, split_buffer: int, split_fractions: tuple[float, float, float], cells_outside: str
+) -> np.ndarray:
+    """The cheap checks of ``sg.pp.tile``'s arguments; returns the split fractions as an array."""
+    if not 0 <= min_tissue_fraction <= 1:
+        raise ValueError(f"`min_tissue_fraction` must be in [0, 1], got {min_tissue_fraction}.")
+    if not isinstance(split_buffer, int | np.integer) or isinstance(split_buffer, bool) or split_buffer < 0:
+        raise ValueError(f"`split_buffer` must be a non-negative integer (tiles), got {split_buffer!r}.")
+    fractions = np.asarray(split_fractions, dtype=float)
+    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
+        raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {split_fractions}.")
+    if cells_outside not in ("raise", "drop"):
+        raise ValueError(f"`cells_outside` must be 'raise' or 'drop', got {cells_outside!r}.")
+    return fractions
+
+
+def _tile_px(reader: ImageReader, tile_size_um: float, pixel_size_um: float, image_key: str) -> int:
+    """Tile side in pixels as read (a multiple of ``MIN_CROP_PX``), after checking that micro crops are large enough."""
+    tile_px = MIN_CROP_PX * max(1, round(tile_size_um / pixel_size_um / MIN_CROP_PX))
+    if tile_px // GRID["micro"] < MIN_CROP_PX:  # the tile as read (a multiple of MIN_CROP_PX px), not the ratio
+        raise ValueError(
+            f"A {tile_size_um} µm tile at {pixel_size_um} µm/px is read as {tile_px} px, giving micro crops of "
+            f"{tile_px // GRID['micro']} px; at least {MIN_CROP_PX} px are needed. Increase `tile_size_um` (at least "
+            f"{MIN_CROP_PX * GRID['micro'] * pixel_size_um:g} µm) or decrease `pixel_size_um`."
+        )
+    native_crop = tile_size_um / reader.pixel_size_um / GRID["micro"]
+    if native_crop < MIN_CROP_PX * (1 - 1e-6):
+        raise ValueError(
+            f"The image's full resolution is {reader.pixel_size_um:.4g} µm/px, so a micro crop of a {tile_size_um} µm "
+            f"tile spans only {_floor(native_crop)} image pixels (at least {MIN_CROP_PX} needed). Increase "
+            f"`tile_size_um` (at least {MIN_CROP_PX * GRID['micro'] * reader.pixel_size_um:.4g} µm), or check "
+            "`um_per_unit` and the image's transformation."
+        )
+    if pixel_size_um * FINER_WARNING <= reader.pixel_size_um * 1.01:  # 4x and more (1% tolerance)
+        logger.warning(
+            "`pixel_size_um=%g` is %.0fx finer than image %r's full resolution (%.4g µm/px): tiles are upsampled and "
+            "hold no more detail. Pass `pixel_size_um=%.4g` (or coarser), or check `um_per_unit` (%g µm per unit).",
+            pixel_size_um, reader.pixel_size_um / pixel_size_um, image_key, reader.pixel_size_um,
+            reader.pixel_size_um, reader.um_per_unit,
+        )  # fmt: skip
+    return tile_px
+
+
+def _cells_on_image(
+    reader: ImageReader, xy: np.ndarray, cells_outside: str, image_key: str, coordinate_system: str
+) -> np.ndarray:
+    """Which cell centroids lie on the image; raises (``cells_outside='raise'``) or warns when some do not."""
+    on_image = reader.contains(xy)
+    if not on_image.all():
+        n_off = int((~on_image).sum())
+        if cells_outside == "raise":
+            raise ValueError(
+                f"{n_off} of {len(xy)} cell centroids lie outside image {image_key!r} in {coordinate_system!r}. "
+                "Check the image registration (alignment file) and `coordinate_system`, or pass "
+                "`cells_outside='drop'` to leave those cells untiled."
+            )
+        logger.warning("%d cells lie outside image %r and are left untiled (tile -1).", n_off, image_key)
+    return on_image
+
+
+def _check_kept(kept_grid: np.ndarray, image_key: str, min_tissue_fraction: float, *, image_only: bool) -> None:
+    if kept_grid.size == 0 and image_only:
+        raise ValueError(
+            f"No tile of image {image_key!r} holds at least {min_tissue_fraction:.0%} tissue. Check "
+            "`min_tissue_fraction` and that the image shows tissue on a brighter (H&E) or darker (fluorescence) "
+            "background."
+        )
+    if kept_grid.size == 0:
+        raise ValueError(
+            "No tile holds enough cells and tissue. Check `tile_size_um`, `min_cells`, `min_tissue_fraction` "
+            "and that the cells lie on the tissue of the image."
+        )
+
+
+def _log_kept(
+    kept_grid: np.ndarray,
+    keep: np.ndarray,
+    n_cells_grid: np.ndarray,
+    has_cells: np.ndarray,
+    grid_id: np.ndarray,
+    tissue: np.ndarray,
+    min_tissue_fraction: float,
+    n_dropped_cells: int,
+    *,
+    image_only: bool,
+) -> None:
+    """Log the tiles kept and the cells tiled (and warn when most cells are not)."""
+    if image_only:
+        logger.info("Kept %d of %d grid tiles with >= %.0f%% tissue (image only, no cells).",
+                    kept_grid.size, keep.size, 100 * min_tissue_fraction)  # fmt: skip
+        return
+    n_bg = int((~keep & (n_cells_grid > 0)).sum())
+    n_cells = grid_id.size
+    logger.info(
+        "Kept %d of %d grid tiles (%d empty, %d with cells dropped as background); %d of %d cells are tiled.",
+        kept_grid.size, keep.size, int((n_cells_grid == 0).sum()), n_bg, n_cells - n_dropped_cells, n_cells,
+    )  # fmt: skip
+    _warn_untiled(grid_id, has_cells, tissue, min_tissue_fraction, n_dropped_cells, n_cells)
+
+
+def _summed_counts(
+    cell_tile: np.ndarray, counts: sparse.spmatrix, n_tiles: int
+) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
+    """The ``(tiles, cells)`` membership matrix and the summed counts of each tile's cells."""
+    idx = np.flatnonzero(cell_tile >= 0)
+    member = sparse.csr_matrix(
+        (np.ones(idx.size, dtype=np.float32), (cell_tile[idx], idx)), shape=(n_tiles, cell_tile.size)
+    )
+    return member, (member @ counts).tocsr()
 
 
 def _warn_small_splits(split: pd.Categorical, fractions: np.ndarray, tile_size_um: float) -> None:

@@ -76,7 +76,7 @@ def train_child(bundle_path: str, epochs: int, out: str) -> None:
 
 def one(n_sections: int, n_cells: int, epochs: int, out: Path, *, save_bundle: bool = False) -> dict:
     import sigmma_sc as sg
-    from sigmma_sc.data._bundle import build_bundle
+    from sigmma_sc.data._build import build_bundle
     from sigmma_sc.model import SigmmaModel, TrainingBundle
     from sigmma_sc.tl._cohort import prepare_cohort
 

@@ -176,7 +176,7 @@ def scale_timing(n_cells: int, k: int = 6) -> dict[str, float]:
     """Seconds of the meso and macro candidate_edges calls on a uniform layout of ``n_cells`` (bone-marrow density)."""
     from scipy import sparse
 
-    from sigmma_sc.data._bundle import candidate_edges
+    from sigmma_sc.data._build import candidate_edges
     from sigmma_sc.pp._cell_graph import knn_within_tiles
 
     rng = np.random.default_rng(0)

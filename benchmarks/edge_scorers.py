@@ -9,7 +9,7 @@ On the arrangement section (:func:`sigmma_sc.datasets.synthetic_arrangement`, th
 
 - ``knn``: each cell's 6 nearest not-yet-linked cells of its meso block / tile (the package default);
 - ``all``: every not-yet-linked pair of its meso block / tile (the paper's §3.2 rule,
-  ``sigmma_sc.data._bundle.all_pair_edges``).
+  ``sigmma_sc.data._build.all_pair_edges``).
 
 Both are compared on **validation** tiles (the choice of a default must not look at test tiles): cross-modal
 retrieval R@10% (image -> ST, mean over scales of the cosine similarity) and ridge R² of the tiles' mixing score
@@ -45,7 +45,7 @@ def with_all_pairs(bundle):
     from scipy import sparse
 
     from sigmma_sc._constants import GRID
-    from sigmma_sc.data._bundle import all_pair_edges
+    from sigmma_sc.data._build import all_pair_edges
     from sigmma_sc.model import TrainingBundle
     from sigmma_sc.nn import block_ids
 

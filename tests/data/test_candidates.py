@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from sigmma_sc.data._bundle import candidate_edges
+from sigmma_sc.data._build import candidate_edges
 
 
 def _brute_force(xy, group, k, exclude):
@@ -82,7 +82,7 @@ def _brute_all(group, exclude):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("max_pairs", [1, 50, 1 << 20])
 def test_all_pairs_match_brute_force(seed, max_pairs):
-    from sigmma_sc.data._bundle import all_pair_edges
+    from sigmma_sc.data._build import all_pair_edges
 
     _, group, exclude = _layout(seed)
     out = all_pair_edges(group, exclude, max_pairs=max_pairs)
@@ -97,7 +97,7 @@ def test_all_pairs_memory_is_bounded_by_the_chunk():
     """The chunk's temporaries cost <= ~64 bytes per pair of the chunk (docstring: ~48), whatever the group sizes."""
     import tracemalloc
 
-    from sigmma_sc.data._bundle import all_pair_edges
+    from sigmma_sc.data._build import all_pair_edges
 
     rng = np.random.default_rng(0)
     n = 3000
@@ -124,7 +124,7 @@ def test_bundle_with_the_papers_candidate_rule():
 
     import sigmma_sc as sg
     from sigmma_sc._constants import GRID
-    from sigmma_sc.data._bundle import build_bundle
+    from sigmma_sc.data._build import build_bundle
     from sigmma_sc.nn import block_ids
 
     sdata = make_section(n_cells=600, image_px=256)

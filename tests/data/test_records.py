@@ -8,7 +8,7 @@ import torch
 
 import sigmma_sc as sg
 from sigmma_sc._constants import GRID, Keys
-from sigmma_sc.data._bundle import build_bundle
+from sigmma_sc.data._build import build_bundle
 from sigmma_sc.data._geometry import block_ids, cell_blocks, grid_cells, tile_of_points
 from sigmma_sc.data._records import CellGraph, EmbeddingRun, Tiling
 from sigmma_sc.nn._edges import block_ids as torch_block_ids

@@ -180,7 +180,7 @@ def test_split_buffer_separates_held_out_tiles_from_training(buffer):
     assert train.sum() + buf.sum() == plain_train.sum()
     assert tiles.uns["sigmma"]["tile"]["split_buffer"] == buffer
     # the bundle leaves buffer tiles out of every split the model uses
-    from sigmma_sc.data._bundle import build_bundle
+    from sigmma_sc.data._build import build_bundle
 
     buffered = make_section(n_cells=3000, image_px=512)
     _run(buffered, tile_size_um=8.0, split_region_tiles=2, split_buffer=buffer)

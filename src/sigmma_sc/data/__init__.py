@@ -1,6 +1,6 @@
 """The bridge between SpatialData and the pure-torch model: tile images, training bundles."""
 
-from ._bundle import build_bundle
+from ._build import build_bundle
 from ._cohort import cohort_tile_table
 from ._image import ImageReader
 from ._tiles import iter_tile_images, tile_params

@@ -107,7 +107,7 @@ def graph_reliance(
     (two-sided bootstrap share), ``n_tiles``, ``n_boot`` and ``changed`` (fraction of cells whose features moved,
     or of edges removed or rewired). Nothing is written to ``sdata``.
     """
-    from ..data._bundle import build_bundle
+    from ..data._build import build_bundle
     from ..model._perturb import PERTURBATIONS, perturb_bundle, subset_bundle
 
     perturbations = [perturbations] if isinstance(perturbations, str) else list(perturbations)

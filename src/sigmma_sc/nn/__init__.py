@@ -5,7 +5,7 @@ Imports only torch, torch_geometric, numpy and the standard library (timm lazily
 
 from ._distributed import GlobalBatchNoise, all_gather_with_grad, gather_embeddings
 from ._edges import EdgeSampler, block_ids, same_block
-from ._featurize import featurize
+from ._frozen_features import featurize
 from ._gnn import GraphEncoderOutput, HierarchicalGraphEncoder, WeightedSAGEConv
 from ._image_encoder import BackboneInfo, MultiCropEncoder, build_backbone
 from ._loss import ProjectionHead, grad_cache_backward, info_nce, multiscale_info_nce

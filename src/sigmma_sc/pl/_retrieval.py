@@ -10,7 +10,7 @@ import numpy as np
 
 from .._constants import Keys
 from .._utils._validate import get_table
-from ..tl._image_only import retrieve
+from ..tl._retrieve import retrieve
 from ._utils import save_figure
 
 if TYPE_CHECKING:

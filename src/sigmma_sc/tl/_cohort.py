@@ -13,7 +13,7 @@ import pandas as pd
 from .._constants import SPLIT_BUFFER, SPLITS, Keys
 from .._utils._validate import counts_matrix, get_table
 from .._utils._version import package_version
-from ..data._bundle import _hash_names, build_bundle
+from ..data._build import _hash_names, build_bundle
 from ..data._cohort import _graph_record, as_sections, cohort_splits, fit_cohort_pca, shared_genes
 from ..model._diagnostics import kept_summary
 from ..pp._cell_graph import cell_graph

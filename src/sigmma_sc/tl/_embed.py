@@ -12,7 +12,7 @@ from .._constants import SCALES, Keys
 from .._docs import doc_device, doc_graph_key, doc_params
 from .._utils._record import read_record, write_record
 from .._utils._validate import check_prefix
-from ..data._bundle import _hash_names, bundle_from_records, inputs_fingerprint, st_inputs
+from ..data._build import _hash_names, bundle_from_records, inputs_fingerprint, st_inputs
 from ..data._records import CellGraph, Tiling
 from ..data._tiles import image_modality
 from ._featurize import featurize
@@ -169,7 +169,7 @@ def st_bundle(sdata: SpatialData, model: SigmmaModel, tiling: Tiling, graph: Cel
     """The bundle of the section's cells: the one training built when its inputs are the same, else a new one.
 
     :meth:`~sigmma_sc.model.SigmmaModel.fit` keeps the bundle it trained on (``model.training_bundle``, without
-    tile images); :func:`~sigmma_sc.data._bundle.build_bundle` records a fingerprint of the arrays it was built
+    tile images); :func:`~sigmma_sc.data._build.build_bundle` records a fingerprint of the arrays it was built
     from (cells, tiles, blocks, graph, node features, candidate rule). The kept bundle is reused when the
     section's fingerprint matches, so ``embed`` right after ``train_sigmma`` does not draw the candidate edges
     again.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import GRID, Keys
-from ..data._bundle import bundle_from_arrays
+from ..data._build import bundle_from_arrays
 from ..data._geometry import cell_blocks, grid_cells, knn_within_tiles, tile_of_points
 from ..data._records import CellGraph, Tiling
 
@@ -226,7 +226,7 @@ class _ShiftedGrids:
 
     The same grid assignment, kept tiles (at least the tiling's ``min_cells`` cells), block ids and per-tile k-NN
     graph as :func:`sigmma_sc.pp.tile` and :func:`sigmma_sc.pp.cell_graph` (``sigmma_sc.data._geometry``), and
-    the bundle from :func:`~sigmma_sc.data._bundle.bundle_from_arrays`; nothing is written.
+    the bundle from :func:`~sigmma_sc.data._build.bundle_from_arrays`; nothing is written.
     """
 
     def __init__(self, graph: CellGraph):

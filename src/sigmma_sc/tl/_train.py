@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._constants import Keys
 from .._utils._validate import get_table
 from .._utils._version import package_version as _version
-from ..data._bundle import build_bundle, checked_graph
+from ..data._build import build_bundle, checked_graph
 from ..data._tiles import tile_params
 from ..model._diagnostics import kept_summary
 from ._featurize import featurize

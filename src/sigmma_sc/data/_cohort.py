@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPLIT_BUFFER, SPLITS, Keys
-from .._utils._record import graph_record, tiling_keys
+from .._utils._record import graph_record
 from .._utils._validate import counts_matrix, get_table
-from ._tiles import tile_params
+from ._records import Tiling
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -49,7 +49,7 @@ def as_sections(sections: SpatialData | Sequence[SpatialData] | Mapping[str, Spa
 
 def _graph_record(sdata: SpatialData, name: str, table_key: str, tile_key: str) -> dict[str, Any]:
     try:
-        tile_params(sdata, tile_key)
+        Tiling.resolve(sdata, tile_key)
         cells = get_table(sdata, table_key)
         return graph_record(cells, Keys.PREFIX, table_key)
     except KeyError as e:
@@ -125,8 +125,7 @@ def shared_genes(tables: Mapping[str, AnnData], *, min_genes: int = 10) -> list[
 
 
 def _train_cells(sdata: SpatialData, table_key: str, split: np.ndarray, tile_key: str = Keys.TILE_TABLE) -> np.ndarray:
-    cell_tile = tiling_keys(tile_params(sdata, tile_key))["cell_tile"]
-    tile_of = get_table(sdata, table_key).obs[cell_tile].to_numpy().astype(np.int64)
+    tile_of = Tiling.resolve(sdata, tile_key).cell_tiles(get_table(sdata, table_key), table_key)
     ok = tile_of >= 0
     train = np.zeros(tile_of.size, dtype=bool)
     train[ok] = split[tile_of[ok]] == "train"

@@ -11,11 +11,11 @@ import pandas as pd
 from scipy import sparse
 
 from sigmma_sc._constants import Keys
-from sigmma_sc._utils._record import tiling_keys, write_record
-from sigmma_sc._utils._validate import check_prefix, counts_matrix, get_table, require_obs, tiling_fingerprint
+from sigmma_sc._utils._record import write_record
+from sigmma_sc._utils._validate import check_prefix, counts_matrix, get_table, tiling_fingerprint
 from sigmma_sc.data._geometry import knn_within_tiles
 from sigmma_sc.data._pca import apply_log_pca, fit_log_pca
-from sigmma_sc.data._tiles import tile_params
+from sigmma_sc.data._records import Tiling
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -94,17 +94,15 @@ def cell_graph(
         raise ValueError(f"`n_neighs` must be a positive integer, got {n_neighs!r}.")
     check_prefix(key_added)
     table = get_table(sdata, table_key)
-    params = tile_params(sdata, tile_key)
-    tkeys = tiling_keys(params)
-    require_obs(table, [tkeys["cell_tile"]], table_key, "sg.pp.tile")
+    tiling = Tiling.resolve(sdata, tile_key)
+    params, tkeys, tiles = tiling.params, tiling.keys, tiling.tiles
+    tile_of_cell = tiling.cell_tiles(table, table_key)
     if tkeys["cell_spatial"] not in table.obsm:
         raise KeyError(f"Table {table_key!r} lacks `.obsm[{tkeys['cell_spatial']!r}]`; run `sg.pp.tile` first.")
-    tiles = get_table(sdata, tile_key)
     gkeys = Keys.graph(key_added)
     if features_key is None:
         features_key = gkeys["features"]
 
-    tile_of_cell = table.obs[tkeys["cell_tile"]].to_numpy().astype(np.int64)
     xy = np.asarray(table.obsm[tkeys["cell_spatial"]], dtype=np.float64)
     conn, dist = knn_within_tiles(xy, tile_of_cell, n_neighs)
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import SCALES, Keys
-from .._utils._validate import get_table
-from ..data._tiles import image_modality, iter_tile_images, tile_params
+from ..data._records import Tiling
+from ..data._tiles import image_modality, iter_tile_images
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -78,9 +78,9 @@ def featurize(
     from ..nn import MultiCropEncoder, build_backbone
     from ..nn import featurize as _featurize
 
-    params = tile_params(sdata, tile_key)
-    tiles = get_table(sdata, tile_key)
-    image_key = image_key or params["image_key"]
+    tiling = Tiling.resolve(sdata, tile_key)
+    params, tiles = tiling.params, tiling.tiles
+    image_key = image_key or tiling.image_key
     if image_key not in sdata.images:
         raise KeyError(f"No image {image_key!r} in the SpatialData object; available: {sorted(sdata.images)}.")
     record = {

@@ -1,4 +1,7 @@
-"""Datasets: synthetic Xenium, MERSCOPE, CosMx and Visium HD output folders, the demo, and a reader for a real section."""
+"""Datasets: synthetic Xenium, MERSCOPE, CosMx and Visium HD output folders, the demo, and a reader for a real section.
+
+Example sections to run the package on; the code that turns any section into tensors is :mod:`sigmma_sc.data`.
+"""
 
 from ._arrangement import synthetic_arrangement
 from ._bonemarrow import xenium_bonemarrow

@@ -100,11 +100,11 @@ def snapshot(path: str) -> None:
 
 
 def compare(a: str, b: str) -> int:
-    A, B = np.load(a, allow_pickle=False), np.load(b, allow_pickle=False)
+    A, B = np.load(a, allow_pickle=True), np.load(b, allow_pickle=True)  # our own snapshots (string columns)
     bad = sorted(set(A.files) ^ set(B.files))
     for k in sorted(set(A.files) & set(B.files)):
         x, y = A[k], B[k]
-        if x.shape != y.shape or x.dtype != y.dtype or not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+        if x.shape != y.shape or x.dtype != y.dtype or not np.array_equal(x, y, equal_nan=x.dtype.kind in "fc"):
             bad.append(k)
     print(f"{len(set(A.files) & set(B.files))} arrays compared; differing or missing: {bad or 'none'}")
     return 1 if bad else 0

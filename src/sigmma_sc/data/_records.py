@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import SCALES, SPLIT_BUFFER, SPLITS, Keys
-from .._utils._record import graph_record, read_record, tiling_keys, tiling_record
+from .._utils._record import embedding_keys, graph_record, read_record, tiling_keys, tiling_record
 from .._utils._validate import check_graph_tiling, get_table, require_obs
 
 if TYPE_CHECKING:
@@ -243,11 +243,7 @@ class EmbeddingRun:
     def resolve(cls, adata: AnnData, use_rep: str = Keys.PREFIX, scales: tuple[str, ...] = SCALES) -> EmbeddingRun:
         """The run ``use_rep`` of ``adata`` (default key names when nothing was recorded)."""
         record = read_record(adata, use_rep, "embed") or {}
-        recorded = record.get("keys") or Keys.embedding(use_rep, scales)
-        keys = {
-            kind: {s: names[s] for s in scales if s in names and names[s] in adata.obsm}
-            for kind, names in recorded.items()
-        }
+        keys = {kind: embedding_keys(adata, use_rep, kind, scales) for kind in ("image", "st", "cell")}
         return cls(use_rep=use_rep, record=record, keys=keys)
 
     @property

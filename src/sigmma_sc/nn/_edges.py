@@ -31,6 +31,11 @@ def block_ids(pos: Tensor, batch: Tensor, grid: int) -> Tensor:
     Returns
     -------
     ``(N,)`` int64 id, equal for two cells exactly when they share the tile and the block.
+
+    Notes
+    -----
+    The same map as :func:`sigmma_sc.data._geometry.block_ids` (numpy, from coordinates, which ``sg.pp.tile``
+    writes) except for points closer to a block border than float32 resolves (``tests/data/test_records.py``).
     """
     b = torch.floor(pos * grid).long().clamp_(0, grid - 1)
     return (batch.long() * grid + b[:, 1]) * grid + b[:, 0]

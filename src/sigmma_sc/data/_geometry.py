@@ -30,7 +30,7 @@ def block_ids(
 
     ``row``/``col`` are the points' tile positions from :func:`grid_position` on the grid of ``size`` squares
     from ``origin``; points on a block border belong to the block right of / below it, as for tiles. The model's
-    :func:`sigmma_sc.nn._edges.block_ids` (torch, from float32 positions inside the tile) is the same map except
+    ``sigmma_sc.nn._edges.block_ids`` (torch, from float32 positions inside the tile) is the same map except
     within float32 precision of a border (tested in ``tests/data/test_records.py``).
     """
     x0 = origin[0] + col * size

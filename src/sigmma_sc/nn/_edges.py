@@ -34,7 +34,7 @@ def block_ids(pos: Tensor, batch: Tensor, grid: int) -> Tensor:
 
     Notes
     -----
-    The same map as :func:`sigmma_sc.data._geometry.block_ids` (numpy, from coordinates, which ``sg.pp.tile``
+    The same map as ``sigmma_sc.data._geometry.block_ids`` (numpy, from coordinates, which ``sg.pp.tile``
     writes) except for points closer to a block border than float32 resolves (``tests/data/test_records.py``).
     """
     b = torch.floor(pos * grid).long().clamp_(0, grid - 1)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def tile_params(sdata: SpatialData, tile_key: str = Keys.TILE_TABLE) -> dict:
-    """The parameters ``sg.pp.tile`` recorded in the tile table, or a clear error (see :class:`Tiling`)."""
+    """The parameters ``sg.pp.tile`` recorded in the tile table, or a clear error (see ``sigmma_sc.data._records.Tiling``)."""
     return dict(Tiling.resolve(sdata, tile_key).params)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SCALES, Keys
-from .._utils._record import embedding_keys
 from .._utils._validate import get_table
+from ..data._records import EmbeddingRun
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -122,7 +122,7 @@ def retrieve(
 
 
 def _embedding(tiles: AnnData, modality: str, scale: str, tile_key: str, what: str, use_rep: str) -> np.ndarray:
-    key = embedding_keys(tiles, use_rep, modality).get(scale, Keys.embedding(use_rep)[modality][scale])
+    key = EmbeddingRun.resolve(tiles, use_rep).keys[modality].get(scale, Keys.embedding(use_rep)[modality][scale])
     if key not in tiles.obsm:
         hint = (
             "run `sg.tl.embed(sdata, model)` first (with `table_key=None` for an image-only section)"

@@ -3,7 +3,7 @@
 A reader resolves the records it needs once, at the top (every check, with the errors that name the fix), and
 passes the resolved objects down instead of keys: :class:`Tiling` (the tile table and what ``sg.pp.tile``
 recorded), :class:`CellGraph` (the cell table's graph on that tiling) and :class:`EmbeddingRun` (what one
-``sg.tl.embed`` run wrote). They hold references to the tables, not copies.
+``sg.tl.embed`` run wrote). They hold references to the tables, not copies, and compare by identity.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 SPLIT_CODES = {s: i for i, s in enumerate(SPLITS)} | {SPLIT_BUFFER: 3}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tiling:
     """A tiling written by :func:`sigmma_sc.pp.tile`: its tile table and recorded parameters.
 
@@ -143,7 +143,7 @@ class Tiling:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CellGraph:
     """A cell graph written by :func:`sigmma_sc.pp.cell_graph` on a :class:`Tiling`, checked against it.
 
@@ -221,7 +221,7 @@ class CellGraph:
         return tuple(self.cells.obs[keys[s]].to_numpy().astype(np.int64) for s in ("micro", "meso"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EmbeddingRun:
     """What one :func:`sigmma_sc.tl.embed` run wrote into a table (``.uns[use_rep]['embed']``).
 

@@ -31,7 +31,9 @@ def _table(prefix: str, adata, out: dict) -> None:
     if adata.X is not None:
         out[f"{prefix}/X"] = _dense(adata.X)
     for k in adata.obs:
-        out[f"{prefix}/obs/{k}"] = adata.obs[k].astype(str).to_numpy() if adata.obs[k].dtype == "category" else adata.obs[k].to_numpy()
+        out[f"{prefix}/obs/{k}"] = (
+            adata.obs[k].astype(str).to_numpy() if adata.obs[k].dtype == "category" else adata.obs[k].to_numpy()
+        )
     out[f"{prefix}/obs_names"] = adata.obs_names.to_numpy().astype(str)
     for k in adata.obsm:
         out[f"{prefix}/obsm/{k}"] = np.asarray(adata.obsm[k])
@@ -46,7 +48,9 @@ def _plain(v):
 
     v = jsonable(v)
     if isinstance(v, dict):  # drop wall-clock fields
-        return {k: _plain(x) for k, x in v.items() if k not in ("time_s", "seconds", "elapsed_s", "history", "diagnostics")}
+        return {
+            k: _plain(x) for k, x in v.items() if k not in ("time_s", "seconds", "elapsed_s", "history", "diagnostics")
+        }
     return v
 
 
@@ -57,7 +61,9 @@ def _bundle(prefix: str, bundle, out: dict) -> None:
             out[f"{prefix}/{k}"] = v.numpy()
         elif isinstance(v, dict):
             for kk, vv in v.items():
-                out[f"{prefix}/{k}/{kk}"] = vv.numpy() if hasattr(vv, "numpy") else np.array(json.dumps(_plain(vv), default=str))
+                out[f"{prefix}/{k}/{kk}"] = (
+                    vv.numpy() if hasattr(vv, "numpy") else np.array(json.dumps(_plain(vv), default=str))
+                )
         else:
             out[f"{prefix}/{k}"] = np.array(json.dumps(_plain(v), sort_keys=True, default=str))
 

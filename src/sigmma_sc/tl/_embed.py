@@ -10,8 +10,9 @@ import numpy as np
 
 from .._constants import SCALES, Keys
 from .._docs import doc_device, doc_graph_key, doc_params
-from .._utils._record import read_record, write_record
+from .._utils._record import read_record
 from .._utils._validate import check_prefix, get_table
+from .._utils._write import save_outputs, save_record
 from ..data._bundle import _hash_names, build_bundle
 from ..data._tiles import image_modality, tile_params
 from ._featurize import featurize
@@ -238,17 +239,14 @@ def embed(
     if shift_pairs is not None:
         record["shifts"] = [list(p) for p in shift_pairs]
     for kind in ("image", "st"):
-        for s, z in out.get(kind, {}).items():
-            tiles.obsm[keys[kind][s]] = z
+        if kind in out:
+            z = {keys[kind][s]: z for s, z in out[kind].items()}
+            save_outputs(tiles, "obsm", z, table=tile_key, what=f"{kind} tile embeddings")
     if "cell" in out:
-        for s, z in out["cell"].items():
-            cells.obsm[keys["cell"][s]] = z
-        write_record(cells, key_added, "embed", record)
-        logger.info("Wrote cell table %r .obsm%s.", table_key, list(keys["cell"].values()))
-    write_record(tiles, key_added, "embed", record)
-    logger.info(
-        "Wrote tile table %r .obsm%s.", tile_key, [k for kind in ("image", "st") for k in keys.get(kind, {}).values()]
-    )
+        z = {keys["cell"][s]: z for s, z in out["cell"].items()}
+        save_outputs(cells, "obsm", z, table=table_key, what="cell embeddings")
+        save_record(cells, key_added, "embed", record, table=table_key)
+    save_record(tiles, key_added, "embed", record, table=tile_key)
     return None
 
 

@@ -11,8 +11,9 @@ import pandas as pd
 
 from .._constants import SCALES, Keys
 from .._docs import doc_params, doc_seed, doc_use_rep
-from .._utils._record import embedding_keys, missing_embedding, read_record, write_record
+from .._utils._record import embedding_keys, missing_embedding, read_record
 from .._utils._validate import get_table
+from .._utils._write import save_outputs, save_record
 from ._records import resolve_seed
 
 if TYPE_CHECKING:
@@ -113,10 +114,10 @@ def microenvironments(
         logger.info("%s scale: %d microenvironments over %d cells (Leiden resolution %g).", s, len(cats), int(ok.sum()), res)
     if not inplace:
         return out
-    for s, labels in out.items():
-        cells.obs[obs_keys[s]] = labels
+    save_outputs(cells, "obs", {obs_keys[s]: labels for s, labels in out.items()}, table=table_key,
+                 what="microenvironments")  # fmt: skip
     previous = read_record(cells, use_rep, "microenvironments") or {}
-    write_record(
+    save_record(
         cells,
         use_rep,
         "microenvironments",
@@ -128,8 +129,8 @@ def microenvironments(
             "keys": {**dict(previous.get("keys") or {}), **obs_keys},
             "use_rep": {**dict(previous.get("use_rep") or {}), **rep_keys},
         },
+        table=table_key,
     )
-    logger.info("Wrote cell table %r .obs%s.", table_key, list(obs_keys.values()))
     return None
 
 

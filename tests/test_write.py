@@ -33,7 +33,9 @@ def test_save_output_writes_and_logs_one_line(caplog):
         "Added `.obs['a', 'b']` to table 'table'.",
         "Added `.uns['run']['step']` to table 'table' (step record).",
     ]
-    assert added_message("shapes", ["he_sigmma_tiles"], what="tiles") == "Added `sdata.shapes['he_sigmma_tiles']` (tiles)."
+    assert (
+        added_message("shapes", ["he_sigmma_tiles"], what="tiles") == "Added `sdata.shapes['he_sigmma_tiles']` (tiles)."
+    )
 
 
 def test_save_output_rejects_an_unknown_field():

@@ -354,7 +354,7 @@ def compare(
     tile_key
         Tile table.
     use_rep
-        ``key_added`` prefixes searched for the ST partners of image embeddings.
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run(s) searched for the ST partners of image embeddings.
 
     Returns
     -------

@@ -67,7 +67,8 @@ def cell_graph(
     layer
         Layer holding raw counts (``None``: the ``layer`` given to :func:`sigmma_sc.pp.tile`, else ``.X``).
     key_added
-        Prefix of every key written (default ``'sigmma'``); downstream functions take it as ``graph_key``.
+        Stem of every key written (``Keys.graph(key_added)``, see :doc:`/keys`; default ``'sigmma'``);
+        downstream functions take it as ``graph_key``.
     features_key
         ``.obsm`` key the computed PCA is written to (default ``f'{key_added}_features'``).
     pca_from

@@ -206,7 +206,7 @@ def stain_normalize(
     um_per_unit
         Micrometres per coordinate unit (default: the recorded value).
     key_added
-        Key of the new image (default ``f"{image_key}_stain_normalized"``).
+        Key of the new image in ``sdata.images`` (default ``f"{image_key}_stain_normalized"``).
     inplace
         Write the image into ``sdata`` and return ``None``; ``False`` returns it.
 

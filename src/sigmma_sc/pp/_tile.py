@@ -115,7 +115,8 @@ def tile(
     seed
         Seed of the split.
     key_added
-        Prefix of every key written (default ``'sigmma'``): the tile table ``f'{key_added}_tiles'``, the tile
+        Stem of every key written (``Keys.tiling(key_added, image_key)``, see :doc:`/keys`; default ``'sigmma'``):
+        the tile table ``f'{key_added}_tiles'``, the tile
         shapes ``f'{image_key}_{key_added}_tiles'`` and the cell columns ``f'{key_added}_tile'``, ... A second
         tiling (another tile size, another image) under another prefix leaves the first one intact.
     {inplace}

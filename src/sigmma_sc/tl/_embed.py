@@ -90,8 +90,9 @@ def embed(
         Seconds the shifted passes may take, estimated after the first one: with ``shifts='auto'`` only the
         shifts that fit run (a warning says so); explicit shifts all run, after a warning. ``None``: no limit.
     key_added
-        Prefix of the embeddings (default ``'sigmma'``: ``X_sigmma_{scale}_image``, ...). Embed a second model
-        under another prefix to keep both; readers take it as ``use_rep``.
+        Stem of the embeddings (``Keys.embedding(key_added)``, see :doc:`/keys`; default ``'sigmma'``:
+        ``X_sigmma_{scale}_image``, ...). Embed a second model under another stem to keep both; readers take it
+        as ``use_rep``.
     inplace
         Write into ``sdata`` and return ``None``; otherwise return the embeddings and leave ``sdata`` unchanged
         (backbone features that are not cached are computed but not written).

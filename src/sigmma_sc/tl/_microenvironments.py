@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,7 @@ def microenvironments(
     table_key
         Cell table.
     {use_rep}
-        Or an ``.obsm`` key of cell embeddings (``{scale}`` is replaced by the scale).
+        Or a full ``.obsm`` key of cell embeddings (scanpy's meaning; with ``{scale}`` for several scales).
     resolution
         Leiden resolution (higher: more microenvironments). Default: per scale, micro 0.5, meso 0.2, macro 0.1
         (coarser scales describe larger, fewer domains; at one resolution they give more clusters), chosen on the
@@ -63,8 +64,9 @@ def microenvironments(
         Neighbours of the embedding graph.
     {seed}
     key_added
-        ``.obs`` key of the labels; ``{scale}`` is replaced by the scale (without it, ``_{scale}`` is appended).
-        Default ``f'{use_rep}_microenv_{scale}'``.
+        Stem of the label columns: scale ``s`` is written to ``.obs[f'{key_added}_{s}']``
+        (``Keys.microenvironments(key_added)``, see :doc:`/keys`). Default
+        ``f'{use_rep}_microenv'``. A ``{scale}`` template (the older form) still works, with a ``FutureWarning``.
     inplace
         Write into the cell table and return ``None``; otherwise return scale -> labels and leave ``sdata``
         unchanged.
@@ -86,9 +88,7 @@ def microenvironments(
     scales = _scales(cells, scale, use_rep)
     if resolution is not None and not (isinstance(resolution, int | float) and resolution > 0):
         raise ValueError(f"`resolution` must be a positive number or None (per-scale defaults), got {resolution!r}.")
-    if key_added is None:
-        key_added = f"{use_rep}_microenv_{{scale}}"
-    obs_keys = {s: key_added.format(scale=s) if "{scale}" in key_added else f"{key_added}_{s}" for s in scales}
+    obs_keys = _label_keys(key_added, use_rep, scales)
     rep_keys = _cell_embedding_keys(cells, use_rep, scales, table_key)
     seed = resolve_seed(seed)
     out: dict[str, pd.Categorical] = {}
@@ -132,6 +132,22 @@ def microenvironments(
         table=table_key,
     )
     return None
+
+
+def _label_keys(key_added: str | None, use_rep: str, scales: tuple[str, ...]) -> dict[str, str]:
+    """Scale -> ``.obs`` key of the labels: ``f'{key_added}_{scale}'`` (a ``{scale}`` template: FutureWarning)."""
+    if key_added is None:
+        key_added = f"{use_rep}_microenv"
+    if "{scale}" not in key_added:
+        return Keys.microenvironments(key_added, scales)
+    stem = key_added.replace("{scale}", "").strip("_")
+    warnings.warn(
+        f"`key_added` of `sg.tl.microenvironments` is the stem of the label columns (`f'{{key_added}}_{{scale}}'`, "
+        f"see docs/keys.md); a `{{scale}}` template is deprecated. Pass e.g. `key_added={stem!r}`.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return {s: key_added.format(scale=s) for s in scales}
 
 
 def _scales(cells, scale: str | Sequence[str] | None, use_rep: str) -> tuple[str, ...]:

@@ -55,7 +55,7 @@ def predict_expression(
         The ``key_added`` of the :func:`sigmma_sc.tl.embed` run of this section whose image embeddings feed the
         probe (the probe's scales, under that prefix); ``None``: the ``.obsm`` keys the probe was fitted on.
     key_added
-        Where the predictions are written.
+        Key of the predictions in the tile table's ``.obsm`` and of their record in its ``.uns``.
     inplace
         Write into ``sdata`` and return ``None``; ``False`` returns the predictions and writes nothing.
 

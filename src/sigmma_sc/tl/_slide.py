@@ -85,7 +85,7 @@ def fit_probe(
     tile_key
         Tile table.
     use_rep
-        The ``key_added`` under which ``model`` embedded the section (:func:`sigmma_sc.tl.embed`).
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run in which ``model`` embedded the section.
     features
         The probe's input: ``'auto'`` (chosen on validation tiles, see above), ``'sigmma'`` (the model's image
         embeddings), ``'encoder'`` (the fine-tuned encoder's pooled features) or ``'backbone'`` (the frozen
@@ -189,7 +189,7 @@ def attach_reference(
         raise ValueError(f"`split` must be one of {SPLITS} or None, got {split!r}.")
     tiles = get_table(sdata, tile_key)
     _check_embedded_by(tiles, model, tile_key)
-    key = Keys.EMB_ST.format(scale=scale)
+    key = Keys.embedding()["st"][scale]
     if key not in tiles.obsm:
         raise KeyError(f"Tile table {tile_key!r} lacks `.obsm[{key!r}]`; run `sg.tl.embed(sdata, model)` with the cells.")
     rows = np.arange(tiles.n_obs) if split is None else np.flatnonzero(tiles.obs[Keys.SPLIT].to_numpy() == split)
@@ -465,7 +465,7 @@ def _with_expression(tiles, lp, name: str, tile_key: str):
 
 def _write_retrieval(tiles, model: SigmmaModel, k: int, tile_key: str) -> None:
     ref = model.reference
-    z = np.asarray(tiles.obsm[Keys.EMB_IMAGE.format(scale=ref.scale)], dtype=np.float32)
+    z = np.asarray(tiles.obsm[Keys.embedding()["image"][ref.scale]], dtype=np.float32)
     idx, score = ref.query(z, k)
     what = f"the {idx.shape[1]} closest training tiles ({ref.scale} ST embeddings) of {len(z)} tiles"
     save_outputs(tiles, "obsm", {RETRIEVED: idx, f"{RETRIEVED}_score": score}, table=tile_key, what=what)

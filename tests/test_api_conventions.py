@@ -234,6 +234,12 @@ def test_key_derivations_match_the_documented_defaults():
     assert not old & set(vars(Keys)), "keys are spelled one way: through Keys.tiling / graph / embedding / ..."
 
 
+def test_evaluate_and_compare_share_their_parameter_docs():
+    shared = ("split", "fractions", "n_genes", "n_components", "n_boot", "ci", "seed", "folds", "tile_key")
+    evaluate, compare = _param_docs(_func("metrics.evaluate")), _param_docs(_func("metrics.compare"))
+    assert {p: evaluate[p] for p in shared} == {p: compare[p] for p in shared}
+
+
 #: functions over 100 code lines still being split (issue 24: arch-records, arch-train); remove each when it is split
 OVER_100_LINES = {"model._train_loop.fit_model", "data._bundle.build_bundle", "tl._shifts.shifted_cell_embeddings",
                   "tl._embed.embed", "io._anndata.check_placement", "pp._tile.tile"}  # fmt: skip

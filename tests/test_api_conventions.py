@@ -176,6 +176,10 @@ def _key_contract_violations(name: str, func) -> list[str]:
             doc = docs.get(key, "")
             if not doc.startswith(start) or re.search(r"\b(prefix|stem)\b", doc.lower()):
                 bad.append(f"{name}: `{key}` names a whole element: its doc starts with {start!r}, no prefix")
+    if "key" in params:  # labels: an .obs column or the use_rep of a tl.microenvironments run, in every reader
+        doc = docs.get("key", "")
+        if not (doc.startswith("Which labels") and "``.obs`` column" in doc and "tl.microenvironments` run" in doc):
+            bad.append(f"{name}: `key` reads labels: an ``.obs`` column or the ``use_rep`` of a microenvironments run")
     if "tile_key" in params and params["tile_key"].default not in (None, Keys.tiling()["tile_table"]):
         bad.append(f"{name}: default `tile_key` must be the tile table of the default tiling")
     return bad

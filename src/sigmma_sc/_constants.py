@@ -91,9 +91,15 @@ class Keys:
         }
 
     @staticmethod
-    def microenvironments(key_added: str = "sigmma_microenv", scales: tuple[str, ...] = SCALES) -> dict[str, str]:
-        """Scale -> ``.obs`` key of the labels :func:`sigmma_sc.tl.microenvironments` with ``key_added`` writes."""
-        return {s: f"{key_added}_{s}" for s in scales}
+    def microenvironments(
+        key_added: str | None = None, scales: tuple[str, ...] = SCALES, *, use_rep: str = "sigmma"
+    ) -> dict[str, str]:
+        """Scale -> ``.obs`` key of the labels :func:`sigmma_sc.tl.microenvironments` with ``key_added`` writes.
+
+        ``key_added=None``: its default, ``f'{use_rep}_microenv'``.
+        """
+        stem = f"{use_rep}_microenv" if key_added is None else key_added
+        return {s: f"{stem}_{s}" for s in scales}
 
     @staticmethod
     def tiling_prefix(tile_key: str) -> str:

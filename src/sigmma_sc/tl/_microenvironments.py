@@ -136,10 +136,8 @@ def microenvironments(
 
 def _label_keys(key_added: str | None, use_rep: str, scales: tuple[str, ...]) -> dict[str, str]:
     """Scale -> ``.obs`` key of the labels: ``f'{key_added}_{scale}'`` (a ``{scale}`` template: FutureWarning)."""
-    if key_added is None:
-        key_added = f"{use_rep}_microenv"
-    if "{scale}" not in key_added:
-        return Keys.microenvironments(key_added, scales)
+    if key_added is None or "{scale}" not in key_added:
+        return Keys.microenvironments(key_added, scales, use_rep=use_rep)
     stem = key_added.replace("{scale}", "").strip("_")
     warnings.warn(
         f"`key_added` of `sg.tl.microenvironments` is the stem of the label columns (`f'{{key_added}}_{{scale}}'`, "

@@ -429,7 +429,9 @@ def _predict(args) -> None:
         )
     except ValueError as e:
         raise SystemExit(f"sigmma predict: {e}") from e
-    tiles = sdata.tables["sigmma_tiles"]
+    from sigmma_sc._constants import Keys
+
+    tiles = sdata.tables[Keys.TILE_TABLE]
     logger.info("Wrote %s: %d tissue tiles, %d predicted genes.", args.out, tiles.n_obs, tiles.n_vars)
 
 

@@ -137,8 +137,8 @@ def test_every_sigmma_key_round_trips(written):
     # the keys the docs promise (docs/outputs.md) are all there
     tiles, cells = back.tables[Keys.TILE_TABLE], back.tables[CELL_TABLE]
     for s in SCALES:
-        for key in (Keys.BACKBONE, Keys.EMB_IMAGE, Keys.EMB_ST):
-            assert key.format(scale=s) in tiles.obsm
+        for key in (Keys.BACKBONE.format(scale=s), Keys.embedding()["image"][s], Keys.embedding()["st"][s]):
+            assert key in tiles.obsm
         assert Keys.embedding()["cell"][s] in cells.obsm
         assert isinstance(cells.obs[Keys.microenvironments()[s]].dtype, pd.CategoricalDtype)
     for s in ("micro", "meso"):

@@ -239,7 +239,7 @@ def test_inplace_false_leaves_sdata_unchanged(section):
 
 def _assert_untouched(sdata):
     assert Keys.TILE_TABLE not in sdata.tables
-    assert not any(k.endswith(Keys.TILE_SHAPES_SUFFIX) for k in sdata.shapes)
+    assert not any(k.endswith(Keys.tiling(image_key="")["shapes"]) for k in sdata.shapes)
     assert Keys.CELL_TILE not in sdata.tables["table"].obs
 
 

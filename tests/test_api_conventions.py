@@ -244,6 +244,32 @@ def test_evaluate_and_compare_share_their_parameter_docs():
     assert {p: evaluate[p] for p in shared} == {p: compare[p] for p in shared}
 
 
+#: modules of pp/tl/pl/metrics that assign into an AnnData / SpatialData field without the write helper, and why
+DIRECT_WRITES = {
+    "metrics._folds": "fills a new AnnData it returns",
+    "pp._tile": "the record of the tile table it builds (written with the helper)",
+    "tl._shifts": "in-memory views of shifted grids, never written into sdata",
+}
+
+
+def test_writes_go_through_the_helper():
+    """Every write into ``sdata`` goes through ``_utils._write`` (one log line per write, in the same words)."""
+    fields = {"obs", "obsm", "obsp", "var", "varm", "varp", "layers", "uns", "images", "labels", "points", "shapes",
+              "tables"}  # fmt: skip
+    found = {}
+    for f in SRC.rglob("*.py"):
+        module = ".".join(f.relative_to(SRC).with_suffix("").parts)
+        if module.split(".")[0] not in ("pp", "tl", "pl", "metrics"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for t in targets:
+                if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Attribute) and t.value.attr in fields:
+                    found.setdefault(module, []).append(f"{node.lineno}: {ast.unparse(t)}")
+    unexpected = {m: v for m, v in found.items() if m not in DIRECT_WRITES}
+    assert not unexpected, f"write with sigmma_sc._utils._write.save_output / save_outputs / save_record: {unexpected}"
+
+
 #: functions over 100 code lines still being split (issue 24: arch-records, arch-train); remove each when it is split
 OVER_100_LINES = {"model._train_loop.fit_model", "data._bundle.build_bundle", "tl._shifts.shifted_cell_embeddings",
                   "tl._embed.embed", "io._anndata.check_placement", "pp._tile.tile"}  # fmt: skip

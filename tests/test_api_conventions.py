@@ -228,7 +228,11 @@ def test_key_derivations_match_the_documented_defaults():
         "tile_table": "p_tiles", "shapes": "he_p_tiles", "cell_tile": "p_tile",
         "cell_blocks": {"micro": "p_micro_block", "meso": "p_meso_block"}, "cell_spatial": "p_spatial",
     }  # fmt: skip
-    assert Keys.graph("p") == {"connectivities": "p_connectivities", "distances": "p_distances", "features": "p_features"}
+    assert Keys.graph("p") == {
+        "connectivities": "p_connectivities",
+        "distances": "p_distances",
+        "features": "p_features",
+    }
     assert Keys.embedding("p", ("micro",)) == {"image": {"micro": "X_p_micro_image"}, "st": {"micro": "X_p_micro_st"},
                                                "cell": {"micro": "X_p_micro"}}  # fmt: skip
     assert Keys.microenvironments("p", ("meso",)) == {"meso": "p_meso"}

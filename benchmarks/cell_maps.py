@@ -160,7 +160,7 @@ def run(args) -> dict:
     # Leiden resolution sweep on the last setting's embeddings (the default chosen from it: see BENCHMARKS)
     results["resolution_sweep"] = {}
     for res in args.resolutions:
-        sg.tl.microenvironments(sdata, resolution=res, key_added="sweep_{scale}")
+        sg.tl.microenvironments(sdata, resolution=res, key_added="sweep")  # .obs["sweep_{scale}"]
         for s in SCALES:
             labels = cells.obs[f"sweep_{s}"].astype(str).to_numpy()
             entry = {"n_microenv": int(len(set(labels[tiled]))), "coherence": coherence(labels, pairs)}

@@ -228,7 +228,7 @@ def run(args) -> dict:
         sg.tl.embed(sdata, model, shifts=shifts)
         t_embed = time.perf_counter() - t
         key = f"leiden_{name}_{{scale}}"
-        sg.tl.microenvironments(sdata, key_added=key, resolution=args.resolution)
+        sg.tl.microenvironments(sdata, key_added=key.removesuffix("_{scale}"), resolution=args.resolution)
         results["conditions"][name] = {"shifts": shifts, "embed_seconds": t_embed, **measure(sdata, pairs, classes,
                                                                                               control, key)}  # fmt: skip
         label = "section grid" if shifts is None else f"shifts={shifts} ({shifts * shifts} grids averaged)"

@@ -176,6 +176,12 @@ def _key_contract_violations(name: str, func) -> list[str]:
             doc = docs.get(key, "")
             if not doc.startswith(start) or re.search(r"\b(prefix|stem)\b", doc.lower()):
                 bad.append(f"{name}: `{key}` names a whole element: its doc starts with {start!r}, no prefix")
+    for key in params:  # any other `*_key` names a whole element or field: never a prefix
+        if key.endswith("_key") and key not in ELEMENT_KEYS and key != "graph_key":
+            if re.search(r"\b(prefix|stem)\b", docs.get(key, "").lower()):
+                bad.append(f"{name}: `{key}` names a whole element or field, not a prefix (docs/keys.md)")
+            if key == "image_key" and "image" not in docs.get(key, "").lower():
+                bad.append(f"{name}: `image_key` names an image element")
     if "key" in params:  # labels: an .obs column or the use_rep of a tl.microenvironments run, in every reader
         doc = docs.get("key", "")
         if not (doc.startswith("Which labels") and "``.obs`` column" in doc and "tl.microenvironments` run" in doc):

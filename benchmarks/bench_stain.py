@@ -96,8 +96,8 @@ def main(argv=None) -> int:
         tiles = sdata.tables[key]
         x = np.hstack([tiles.obsm[k] for k in lp.embedding_keys])[test]
         pred = lp.predict(x)
-        zi = tiles.obsm[Keys.EMB_IMAGE.format(scale="macro")][test]
-        zs = base.obsm[Keys.EMB_ST.format(scale="macro")][test]
+        zi = tiles.obsm[Keys.embedding()["image"]["macro"]][test]
+        zs = base.obsm[Keys.embedding()["st"]["macro"]][test]
         r = recall_at(zi, zs)
         rows.append({
             "image": image,

@@ -99,7 +99,7 @@ def run(args) -> dict:
             pd.read_parquet(truth_path).set_index("cell_id").loc[cells.obs["cell_id"].astype(str), "domain"]
         ).to_numpy()
     tiled = np.flatnonzero(cells.obs[Keys.CELL_TILE].to_numpy() >= 0)
-    xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64)
+    xy = np.asarray(cells.obsm[Keys.tiling()["cell_spatial"]], dtype=np.float64)
     pairs = tiled[_knn_pairs(xy[tiled], 6)[0]]
 
     t = time.perf_counter()
@@ -129,7 +129,7 @@ def run(args) -> dict:
                 sdata, model, shifts, table_key="table", tile_key=Keys.TILE_TABLE, batch_size=256, blend="mean"
             )
             for s, z in means.items():
-                cells.obsm[Keys.EMB_CELL.format(scale=s)] = z
+                cells.obsm[Keys.embedding()["cell"][s]] = z
         seconds = time.perf_counter() - t
         unchanged = all(np.array_equal(tiles.obsm[k], v) for k, v in tile_ref.items())
         art = sg.metrics.grid_artefact(sdata)
@@ -142,7 +142,7 @@ def run(args) -> dict:
             "tile_embeddings_unchanged": unchanged,
         }
         for s in SCALES:
-            labels = cells.obs[Keys.MICROENV.format(scale=s)].astype(str).to_numpy()
+            labels = cells.obs[Keys.microenvironments()[s]].astype(str).to_numpy()
             entry = {k: float(art.loc[s, k]) for k in ("ratio", "ratio_control", "excess")}
             entry["n_microenv"] = int(len(set(labels[tiled])))
             entry["coherence"] = coherence(labels, pairs)
@@ -160,7 +160,7 @@ def run(args) -> dict:
     # Leiden resolution sweep on the last setting's embeddings (the default chosen from it: see BENCHMARKS)
     results["resolution_sweep"] = {}
     for res in args.resolutions:
-        sg.tl.microenvironments(sdata, resolution=res, key_added="sweep_{scale}")
+        sg.tl.microenvironments(sdata, resolution=res, key_added="sweep")  # .obs["sweep_{scale}"]
         for s in SCALES:
             labels = cells.obs[f"sweep_{s}"].astype(str).to_numpy()
             entry = {"n_microenv": int(len(set(labels[tiled]))), "coherence": coherence(labels, pairs)}

@@ -68,7 +68,7 @@ def main() -> None:
     model = sg.model.SigmmaModel.load(args.model)
     cells = sdata.tables["table"]
     size = float(sdata.tables[Keys.TILE_TABLE].uns["sigmma"]["tile"]["tile_size"])
-    xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64)
+    xy = np.asarray(cells.obsm[Keys.tiling()["cell_spatial"]], dtype=np.float64)
     t = time.perf_counter()
     sg.tl.embed(sdata, model, shifts=None)
     out = {"plain_seconds": time.perf_counter() - t}

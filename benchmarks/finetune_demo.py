@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     train_s = time.perf_counter() - t0
     sg.tl.embed(sdata, model)
     tiles = sdata.tables[Keys.TILE_TABLE]
-    rows = {"sigmma": [Keys.EMB_IMAGE.format(scale=s) for s in SCALES],
+    rows = {"sigmma": [Keys.embedding()["image"][s] for s in SCALES],
             "backbone": [Keys.BACKBONE.format(scale=s) for s in SCALES]}  # fmt: skip
     if args.blocks:
         for k, v in encoder_features(sdata, model).items():

@@ -95,7 +95,7 @@ def measure(sdata, pairs: np.ndarray, classes: np.ndarray, control: np.ndarray, 
     cells = sdata.tables["table"]
     out = {}
     for s in SCALES:
-        z = np.asarray(cells.obsm[Keys.EMB_CELL.format(scale=s)])
+        z = np.asarray(cells.obsm[Keys.embedding()["cell"][s]])
         labels = cells.obs[leiden_key.format(scale=s)].to_numpy()
         differ = (labels[pairs[:, 0]] != labels[pairs[:, 1]]).astype(np.float64)
         out[s] = {
@@ -183,14 +183,14 @@ def run(args) -> dict:
     params = sdata.tables[Keys.TILE_TABLE].uns["sigmma"]["tile"]
     tile_size, origin = float(params["tile_size"]), params["grid_origin"]
     tiled = np.flatnonzero(cells.obs[Keys.CELL_TILE].to_numpy() >= 0)
-    xy_all = np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64)
+    xy_all = np.asarray(cells.obsm[Keys.tiling()["cell_spatial"]], dtype=np.float64)
     pairs = tiled[knn_pairs(xy_all[tiled])]
     classes = pair_classes(xy_all, pairs, origin, tile_size)
     control = pair_classes(xy_all, pairs, origin, tile_size, offset=CONTROL_OFFSET)
 
     # cells without any micro edge (all their 6-NN edges cross a micro-block border)
-    conn = cells.obsp[Keys.connectivities()].tocoo()
-    micro = cells.obs[Keys.block("micro")].to_numpy()
+    conn = cells.obsp[Keys.graph()["connectivities"]].tocoo()
+    micro = cells.obs[Keys.tiling()["cell_blocks"]["micro"]].to_numpy()
     same = micro[conn.row] == micro[conn.col]
     has_micro = np.bincount(conn.row[same], minlength=cells.n_obs) > 0
     results = {
@@ -228,7 +228,7 @@ def run(args) -> dict:
         sg.tl.embed(sdata, model, shifts=shifts)
         t_embed = time.perf_counter() - t
         key = f"leiden_{name}_{{scale}}"
-        sg.tl.microenvironments(sdata, key_added=key, resolution=args.resolution)
+        sg.tl.microenvironments(sdata, key_added=key.removesuffix("_{scale}"), resolution=args.resolution)
         results["conditions"][name] = {"shifts": shifts, "embed_seconds": t_embed, **measure(sdata, pairs, classes,
                                                                                               control, key)}  # fmt: skip
         label = "section grid" if shifts is None else f"shifts={shifts} ({shifts * shifts} grids averaged)"

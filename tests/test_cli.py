@@ -166,8 +166,8 @@ def test_run_then_evaluate(small_run, tmp_path, capsys, caplog, monkeypatch):
     sdata = sd.read_zarr(out)
     tiles, cells = sdata.tables[Keys.TILE_TABLE], sdata.tables["table"]
     assert tiles.uns[Keys.UNS]["training"]["config"]["hidden"] == 16
-    assert Keys.EMB_IMAGE.format(scale="macro") in tiles.obsm
-    assert all(Keys.MICROENV.format(scale=s) in cells.obs for s in ("micro", "meso", "macro"))
+    assert Keys.embedding()["image"]["macro"] in tiles.obsm
+    assert all(Keys.microenvironments()[s] in cells.obs for s in ("micro", "meso", "macro"))
     assert tiles.uns[Keys.UNS]["backbone"]["input_size"] == 32  # --input-size reaches featurization
     resumed = ["-q", "run", "--xenium", str(folder), "--out", str(tmp_path / "again.zarr"), *common, *new, "--resume"]
     trained = []

@@ -30,7 +30,7 @@ def test_cohort_run_bundle_and_train_bundle(tmp_path):
         for z, name in zip(zarrs, ("donor1", "donor2"), strict=True):
             tiles = sd.read_zarr(z, selection=("tables",)).tables[Keys.TILE_TABLE]
             assert set(tiles.obs[Keys.SECTION]) == {name}
-            assert Keys.EMB_IMAGE.format(scale="macro") in tiles.obsm
+            assert Keys.embedding()["image"]["macro"] in tiles.obsm
         with pytest.raises(SystemExit, match="drop --he"):
             main(["-q", "run", "--xenium", *map(str, folders), "--out", str(tmp_path / "x"), "--he", "a.tif"])
 

@@ -15,18 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from sigmma_sc._constants import SCALES, Keys
+from sigmma_sc._constants import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
 def _documented_keys() -> set[str]:
-    """Every name in ``Keys``, with ``{scale}`` and ``{image_key}`` spelled as docs/outputs.md spells them."""
+    """Every name in ``Keys`` and every key its functions derive from the default ``key_added``, with ``{scale}``
+    and ``{image_key}`` spelled as docs/outputs.md spells them."""
     names = {v for k, v in vars(Keys).items() if k.isupper() and isinstance(v, str)}
-    names |= {Keys.connectivities(), Keys.distances(), Keys.tile_shapes("{image_key}")}
-    names |= {Keys.block(s) for s in SCALES if s != "macro"}
-    return names - {Keys.TILE_SHAPES_SUFFIX, Keys.CELL_BLOCK, Keys.GRAPH}
+    tiling = Keys.tiling()
+    names |= {tiling["tile_table"], tiling["shapes"], tiling["cell_tile"], tiling["cell_spatial"]}
+    names |= set(tiling["cell_blocks"].values()) | set(Keys.graph().values())
+    names |= {keys["{scale}"] for keys in Keys.embedding(scales=("{scale}",)).values()}
+    names |= {Keys.microenvironments(scales=("{scale}",))["{scale}"]}
+    return names - {Keys.GRAPH}
 
 
 def test_outputs_page_lists_every_key():

@@ -132,7 +132,7 @@ def test_morphology_element_and_training(source):
         sdata, epochs=1, backbone="test_efficientnet", pretrained=False, hidden=8, out_dim=8, batch_size=64
     )
     sg.tl.embed(sdata, model)
-    emb = sdata.tables["table"].obsm[Keys.EMB_CELL.format(scale="macro")]
+    emb = sdata.tables["table"].obsm[Keys.embedding()["cell"]["macro"]]
     tiled = sdata.tables["table"].obs[Keys.CELL_TILE].to_numpy() >= 0
     assert np.isfinite(emb[tiled]).all()
 

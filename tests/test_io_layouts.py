@@ -134,7 +134,7 @@ def test_cosmx_train_and_embed(folders):
     _tile_and_graph(sdata, "morphology")
     model = sg.tl.train_sigmma(sdata, epochs=1, **TINY)
     sg.tl.embed(sdata, model)
-    emb = table.obsm[Keys.EMB_CELL.format(scale="meso")]
+    emb = table.obsm[Keys.embedding()["cell"]["meso"]]
     assert np.isfinite(emb[table.obs[Keys.CELL_TILE].to_numpy() >= 0]).all()
 
 

@@ -27,7 +27,7 @@ from sigmma_sc._constants import SCALES, Keys
 
 TINY = {"backbone": "test_efficientnet", "pretrained": False, "hidden": 16, "out_dim": 16, "batch_size": 64}
 IMAGE, CELLS, CELL_TABLE = "he", "cell_circles", "table"
-TILES = Keys.tile_shapes(IMAGE)
+TILES = Keys.tiling(image_key=IMAGE)["shapes"]
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +137,15 @@ def test_every_sigmma_key_round_trips(written):
     # the keys the docs promise (docs/outputs.md) are all there
     tiles, cells = back.tables[Keys.TILE_TABLE], back.tables[CELL_TABLE]
     for s in SCALES:
-        for key in (Keys.BACKBONE, Keys.EMB_IMAGE, Keys.EMB_ST):
-            assert key.format(scale=s) in tiles.obsm
-        assert Keys.EMB_CELL.format(scale=s) in cells.obsm
-        assert isinstance(cells.obs[Keys.MICROENV.format(scale=s)].dtype, pd.CategoricalDtype)
+        for key in (Keys.BACKBONE.format(scale=s), Keys.embedding()["image"][s], Keys.embedding()["st"][s]):
+            assert key in tiles.obsm
+        assert Keys.embedding()["cell"][s] in cells.obsm
+        assert isinstance(cells.obs[Keys.microenvironments()[s]].dtype, pd.CategoricalDtype)
     for s in ("micro", "meso"):
-        assert Keys.block(s) in cells.obs
-    assert {Keys.CELL_TILE, Keys.block("micro")} <= set(cells.obs)
-    assert {Keys.CELL_SPATIAL, Keys.FEATURES} <= set(cells.obsm)
-    assert {Keys.connectivities(), Keys.distances()} <= set(cells.obsp)
+        assert Keys.tiling()["cell_blocks"][s] in cells.obs
+    assert {Keys.CELL_TILE, Keys.tiling()["cell_blocks"]["micro"]} <= set(cells.obs)
+    assert {Keys.tiling()["cell_spatial"], Keys.FEATURES} <= set(cells.obsm)
+    assert {Keys.graph()["connectivities"], Keys.graph()["distances"]} <= set(cells.obsp)
     assert {"tile", "backbone", "training", "embed"} <= set(tiles.uns[Keys.UNS])
     assert {"cell_graph", "embed", "microenvironments"} <= set(cells.uns[Keys.UNS])
     assert len(tiles.uns[Keys.UNS]["training"]["history"]["train_loss"]) == 2
@@ -313,7 +313,7 @@ def _napari_check(path: str) -> None:
     n_splits = back.tables[Keys.TILE_TABLE].obs[Keys.SPLIT].nunique()
     assert len(np.unique(np.asarray(tiles.face_color), axis=0)) == n_splits
 
-    key = Keys.MICROENV.format(scale="micro")
+    key = Keys.microenvironments()["micro"]
     _colour_by(viewer, view, cells, key)
     _process_until(lambda: key in cells.features.columns)
     n_envs = back.tables[CELL_TABLE].obs[key].nunique()

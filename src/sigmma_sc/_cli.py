@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    for add in (_demo_parser, _run_parser, _evaluate_parser, _predict_parser, _bundle_parser, _train_parser):
+        add(sub)
+    return parser
+
+
+def _demo_parser(sub) -> None:
+    """``sigmma demo``: the whole pipeline on the embedded synthetic section."""
     demo = sub.add_parser(
         "demo",
         help="run the whole pipeline on the embedded synthetic Xenium section",
@@ -152,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common_training(demo, steps=DEMO_STEPS)
 
+
+def _run_parser(sub) -> None:
+    """``sigmma run``: tile, graph, train, embed and cluster Xenium run(s)."""
     run = sub.add_parser(
         "run",
         help="tile, graph, train, embed and cluster a Xenium run",
@@ -215,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue a killed run from --checkpoint-dir (default: off)")
     _common_training(run)
 
+
+def _evaluate_parser(sub) -> None:
+    """``sigmma evaluate``: retrieval and expression probes of a written run."""
     ev = sub.add_parser(
         "evaluate",
         help="score a written run: image<->ST retrieval and expression probes on its held-out tiles",
@@ -238,8 +251,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV file (default: none)")
 
-    _predict_parser(sub)
 
+def _bundle_parser(sub) -> None:
+    """``sigmma bundle``: featurize zarr(s) and save training bundles."""
     bundle = sub.add_parser(
         "bundle",
         help="featurize processed zarr(s) and save training bundles (tensors)",
@@ -263,6 +277,9 @@ def _parser() -> argparse.ArgumentParser:
         "--test-sections", nargs="*", default=(), help="with --split section: test zarr names (default: none)"
     )
 
+
+def _train_parser(sub) -> None:
+    """``sigmma train-bundle``: train on saved bundles."""
     train = sub.add_parser(
         "train-bundle",
         help="train on saved bundle(s) (needs only torch; runs under `torchrun --nproc-per-node N`)",
@@ -275,7 +292,6 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoint folder (default: none)")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     _common_training(train)
-    return parser
 
 
 def _training(args: argparse.Namespace) -> dict:
@@ -413,7 +429,9 @@ def _predict(args) -> None:
         )
     except ValueError as e:
         raise SystemExit(f"sigmma predict: {e}") from e
-    tiles = sdata.tables["sigmma_tiles"]
+    from sigmma_sc._constants import Keys
+
+    tiles = sdata.tables[Keys.TILE_TABLE]
     logger.info("Wrote %s: %d tissue tiles, %d predicted genes.", args.out, tiles.n_obs, tiles.n_vars)
 
 

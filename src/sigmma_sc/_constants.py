@@ -17,11 +17,15 @@ SPLIT_BUFFER: Final = "buffer"
 
 
 class Keys:
-    """Names of SpatialData elements and AnnData fields written by ``sigmma_sc``."""
+    """Names of SpatialData elements and AnnData fields written by ``sigmma_sc``.
+
+    The key contract (``docs/keys.md``): a writer's ``key_added`` is the stem of every key it writes, and the
+    keys derive from it by one function here (:meth:`tiling`, :meth:`graph`, :meth:`embedding`,
+    :meth:`microenvironments`); the constants are the default names and the fixed columns of the tile table.
+    """
 
     # elements
     TILE_TABLE: Final = "sigmma_tiles"
-    TILE_SHAPES_SUFFIX: Final = "_sigmma_tiles"  # shapes key is f"{image_key}{TILE_SHAPES_SUFFIX}"
 
     # uns
     UNS: Final = "sigmma"
@@ -43,10 +47,8 @@ class Keys:
 
     # cell table .obs
     CELL_TILE: Final = "sigmma_tile"
-    CELL_BLOCK: Final = "sigmma_{scale}_block"  # .format(scale=...) for micro / meso
 
     # cell table .obsm
-    CELL_SPATIAL: Final = "sigmma_spatial"  # centroid in the tiling coordinate system
     FEATURES: Final = "sigmma_features"  # default node features (PCA of log-normalised counts)
 
     # cell table .obsp
@@ -54,33 +56,7 @@ class Keys:
 
     # tile table .obsm
     BACKBONE: Final = "sigmma_backbone_{scale}"  # cached frozen-backbone features per scale
-    EMB_IMAGE: Final = "X_sigmma_{scale}_image"
-    EMB_ST: Final = "X_sigmma_{scale}_st"
-
-    # cell table .obsm / .obs
-    EMB_CELL: Final = "X_sigmma_{scale}"
-    MICROENV: Final = "sigmma_microenv_{scale}"
     PREDICTED_EXPRESSION: Final = "sigmma_expression_pred"  # tile table .obsm / .uns of sg.tl.predict_expression
-
-    @staticmethod
-    def connectivities(key_added: str = "sigmma") -> str:
-        """Key of the connectivity matrix in ``.obsp``."""
-        return f"{key_added}_connectivities"
-
-    @staticmethod
-    def distances(key_added: str = "sigmma") -> str:
-        """Key of the distance matrix in ``.obsp``."""
-        return f"{key_added}_distances"
-
-    @staticmethod
-    def tile_shapes(image_key: str) -> str:
-        """Key of the tile shapes element made from ``image_key``."""
-        return f"{image_key}{Keys.TILE_SHAPES_SUFFIX}"
-
-    @staticmethod
-    def block(scale: str) -> str:
-        """Key of a cell's block id at ``scale`` in the cell table's ``.obs``."""
-        return Keys.CELL_BLOCK.format(scale=scale)
 
     @staticmethod
     def tiling(prefix: str = "sigmma", image_key: str = "{image_key}") -> dict[str, object]:
@@ -113,6 +89,17 @@ class Keys:
             "st": {s: f"X_{prefix}_{s}_st" for s in scales},
             "cell": {s: f"X_{prefix}_{s}" for s in scales},
         }
+
+    @staticmethod
+    def microenvironments(
+        key_added: str | None = None, scales: tuple[str, ...] = SCALES, *, use_rep: str = "sigmma"
+    ) -> dict[str, str]:
+        """Scale -> ``.obs`` key of the labels :func:`sigmma_sc.tl.microenvironments` with ``key_added`` writes.
+
+        ``key_added=None``: its default, ``f'{use_rep}_microenv'``.
+        """
+        stem = f"{use_rep}_microenv" if key_added is None else key_added
+        return {s: f"{stem}_{s}" for s in scales}
 
     @staticmethod
     def tiling_prefix(tile_key: str) -> str:

@@ -52,6 +52,54 @@ device
 """
 
 
+# metrics: parameters shared by sg.metrics.evaluate and sg.metrics.compare
+doc_split = """\
+split
+    Tiles that are scored: ``'test'`` (report) or ``'val'`` (model selection).\
+"""
+
+doc_fractions = """\
+fractions
+    Fractions ``p`` of Recall@p%.\
+"""
+
+doc_n_genes = """\
+n_genes
+    Target genes of the probes.\
+"""
+
+doc_n_components = """\
+n_components
+    PCA components of the probes.\
+"""
+
+doc_n_boot = """\
+n_boot
+    Bootstrap resamples of the CIs (0: no CIs).\
+"""
+
+doc_ci = """\
+ci
+    Coverage of the CIs.\
+"""
+
+doc_boot_seed = """\
+seed
+    Seed of the resamples.\
+"""
+
+doc_folds = """\
+folds
+    Spatial k-fold probes: cut the section's tiles with cells into ``folds`` contiguous strips and let every
+    tile be a probe's test tile once (each fold's probe fitted on the other folds, the next fold picking the
+    penalty; :func:`sigmma_sc.metrics.spatial_folds`); the probe columns and their CIs are then over all
+    ``n_probe_eval`` tiles. It applies to the probes only: the embeddings are not retrained, and retrieval
+    stays on ``split``. Sound for embeddings not fitted on this section (the frozen backbone, a model
+    trained on other sections); a SIGMMA model trained on this section saw its training tiles, whose k-fold
+    probe scores are therefore not held-out (a warning says so). ``None``: the section's split.\
+"""
+
+
 def doc_params(**replacements: str) -> Callable[[_F], _F]:
     """Substitute ``{name}`` lines of a docstring by ``replacements[name]``, indented as the line."""
 

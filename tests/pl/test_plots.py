@@ -33,7 +33,7 @@ def _trained():
     sg.tl.embed(sdata, model)
     sg.tl.microenvironments(sdata)
     cells = sdata.tables["table"]
-    x = cells.obsm[Keys.CELL_SPATIAL][:, 0]
+    x = cells.obsm[Keys.tiling()["cell_spatial"]][:, 0]
     cells.obs["cell_type"] = pd.Categorical(np.where(x > np.nanmedian(x), "tumour", "stroma"))
     yield sdata, model
     sg.settings.progress_bar = progress
@@ -67,7 +67,7 @@ def test_microenvironments_one_panel_per_scale(trained, tmp_path):
     assert len(axes) == 3
     cells = trained.tables["table"]
     for a, s in zip(axes, SCALES, strict=True):
-        n = cells.obs[Keys.MICROENV.format(scale=s)].nunique()
+        n = cells.obs[Keys.microenvironments()[s]].nunique()
         assert a.get_title() == f"{s} scale: {n} microenvironments"
         assert a.get_legend() is not None
         assert len(a.get_legend().get_texts()) >= n
@@ -101,7 +101,7 @@ def test_microenvironments_close_up_under_the_whole_section(trained):
     fig = sg.pl.microenvironments(trained, zoom_um=40.0)
     axes = _data_axes(fig)
     assert len(axes) == 6  # whole section, then the close-ups
-    xy = cells.obsm[Keys.CELL_SPATIAL] * 0.5  # µm
+    xy = cells.obsm[Keys.tiling()["cell_spatial"]] * 0.5  # µm
     cx, cy = np.median(xy, axis=0)
     for top, close, s in zip(axes[:3], axes[3:], SCALES, strict=True):
         assert top.get_title().startswith(f"{s} scale: ")
@@ -136,7 +136,7 @@ def test_microenvironments_background_is_registered(trained):
     im = a.get_images()[0]
     arr = np.asarray(im.get_array())
     x0, x1, y1, y0 = im.get_extent()
-    xy = trained.tables["table"].obsm[Keys.CELL_SPATIAL] * 0.5  # µm
+    xy = trained.tables["table"].obsm[Keys.tiling()["cell_spatial"]] * 0.5  # µm
     col = ((xy[:, 0] - x0) / (x1 - x0) * arr.shape[1]).astype(int)
     row = ((xy[:, 1] - y0) / (y1 - y0) * arr.shape[0]).astype(int)
     under_cells = arr[row, col].mean(axis=1)
@@ -157,7 +157,7 @@ def test_thumbnail_fallback_for_images_without_pyramid(trained):
 
     params = trained.tables[Keys.TILE_TABLE].uns["sigmma"]["tile"]
     _, ax = plt.subplots()
-    bounds = data_bounds(trained.tables["table"].obsm[Keys.CELL_SPATIAL] * 0.5)
+    bounds = data_bounds(trained.tables["table"].obsm[Keys.tiling()["cell_spatial"]] * 0.5)
     draw_image(ax, trained, params, image_key="he", bounds_um=bounds, max_pixels=8)  # forces the strided path
     im = ax.get_images()[0]
     corner = im.get_transform().transform([[0.0, 0.0]])

@@ -21,7 +21,7 @@ def test_knn_matches_brute_force_within_tiles(tiled):
     cells = tiled.tables["table"]
     conn = cells.obsp["sigmma_connectivities"].tocsr()
     dist = cells.obsp["sigmma_distances"].tocsr()
-    xy = cells.obsm[Keys.CELL_SPATIAL]
+    xy = cells.obsm[Keys.tiling()["cell_spatial"]]
     tile_of = cells.obs[Keys.CELL_TILE].to_numpy()
     for t in np.unique(tile_of[tile_of >= 0]):
         idx = np.flatnonzero(tile_of == t)
@@ -87,7 +87,7 @@ def test_features_pca_shape_determinism_and_train_fit(tiled):
     var = X[train].var(0)
     assert np.all(np.diff(var) <= 1e-6)
     # the first PC separates the two planted expression programs
-    left = cells.obsm[Keys.CELL_SPATIAL][:, 0] > np.median(cells.obsm[Keys.CELL_SPATIAL][:, 0])
+    left = cells.obsm[Keys.tiling()["cell_spatial"]][:, 0] > np.median(cells.obsm[Keys.tiling()["cell_spatial"]][:, 0])
     assert abs(X[left, 0].mean() - X[~left, 0].mean()) > 2 * X[:, 0].std() * 0.5
 
 

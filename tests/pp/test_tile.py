@@ -19,8 +19,8 @@ def _run(sdata, **kwargs):
 def test_cells_land_in_their_tile_and_block_under_affine(cells_in_um):
     sdata = make_section(rotation_deg=17.0, offset=(40.0, -25.0), unit_per_px=1.3, cells_in_um=cells_in_um)
     tiles, cells = _run(sdata)
-    polys = sdata.shapes[Keys.tile_shapes("he")].geometry.to_numpy()
-    xy = cells.obsm[Keys.CELL_SPATIAL]
+    polys = sdata.shapes[Keys.tiling(image_key="he")["shapes"]].geometry.to_numpy()
+    xy = cells.obsm[Keys.tiling()["cell_spatial"]]
     tile_of = cells.obs[Keys.CELL_TILE].to_numpy()
     assert (tile_of >= 0).all()
     # brute force: the polygon that contains each centroid
@@ -31,7 +31,7 @@ def test_cells_land_in_their_tile_and_block_under_affine(cells_in_um):
         b = polys[tile_of[i]].bounds
         side = b[2] - b[0]
         for scale, g in (("micro", 4), ("meso", 2)):
-            blk = cells.obs[Keys.block(scale)].iloc[i]
+            blk = cells.obs[Keys.tiling()["cell_blocks"][scale]].iloc[i]
             by, bx = divmod(blk, g)
             box = shapely.box(
                 b[0] + bx * side / g, b[1] + by * side / g, b[0] + (bx + 1) * side / g, b[1] + (by + 1) * side / g
@@ -51,7 +51,7 @@ def test_registration_dot_lands_at_cell_position():
     # paint a small black dot at the pixel of cell 0 in every pyramid level via its centroid
     sg.pp.tile(sdata, image_key="he", tile_size_um=32.0, pixel_size_um=0.5)
     cells = sdata.tables["table"]
-    xy = cells.obsm[Keys.CELL_SPATIAL][0]
+    xy = cells.obsm[Keys.tiling()["cell_spatial"]][0]
     reader = sg.data.ImageReader(img, "global", 0.5)
     for lv in range(len(reader.levels)):
         px = reader.to_pixels(xy[None], lv)[0]
@@ -130,7 +130,7 @@ def test_min_cells_drops_cells_and_counts_them():
     tile_of = cells.obs[Keys.CELL_TILE].to_numpy()
     dropped = (tile_of < 0).sum()
     assert dropped == tiles.uns["sigmma"]["tile"]["n_dropped_cells"] > 0
-    assert (cells.obs.loc[tile_of < 0, Keys.block("micro")] == -1).all()
+    assert (cells.obs.loc[tile_of < 0, Keys.tiling()["cell_blocks"]["micro"]] == -1).all()
 
 
 def test_split_fractions_and_spatial_disjointness():
@@ -212,16 +212,16 @@ def test_zarr_round_trip(section, tmp_path):
     assert np.allclose(t1.X.toarray(), t0.X.toarray())
     assert t1.uns["sigmma"]["tile"]["tile_px"] == t0.uns["sigmma"]["tile"]["tile_px"]
     c0, c1 = section.tables["table"], back.tables["table"]
-    for key in (Keys.CELL_TILE, Keys.block("micro"), Keys.block("meso")):
+    for key in (Keys.CELL_TILE, Keys.tiling()["cell_blocks"]["micro"], Keys.tiling()["cell_blocks"]["meso"]):
         assert np.array_equal(c0.obs[key].to_numpy(), c1.obs[key].to_numpy())
     assert (c1.obsp["sigmma_connectivities"] != c0.obsp["sigmma_connectivities"]).nnz == 0
     assert np.allclose(c1.obsm["sigmma_features"], c0.obsm["sigmma_features"])
-    shp = back.shapes[Keys.tile_shapes("he")]
+    shp = back.shapes[Keys.tiling(image_key="he")["shapes"]]
     assert len(shp) == len(t1)
     assert back.attrs["sigmma"]["um_per_unit"]["global"] == 0.5
     from spatialdata.models import get_table_keys
 
-    assert get_table_keys(t1)[0] == Keys.tile_shapes("he")
+    assert get_table_keys(t1)[0] == Keys.tiling(image_key="he")["shapes"]
 
 
 def test_inplace_false_leaves_sdata_unchanged(section):
@@ -239,7 +239,7 @@ def test_inplace_false_leaves_sdata_unchanged(section):
 
 def _assert_untouched(sdata):
     assert Keys.TILE_TABLE not in sdata.tables
-    assert not any(k.endswith(Keys.TILE_SHAPES_SUFFIX) for k in sdata.shapes)
+    assert not any(k.endswith(Keys.tiling(image_key="")["shapes"]) for k in sdata.shapes)
     assert Keys.CELL_TILE not in sdata.tables["table"].obs
 
 

@@ -72,7 +72,7 @@ def test_cohort_spatial_split_shared_pca_and_embed(cohort, caplog):
         assert hist["cohort"]["sections"] == ["a", "b", "c"]
         assert len(hist["history"]["train_loss"]) == 2
         sg.tl.embed(s, model)
-        assert np.isfinite(tiles.obsm[Keys.EMB_ST.format(scale="macro")]).all()
+        assert np.isfinite(tiles.obsm[Keys.embedding()["st"]["macro"]]).all()
         n_tiles += tiles.n_obs
     # the same PCA applied to section "a" alone reproduces its features: it is the cohort's, not a refit
     a = cohort["a"].tables["table"]
@@ -85,7 +85,7 @@ def test_cohort_spatial_split_shared_pca_and_embed(cohort, caplog):
     sg.pp.cell_graph(new, pca_from=model.meta["pca"])
     sg.tl.embed(new, model)
     for s in SCALES:
-        assert new.tables["table"].obsm[Keys.EMB_CELL.format(scale=s)].shape[1] == 16
+        assert new.tables["table"].obsm[Keys.embedding()["cell"][s]].shape[1] == 16
 
 
 def test_cohort_section_split_and_held_out_evaluation(cohort):

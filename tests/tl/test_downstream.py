@@ -89,7 +89,7 @@ def test_composition_counts_and_fractions(synthetic):
     frac = sg.tl.microenvironment_composition(synthetic, scale="meso", groupby="cell_type")
     counts = sg.tl.microenvironment_composition(synthetic, scale="meso", groupby="cell_type", normalize=False)
     assert np.allclose(frac.sum(axis=1), 1)
-    labelled = cells.obs[Keys.MICROENV.format(scale="meso")].notna()
+    labelled = cells.obs[Keys.microenvironments()["meso"]].notna()
     assert counts.to_numpy().sum() == labelled.sum()
     assert frac.index.name == "sigmma_microenv_meso"
     assert frac.columns.name == "cell_type"
@@ -105,8 +105,8 @@ def test_retrieve_both_directions(synthetic):
     assert list(hits.columns) == ["query", "query_index", "rank", "hit", "hit_index", "score", "is_pair"]
     assert (hits.groupby("query")["score"].apply(lambda s: (np.diff(s.to_numpy()) <= 1e-7).all())).all()
     # scores are the cosine similarities of the stored embeddings
-    zi = tiles.obsm[Keys.EMB_IMAGE.format(scale="macro")]
-    zs = tiles.obsm[Keys.EMB_ST.format(scale="macro")]
+    zi = tiles.obsm[Keys.embedding()["image"]["macro"]]
+    zs = tiles.obsm[Keys.embedding()["st"]["macro"]]
     row = hits.iloc[0]
     expected = (
         zi[row.query_index]
@@ -126,7 +126,7 @@ def test_retrieve_from_an_image_only_section(synthetic):
     """An H&E-only section (image embeddings only) queries the ST tiles of a reference section."""
     import spatialdata as sd
 
-    shapes_key = Keys.tile_shapes("he")
+    shapes_key = Keys.tiling(image_key="he")["shapes"]
     image_only = sd.SpatialData(
         images=dict(synthetic.images),
         shapes={shapes_key: synthetic.shapes[shapes_key]},
@@ -134,7 +134,7 @@ def test_retrieve_from_an_image_only_section(synthetic):
     )
     tiles = image_only.tables[Keys.TILE_TABLE]
     for s in ("micro", "meso", "macro"):
-        del tiles.obsm[Keys.EMB_ST.format(scale=s)]
+        del tiles.obsm[Keys.embedding()["st"][s]]
     hits = sg.tl.retrieve(image_only, query="image", reference=synthetic, k=4)
     assert "is_pair" not in hits
     assert len(hits) == 4 * tiles.n_obs
@@ -147,7 +147,7 @@ def test_predict_expression_on_an_image_only_section(synthetic, tmp_path, caplog
     import spatialdata as sd
 
     model = synthetic.attrs["_test_model"]
-    keys = [Keys.EMB_IMAGE.format(scale=s) for s in ("micro", "meso", "macro")]
+    keys = [Keys.embedding()["image"][s] for s in ("micro", "meso", "macro")]
     probe = sg.metrics.linear_probe(synthetic, keys, n_genes=10)
     image_only = sd.SpatialData(images={"he": synthetic.images["he"]})
     with pytest.raises(KeyError, match="run `sg.pp.tile` first"):
@@ -285,3 +285,32 @@ def test_de_with_many_groups_is_quiet(section):
         warnings.simplefilter("error", pd.errors.PerformanceWarning)
         de = sg.tl.microenvironment_de(section, n_genes=2)
     assert de["group"].nunique() == n
+
+
+def test_microenvironments_key_added_is_the_stem_and_use_rep_a_full_obsm_key():
+    """docs/keys.md: labels go to ``.obs[f'{key_added}_{scale}']``; ``use_rep`` may be a full ``.obsm`` key
+    (scanpy's meaning); the older ``{scale}`` template writes the same columns with a FutureWarning."""
+    import warnings
+
+    import anndata as ad
+    import spatialdata as sd
+
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = rng.integers(0, 3, n)
+    Z = rng.normal(size=(3, 8))[labels] + 0.2 * rng.normal(size=(n, 8))
+    obsm = {"X_pca": Z.astype(np.float32), "X_sigmma_micro": Z.astype(np.float32)}
+    sdata = sd.SpatialData(tables={"table": ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n)]), obsm=obsm)})
+    cells = sdata.tables["table"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*`key_added`", category=FutureWarning)
+        sg.tl.microenvironments(sdata, scale="micro", key_added="stem")
+        sg.tl.microenvironments(sdata, scale="micro", use_rep="X_pca", key_added="pca_env")
+        sg.tl.microenvironments(sdata, scale="micro")
+    assert Keys.microenvironments("stem", ("micro",))["micro"] == "stem_micro"
+    assert {"stem_micro", "pca_env_micro", Keys.microenvironments()["micro"]} <= set(cells.obs)
+    assert (cells.obs["pca_env_micro"].astype(str) == cells.obs["stem_micro"].astype(str)).all()  # same matrix
+    with pytest.warns(FutureWarning, match="key_added='leiden'"):
+        sg.tl.microenvironments(sdata, scale="micro", key_added="leiden_{scale}")
+    assert (cells.obs["leiden_micro"].astype(str) == cells.obs["stem_micro"].astype(str)).all()
+    assert cells.uns["sigmma"]["microenvironments"]["keys"]["micro"] == "leiden_micro"

@@ -34,7 +34,7 @@ def _cells(sdata, **kwargs):
     sdata, model = sdata
     sg.tl.embed(sdata, model, **kwargs)
     cells = sdata.tables["table"]
-    return {s: cells.obsm[Keys.EMB_CELL.format(scale=s)].copy() for s in SCALES}, sdata
+    return {s: cells.obsm[Keys.embedding()["cell"][s]].copy() for s in SCALES}, sdata
 
 
 def test_no_shift_is_the_plain_embedding(trained):
@@ -59,7 +59,7 @@ def test_shifted_embedding_is_the_tent_weighted_blend_of_per_shift_embeddings(tr
     cells = sdata.tables["table"]
     params = sdata.tables[Keys.TILE_TABLE].uns["sigmma"]["tile"]
     tiled = cells.obs[Keys.CELL_TILE].to_numpy() >= 0
-    xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL])[tiled]
+    xy = np.asarray(cells.obsm[Keys.tiling()["cell_spatial"]])[tiled]
     size, (x0, y0) = float(params["tile_size"]), params["grid_origin"]
     for s in SCALES:
         w0 = blend_weights(xy, (x0, y0), size, s, BLEND_POWER)
@@ -74,7 +74,7 @@ def test_shifted_embedding_is_the_tent_weighted_blend_of_per_shift_embeddings(tr
     # tile embeddings keep the section's own grid
     plain, sdata_plain = _cells(trained, shifts=None)
     for s in SCALES:
-        key = Keys.EMB_ST.format(scale=s)
+        key = Keys.embedding()["st"][s]
         np.testing.assert_array_equal(
             sdata.tables[Keys.TILE_TABLE].obsm[key], sdata_plain.tables[Keys.TILE_TABLE].obsm[key]
         )

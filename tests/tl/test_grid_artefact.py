@@ -41,7 +41,7 @@ def _smooth(xy: np.ndarray, dim: int = 8) -> np.ndarray:
 def test_a_blockwise_embedding_shows_the_grid_and_a_smooth_one_does_not(tiled):
     cells = tiled.tables["table"]
     params = tiled.tables[Keys.TILE_TABLE].uns["sigmma"]["tile"]
-    xy = np.asarray(cells.obsm[Keys.CELL_SPATIAL], dtype=np.float64)
+    xy = np.asarray(cells.obsm[Keys.tiling()["cell_spatial"]], dtype=np.float64)
     smooth = _smooth(xy)
     rng = np.random.default_rng(0)
     blocky = {}

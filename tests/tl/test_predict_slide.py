@@ -64,7 +64,7 @@ def test_predict_on_the_training_image_reproduces_the_probe(trained):
                                                                   strict=True)) if (r, c) in pos_old]  # fmt: skip
     assert len(pairs) >= 0.8 * old.n_obs
     a, b = np.array(pairs).T
-    key = Keys.EMB_IMAGE.format(scale="macro")
+    key = Keys.embedding()["image"]["macro"]
     assert np.allclose(new.obsm[key][a], old.obsm[key][b], atol=1e-4)
     probe = trained["probe"]
     expected = probe.predict(np.hstack([old.obsm[k] for k in probe.embedding_keys])[b])

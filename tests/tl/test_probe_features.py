@@ -51,7 +51,7 @@ def test_auto_chooses_the_better_features_on_validation_tiles(tuned, better, cap
     assert (tiles.obs[Keys.SPLIT] == "val").sum() >= 3
     rng = np.random.default_rng(0)
     for s in SCALES:  # one source carries the expression, the other is noise
-        for source, key in (("backbone", Keys.BACKBONE.format(scale=s)), ("sigmma", Keys.EMB_IMAGE.format(scale=s))):
+        for source, key in (("backbone", Keys.BACKBONE.format(scale=s)), ("sigmma", Keys.embedding()["image"][s])):
             width = tiles.obsm[key].shape[1]
             noise = rng.normal(size=(tiles.n_obs, width)).astype(np.float32)
             tiles.obsm[key] = _informative(tiles, width, rng) if source == better else noise
@@ -65,7 +65,7 @@ def test_auto_chooses_the_better_features_on_validation_tiles(tuned, better, cap
     assert val[better]["gene_pcc"] == max(v["gene_pcc"] for v in val.values())
     assert val[better]["gene_pcc"] > val["backbone" if better == "sigmma" else "sigmma"]["gene_pcc"] + 0.2
     assert f"reads the {better} features" in caplog.text
-    keys = [Keys.BACKBONE.format(scale=s) if better == "backbone" else Keys.EMB_IMAGE.format(scale=s) for s in SCALES]
+    keys = [Keys.BACKBONE.format(scale=s) if better == "backbone" else Keys.embedding()["image"][s] for s in SCALES]
     assert probe.embedding_keys == keys
     assert model.probes["expression"].embedding_keys == keys
     assert all(f"X_sigmma_{s}_encoder" in tiles.obsm for s in SCALES)  # computed to be compared
@@ -74,7 +74,7 @@ def test_auto_chooses_the_better_features_on_validation_tiles(tuned, better, cap
 def test_given_features_and_errors(tuned):
     sdata, model = tuned
     probe = sg.tl.fit_probe(sdata, model, n_genes=8, features="sigmma")
-    assert probe.embedding_keys == [Keys.EMB_IMAGE.format(scale=s) for s in SCALES]
+    assert probe.embedding_keys == [Keys.embedding()["image"][s] for s in SCALES]
     assert sdata.tables[Keys.TILE_TABLE].uns[Keys.UNS]["probes"]["expression"]["chosen_on"] == "given"
     with pytest.raises(ValueError, match="`features` must be"):
         sg.tl.fit_probe(sdata, model, features="uni")

@@ -51,9 +51,9 @@ def test_train_embed_shapes_loss_and_history(prepared):
     sg.tl.embed(prepared, model)
     tiles, cells = prepared.tables[Keys.TILE_TABLE], prepared.tables["table"]
     for s in SCALES:
-        zi = tiles.obsm[Keys.EMB_IMAGE.format(scale=s)]
-        zs = tiles.obsm[Keys.EMB_ST.format(scale=s)]
-        zc = cells.obsm[Keys.EMB_CELL.format(scale=s)]
+        zi = tiles.obsm[Keys.embedding()["image"][s]]
+        zs = tiles.obsm[Keys.embedding()["st"][s]]
+        zc = cells.obsm[Keys.embedding()["cell"][s]]
         assert zi.shape == zs.shape == (tiles.n_obs, 16)
         assert zc.shape == (cells.n_obs, 16)
         assert np.allclose(np.linalg.norm(zi, axis=1), 1, atol=1e-4)
@@ -68,13 +68,13 @@ def test_seed_determinism_and_save_load(prepared, tmp_path):
     m2 = sg.tl.train_sigmma(other, epochs=2, seed=3, **TINY)
     sg.tl.embed(prepared, m1)
     sg.tl.embed(other, m2)
-    key = Keys.EMB_CELL.format(scale="meso")
+    key = Keys.embedding()["cell"]["meso"]
     assert np.array_equal(prepared.tables["table"].obsm[key], other.tables["table"].obsm[key], equal_nan=True)
     m1.save(tmp_path / "model.pt")
     loaded = sg.model.SigmmaModel.load(tmp_path / "model.pt")
     third = sd.deepcopy(prepared)
     sg.tl.embed(third, loaded)
-    for k in (Keys.EMB_IMAGE.format(scale="micro"), Keys.EMB_ST.format(scale="macro")):
+    for k in (Keys.embedding()["image"]["micro"], Keys.embedding()["st"]["macro"]):
         assert np.array_equal(third.tables[Keys.TILE_TABLE].obsm[k], prepared.tables[Keys.TILE_TABLE].obsm[k])
 
 
@@ -82,8 +82,8 @@ def test_image_only_embedding(prepared):
     model = sg.tl.train_sigmma(prepared, epochs=1, **TINY)
     sg.tl.embed(prepared, model, table_key=None)
     tiles = prepared.tables[Keys.TILE_TABLE]
-    assert Keys.EMB_IMAGE.format(scale="macro") in tiles.obsm
-    assert Keys.EMB_ST.format(scale="macro") not in tiles.obsm
+    assert Keys.embedding()["image"]["macro"] in tiles.obsm
+    assert Keys.embedding()["st"]["macro"] not in tiles.obsm
 
 
 def test_train_before_preprocessing(section):
@@ -137,7 +137,7 @@ def test_finetune_through_tl(prepared, tmp_path):
     assert model.finetuned
     sg.tl.embed(prepared, model)
     tiles = prepared.tables[Keys.TILE_TABLE]
-    z = tiles.obsm[Keys.EMB_IMAGE.format(scale="micro")]
+    z = tiles.obsm[Keys.embedding()["image"]["micro"]]
     assert z.shape == (tiles.n_obs, 16)
     assert np.isfinite(z).all()
     model.save(tmp_path / "ft.pt")
@@ -146,7 +146,7 @@ def test_finetune_through_tl(prepared, tmp_path):
 
     other = sd.deepcopy(prepared)
     sg.tl.embed(other, again)
-    assert np.allclose(other.tables[Keys.TILE_TABLE].obsm[Keys.EMB_IMAGE.format(scale="micro")], z, atol=1e-5)
+    assert np.allclose(other.tables[Keys.TILE_TABLE].obsm[Keys.embedding()["image"]["micro"]], z, atol=1e-5)
 
 
 def test_model_from_a_bundle_embeds_with_its_features(prepared, tmp_path):
@@ -203,7 +203,7 @@ def test_save_load_resume_after_zarr_round_trip(prepared, tmp_path):
     resumed = sg.tl.train_sigmma(back, epochs=2, checkpoint_dir=tmp_path / "ckpt", resume=True, **TINY)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     sg.tl.embed(back, loaded)
-    assert np.isfinite(back.tables[Keys.TILE_TABLE].obsm[Keys.EMB_IMAGE.format(scale="macro")]).all()
+    assert np.isfinite(back.tables[Keys.TILE_TABLE].obsm[Keys.embedding()["image"]["macro"]]).all()
 
 
 def _assert_nothing_embedded(sdata):
@@ -243,7 +243,7 @@ def test_embed_checks_a_new_section_before_writing(prepared):
     _assert_nothing_embedded(refit)
     sg.pp.cell_graph(refit, pca_from=pca)
     sg.tl.embed(refit, model)
-    assert np.isfinite(refit.tables[Keys.TILE_TABLE].obsm[Keys.EMB_ST.format(scale="macro")]).all()
+    assert np.isfinite(refit.tables[Keys.TILE_TABLE].obsm[Keys.embedding()["st"]["macro"]]).all()
 
     panel = _new_section(n_genes=31)
     sg.pp.cell_graph(panel, n_comps=8)

@@ -388,7 +388,7 @@ def check_graph_tiling(
     recorded = graph.get("tiling")
     if recorded is not None and str(recorded) != tiling_fingerprint(tile_of):
         raise ValueError(stale)
-    key = connectivities or (graph.get("keys") or {}).get("connectivities") or Keys.connectivities(Keys.GRAPH)
+    key = connectivities or (graph.get("keys") or {}).get("connectivities") or Keys.graph(Keys.GRAPH)["connectivities"]
     conn = table.obsp[key].tocoo()
     if (tile_of[conn.row] != tile_of[conn.col]).any() or (tile_of[conn.row] < 0).any():
         raise ValueError(stale)

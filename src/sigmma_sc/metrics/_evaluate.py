@@ -13,6 +13,17 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SCALES, Keys
+from .._docs import (
+    doc_boot_seed,
+    doc_ci,
+    doc_folds,
+    doc_fractions,
+    doc_n_boot,
+    doc_n_components,
+    doc_n_genes,
+    doc_params,
+    doc_split,
+)
 from .._utils._record import embedding_keys, embedding_prefixes, missing_embedding, read_record
 from ._bootstrap import DEFAULT_N_BOOT, paired_bootstrap, tile_metrics
 from ._folds import kfold_probe, spatial_folds
@@ -177,6 +188,8 @@ def _row(
     return values, tile_metrics(image=img, st=st, fractions=fractions, probes=probes), by_fold
 
 
+@doc_params(split=doc_split, fractions=doc_fractions, n_genes=doc_n_genes, n_components=doc_n_components,
+            n_boot=doc_n_boot, ci=doc_ci, seed=doc_boot_seed, folds=doc_folds)  # fmt: skip
 def evaluate(
     sdata: SpatialData | AnnData | Sequence[SpatialData] | Mapping[str, SpatialData],
     *,
@@ -222,28 +235,14 @@ def evaluate(
         (``X_sigmma_{scale}_image`` with their ``X_sigmma_{scale}_st`` partners; several scales are
         L2-normalised per scale and concatenated on both sides, as in
         :func:`sigmma_sc.metrics.cross_modal_retrieval`). Other rows get NaN.
-    split
-        Tiles that are scored: ``'test'`` (report) or ``'val'`` (model selection).
-    fractions
-        Fractions ``p`` of Recall@p%.
-    n_genes
-        Target genes of the probes.
-    n_components
-        PCA components of the probes.
-    n_boot
-        Bootstrap resamples of the CIs (0: no CIs).
-    ci
-        Coverage of the CIs.
-    seed
-        Seed of the resamples.
-    folds
-        Spatial k-fold probes: cut the section's tiles with cells into ``folds`` contiguous strips and let every
-        tile be a probe's test tile once (each fold's probe fitted on the other folds, the next fold picking the
-        penalty; :func:`sigmma_sc.metrics.spatial_folds`); the probe columns and their CIs are then over all
-        ``n_probe_eval`` tiles. It applies to the probes only: the embeddings are not retrained, and retrieval
-        stays on ``split``. Sound for embeddings not fitted on this section (the frozen backbone, a model
-        trained on other sections); a SIGMMA model trained on this section saw its training tiles, whose k-fold
-        probe scores are therefore not held-out (a warning says so). ``None``: the section's split.
+    {split}
+    {fractions}
+    {n_genes}
+    {n_components}
+    {n_boot}
+    {ci}
+    {seed}
+    {folds}
     tile_key
         Tile table.
     use_rep
@@ -289,6 +288,8 @@ def evaluate(
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+@doc_params(split=doc_split, fractions=doc_fractions, n_genes=doc_n_genes, n_components=doc_n_components,
+            n_boot=doc_n_boot, ci=doc_ci, seed=doc_boot_seed, folds=doc_folds)  # fmt: skip
 def compare(
     sdata: SpatialData | AnnData | Sequence[SpatialData] | Mapping[str, SpatialData],
     *,
@@ -335,26 +336,18 @@ def compare(
         Linear-probe protocols.
     retrieval
         Compare retrieval where both have ST partners.
-    split
-        Tiles that are scored (``'test'``, or ``'val'`` for model selection).
-    fractions
-        Fractions ``p`` of Recall@p%.
-    n_genes
-        Target genes of the probes.
-    n_components
-        PCA components of the probes.
-    n_boot
-        Bootstrap resamples.
-    ci
-        Coverage of the intervals.
-    seed
-        Seed of the resamples.
-    folds
-        Spatial k-fold probes (as in :func:`sigmma_sc.metrics.evaluate`; retrieval stays on ``split``).
+    {split}
+    {fractions}
+    {n_genes}
+    {n_components}
+    {n_boot}
+    {ci}
+    {seed}
+    {folds}
     tile_key
         Tile table.
     use_rep
-        ``key_added`` prefixes searched for the ST partners of image embeddings.
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run(s) searched for the ST partners of image embeddings.
 
     Returns
     -------

@@ -61,7 +61,8 @@ def grid_artefact(
     tile_key
         Tile table (its grid: origin and tile size).
     use_rep
-        Prefix of :func:`sigmma_sc.tl.embed` (``key_added``), or an ``.obsm`` key with ``{scale}``.
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run, or a full ``.obsm`` key of cell embeddings
+        (scanpy's meaning; with ``{scale}`` for several scales).
     scale
         Scale(s) to measure.
     n_neighs

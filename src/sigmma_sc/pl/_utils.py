@@ -190,10 +190,8 @@ def scatter_categorical(
 
 def axis_label(key: str | None) -> str:
     """``'sigmma_microenv_micro'`` -> ``'micro microenvironment'``; other keys unchanged."""
-    prefix = Keys.MICROENV.split("{")[0]
-    if key and key.startswith(prefix) and key.removeprefix(prefix) in ("micro", "meso", "macro"):
-        return f"{key.removeprefix(prefix)} microenvironment"
-    return key or ""
+    scale = {k: s for s, k in Keys.microenvironments().items()}.get(key or "")
+    return f"{scale} microenvironment" if scale else key or ""
 
 
 def nice_length(span: float) -> float:

@@ -11,8 +11,8 @@ import pandas as pd
 from scipy import sparse
 
 from sigmma_sc._constants import Keys
-from sigmma_sc._utils._record import write_record
 from sigmma_sc._utils._validate import check_prefix, counts_matrix, get_table, tiling_fingerprint
+from sigmma_sc._utils._write import save_output, save_outputs, save_record
 from sigmma_sc.data._geometry import knn_within_tiles
 from sigmma_sc.data._pca import apply_log_pca, fit_log_pca
 from sigmma_sc.data._records import Tiling
@@ -66,7 +66,8 @@ def cell_graph(
     layer
         Layer holding raw counts (``None``: the ``layer`` given to :func:`sigmma_sc.pp.tile`, else ``.X``).
     key_added
-        Prefix of every key written (default ``'sigmma'``); downstream functions take it as ``graph_key``.
+        Stem of every key written (``Keys.graph(key_added)``, see :doc:`/keys`; default ``'sigmma'``);
+        downstream functions take it as ``graph_key``.
     features_key
         ``.obsm`` key the computed PCA is written to (default ``f'{key_added}_features'``).
     pca_from
@@ -152,10 +153,11 @@ def cell_graph(
     _warn_isolated(conn, tile_of_cell)
     if not inplace:
         return conn, dist, X
-    table.obsp[gkeys["connectivities"]] = conn
-    table.obsp[gkeys["distances"]] = dist
+    n_tiled = int((tile_of_cell >= 0).sum())
+    graph = {gkeys["connectivities"]: conn, gkeys["distances"]: dist}
+    save_outputs(table, "obsp", graph, table=table_key, what=f"cell graph: {conn.nnz} edges over {n_tiled} tiled cells")
     if features is None:
-        table.obsm[features_key] = X
+        save_output(table, "obsm", features_key, X, table=table_key, what="node features")
     written = {"connectivities": gkeys["connectivities"], "distances": gkeys["distances"], "features": feature_source}
     record = {
         "n_neighs": int(n_neighs),
@@ -170,12 +172,7 @@ def cell_graph(
         "tiling": tiling_fingerprint(tile_of_cell),  # a later sg.pp.tile makes this graph stale (check_graph_tiling)
         "distance_unit": f"{params['coordinate_system']} units ({params['um_per_unit']} µm)",
     }
-    write_record(table, key_added, "cell_graph", record)
-    logger.info(
-        "Wrote cell table %r .obsp[%r, %r]%s: %d edges over %d tiled cells.",
-        table_key, gkeys["connectivities"], gkeys["distances"],
-        f" and .obsm[{features_key!r}]" if features is None else "", conn.nnz, int((tile_of_cell >= 0).sum()),
-    )  # fmt: skip
+    save_record(table, key_added, "cell_graph", record, table=table_key)
     return None
 
 

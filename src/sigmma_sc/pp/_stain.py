@@ -21,6 +21,7 @@ import numpy as np
 
 from .._constants import Keys
 from .._utils._validate import get_image
+from .._utils._write import save_output
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -205,7 +206,7 @@ def stain_normalize(
     um_per_unit
         Micrometres per coordinate unit (default: the recorded value).
     key_added
-        Key of the new image (default ``f"{image_key}_stain_normalized"``).
+        Key of the new image in ``sdata.images`` (default ``f"{image_key}_stain_normalized"``).
     inplace
         Write the image into ``sdata`` and return ``None``; ``False`` returns it.
 
@@ -222,14 +223,13 @@ def stain_normalize(
     out = _map_image(image, lambda block: _normalize_block(block, src, ref))
     if not inplace:
         return out
-    sdata.images[key_added] = out
+    save_output(sdata, "images", key_added, out, what=f"Macenko-normalised {key!r}")
     attrs = sdata.attrs.setdefault(Keys.UNS, {})
     attrs.setdefault("stain_normalize", {})[key_added] = {
         "source_image": key,
         "source": {k: np.asarray(v).tolist() for k, v in src.items()},
         "reference": {k: np.asarray(v).tolist() for k, v in ref.items()},
     }
-    logger.info("Wrote Macenko-normalised image %r (from %r).", key_added, key)
     return None
 
 

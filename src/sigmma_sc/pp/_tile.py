@@ -11,7 +11,6 @@ from scipy import ndimage, sparse
 
 from sigmma_sc._constants import GRID, SPLIT_BUFFER, SPLITS, Keys
 from sigmma_sc._docs import doc_inplace, doc_params
-from sigmma_sc._utils._record import write_record
 from sigmma_sc._utils._validate import (
     categorical,
     cell_coordinates,
@@ -24,6 +23,7 @@ from sigmma_sc._utils._validate import (
     shared_coordinate_system,
 )
 from sigmma_sc._utils._validate import um_per_unit as _um_per_unit
+from sigmma_sc._utils._write import save_output, save_outputs, save_record
 from sigmma_sc.data._geometry import cell_blocks, grid_cells, tile_of_points
 from sigmma_sc.data._image import ImageReader, image_is_brightfield
 
@@ -117,7 +117,8 @@ def tile(
     seed
         Seed of the split.
     key_added
-        Prefix of every key written (default ``'sigmma'``): the tile table ``f'{key_added}_tiles'``, the tile
+        Stem of every key written (``Keys.tiling(key_added, image_key)``, see :doc:`/keys`; default ``'sigmma'``):
+        the tile table ``f'{key_added}_tiles'``, the tile
         shapes ``f'{image_key}_{key_added}_tiles'`` and the cell columns ``f'{key_added}_tile'``, ... A second
         tiling (another tile size, another image) under another prefix leaves the first one intact.
     {inplace}
@@ -235,19 +236,14 @@ def _write_tiling(
 ) -> None:
     """Write the tile shapes, the tile table and (with a cell table) each cell's tile, blocks and centroid."""
     shapes_key, tile_table_key = keys["shapes"], keys["tile_table"]
-    sdata.shapes[shapes_key] = shapes
-    sdata.tables[tile_table_key] = tile_table
-    for key in (shapes_key, tile_table_key):
-        logger.info("Wrote %r.", key)
+    save_output(sdata, "shapes", shapes_key, shapes, what="tiles")
+    save_output(sdata, "tables", tile_table_key, tile_table, what="tile table")
     if table_key is None:
         return
-    for key in cells:
-        table.obs[key] = cells[key].to_numpy()
-    table.obsm[keys["cell_spatial"]] = xy
-    write_record(table, key_added, "tile", {"tile_key": tile_table_key, "image_key": image_key, "keys": keys})
-    logger.info(
-        "Wrote cell table %r .obs%s and .obsm[%r].", table_key, list(cells), keys["cell_spatial"]
-    )  # fmt: skip
+    save_outputs(table, "obs", {k: cells[k].to_numpy() for k in cells}, table=table_key, what="tile and block ids")
+    save_output(table, "obsm", keys["cell_spatial"], xy, table=table_key, what="cell centroids")
+    record = {"tile_key": tile_table_key, "image_key": image_key, "keys": keys}
+    save_record(table, key_added, "tile", record, table=table_key)
 
 
 def _cell_inputs(

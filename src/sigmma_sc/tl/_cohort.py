@@ -13,6 +13,7 @@ import pandas as pd
 from .._constants import SPLIT_BUFFER, SPLITS, Keys
 from .._utils._validate import counts_matrix, get_table
 from .._utils._version import package_version
+from .._utils._write import save_outputs, save_record
 from ..data._build import _hash_names, build_bundle
 from ..data._cohort import _graph_record, as_sections, cohort_splits, fit_cohort_pca, shared_genes
 from ..model._diagnostics import kept_summary
@@ -117,9 +118,8 @@ def train_cohort(
         "version": package_version(),
         "cohort": {"sections": info["sections"], **bundle.meta["cohort"]},
     }
-    for sdata in named.values():
-        tiles = get_table(sdata, tile_key)
-        tiles.uns[Keys.UNS] = dict(tiles.uns.get(Keys.UNS, {})) | {"training": record}
+    for name, sdata in named.items():
+        save_record(get_table(sdata, tile_key), Keys.UNS, "training", record, table=f"{tile_key} of section {name!r}")
     summary = kept_summary(history, model.diagnostics or {})
     if summary is not None:
         logger.info(summary)
@@ -237,11 +237,13 @@ def prepare_cohort(
     names = list(sections)
     for n, sdata in sections.items():  # writing starts here
         tiles = get_table(sdata, tile_key)
+        obs = {}
         if split == "section" and Keys.SPLIT_SPATIAL not in tiles.obs:
-            tiles.obs[Keys.SPLIT_SPATIAL] = tiles.obs[Keys.SPLIT].copy()
+            obs[Keys.SPLIT_SPATIAL] = tiles.obs[Keys.SPLIT].copy()
         buffered = [SPLIT_BUFFER] if (np.asarray(splits[n]) == SPLIT_BUFFER).any() else []  # sg.pp.tile(split_buffer)
-        tiles.obs[Keys.SPLIT] = pd.Categorical(splits[n], categories=[*SPLITS, *buffered])
-        tiles.obs[Keys.SECTION] = pd.Categorical([n] * tiles.n_obs, categories=names)
+        obs[Keys.SPLIT] = pd.Categorical(splits[n], categories=[*SPLITS, *buffered])
+        obs[Keys.SECTION] = pd.Categorical([n] * tiles.n_obs, categories=names)
+        save_outputs(tiles, "obs", obs, table=f"{tile_key} of section {n!r}", what=f"cohort {split} split")
         g = graphs[n]
         if pca is not None:
             cell_graph(sdata, table_key=table_key, tile_key=tile_key, n_neighs=int(g["n_neighs"]), layer=layer,

@@ -31,7 +31,7 @@ def microenvironment_labels(
         if scale not in SCALES:
             raise ValueError(f"`scale` must be one of {SCALES}, got {scale!r}.")
         record = read_record(cells, prefix, "microenvironments") or {}
-        key = (record.get("keys") or {}).get(scale, f"{prefix}_microenv_{scale}")
+        key = (record.get("keys") or {}).get(scale, Keys.microenvironments(use_rep=prefix)[scale])
         if key not in cells.obs:
             raise KeyError(
                 f"Table {table_key!r} lacks `.obs[{key!r}]`; run `sg.tl.microenvironments(sdata, scale={scale!r}"
@@ -75,7 +75,8 @@ def microenvironment_composition(
     normalize
         Return fractions (each row sums to 1) instead of cell counts.
     key
-        ``.obs`` column to use instead of the microenvironments of ``scale``.
+        Which labels: an ``.obs`` column, or the ``use_rep`` of a :func:`sigmma_sc.tl.microenvironments` run whose
+        column of ``scale`` is read (default: the run of ``'sigmma'``).
 
     Returns
     -------

@@ -66,7 +66,9 @@ def microenvironment_de(
     layer
         Layer holding raw counts (default ``.X``).
     key
-        ``.obs`` column to group by instead of the microenvironments of ``scale`` (any categorical).
+        Which labels: an ``.obs`` column (any categorical), or the ``use_rep`` of a
+        :func:`sigmma_sc.tl.microenvironments` run whose column of ``scale`` is read (default: the run of
+        ``'sigmma'``).
     method
         Test of :func:`scanpy.tl.rank_genes_groups` (``'wilcoxon'``, ``'t-test'``, ``'logreg'`` ...).
     target_sum

@@ -10,8 +10,9 @@ import numpy as np
 
 from .._constants import SCALES, Keys
 from .._docs import doc_device, doc_graph_key, doc_params
-from .._utils._record import read_record, write_record
+from .._utils._record import read_record
 from .._utils._validate import check_prefix
+from .._utils._write import save_outputs, save_record
 from ..data._build import _hash_names, bundle_from_records, inputs_fingerprint, st_inputs
 from ..data._records import CellGraph, Tiling
 from ..data._tiles import image_modality
@@ -90,8 +91,9 @@ def embed(
         Seconds the shifted passes may take, estimated after the first one: with ``shifts='auto'`` only the
         shifts that fit run (a warning says so); explicit shifts all run, after a warning. ``None``: no limit.
     key_added
-        Prefix of the embeddings (default ``'sigmma'``: ``X_sigmma_{scale}_image``, ...). Embed a second model
-        under another prefix to keep both; readers take it as ``use_rep``.
+        Stem of the embeddings (``Keys.embedding(key_added)``, see :doc:`/keys`; default ``'sigmma'``:
+        ``X_sigmma_{scale}_image``, ...). Embed a second model under another stem to keep both; readers take it
+        as ``use_rep``.
     inplace
         Write into ``sdata`` and return ``None``; otherwise return the embeddings and leave ``sdata`` unchanged
         (backbone features that are not cached are computed but not written).
@@ -301,17 +303,14 @@ def _write_embeddings(
         record["shifts"] = [list(p) for p in shift_pairs]
     tiles = tiling.tiles
     for kind in ("image", "st"):
-        for s, z in out.get(kind, {}).items():
-            tiles.obsm[keys[kind][s]] = z
+        if kind in out:
+            z = {keys[kind][s]: z for s, z in out[kind].items()}
+            save_outputs(tiles, "obsm", z, table=tiling.key, what=f"{kind} tile embeddings")
     if "cell" in out:
-        for s, z in out["cell"].items():
-            graph.cells.obsm[keys["cell"][s]] = z
-        write_record(graph.cells, key_added, "embed", record)
-        logger.info("Wrote cell table %r .obsm%s.", graph.table_key, list(keys["cell"].values()))
-    write_record(tiles, key_added, "embed", record)
-    logger.info(
-        "Wrote tile table %r .obsm%s.", tiling.key, [k for kind in ("image", "st") for k in keys.get(kind, {}).values()]
-    )
+        z = {keys["cell"][s]: z for s, z in out["cell"].items()}
+        save_outputs(graph.cells, "obsm", z, table=graph.table_key, what="cell embeddings")
+        save_record(graph.cells, key_added, "embed", record, table=graph.table_key)
+    save_record(tiles, key_added, "embed", record, table=tiling.key)
 
 
 def _check_tiling(trained: dict, params: dict) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import SCALES, Keys
+from .._utils._write import save_outputs, save_record
 from ..data._records import Tiling
 from ..data._tiles import image_modality, iter_tile_images
 
@@ -117,15 +118,13 @@ def featurize(
     )
     if not inplace:
         return feats
-    for s in SCALES:
-        tiles.obsm[keys[s]] = feats[s].astype(np.float32)
-    uns = dict(tiles.uns.get(Keys.UNS, {}))
-    uns["backbone"] = {
+    feats = {keys[s]: feats[s].astype(np.float32) for s in SCALES}
+    save_outputs(tiles, "obsm", feats, table=tile_key, what=f"{info.name} backbone features")
+    backbone = {
         **info.to_dict(), **record, "pixel_size_um": params["pixel_size_um"],
         "modality": image_modality(sdata, tile_key, image_key),
     }  # fmt: skip
-    tiles.uns[Keys.UNS] = uns
-    logger.info("Wrote tile table %r .obsm%s and .uns['sigmma']['backbone'].", tile_key, list(keys.values()))
+    save_record(tiles, Keys.UNS, "backbone", backbone, table=tile_key)
     return None
 
 

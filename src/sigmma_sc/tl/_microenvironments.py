@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -11,8 +12,9 @@ import pandas as pd
 
 from .._constants import SCALES, Keys
 from .._docs import doc_params, doc_seed, doc_use_rep
-from .._utils._record import embedding_keys, missing_embedding, read_record, write_record
+from .._utils._record import embedding_keys, missing_embedding, read_record
 from .._utils._validate import get_table
+from .._utils._write import save_outputs, save_record
 from ._records import resolve_seed
 
 if TYPE_CHECKING:
@@ -52,7 +54,7 @@ def microenvironments(
     table_key
         Cell table.
     {use_rep}
-        Or an ``.obsm`` key of cell embeddings (``{scale}`` is replaced by the scale).
+        Or a full ``.obsm`` key of cell embeddings (scanpy's meaning; with ``{scale}`` for several scales).
     resolution
         Leiden resolution (higher: more microenvironments). Default: per scale, micro 0.5, meso 0.2, macro 0.1
         (coarser scales describe larger, fewer domains; at one resolution they give more clusters), chosen on the
@@ -62,8 +64,9 @@ def microenvironments(
         Neighbours of the embedding graph.
     {seed}
     key_added
-        ``.obs`` key of the labels; ``{scale}`` is replaced by the scale (without it, ``_{scale}`` is appended).
-        Default ``f'{use_rep}_microenv_{scale}'``.
+        Stem of the label columns: scale ``s`` is written to ``.obs[f'{key_added}_{s}']``
+        (``Keys.microenvironments(key_added)``, see :doc:`/keys`). Default
+        ``f'{use_rep}_microenv'``. A ``{scale}`` template (the older form) still works, with a ``FutureWarning``.
     inplace
         Write into the cell table and return ``None``; otherwise return scale -> labels and leave ``sdata``
         unchanged.
@@ -85,9 +88,7 @@ def microenvironments(
     scales = _scales(cells, scale, use_rep)
     if resolution is not None and not (isinstance(resolution, int | float) and resolution > 0):
         raise ValueError(f"`resolution` must be a positive number or None (per-scale defaults), got {resolution!r}.")
-    if key_added is None:
-        key_added = f"{use_rep}_microenv_{{scale}}"
-    obs_keys = {s: key_added.format(scale=s) if "{scale}" in key_added else f"{key_added}_{s}" for s in scales}
+    obs_keys = _label_keys(key_added, use_rep, scales)
     rep_keys = _cell_embedding_keys(cells, use_rep, scales, table_key)
     seed = resolve_seed(seed)
     out: dict[str, pd.Categorical] = {}
@@ -113,10 +114,10 @@ def microenvironments(
         logger.info("%s scale: %d microenvironments over %d cells (Leiden resolution %g).", s, len(cats), int(ok.sum()), res)
     if not inplace:
         return out
-    for s, labels in out.items():
-        cells.obs[obs_keys[s]] = labels
+    save_outputs(cells, "obs", {obs_keys[s]: labels for s, labels in out.items()}, table=table_key,
+                 what="microenvironments")  # fmt: skip
     previous = read_record(cells, use_rep, "microenvironments") or {}
-    write_record(
+    save_record(
         cells,
         use_rep,
         "microenvironments",
@@ -128,9 +129,23 @@ def microenvironments(
             "keys": {**dict(previous.get("keys") or {}), **obs_keys},
             "use_rep": {**dict(previous.get("use_rep") or {}), **rep_keys},
         },
+        table=table_key,
     )
-    logger.info("Wrote cell table %r .obs%s.", table_key, list(obs_keys.values()))
     return None
+
+
+def _label_keys(key_added: str | None, use_rep: str, scales: tuple[str, ...]) -> dict[str, str]:
+    """Scale -> ``.obs`` key of the labels: ``f'{key_added}_{scale}'`` (a ``{scale}`` template: FutureWarning)."""
+    if key_added is None or "{scale}" not in key_added:
+        return Keys.microenvironments(key_added, scales, use_rep=use_rep)
+    stem = key_added.replace("{scale}", "").strip("_")
+    warnings.warn(
+        f"`key_added` of `sg.tl.microenvironments` is the stem of the label columns (`f'{{key_added}}_{{scale}}'`, "
+        f"see docs/keys.md); a `{{scale}}` template is deprecated. Pass e.g. `key_added={stem!r}`.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return {s: key_added.format(scale=s) for s in scales}
 
 
 def _scales(cells, scale: str | Sequence[str] | None, use_rep: str) -> tuple[str, ...]:

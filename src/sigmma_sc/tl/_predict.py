@@ -10,6 +10,7 @@ import pandas as pd
 
 from .._constants import Keys
 from .._utils._record import rekey, tiling_record
+from .._utils._write import save_output
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -54,7 +55,7 @@ def predict_expression(
         The ``key_added`` of the :func:`sigmma_sc.tl.embed` run of this section whose image embeddings feed the
         probe (the probe's scales, under that prefix); ``None``: the ``.obsm`` keys the probe was fitted on.
     key_added
-        Where the predictions are written.
+        Key of the predictions in the tile table's ``.obsm`` and of their record in its ``.uns``.
     inplace
         Write into ``sdata`` and return ``None``; ``False`` returns the predictions and writes nothing.
 
@@ -112,8 +113,9 @@ def predict_expression(
     df = pd.DataFrame(pred, index=tiles.obs_names.copy(), columns=pd.Index(probe.genes, dtype=str))
     if not inplace:
         return df
-    tiles.obsm[key_added] = df
-    tiles.uns[key_added] = {
+    what = f"{len(probe.genes)} predicted genes for {int(ok.sum())} tiles"
+    save_output(tiles, "obsm", key_added, df, table=tile_key, what=what)
+    save_output(tiles, "uns", key_added, {
         "protocol": probe.protocol,
         "embedding": list(feature_keys),
         "genes": list(probe.genes),
@@ -122,6 +124,5 @@ def predict_expression(
         "n_train_tiles": len(probe.tiles["train"]),
         **({"target_sum": float(probe.target_sum)} if probe.target_sum is not None else {}),
         **{f"fitted_{k}": v for k, v in probe.tiling.items()},
-    }
-    logger.info("Predicted %d genes for %d tiles into tiles.obsm[%r].", len(probe.genes), int(ok.sum()), key_added)
+    }, table=tile_key, what="probe record")  # fmt: skip
     return None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import SCALES, Keys
+from .._utils._write import save_outputs
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -78,10 +79,9 @@ def ensure_features(
         )  # fmt: skip
         return
     if source == "encoder":
-        for k, v in encoder_features(sdata, model, tile_key=tile_key, batch_size=batch_size, device=device).items():
-            if k in keys:
-                tiles.obsm[k] = v
-        logger.info("Wrote the fine-tuned encoder's pooled features to tiles.obsm %s.", keys)
+        feats = encoder_features(sdata, model, tile_key=tile_key, batch_size=batch_size, device=device)
+        feats = {k: v for k, v in feats.items() if k in keys}
+        save_outputs(tiles, "obsm", feats, table=tile_key, what="the fine-tuned encoder's pooled features")
         return
     raise KeyError(f"Tile table {tile_key!r} lacks `.obsm` {missing}; run `sg.tl.embed(sdata, model)` first.")
 

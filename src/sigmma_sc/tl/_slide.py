@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPLITS, Keys
+from .._utils._record import write_record
 from .._utils._validate import get_image, get_table
+from .._utils._write import save_output, save_outputs, save_record
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -83,7 +85,7 @@ def fit_probe(
     tile_key
         Tile table.
     use_rep
-        The ``key_added`` under which ``model`` embedded the section (:func:`sigmma_sc.tl.embed`).
+        The ``key_added`` of the :func:`sigmma_sc.tl.embed` run in which ``model`` embedded the section.
     features
         The probe's input: ``'auto'`` (chosen on validation tiles, see above), ``'sigmma'`` (the model's image
         embeddings), ``'encoder'`` (the fine-tuned encoder's pooled features) or ``'backbone'`` (the frozen
@@ -133,12 +135,10 @@ def fit_probe(
     probe = linear_probe(sdata, keys, tile_key=tile_key, **kwargs)
     x = np.hstack([np.asarray(tiles.obsm[k], dtype=np.float64) for k in keys])
     model.add_probe(probe, name, check=x[: min(len(x), 64)])
-    uns = dict(tiles.uns.get(Keys.UNS, {}))
-    probes = dict(uns.get("probes", {}))
+    probes = dict(dict(tiles.uns.get(Keys.UNS, {})).get("probes", {}))
     probes[name] = {"features": chosen, "keys": keys, "chosen_on": "validation" if validation else "given",
                     "protocol": protocol, **({"validation": validation} if validation else {})}  # fmt: skip
-    uns["probes"] = probes
-    tiles.uns[Keys.UNS] = uns
+    save_record(tiles, Keys.UNS, "probes", probes, table=tile_key)
     s = probe.summary()
     logger.info(
         "Probe %r: %d genes on %s; held-out (%d tiles) tile PCC %.3f, gene PCC %.3f.",
@@ -189,7 +189,7 @@ def attach_reference(
         raise ValueError(f"`split` must be one of {SPLITS} or None, got {split!r}.")
     tiles = get_table(sdata, tile_key)
     _check_embedded_by(tiles, model, tile_key)
-    key = Keys.EMB_ST.format(scale=scale)
+    key = Keys.embedding()["st"][scale]
     if key not in tiles.obsm:
         raise KeyError(f"Tile table {tile_key!r} lacks `.obsm[{key!r}]`; run `sg.tl.embed(sdata, model)` with the cells.")
     rows = np.arange(tiles.n_obs) if split is None else np.flatnonzero(tiles.obs[Keys.SPLIT].to_numpy() == split)
@@ -384,14 +384,11 @@ def predict_slide(
 
         ensure_features(sdata, model, source_of(lp.embedding_keys), list(lp.embedding_keys), tile_key=tile_key,
                         batch_size=batch_size, device=device)  # fmt: skip
-        tiles = _with_expression(sdata.tables[tile_key], lp, probe)
+        tiles = _with_expression(sdata.tables[tile_key], lp, probe, tile_key)
     if retrieve:
-        _write_retrieval(tiles, model, int(retrieve))
-    uns = dict(tiles.uns.get(Keys.UNS, {}))
-    uns["predict"] = record
-    tiles.uns[Keys.UNS] = uns
-    sdata.tables[tile_key] = tiles
-    logger.info("Wrote tile table %r.", tile_key)
+        _write_retrieval(tiles, model, int(retrieve), tile_key)
+    write_record(tiles, Keys.UNS, "predict", record)
+    save_output(sdata, "tables", tile_key, tiles, what="tile table with the slide's predictions")
     if out is not None:
         _write_zarr(sdata, tile_image, tile_key, Path(out))
     return sdata
@@ -430,7 +427,7 @@ def _check_slide(sdata: SpatialData, key: str, tile_key: str, tile_size_um: floa
         )
 
 
-def _with_expression(tiles, lp, name: str):
+def _with_expression(tiles, lp, name: str, tile_key: str):
     """The tile table with the probe's predictions in ``.obsm`` (and in ``.X`` when the table holds no counts)."""
     from anndata import AnnData
     from spatialdata.models import TableModel
@@ -450,8 +447,9 @@ def _with_expression(tiles, lp, name: str):
             AnnData(X=pred, obs=tiles.obs.copy(), var=pd.DataFrame(index=genes), obsm=dict(tiles.obsm),
                     uns=dict(tiles.uns))  # fmt: skip
         )
-    tiles.obsm[Keys.PREDICTED_EXPRESSION] = df
-    tiles.uns[Keys.PREDICTED_EXPRESSION] = {
+    what = f"{len(genes)} genes predicted for {int(ok.sum())} tiles" + (", also in .X" if in_x else "")
+    save_output(tiles, "obsm", Keys.PREDICTED_EXPRESSION, df, table=tile_key, what=what)
+    save_output(tiles, "uns", Keys.PREDICTED_EXPRESSION, {
         "protocol": lp.protocol,
         "embedding": list(lp.embedding_keys),
         "genes": list(lp.genes),
@@ -461,30 +459,26 @@ def _with_expression(tiles, lp, name: str):
         **({"target_sum": float(lp.target_sum)} if lp.target_sum is not None else {}),
         **{f"fitted_{k}": v for k, v in lp.tiling.items()},
         **{f"heldout_{k}": v for k, v in lp.scores.items() if k in ("pcc", "gene_pcc", "mse", "n_eval")},
-    }
-    logger.info("Predicted %d genes for %d tiles (tile table .obsm[%r]%s).", len(genes), int(ok.sum()),
-                Keys.PREDICTED_EXPRESSION, " and .X" if in_x else "")  # fmt: skip
+    }, table=tile_key, what="probe record")  # fmt: skip
     return tiles
 
 
-def _write_retrieval(tiles, model: SigmmaModel, k: int) -> None:
+def _write_retrieval(tiles, model: SigmmaModel, k: int, tile_key: str) -> None:
     ref = model.reference
-    z = np.asarray(tiles.obsm[Keys.EMB_IMAGE.format(scale=ref.scale)], dtype=np.float32)
+    z = np.asarray(tiles.obsm[Keys.embedding()["image"][ref.scale]], dtype=np.float32)
     idx, score = ref.query(z, k)
-    tiles.obsm[RETRIEVED] = idx
-    tiles.obsm[f"{RETRIEVED}_score"] = score
-    tiles.obs["sigmma_top_hit"] = pd.Categorical(np.asarray(ref.names, dtype=object)[idx[:, 0]])
-    tiles.obs["sigmma_top_hit_score"] = score[:, 0]
-    tiles.uns[RETRIEVED] = {
+    what = f"the {idx.shape[1]} closest training tiles ({ref.scale} ST embeddings) of {len(z)} tiles"
+    save_outputs(tiles, "obsm", {RETRIEVED: idx, f"{RETRIEVED}_score": score}, table=tile_key, what=what)
+    top = pd.Categorical(np.asarray(ref.names, dtype=object)[idx[:, 0]])
+    save_outputs(tiles, "obs", {"sigmma_top_hit": top, "sigmma_top_hit_score": score[:, 0]}, table=tile_key, what="best hit")
+    save_output(tiles, "uns", RETRIEVED, {
         "names": list(ref.names),
         "x0": ref.xy[:, 0].tolist(),
         "y0": ref.xy[:, 1].tolist(),
         "section": ref.section,
         "scale": ref.scale,
         "k": int(idx.shape[1]),
-    }
-    logger.info("Retrieved the %d closest training tiles (%s ST embeddings) of %d tiles.", idx.shape[1], ref.scale,
-                len(z))  # fmt: skip
+    }, table=tile_key, what="retrieval record")  # fmt: skip
 
 
 def _write_zarr(sdata: SpatialData, image_key: str, tile_key: str, out: Path) -> None:

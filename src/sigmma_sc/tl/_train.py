@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._constants import Keys
 from .._utils._validate import get_table
 from .._utils._version import package_version as _version
+from .._utils._write import save_record
 from ..data._build import build_bundle, checked_graph
 from ..data._tiles import tile_params
 from ..model._diagnostics import kept_summary
@@ -190,14 +191,13 @@ def train_sigmma(
     history = model.fit(
         bundle, device=device or settings.device, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume
     )
-    uns = dict(tiles.uns.get(Keys.UNS, {}))
-    uns["training"] = {
+    record = {
         "config": model.config.to_dict(),
         "history": _columns(history),
         "diagnostics": model.diagnostics,
         "version": _version(),
     }
-    tiles.uns[Keys.UNS] = uns
+    save_record(tiles, Keys.UNS, "training", record, table=tile_key)
     summary = kept_summary(history, model.diagnostics or {})
     if summary is not None:
         logger.info(summary)

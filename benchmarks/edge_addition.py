@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +126,9 @@ def gradient_norms(bundle, *, n_batches: int = 5, batch: int = 64, seed: int = 0
     from torch_geometric.utils import scatter
 
     from sigmma_sc.model import SigmmaModel
-    from sigmma_sc.nn import _gnn
+    from sigmma_sc.nn import WeightedSAGEConv
 
-    current = _gnn.WeightedSAGEConv.forward
+    current = WeightedSAGEConv.forward
 
     def legacy(self, x, edge_index, edge_weight=None):
         n = x.shape[0]
@@ -154,21 +155,20 @@ def gradient_norms(bundle, *, n_batches: int = 5, batch: int = 64, seed: int = 0
     batches = [train[torch.randperm(train.numel(), generator=gen)[:batch]] for _ in range(n_batches)]
     norms: dict[str, dict[str, list[float]]] = {}
     for name, forward in (("former", legacy), ("current", current), ("masked", masked)):
-        _gnn.WeightedSAGEConv.forward = forward
-        try:
-            model = SigmmaModel.from_bundle(bundle, hidden=128, out_dim=128, temperature=0.07, seed=seed).train()
-            rec = norms.setdefault(name, {"scorer": [], "micro": [], "all": []})
-            for i, idx in enumerate(batches):
-                model.zero_grad()
-                torch.manual_seed(1000 + i)  # same Gumbel noise and dropout for the three variants
-                model(bundle.select(idx)).backward()
-                g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-                norm = lambda keys, g=g: float(torch.sqrt(sum(v.square().sum() for k, v in g.items() if keys(k))))
-                rec["scorer"].append(norm(lambda k: "samplers" in k))
-                rec["micro"].append(norm(lambda k: "convs.micro" in k))
-                rec["all"].append(norm(lambda k: True))
-        finally:
-            _gnn.WeightedSAGEConv.forward = current
+        model = SigmmaModel.from_bundle(bundle, hidden=128, out_dim=128, temperature=0.07, seed=seed).train()
+        for conv in model.modules():  # this model's layers aggregate the variant's way (the package is untouched)
+            if isinstance(conv, WeightedSAGEConv):
+                conv.forward = types.MethodType(forward, conv)
+        rec = norms.setdefault(name, {"scorer": [], "micro": [], "all": []})
+        for i, idx in enumerate(batches):
+            model.zero_grad()
+            torch.manual_seed(1000 + i)  # same Gumbel noise and dropout for the three variants
+            model(bundle.select(idx)).backward()
+            g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            norm = lambda keys, g=g: float(torch.sqrt(sum(v.square().sum() for k, v in g.items() if keys(k))))
+            rec["scorer"].append(norm(lambda k: "samplers" in k))
+            rec["micro"].append(norm(lambda k: "convs.micro" in k))
+            rec["all"].append(norm(lambda k: True))
     return {name: {k: float(np.median(v)) for k, v in rec.items()} for name, rec in norms.items()}
 
 

@@ -138,7 +138,7 @@ def test_import_is_light():
 SRC = Path(__file__).resolve().parents[1] / "src" / "sigmma_sc"
 #: layer of each subpackage: a module may import its own layer or a lower one (``pp/tl/pl -> data -> model -> nn``);
 #: the base modules (constants, settings, utilities, the package root) are importable from everywhere
-LAYERS = {"nn": 0, "model": 1, "data": 2, "pp": 3, "tl": 3, "pl": 3, "metrics": 3, "io": 3, "datasets": 3}
+LAYERS = {"nn": 0, "train": 0.5, "model": 1, "data": 2, "pp": 3, "tl": 3, "pl": 3, "metrics": 3, "io": 3, "datasets": 3}
 BASE = {"", "_constants", "_settings", "_docs", "_utils", "_threads"}
 TOP = {"_cli": 4, "__main__": 4, "_demo_report": 4}
 

@@ -74,9 +74,9 @@ def featurize(
     - tile table ``.uns['sigmma']['backbone']``: name, feature width, image key, pixel size and image modality
       (``'brightfield'`` or ``'fluorescence'``).
     """
-    from ..model._train_loop import resolve_device
     from ..nn import MultiCropEncoder, build_backbone
     from ..nn import featurize as _featurize
+    from ..train._device import resolve_device
 
     params = tile_params(sdata, tile_key)
     tiles = get_table(sdata, tile_key)

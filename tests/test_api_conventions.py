@@ -118,9 +118,9 @@ def test_fixtures_are_not_public_api():
 
 
 def test_core_imports_without_scverse_stack():
-    """``sigmma_sc.nn`` and ``sigmma_sc.model`` must run on a GPU box with only torch, PyG, timm and numpy."""
+    """``sigmma_sc.nn``, ``sigmma_sc.train`` and ``sigmma_sc.model`` run on a GPU box with only torch, PyG, timm, numpy."""
     code = (
-        "import sys; import sigmma_sc.nn, sigmma_sc.model; "
+        "import sys; import sigmma_sc.nn, sigmma_sc.train, sigmma_sc.model; "
         "bad = [m for m in ('spatialdata', 'anndata', 'scanpy', 'squidpy', 'dask', 'zarr') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

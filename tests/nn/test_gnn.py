@@ -8,9 +8,9 @@ from sigmma_sc.nn import (
     EdgeSampler,
     HierarchicalGraphEncoder,
     WeightedSAGEConv,
-    block_ids,
     same_block,
 )
+from sigmma_sc.nn._edges import block_ids
 from sigmma_sc.nn._gnn import WeightedSAGEConv as _Conv
 
 

@@ -77,7 +77,8 @@ class Trainer:
 
     :meth:`SigmmaModel.fit <sigmma_sc.model.SigmmaModel.fit>` documents what a run does and runs one; build a
     trainer yourself only to keep a handle on it. The parameters are those of ``fit`` (``epochs`` and ``steps``
-    are the budgets already resolved from the config).
+    are the budgets already resolved from the config). :meth:`fit` leaves the kept weights in the model and the
+    health checks in ``model.diagnostics``; ``SigmmaModel.fit`` also stores the history and the bundle's meta.
 
     Parameters
     ----------

@@ -465,7 +465,7 @@ class SigmmaModel(nn.Module):
         """AdamW parameter groups: the model at ``config.lr``, trainable backbone blocks at ``config.backbone_lr``."""
         return optimizer_groups(self, self.image_encoder, self.config.lr, self.config.backbone_lr)
 
-    def plan_boundary_cache(self, n_tiles: int, device: torch.device) -> dict[str, Any] | None:
+    def plan_boundary_cache(self, n_tiles: int, device: torch.device) -> dict[str, Any]:
         """Fine-tuning: where the frozen backbone part's outputs of ``n_tiles`` tiles are cached (or an error)."""
         cfg = self.config
         return plan_boundary_cache(

@@ -14,6 +14,9 @@ RSS after each section's preprocessing and at the end. The sections stay in memo
 ``--dist-procs 1 2`` then trains the largest cohort's bundle (saved under ``bench_out/``) with 1 and with 2
 processes (``torchrun``, gloo on the CPU, one thread each; ``SigmmaModel.fit`` joins the process group from
 the environment) for the same epochs and reports wall time and each process's peak RSS.
+
+Private import on purpose: the cohort's preparation (``sigmma_sc.tl._cohort.prepare_cohort``: shared PCA, splits)
+is timed apart from featurization and bundling.
 """
 
 from __future__ import annotations
@@ -76,7 +79,6 @@ def train_child(bundle_path: str, epochs: int, out: str) -> None:
 
 def one(n_sections: int, n_cells: int, epochs: int, out: Path, *, save_bundle: bool = False) -> dict:
     import sigmma_sc as sg
-    from sigmma_sc.data._build import build_bundle
     from sigmma_sc.model import SigmmaModel, TrainingBundle
     from sigmma_sc.tl._cohort import prepare_cohort
 
@@ -96,7 +98,7 @@ def one(n_sections: int, n_cells: int, epochs: int, out: Path, *, save_bundle: b
     bundles = []
     for sdata in sections.values():
         sg.tl.featurize(sdata, backbone="efficientnet_lite0", input_size=32)
-        bundles.append(build_bundle(sdata)[0])
+        bundles.append(sg.data.build_bundle(sdata)[0])
     bundle = TrainingBundle.concat(bundles, names=list(sections))
     t_bundle = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -16,6 +16,9 @@ Measurements (each printed as one JSON line and appended as a markdown row to ``
    (target < 60 s on one H100), seconds per epoch, peak GPU memory, whether the OOM fallback triggered, and
    the host syncs counted in training steps.
 3. ``env``: versions, device, and the scverse modules loaded by the whole run (must be none).
+
+Private imports on purpose: the host syncs of a training step are counted on the step itself
+(``sigmma_sc.train._step.train_step``); the synthetic bundle is the tests' ``tests/_toy.py`` (torch and numpy only).
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ import torch
 from sigmma_sc import settings
 from sigmma_sc.model import SigmmaModel, TrainingBundle
 from sigmma_sc.model._finetune import optimizer_groups
-from sigmma_sc.model._toy import toy_bundle
-from sigmma_sc.model._train_loop import _train_step, autocast_for
 from sigmma_sc.nn import MultiCropEncoder, build_backbone, featurize
+from sigmma_sc.train._device import autocast_for
+from sigmma_sc.train._step import train_step as _train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _toy import toy_bundle  # tests/_toy.py: numpy + torch only
 
 N_CROPS = 21  # 16 micro + 4 meso + 1 macro per tile
 SCVERSE = ("anndata", "spatialdata", "scanpy", "squidpy", "dask", "zarr", "xarray", "spatialdata_io")
@@ -267,7 +273,7 @@ def bench_train(cfg: dict, device: torch.device, bundle: TrainingBundle, *, prec
         seed=0,
     )
     handler = _Records()
-    log = logging.getLogger("sigmma_sc.model._train_loop")
+    log = logging.getLogger("sigmma_sc.train")
     log.addHandler(handler)
     try:
         if cuda:

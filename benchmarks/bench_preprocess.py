@@ -8,6 +8,9 @@ Usage::
 The synthetic Xenium folder is written once under ``bench_out/`` (git-ignored) and re-used. In one
 process, after reading the section, the script times squidpy's k-NN graph over all cells (the anchor),
 then the two sigmma_sc steps, and reports the ratio and the process's peak RSS.
+
+Private import on purpose: the anchor gets the cells' coordinates exactly as ``sg.pp.tile`` reads them
+(``sigmma_sc._utils._validate.cell_coordinates``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ eosin x0.6, DAB +0.03, ``hed2rgb``), lazily, and the image side is re-embedded f
 (b) the shifted H&E, (c) the shifted H&E Macenko-normalised to the training stains. For each, on the
 held-out **test** tiles only: image -> ST Recall@10% (against the ST embeddings, which do not depend on the
 image) and the tile-level / gene-wise PCC of the probe fitted on the original training tiles.
+
+Private imports on purpose: the stain shift is applied with the normaliser's own pixel map
+(``sigmma_sc.pp._stain._map_image``) and the gene-wise PCC is the probe's (``sigmma_sc.metrics._probe.rowwise_pcc``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Peak memory of a CPU training step vs the estimate that plans micro-batches (``sigmma_sc.model._memory``).
+"""Peak memory of a CPU training step vs the estimate that plans micro-batches (``sigmma_sc.train._memory``).
 
 Usage::
 
@@ -10,6 +10,9 @@ resets its peak RSS (Linux ``clear_refs``) and runs one training-mode forward + 
 loss; the measured peak-RSS increase is compared with ``step_bytes_per_tile`` summed over those tiles.
 Sections: the real bone-marrow section at 128 um (the ``train_defaults.py`` cache; run its ``prepare`` first)
 and the synthetic demo section at 96 um, whose image features are random (memory does not depend on them).
+
+Private import on purpose: it measures the internal memory planner (``sigmma_sc.train._memory``) and fits its
+coefficients.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def measure(section: str, hidden: int, n: int) -> dict:
     import torch
 
     from sigmma_sc.model import SigmmaModel
-    from sigmma_sc.model import _memory as M
+    from sigmma_sc.train import _memory as M
 
     bundle = _bundle(section)
     model = SigmmaModel.from_bundle(bundle, seed=0, preset="paper", hidden=hidden, out_dim=hidden)
@@ -97,8 +100,7 @@ def measure(section: str, hidden: int, n: int) -> dict:
     est_inference = float(M.inference_bytes_per_tile(model, bundle)[idx].sum())
     terms = []  # the estimate is linear in its two coefficients: each term alone, for --fit
     for edge, cell in ((1.0, 0.0), (0.0, 1.0)):
-        M.EDGE_COEF, M.CELL_COEF = edge, cell
-        terms.append(float(M.step_bytes_per_tile(model, bundle)[idx].sum()))
+        terms.append(float(M.step_bytes_per_tile(model, bundle, edge_coef=edge, cell_coef=cell)[idx].sum()))
     counts = {k: int(v[idx].sum()) for k, v in bundle._host_counts.items()}
     return {"section": section, "hidden": hidden, "tiles": n, "measured": peak - base, "estimate": est,
             "inference_measured": inference, "inference_estimate": est_inference,
@@ -129,7 +131,7 @@ def main(argv=None):
     RESULTS.write_text(json.dumps({"date": datetime.date.today().isoformat(),
                                    "machine": f"{platform.machine()}, 2 cores", "rows": rows}, indent=1))  # fmt: skip
     if args.fit:
-        from sigmma_sc.model._memory import CELL_COEF, EDGE_COEF, INFERENCE_COEF
+        from sigmma_sc.train._memory import CELL_COEF, EDGE_COEF, INFERENCE_COEF
 
         a = np.array([r["terms"] for r in rows])
         y = np.array([r["measured"] for r in rows], dtype=float)

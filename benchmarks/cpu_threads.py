@@ -41,7 +41,9 @@ def worker(variant: str, steps: int) -> None:
 
     from sigmma_sc._threads import STATE
     from sigmma_sc.model import SigmmaModel
-    from sigmma_sc.model._toy import toy_bundle
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from _toy import toy_bundle  # tests/_toy.py: the synthetic bundle
 
     if VARIANTS[variant].get("threads"):
         torch.set_num_threads(VARIANTS[variant]["threads"])

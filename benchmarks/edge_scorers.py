@@ -47,7 +47,7 @@ def with_all_pairs(bundle):
     from sigmma_sc._constants import GRID
     from sigmma_sc.data._build import all_pair_edges
     from sigmma_sc.model import TrainingBundle
-    from sigmma_sc.nn import block_ids
+    from sigmma_sc.nn._edges import block_ids
 
     tile = bundle._cell_tile
     micro = block_ids(bundle.pos, tile, GRID["micro"]).numpy()

@@ -13,6 +13,8 @@ repeat are reported (median over repeats). Modes: ``frozen`` (cached pooled feat
 'off'``: every crop re-encoded through the whole backbone). Peak memory: the increase of the process's peak RSS
 (Linux ``clear_refs``) over one step of each mode, measured after its timed steps; the cache itself is reported
 separately (its bytes and build time, one pass of the frozen part over the train + val tiles).
+
+Private import on purpose: it times the training step itself (``sigmma_sc.train._step.train_step``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,7 @@ def main() -> None:
     args = p.parse_args()
 
     from sigmma_sc.model import SigmmaModel
-    from sigmma_sc.model._finetune import build_boundary_cache, optimizer_groups, plan_boundary_cache
-    from sigmma_sc.model._train_loop import _train_step
+    from sigmma_sc.train._step import train_step as _train_step
 
     bundle, featurize_s = _section(args.input_size)
     train_idx = bundle.tiles_in("train")
@@ -72,16 +73,16 @@ def main() -> None:
         model = SigmmaModel.from_bundle(bundle, **common, **extra).train()
         data = bundle.to("cpu", tiles=name.startswith("full"))
         if name.startswith("cached"):
-            plan = plan_boundary_cache(model.image_encoder, cache_idx.numel(), model.scales, mode="memory")
+            plan = model.plan_boundary_cache(cache_idx.numel(), torch.device("cpu"))  # finetune_cache="memory"
             t0 = time.perf_counter()
-            cache = build_boundary_cache(model.image_encoder, bundle.tiles, cache_idx, model.scales, plan)
+            cache = model.build_boundary_cache(bundle.tiles, cache_idx, plan)
             cache_info[name] = {
                 "bytes": cache.nbytes,
                 "build_s": time.perf_counter() - t0,
                 "shape": list(plan["shape"]),
             }
             data = data.with_boundary_cache(cache)
-        opt = torch.optim.AdamW(optimizer_groups(model, model.image_encoder, model.config.lr, model.config.backbone_lr))
+        opt = torch.optim.AdamW(model.optimizer_groups())
         setups[name] = (model, data, opt)
     batch = SigmmaModel.from_bundle(bundle, **common).config.batch_for(train_idx.numel())
     gen = torch.Generator().manual_seed(0)

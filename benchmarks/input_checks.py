@@ -10,6 +10,8 @@ and the time of the call.
 Intensity: a DAPI-like uint16 pyramid (4 levels of 2x2 means) with and without a saturated corner (2.0-2.3% of the
 area, soft rim), as in tests/pp/test_tile.py: the intensity range of each, and the kept tiles' tissue fractions.
 
+Private import on purpose: it measures the placement check itself (``sigmma_sc.io._placement.TissueMatch``).
+
     python benchmarks/input_checks.py [--out benchmarks/results/input_checks.json]
 """
 
@@ -42,7 +44,7 @@ class _Capture(logging.Handler):
 
 
 def _run(adata, image, **kwargs) -> dict:
-    from sigmma_sc.data._image import ImageReader
+    from sigmma_sc.data import ImageReader
     from sigmma_sc.io._placement import TissueMatch
 
     cap = _Capture()
@@ -112,7 +114,7 @@ def saturation() -> dict:
     sys.path.insert(0, str(ROOT / "tests" / "pp"))
     from test_tile import _dapi_pyramid
 
-    from sigmma_sc.data._image import ImageReader
+    from sigmma_sc.data import ImageReader
 
     out = {}
     clean = ImageReader(_dapi_pyramid(), "global", 1.0).intensity_range()

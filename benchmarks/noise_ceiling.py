@@ -13,6 +13,9 @@ clipping): clipping negative values and a plain square root would inflate genes 
 (a true ceiling of 0 reads about 0.2 on 90 tiles). No model is involved, so no split is used for selection;
 the numbers are reported for the validation and test tiles and, with less sampling noise, all tiles.
 
+Private imports on purpose: the ceiling is computed on the probe's own targets, counts and splits
+(``sigmma_sc.metrics._probe``, ``sigmma_sc.metrics._retrieval.split_mask``).
+
     python benchmarks/noise_ceiling.py [--tile-size-um 64 128] [--repeats 5]
 """
 

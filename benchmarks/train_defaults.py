@@ -31,6 +31,9 @@ next to references that are not trained (what the probes reach with no learning)
 best validation loss against its chance level and how spread out the validation tiles' embeddings are, per
 modality. Probes: HEST's (fixed penalty) and the paper's (penalty chosen on the validation tiles). With
 ``--checkpoint`` every run resumes where it stopped (a results file is rewritten after each run).
+
+Private imports on purpose: the embedding spread is measured with the functions behind ``model.diagnostics``
+(``sigmma_sc.train._diagnostics.embedding_health`` on ``sigmma_sc.train._validation.embed_tiles``).
 """
 
 from __future__ import annotations
@@ -184,8 +187,8 @@ def health(model, bundle) -> dict[str, float]:
     ``mean_cosine_{image,st}`` (mean pairwise cosine; 1 = collapsed) and ``participation_ratio_{image,st}``
     (effective number of dimensions), on the same tiles and with the same functions as ``model.diagnostics``.
     """
-    from sigmma_sc.model._diagnostics import embedding_health
-    from sigmma_sc.model._train_loop import embed_tiles
+    from sigmma_sc.train._diagnostics import embedding_health
+    from sigmma_sc.train._validation import embed_tiles
 
     val = bundle.tiles_in("val").cpu()
     h = embedding_health(embed_tiles(model, bundle, val, model.config.batch_size))
@@ -471,7 +474,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.log_epochs:
-        logging.getLogger("sigmma_sc.model._train_loop").setLevel(logging.DEBUG)
+        logging.getLogger("sigmma_sc.train._trainer").setLevel(logging.DEBUG)
     if args.command == "merge":
         return merge(args)
     if args.command == "rescore":

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import torch
+from _toy import toy_bundle
 
 from sigmma_sc._cli import main
 from sigmma_sc.model import SigmmaModel
-from sigmma_sc.model._toy import toy_bundle
 
 
 def test_train_bundle_under_torchrun(tmp_path):

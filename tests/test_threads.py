@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from sigmma_sc import _threads
+
+TESTS = str(Path(__file__).resolve().parent)  # the toy bundle's module, for the fresh processes
 
 
 def test_passive_policy_set_only_when_it_can_take_effect():
@@ -56,7 +59,7 @@ def test_warning_when_threads_may_spin_on_a_busy_machine(monkeypatch):
 def test_policy_does_not_change_the_trained_weights():
     """Sleeping or spinning threads split the work the same way: bit-identical weights for a seed."""
     code = (
-        "{first}\nimport hashlib, torch\nfrom sigmma_sc.model import SigmmaModel\nfrom sigmma_sc.model._toy import toy_bundle\n"
+        "{first}\nimport hashlib, torch\nfrom sigmma_sc.model import SigmmaModel\nimport sys; sys.path.insert(0, {tests!r}); from _toy import toy_bundle\n"
         "torch.set_num_threads(2)\n"
         "b = toy_bundle(n_tiles=20, n_features=20, image_dim=16, min_cells=30, max_cells=60, n_neighs=6, seed=1)\n"
         "m = SigmmaModel.from_bundle(b, hidden=32, out_dim=32, steps=3, warmup=0, patience=None, max_batch_fraction=1.0)\n"
@@ -64,8 +67,8 @@ def test_policy_does_not_change_the_trained_weights():
         "for k, v in sorted(m.state_dict().items()): h.update(v.contiguous().numpy().tobytes())\n"
         "import os; print(os.environ.get('OMP_WAIT_POLICY'), h.hexdigest())"
     )
-    passive = _policy_in_fresh_python(code.format(first="import sigmma_sc"))
-    spin = _policy_in_fresh_python(code.format(first="import torch"))
+    passive = _policy_in_fresh_python(code.format(first="import sigmma_sc", tests=TESTS))
+    spin = _policy_in_fresh_python(code.format(first="import torch", tests=TESTS))
     assert passive.split()[0] == "PASSIVE"
     assert spin.split()[0] == "None"
     assert passive.split()[1] == spin.split()[1]

@@ -65,7 +65,7 @@ def test_rerun_resumes_from_the_checkpoint(td, runs, caplog):
     tmp, (s0, _) = runs
     before = _rows(s0)["defaults"][0]
     assert (tmp / "out" / "checkpoints" / "compare_s0_synthetic_24um" / "defaults_seed0" / "last.pt").exists()
-    with caplog.at_level(logging.INFO, logger="sigmma_sc.model._train_loop"):
+    with caplog.at_level(logging.INFO, logger="sigmma_sc.train._trainer"):
         td.main(_argv(tmp, 0, "defaults", *REFERENCES))  # the same command: the finished run is loaded, not retrained
     assert "Resuming from" in caplog.text
     after = _rows(s0)["defaults"][0]

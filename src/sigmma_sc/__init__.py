@@ -20,10 +20,10 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0.0.0"
 
-_SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "data", "model", "nn", "metrics")
+_SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "data", "model", "nn", "metrics", "train")
 
 if TYPE_CHECKING:
-    from . import data, datasets, io, metrics, model, nn, pl, pp, tl
+    from . import data, datasets, io, metrics, model, nn, pl, pp, tl, train
 
 __all__ = [*_SUBMODULES, "settings", "__version__"]
 

@@ -622,8 +622,8 @@ def _main(args: argparse.Namespace) -> int:
     elif args.command == "bundle" and len(args.zarr) > 1:
         import spatialdata as sd
 
-        from sigmma_sc.model._distributed import init_from_env
         from sigmma_sc.tl._cohort import save_cohort_bundles
+        from sigmma_sc.train._distributed import init_from_env
 
         ctx, device = init_from_env(None)  # under torchrun: the sections are shared out over the ranks
         names = [p.stem for p in args.zarr]
@@ -648,7 +648,7 @@ def _main(args: argparse.Namespace) -> int:
         logger.info("Saved %r to %s.", bundle, args.out)
     elif args.command == "train-bundle":
         from sigmma_sc.model import SigmmaModel, TrainingBundle
-        from sigmma_sc.model._distributed import init_from_env
+        from sigmma_sc.train._distributed import init_from_env
 
         ctx, device = init_from_env(args.device)  # under torchrun / srun: one process per device
         if ctx is not None and not ctx.is_main:

@@ -96,7 +96,7 @@ def demo_summary(sdata: SpatialData, model: SigmmaModel, *, settings: dict, timi
 
 def _collapsed(diag: dict) -> list[str]:
     """The embeddings that the collapse check flagged (``'image meso'``, ...), from the recorded health numbers."""
-    from .model._diagnostics import COLLAPSE_COSINE, COLLAPSE_PR
+    from .train._diagnostics import COLLAPSE_COSINE, COLLAPSE_PR
 
     cos, pr = diag.get("mean_cosine") or {}, diag.get("participation_ratio") or {}
     return [k.replace("_", " ") for k in cos if cos[k] > COLLAPSE_COSINE or pr.get(k, math.inf) < COLLAPSE_PR]

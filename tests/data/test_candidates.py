@@ -125,7 +125,7 @@ def test_bundle_with_the_papers_candidate_rule():
     import sigmma_sc as sg
     from sigmma_sc._constants import GRID
     from sigmma_sc.data._build import build_bundle
-    from sigmma_sc.nn import block_ids
+    from sigmma_sc.nn._edges import block_ids
 
     sdata = make_section(n_cells=600, image_px=256)
     sg.pp.tile(sdata, image_key="he", tile_size_um=16.0, pixel_size_um=0.5)

@@ -9,13 +9,16 @@ its weights and history to ``OUT.rank{r}``.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 from sigmma_sc.model import SigmmaModel
-from sigmma_sc.model import _distributed as D
-from sigmma_sc.model._distributed import distributed_backward, init_from_env
-from sigmma_sc.model._toy import toy_bundle
+from sigmma_sc.train import _distributed as D
+from sigmma_sc.train._distributed import distributed_backward, init_from_env
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the toy bundle
+from _toy import toy_bundle
 
 CONFIG = {"hidden": 16, "out_dim": 16, "dropout": 0.0, "edge_addition": False, "batch_size": 10, "lr": 1e-2}
 #: the fit test: every stochastic layer on (dropout, Gumbel edge sampling), early stopping on, 3 epochs

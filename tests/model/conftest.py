@@ -3,7 +3,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def bundle():
-    from sigmma_sc.model._toy import toy_bundle
+    from _toy import toy_bundle
 
     return toy_bundle(n_tiles=24, n_features=8, image_dim=12, seed=0)
 

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from _toy import toy_bundle
 
 from sigmma_sc._constants import GRID, SCALES
 from sigmma_sc.model import TrainingBundle
-from sigmma_sc.model._toy import toy_bundle
-from sigmma_sc.nn import block_ids
+from sigmma_sc.nn._edges import block_ids
 
 
 def _parts(b):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _toy import toy_bundle
 
 from sigmma_sc.model import TrainingBundle
-from sigmma_sc.model._toy import toy_bundle
 
 
 def _equal(a, b) -> bool:

@@ -99,9 +99,10 @@ def test_shard_noise_equals_global_batch_noise():
     Dropout and Gumbel edge sampling on; shards and GradCache micro-batches, including chunks without any
     candidate edge (tiles 1-4 have no meso candidates): the random stream ends where one process's ends.
     """
+    from _toy import toy_bundle
+
     from sigmma_sc.model import SigmmaModel
-    from sigmma_sc.model._distributed import rank_noise
-    from sigmma_sc.model._toy import toy_bundle
+    from sigmma_sc.train._noise import rank_noise
 
     torch.set_num_threads(1)
     bundle = toy_bundle(n_tiles=40, seed=3, min_cells=2, max_cells=5, n_cand=1)

@@ -5,14 +5,15 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from _toy import toy_bundle
 
 from sigmma_sc._constants import SCALES
 from sigmma_sc.model import SigmmaModel, TrainingBundle
 from sigmma_sc.model._finetune import optimizer_groups
-from sigmma_sc.model._toy import toy_bundle
-from sigmma_sc.model._train_loop import _train_step
-from sigmma_sc.nn import build_backbone, grad_cache_backward
+from sigmma_sc.nn import build_backbone
 from sigmma_sc.nn._edges import _pair_uniform, pair_ids
+from sigmma_sc.train import grad_cache_backward
+from sigmma_sc.train._step import train_step as _train_step
 
 EFFNET = "test_efficientnet"  # tiny timm models, random weights: no file or network access
 VIT = "test_vit"

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from _toy import toy_bundle
 
 from sigmma_sc._constants import SCALES
 from sigmma_sc.model import SigmmaModel
@@ -15,7 +16,6 @@ from sigmma_sc.model._finetune import (
     check_finetune,
     plan_boundary_cache,
 )
-from sigmma_sc.model._toy import toy_bundle
 from sigmma_sc.nn import MultiCropEncoder, build_backbone
 
 # tiny random backbones, no file or network access: the offline default architecture (EfficientNet-Lite0) at a
@@ -198,7 +198,7 @@ def test_cached_training_step_has_no_host_sync(tiled):
     """The GPU path: a cached step (gather on the host, copy to the device, trainable blocks) never reads the device;
     on the ``meta`` device any data-dependent shape or host read raises."""
     from sigmma_sc.model._finetune import optimizer_groups
-    from sigmma_sc.model._train_loop import _train_step
+    from sigmma_sc.train._step import train_step as _train_step
 
     model = _tuned(tiled, "test_vit", None, blocks=1)
     enc = model.image_encoder

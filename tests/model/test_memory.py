@@ -1,4 +1,4 @@
-"""Host-memory planning of CPU training steps (``sigmma_sc.model._memory``)."""
+"""Host-memory planning of CPU training steps (``sigmma_sc.train._memory``)."""
 
 import logging
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sigmma_sc.model import SigmmaModel
-from sigmma_sc.model import _memory as M
+from sigmma_sc.train import _memory as M
 
 
 def test_available_memory_reads_the_machine():
@@ -69,7 +69,7 @@ def test_fit_on_the_cpu_splits_a_batch_that_would_not_fit(bundle, small_config, 
         return original(self, batch)
 
     monkeypatch.setattr(SigmmaModel, "embed_batch", spy)
-    with caplog.at_level(logging.INFO, logger="sigmma_sc.model._memory"):
+    with caplog.at_level(logging.INFO, logger="sigmma_sc.train._memory"):
         history = m.fit(bundle, progress=False, epochs=1, seed=0)
     assert "accumulating its gradients over micro-batches of" in caplog.text
     micro = max(chunks)
@@ -84,7 +84,7 @@ def test_fit_on_the_cpu_splits_a_batch_that_would_not_fit(bundle, small_config, 
     # an explicit micro_batch is the user's choice: never replaced
     chosen = SigmmaModel.from_bundle(bundle, **{**small_config, "micro_batch": 4})
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sigmma_sc.model._memory"):
+    with caplog.at_level(logging.INFO, logger="sigmma_sc.train._memory"):
         chosen.fit(bundle, progress=False, epochs=1, seed=0)
     assert "micro-batches" not in caplog.text
 

@@ -4,11 +4,11 @@ import logging
 import numpy as np
 import pytest
 import torch
+from _toy import toy_bundle
 
 from sigmma_sc._constants import SCALES
 from sigmma_sc.model import SigmmaConfig, SigmmaModel, TrainingBundle
-from sigmma_sc.model._toy import toy_bundle
-from sigmma_sc.nn import grad_cache_backward
+from sigmma_sc.train import grad_cache_backward
 
 
 def _equal_dicts(a, b):
@@ -196,7 +196,7 @@ def test_micro_batches_train_the_same_model(bundle, small_config, monkeypatch):
         for k, v in runs[None][1].items():
             torch.testing.assert_close(runs[mb][1][k], v, rtol=1e-3, atol=1e-4)
     # the control: without the whole batch's draws the micro-batched run is another model
-    from sigmma_sc.model import _distributed as D
+    from sigmma_sc.train import _noise as N
 
     class Unaligned:  # every micro-batch draws its own noise, as GradCache did before
         def __enter__(self):
@@ -210,32 +210,30 @@ def test_micro_batches_train_the_same_model(bundle, small_config, monkeypatch):
 
         start_chunk = end_chunk = end_step = start_step
 
-    monkeypatch.setattr(D, "rank_noise", lambda model, counts: Unaligned())
+    monkeypatch.setattr(N, "rank_noise", lambda model, counts: Unaligned())
     m = SigmmaModel.from_bundle(bundle, seed=0, **{**cfg, "micro_batch": 3})
     h = m.fit(bundle, progress=False)
     assert h[-1]["train_loss"] != pytest.approx(runs[None][0][-1]["train_loss"], rel=1e-4)
 
 
-def test_resume_equals_uninterrupted(bundle, small_config, tmp_path, monkeypatch):
-    from sigmma_sc.model import _train_loop as train_loop
+def test_resume_equals_uninterrupted(bundle, small_config, tmp_path):
+    from sigmma_sc.train import Callback
 
     cfg = {**small_config, "epochs": 4, "steps": None, "schedule": "step", "step_size": 2, "gamma": 0.5, "warmup": 0}
     full = SigmmaModel.from_bundle(bundle, **cfg)
     h_full = full.fit(bundle, progress=False, checkpoint_dir=tmp_path / "a")
     part = SigmmaModel.from_bundle(bundle, **cfg)
     saves = []
-    real_save = train_loop._save_checkpoint
 
-    def killed_after_two_epochs(path, payload):
-        real_save(path, payload)
-        saves.append(payload["epoch"])
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # the job is killed after its second checkpoint
+    class KilledAfterTwoEpochs(Callback):
+        def on_checkpoint(self, trainer, path):
+            saves.append(trainer.state.epoch)
+            if len(saves) == 2:
+                raise KeyboardInterrupt  # the job is killed after its second checkpoint
 
-    monkeypatch.setattr(train_loop, "_save_checkpoint", killed_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
-        part.fit(bundle, progress=False, checkpoint_dir=tmp_path / "b")
-    monkeypatch.setattr(train_loop, "_save_checkpoint", real_save)
+        part.fit(bundle, progress=False, checkpoint_dir=tmp_path / "b", callbacks=[KilledAfterTwoEpochs()])
+    assert saves == [1, 2]
     resumed = SigmmaModel.from_bundle(bundle, **cfg)
     h_res = resumed.fit(bundle, progress=False, checkpoint_dir=tmp_path / "b", resume=True)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
@@ -254,7 +252,7 @@ def test_best_validation_state_restored(bundle, small_config, tmp_path):
     best = min(history, key=lambda h: h["val_rank"])  # the default criterion: validation retrieval
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     _equal_dicts(m.state_dict(), ckpt["best_state"])
-    from sigmma_sc.model._train_loop import evaluate
+    from sigmma_sc.train._validation import evaluate
 
     val, chance, rank = evaluate(m, bundle, bundle.tiles_in("val"), m.diagnostics["batch_size"])
     assert val == pytest.approx(best["val_loss"], rel=1e-5)
@@ -274,7 +272,7 @@ def test_oom_halves_micro_batch(bundle, small_config, monkeypatch, caplog):
 
     monkeypatch.setattr(SigmmaModel, "embed_batch", flaky)
     m = SigmmaModel.from_bundle(bundle, **small_config)
-    with caplog.at_level(logging.WARNING, logger="sigmma_sc.model._train_loop"):
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc.train._step"):
         history = m.fit(bundle, progress=False, epochs=1)
     assert np.isfinite(history[0]["train_loss"])
     assert "micro_batch=4" in caplog.text

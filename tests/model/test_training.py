@@ -6,17 +6,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from _toy import toy_bundle
 
 from sigmma_sc.model import SigmmaConfig, SigmmaModel
-from sigmma_sc.model._diagnostics import (
+from sigmma_sc.train._diagnostics import (
     chance_loss,
     mean_pairwise_cosine,
     participation_ratio,
     partner_rank,
     training_diagnostics,
 )
-from sigmma_sc.model._toy import toy_bundle
-from sigmma_sc.model._train_loop import lr_factor
+from sigmma_sc.train._schedule import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_gradients_are_clipped_and_recorded(learnable):
     model.train()
     batch = learnable.select(torch.arange(12))
     model(batch).backward()
-    from sigmma_sc.model._train_loop import _step_stats
+    from sigmma_sc.train._step import step_stats as _step_stats
 
     stats = _step_stats(model, 0.5)
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
@@ -161,7 +161,7 @@ def test_collapse_is_one_warning_naming_each_embedding(caplog):
 def test_health_warnings_reach_the_user(learnable, caplog):
     # lr far too small: the model stays at chance and its embeddings stay near-identical
     model = SigmmaModel.from_bundle(learnable, hidden=16, out_dim=16, steps=4, lr=1e-9, warmup=0)
-    with caplog.at_level(logging.WARNING, logger="sigmma_sc.model._diagnostics"):
+    with caplog.at_level(logging.WARNING, logger="sigmma_sc.train._diagnostics"):
         model.fit(learnable, progress=False)
     d = model.diagnostics
     assert d["best_val_rank"] >= 0.9 * d["val_rank_chance"]  # retrieval at chance: the default criterion warns

@@ -8,9 +8,9 @@ from sigmma_sc.nn import (
     EdgeSampler,
     HierarchicalGraphEncoder,
     WeightedSAGEConv,
-    block_ids,
     same_block,
 )
+from sigmma_sc.nn._edges import block_ids
 from sigmma_sc.nn._gnn import WeightedSAGEConv as _Conv
 
 
@@ -437,7 +437,7 @@ def test_rewired_control_keeps_degrees_blocks_and_is_batch_independent(toy_batch
     sliced = _run(enc, b, edge_sections=b.edge_sections, candidates_in_blocks=True)
     torch.testing.assert_close(_run(enc, b).pooled["macro"], sliced.pooled["macro"])
     # a tile's rewired graph does not depend on the other tiles of the batch
-    from sigmma_sc.model._toy import toy_bundle
+    from _toy import toy_bundle
 
     bundle = toy_bundle(n_tiles=12, n_features=6, image_dim=10, n_empty=1, seed=1)
     full = bundle.select(torch.arange(bundle.n_tiles))

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sigmma_sc.nn import ProjectionHead, grad_cache_backward, info_nce, multiscale_info_nce
+from sigmma_sc.nn import ProjectionHead, info_nce, multiscale_info_nce
+from sigmma_sc.train import grad_cache_backward
 
 
 def test_projection_head_normalised():

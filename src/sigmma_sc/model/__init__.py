@@ -1,7 +1,7 @@
-"""The SIGMMA model: assembles :mod:`sigmma_sc.nn` parts; fit, save and load (pure torch).
+"""The SIGMMA model: assembles :mod:`sigmma_sc.nn` parts; its config, bundle, save, load and inference (pure torch).
 
-Imports only torch, torch_geometric, numpy and the standard library, so training runs on a bare
-GPU machine from a saved :class:`TrainingBundle`.
+:meth:`SigmmaModel.fit` runs the training loop of :mod:`sigmma_sc.train`. Imports only torch, torch_geometric,
+numpy and the standard library, so training runs on a bare GPU machine from a saved :class:`TrainingBundle`.
 """
 
 from ._bundle import TileBatch, TrainingBundle

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._constants import GRID
 from ..nn._image_encoder import MultiCropEncoder, build_backbone
-from ._memory import MEMORY_FRACTION, available_memory
+from ..train._memory import MEMORY_FRACTION, available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def plan_boundary_cache(
 
     The size is ``n_tiles x crops per tile x boundary shape x bytes per value``; it is logged before anything is
     built. ``"auto"`` keeps the cache in memory when it takes at most ``MEMORY_FRACTION`` of the available memory
-    (as the CPU step planner, ``sigmma_sc.model._memory``), else memory-maps it in ``cache_dir`` (default: the
+    (as the CPU step planner, ``sigmma_sc.train._memory``), else memory-maps it in ``cache_dir`` (default: the
     temporary directory) when the disk has room. ``"memory"`` / ``"disk"`` force one. Raises ``MemoryError`` naming
     the fixes when it fits nowhere allowed, ``ValueError`` when the backbone cannot be split.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,20 @@ from .._utils._json import jsonable
 from .._utils._version import package_version
 from ..nn._gnn import HierarchicalGraphEncoder
 from ..nn._loss import ProjectionHead, multiscale_info_nce
+from ..train._determinism import deterministic_on_cpu
+from ..train._memory import inference_chunks
+from ..train._trainer import Callback, Trainer
 from ._bundle import TileBatch, TrainingBundle
 from ._config import SigmmaConfig
-from ._determinism import deterministic_on_cpu
-from ._finetune import as_tile_tensor, build_image_encoder, encode_cached, encode_tiles
+from ._finetune import (
+    as_tile_tensor,
+    build_boundary_cache,
+    build_image_encoder,
+    encode_cached,
+    encode_tiles,
+    optimizer_groups,
+    plan_boundary_cache,
+)
 from ._inference import (
     LinearProbe,
     RetrievalReference,
@@ -28,7 +38,6 @@ from ._inference import (
     probes_to_dict,
     reference_from_dict,
 )
-from ._memory import inference_chunks
 
 _FORMAT = "sigmma_sc.SigmmaModel"
 _VERSION = 1
@@ -69,7 +78,7 @@ class SigmmaModel(nn.Module):
         ``edge_prob_{s}`` (mean edge probability), ``edge_candidates_{s}`` (candidates per batch) and
         ``edge_grad_{s}`` (gradient norm of the edge scorer).
     diagnostics
-        Health of the trained model (``sigmma_sc.model._diagnostics.training_diagnostics``): the kept epoch
+        Health of the trained model (``sigmma_sc.train._diagnostics.training_diagnostics``): the kept epoch
         (``best_epoch``, by ``select_by``), best validation loss and partner rank with their chance levels, mean
         pairwise cosine and participation ratio of the tile embeddings per scale, the
         warnings raised, and why training stopped.
@@ -390,6 +399,7 @@ class SigmmaModel(nn.Module):
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
         progress: bool = True,
+        callbacks: Sequence[Callback] | None = None,
     ) -> list[dict[str, Any]]:
         """Train on the bundle's training tiles; keep the weights of the best validation epoch.
 
@@ -427,14 +437,15 @@ class SigmmaModel(nn.Module):
             uninterrupted run with the same seed.
         progress
             Show a progress bar (also subject to ``sigmma_sc.settings.progress_bar``).
+        callbacks
+            :class:`~sigmma_sc.train.Callback` hooks that observe the run (loss curves, edge-sampler
+            statistics, validation retrieval; :class:`~sigmma_sc.train.Trainer` runs the loop).
 
         Returns
         -------
         The training history, also stored in :attr:`history` (health checks in :attr:`diagnostics`).
         """
-        from ._train_loop import fit_model
-
-        history = fit_model(
+        history = Trainer(
             self,
             bundle,
             epochs=self.config.epochs if epochs is None else epochs,
@@ -444,11 +455,27 @@ class SigmmaModel(nn.Module):
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             progress=progress,
-        )
+            callbacks=callbacks,
+        ).fit()
         self.history = history
         self.meta = jsonable({**bundle.meta, **self.meta})
         self.training_bundle = bundle.to(bundle.device, tiles=False)  # sg.tl.embed reuses it for the same inputs
         return history
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: the model at ``config.lr``, trainable backbone blocks at ``config.backbone_lr``."""
+        return optimizer_groups(self, self.image_encoder, self.config.lr, self.config.backbone_lr)
+
+    def plan_boundary_cache(self, n_tiles: int, device: torch.device) -> dict[str, Any]:
+        """Fine-tuning: where the frozen backbone part's outputs of ``n_tiles`` tiles are cached (or an error)."""
+        cfg = self.config
+        return plan_boundary_cache(
+            self.image_encoder, n_tiles, self.scales, mode=cfg.finetune_cache, cache_dir=cfg.cache_dir, device=device
+        )
+
+    def build_boundary_cache(self, tiles: Tensor, tile_idx: Tensor, plan: Mapping[str, Any]) -> Any:
+        """Fine-tuning: the frozen backbone part run once over the tiles ``tile_idx`` (see :meth:`fit`)."""
+        return build_boundary_cache(self.image_encoder, tiles, tile_idx, self.scales, plan, device=self.device)
 
     # ------------------------------------------------------------------ inference on new slides
     @property

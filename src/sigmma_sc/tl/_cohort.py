@@ -12,19 +12,18 @@ import pandas as pd
 
 from .._constants import SPLIT_BUFFER, SPLITS, Keys
 from .._utils._validate import counts_matrix, get_table
-from .._utils._version import package_version
-from .._utils._write import save_outputs, save_record
+from .._utils._write import save_outputs
 from ..data._build import _hash_names, build_bundle
 from ..data._cohort import _graph_record, as_sections, cohort_splits, fit_cohort_pca, shared_genes
-from ..model._diagnostics import kept_summary
 from ..pp._cell_graph import cell_graph
 from ._featurize import featurize
-from ._records import history_columns
+from ._fit import fit_and_record
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from ..model import SigmmaModel
+    from ..train import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +53,7 @@ def train_cohort(
     n_comps: int | None,
     layer: str | None,
     config: dict[str, Any],
+    callbacks: Sequence[Callback] | None = None,
 ) -> SigmmaModel:
     """Implementation of :func:`sigmma_sc.tl.train_sigmma` for several sections (see there).
 
@@ -61,8 +61,7 @@ def train_cohort(
     -------
     The trained model; ``model.meta['sections']`` names the sections, ``model.meta['cohort']`` the split.
     """
-    from .._settings import settings
-    from ..model import SigmmaModel, TrainingBundle
+    from ..model import TrainingBundle
 
     named = as_sections(sections)
     info = prepare_cohort(
@@ -94,36 +93,14 @@ def train_cohort(
             "practice). Hold out fewer sections or use a smaller `tile_size_um` in `sg.pp.tile`."
         )
     logger.info("Cohort bundle: %r", bundle)
-    first = get_table(next(iter(named.values())), tile_key).uns[Keys.UNS]["backbone"]
-    if weights is not None:
-        config.setdefault("backbone_weights", str(weights))
     budget = {k: v for k, v in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size)) if v is not None}
-    model = SigmmaModel.from_bundle(
-        bundle,
-        preset=preset,
-        **budget,
-        backbone=backbone,
-        backbone_pretrained=bool(pretrained),
-        backbone_info={k: first[k] for k in ("name", "num_features", "input_size", "mean", "std", "is_vit")},
-        seed=seed,
-        **config,
-    )
-    history = model.fit(
-        bundle, device=device or settings.device, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume
-    )
-    record = {
-        "config": model.config.to_dict(),
-        "history": history_columns(history),
-        "diagnostics": model.diagnostics,
-        "version": package_version(),
-        "cohort": {"sections": info["sections"], **bundle.meta["cohort"]},
-    }
-    for name, sdata in named.items():
-        save_record(get_table(sdata, tile_key), Keys.UNS, "training", record, table=f"{tile_key} of section {name!r}")
-    summary = kept_summary(history, model.diagnostics or {})
-    if summary is not None:
-        logger.info(summary)
-    return model
+    return fit_and_record(
+        bundle, [get_table(s, tile_key) for s in named.values()], backbone=backbone, pretrained=pretrained,
+        weights=weights, preset=preset, budget=budget, device=device, seed=seed, checkpoint_dir=checkpoint_dir,
+        resume=resume, config=config, callbacks=callbacks,
+        record={"cohort": {"sections": info["sections"], **bundle.meta["cohort"]}},
+        table_names=[f"{tile_key} of section {name!r}" for name in named],
+    )  # fmt: skip
 
 
 def save_cohort_bundles(

@@ -75,9 +75,9 @@ def featurize(
     - tile table ``.uns['sigmma']['backbone']``: name, feature width, image key, pixel size and image modality
       (``'brightfield'`` or ``'fluorescence'``).
     """
-    from ..model._train_loop import resolve_device
     from ..nn import MultiCropEncoder, build_backbone
     from ..nn import featurize as _featurize
+    from ..train._device import resolve_device
 
     tiling = Tiling.resolve(sdata, tile_key)
     params, tiles = tiling.params, tiling.tiles

@@ -9,19 +9,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .._constants import Keys
 from .._utils._validate import get_table
-from .._utils._version import package_version as _version
-from .._utils._write import save_record
 from ..data._build import build_bundle, checked_graph
 from ..data._tiles import tile_params
-from ..model._diagnostics import kept_summary
 from ._featurize import featurize
-from ._records import history_columns as _columns
+from ._fit import fit_and_record
 from ._records import resolve_seed
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from ..model import SigmmaModel
+    from ..train import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +48,7 @@ def train_sigmma(
     features: str | None = None,
     n_comps: int | None = None,
     layer: str | None = None,
+    callbacks: Sequence[Callback] | None = None,
     **config: Any,
 ) -> SigmmaModel:
     """Train the multi-scale graph contrastive model on a tiled section.
@@ -126,6 +125,9 @@ def train_sigmma(
         Cohort PCA components (default: the largest of the sections' cell graphs).
     layer
         Cohort PCA: layer of raw counts (``None``: ``.X``).
+    callbacks
+        :class:`~sigmma_sc.train.Callback` hooks that observe training (loss curves, edge-sampler statistics,
+        validation retrieval) without changing it.
     **config
         Further :class:`~sigmma_sc.model.SigmmaConfig` fields, e.g. ``hidden``, ``temperature``, ``lr``,
         ``scales=('macro',)``, ``use_graph=False``, ``edge_addition=False`` (Table 5 ablations), or
@@ -140,7 +142,6 @@ def train_sigmma(
     from spatialdata import SpatialData
 
     from .._settings import settings
-    from ..model import SigmmaModel
 
     seed = resolve_seed(seed)
     budget = {k: v for k, v in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size)) if v is not None}
@@ -156,7 +157,7 @@ def train_sigmma(
             seed=seed,
             checkpoint_dir=checkpoint_dir, resume=resume, featurize_batch_size=featurize_batch_size, split=split,
             val_sections=val_sections, test_sections=test_sections, features=features, n_comps=n_comps,
-            layer=layer, config=config,
+            layer=layer, config=config, callbacks=callbacks,
         )  # fmt: skip
     if split != "spatial" or val_sections or test_sections or features is not None or n_comps or layer:
         raise ValueError(
@@ -175,33 +176,11 @@ def train_sigmma(
     )  # fmt: skip
     finetune = int(config.get("finetune_blocks", 0) or 0) > 0
     bundle, _ = build_bundle(sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune)
-    info = tiles.uns[Keys.UNS]["backbone"]
-    if weights is not None:  # the architecture is `backbone`, its weights a local file
-        config.setdefault("backbone_weights", str(weights))
-    model = SigmmaModel.from_bundle(
-        bundle,
-        preset=preset,
-        **budget,
-        backbone=backbone,
-        backbone_pretrained=bool(pretrained),
-        backbone_info={k: info[k] for k in ("name", "num_features", "input_size", "mean", "std", "is_vit")},
-        seed=seed,
-        **config,
-    )
-    history = model.fit(
-        bundle, device=device or settings.device, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume
-    )
-    record = {
-        "config": model.config.to_dict(),
-        "history": _columns(history),
-        "diagnostics": model.diagnostics,
-        "version": _version(),
-    }
-    save_record(tiles, Keys.UNS, "training", record, table=tile_key)
-    summary = kept_summary(history, model.diagnostics or {})
-    if summary is not None:
-        logger.info(summary)
-    return model
+    return fit_and_record(
+        bundle, [tiles], backbone=backbone, pretrained=pretrained, weights=weights, preset=preset, budget=budget,
+        device=device, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, config=config, callbacks=callbacks,
+        table_names=[tile_key],
+    )  # fmt: skip
 
 
 def _warn_spinning_threads(device: str | None) -> None:
@@ -209,7 +188,7 @@ def _warn_spinning_threads(device: str | None) -> None:
     import torch
 
     from .._threads import spinning_under_load
-    from ..model._train_loop import resolve_device
+    from ..train._device import resolve_device
 
     if resolve_device(device).type == "cpu":
         message = spinning_under_load(torch.get_num_threads())
@@ -239,7 +218,7 @@ def _check_config(preset: str, budget: dict[str, Any], config: dict[str, Any]) -
 
 def _check_resume(checkpoint_dir: str | Path | None, *, resume: bool) -> bool:
     """Whether to resume: needs ``checkpoint_dir``; a missing checkpoint warns once, a corrupt one raises now."""
-    from ..model._train_loop import CHECKPOINT, load_checkpoint
+    from ..train._checkpoint import CHECKPOINT, load_checkpoint
 
     if not resume:
         return False
@@ -265,7 +244,7 @@ def _check_finetune(tiles: Any, backbone: str, input_size: int | None, device: s
     """Fine-tuning: a backbone with blocks to split and a cache that fits, checked before the featurization."""
     from .._constants import SCALES
     from ..model._finetune import check_finetune
-    from ..model._train_loop import resolve_device
+    from ..train._device import resolve_device
 
     blocks = int(config.get("finetune_blocks", 0) or 0)
     if blocks < 1:

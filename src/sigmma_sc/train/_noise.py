@@ -1,114 +1,20 @@
-"""A differentiable all-gather for contrastive losses over the global batch of several processes.
+"""Random draws of the global batch, so that a shard or micro-batch sees the noise one process would draw for it.
 
-With one process per device, each rank embeds its shard of a batch; gathering the shards *with gradients*
-lets every rank compute InfoNCE over the whole global batch (all negatives), as HESCAPE and open_clip do.
+With micro-batches (GradCache) or several processes, the rows of a batch are embedded in pieces; every
+dropout mask and Gumbel draw is taken as its rows of the draw of the whole batch (:class:`GlobalBatchNoise`),
+so a step does not depend on how the batch is split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
-
-
-def world_size(group: dist.ProcessGroup | None = None) -> int:
-    """Processes in ``group`` (1 without an initialised process group)."""
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
-    """The row count ``n`` of every rank, in rank order (one small all-gather)."""
-    local = torch.tensor([int(n)], dtype=torch.long, device=device)
-    out = [torch.zeros_like(local) for _ in range(world_size(group))]
-    dist.all_gather(out, local, group=group)
-    return [int(o) for o in out]
-
-
-class _AllGather(torch.autograd.Function):
-    """Concatenate every rank's rows (rank order); backward sums the gradient over ranks and keeps own rows."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> Tensor:
-        ctx.sizes, ctx.group, ctx.rank = list(sizes), group, dist.get_rank(group)
-        m = max(sizes)
-        padded = x.new_zeros((m, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        out = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(out, padded.contiguous(), group=group)
-        return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]], None, None
-
-
-def all_gather_with_grad(
-    x: Tensor, *, sizes: Sequence[int] | None = None, group: dist.ProcessGroup | None = None
-) -> Tensor:
-    """Rows of ``x`` from every rank, concatenated in rank order, differentiable.
-
-    The backward pass all-reduces (sums) the gradient of the gathered tensor and returns each rank the
-    rows it contributed: when every rank computes the same loss of the gathered batch, rank ``r`` receives
-    ``world_size x dL/dx_r``, so averaging parameter gradients over ranks (as DDP does) yields exactly the
-    gradient of the global-batch loss. Ranks may hold different row counts. Without an initialised process
-    group (or with one process) ``x`` is returned unchanged.
-
-    Parameters
-    ----------
-    x
-        ``(n_r, ...)`` this rank's rows.
-    sizes
-        Row count of every rank (default: gathered first).
-    group
-        Process group (default: the world).
-
-    Returns
-    -------
-    ``(sum_r n_r, ...)`` tensor.
-
-    Shapes
-    ------
-    - input: ``(n_r, D)``
-    - output: ``(N, D)`` with ``N = sum_r n_r``
-    """
-    if world_size(group) == 1:
-        return x
-    if sizes is None:
-        sizes = gather_sizes(x.shape[0], x.device, group)
-    return _AllGather.apply(x, sizes, group)
-
-
-def gather_embeddings(emb: Mapping[str, Tensor], group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
-    """:func:`all_gather_with_grad` of every value of a dict of ``(n_r, D)`` embeddings (row counts gathered once).
-
-    Parameters
-    ----------
-    emb
-        Key -> this rank's ``(n_r, D)`` embeddings (the same keys and row count for every key).
-    group
-        Process group (default: the world).
-
-    Returns
-    -------
-    Key -> ``(N, D)`` embeddings of the global batch, rows in rank order.
-    """
-    if world_size(group) == 1:
-        return dict(emb)
-    first = next(iter(emb.values()))
-    sizes = gather_sizes(first.shape[0], first.device, group)
-    return {k: all_gather_with_grad(v, sizes=sizes, group=group) for k, v in emb.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Random draws of the global batch, so that a rank's shard sees the noise one process would draw for it
 
 
 #: random ops whose draws are rebuilt from a global-batch draw (the others pass through, with a warning)
@@ -305,3 +211,64 @@ class GlobalBatchNoise(torch.overrides.TorchFunctionMode):
 
         full = self._draw(func.__name__, kind, fill)
         return t.copy_(self._rows(kind, full))
+
+
+@contextlib.contextmanager
+def rank_noise(model: torch.nn.Module, counts: Mapping[str, Tensor]) -> Iterator[GlobalBatchNoise]:
+    """A :class:`~sigmma_sc.train.GlobalBatchNoise` for ``model``, with the edge samplers' draws named explicitly.
+
+    Each edge sampler's Gumbel noise is drawn as rows of ``cand_{scale}``; a shard without candidates at a scale
+    (the sampler returns before drawing) still consumes the global draw, so the random streams stay aligned.
+    The hooks are removed on exit.
+    """
+    noise = GlobalBatchNoise({k: counts[k] for k in ("cells", "cand_meso", "cand_macro") if k in counts})
+    handles = []
+    samplers = dict(getattr(getattr(model, "st_encoder", None), "samplers", None) or {})
+    for scale, sampler in samplers.items():
+        kind = f"cand_{scale}"
+
+        def pre(module: torch.nn.Module, args: tuple, kind: str = kind) -> None:
+            if not (module.training and noise.in_chunk):
+                return
+            h, edge_index = args[0], args[1]
+            if edge_index.shape[1] == 0:
+                noise.skipped_rand(kind, torch.float32, h.device)  # what the sampler would draw for the batch
+            noise.push(kind)
+
+        def post(module: torch.nn.Module, args: tuple, out: Any) -> None:
+            if module.training and noise.in_chunk:
+                noise.pop()
+
+        handles += [sampler.register_forward_pre_hook(pre), sampler.register_forward_hook(post)]
+    try:
+        yield noise
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batch_embedder(
+    model: Any,
+    data: Any,
+    idx: Tensor,
+    amp: Callable[[], contextlib.AbstractContextManager],
+    noise: GlobalBatchNoise,
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """``embed(pos)``: embeddings of the positions ``pos`` of the batch ``idx`` (a shard, a micro-batch).
+
+    Every random draw of the forward pass is taken as their rows of the whole batch's draw
+    (:class:`~sigmma_sc.train.GlobalBatchNoise`); ``noise.start_step(idx)`` begins the step.
+    """
+
+    def embed(pos: Tensor) -> dict[str, Tensor]:
+        start = int(pos[0]) if pos.numel() else 0
+        noise.start_chunk(start, start + pos.numel())
+        try:
+            with amp(), noise:
+                return model.embed_batch(data.select(idx[pos]))
+        finally:
+            noise.end_chunk()
+
+    return embed
+
+

@@ -85,10 +85,16 @@ def _terms(model, bundle) -> tuple[Tensor, Tensor]:
     return rows, cfg.layers_per_scale * len(run) * cells
 
 
-def step_bytes_per_tile(model, bundle) -> Tensor:
-    """Estimated peak bytes of one training forward + backward pass, per tile ``(T,)`` (a batch: the sum)."""
+def step_bytes_per_tile(model, bundle, *, edge_coef: float | None = None, cell_coef: float | None = None) -> Tensor:
+    """Estimated peak bytes of one training forward + backward pass, per tile ``(T,)`` (a batch: the sum).
+
+    ``edge_coef`` and ``cell_coef`` replace :data:`EDGE_COEF` and :data:`CELL_COEF` (``benchmarks/cpu_memory.py``
+    fits them from each term alone).
+    """
+    edge_coef = EDGE_COEF if edge_coef is None else edge_coef
+    cell_coef = CELL_COEF if cell_coef is None else cell_coef
     rows, cells = _terms(model, bundle)
-    return 4.0 * max(model.config.hidden, model.config.out_dim) * (EDGE_COEF * rows + CELL_COEF * cells)
+    return 4.0 * max(model.config.hidden, model.config.out_dim) * (edge_coef * rows + cell_coef * cells)
 
 
 def inference_bytes_per_tile(model, bundle) -> Tensor:

@@ -1,14 +1,14 @@
-"""Data-parallel training on torch.distributed: process-group setup, batch sharding, gradient averaging.
+"""Data-parallel training on torch.distributed: process group, batch shards, gathers, gradient averaging.
 
 One process per device (``torchrun --nproc-per-node N``, or one SLURM task per GPU). Every rank holds the
 whole bundle and draws the same shuffled global batches (same seed); rank ``r`` embeds its contiguous shard
-of each batch, the shards are all-gathered with gradients (:func:`sigmma_sc.nn.gather_embeddings`) so each
-rank's InfoNCE sees the global batch's negatives, and parameter gradients are averaged over ranks before the
-optimiser step. Inside a step every random draw (dropout, Gumbel edge noise) is rebuilt from the draw of the
-whole global batch (:func:`rank_noise`), so the update equals one process training on the global batch (up to
-float rounding) and every rank's random state stays equal. :meth:`SigmmaModel.fit` uses :func:`train_step` and
-:func:`evaluate` when a process group with more than one process is initialised (or described by the
-environment).
+of each batch, the shards are all-gathered with gradients (:func:`gather_embeddings`, as HESCAPE and open_clip
+do) so each rank's InfoNCE sees the global batch's negatives, and parameter gradients are averaged over ranks
+before the optimiser step. Inside a step every random draw (dropout, Gumbel edge noise) is rebuilt from the
+draw of the whole global batch (:func:`~sigmma_sc.train._noise.rank_noise`), so the update equals one process
+training on the global batch (up to float rounding) and every rank's random state stays equal. The trainer
+uses :func:`train_step` and :func:`evaluate` when a process group with more than one process is initialised
+(or described by the environment).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..nn._distributed import GlobalBatchNoise, gather_embeddings
-from ..nn._loss import grad_cache_backward
+from ._device import resolve_device
 from ._diagnostics import partner_rank
+from ._gradcache import grad_cache_backward
+from ._noise import GlobalBatchNoise, batch_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -222,67 +223,96 @@ def distributed_backward(
     return loss
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the pieces of SigmmaModel.fit under torch.distributed
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Processes in ``group`` (1 without an initialised process group)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-@contextlib.contextmanager
-def rank_noise(model: torch.nn.Module, counts: Mapping[str, Tensor]) -> Iterator[GlobalBatchNoise]:
-    """A :class:`~sigmma_sc.nn.GlobalBatchNoise` for ``model``, with the edge samplers' draws named explicitly.
+def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
+    """The row count ``n`` of every rank, in rank order (one small all-gather)."""
+    local = torch.tensor([int(n)], dtype=torch.long, device=device)
+    out = [torch.zeros_like(local) for _ in range(world_size(group))]
+    dist.all_gather(out, local, group=group)
+    return [int(o) for o in out]
 
-    Each edge sampler's Gumbel noise is drawn as rows of ``cand_{scale}``; a shard without candidates at a scale
-    (the sampler returns before drawing) still consumes the global draw, so the random streams stay aligned.
-    The hooks are removed on exit.
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate every rank's rows (rank order); backward sums the gradient over ranks and keeps own rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> Tensor:
+        ctx.sizes, ctx.group, ctx.rank = list(sizes), group, dist.get_rank(group)
+        m = max(sizes)
+        padded = x.new_zeros((m, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        out = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(out, padded.contiguous(), group=group)
+        return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None
+
+
+def all_gather_with_grad(
+    x: Tensor, *, sizes: Sequence[int] | None = None, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """Rows of ``x`` from every rank, concatenated in rank order, differentiable.
+
+    The backward pass all-reduces (sums) the gradient of the gathered tensor and returns each rank the
+    rows it contributed: when every rank computes the same loss of the gathered batch, rank ``r`` receives
+    ``world_size x dL/dx_r``, so averaging parameter gradients over ranks (as DDP does) yields exactly the
+    gradient of the global-batch loss. Ranks may hold different row counts. Without an initialised process
+    group (or with one process) ``x`` is returned unchanged.
+
+    Parameters
+    ----------
+    x
+        ``(n_r, ...)`` this rank's rows.
+    sizes
+        Row count of every rank (default: gathered first).
+    group
+        Process group (default: the world).
+
+    Returns
+    -------
+    ``(sum_r n_r, ...)`` tensor.
+
+    Shapes
+    ------
+    - input: ``(n_r, D)``
+    - output: ``(N, D)`` with ``N = sum_r n_r``
     """
-    noise = GlobalBatchNoise({k: counts[k] for k in ("cells", "cand_meso", "cand_macro") if k in counts})
-    handles = []
-    samplers = dict(getattr(getattr(model, "st_encoder", None), "samplers", None) or {})
-    for scale, sampler in samplers.items():
-        kind = f"cand_{scale}"
-
-        def pre(module: torch.nn.Module, args: tuple, kind: str = kind) -> None:
-            if not (module.training and noise.in_chunk):
-                return
-            h, edge_index = args[0], args[1]
-            if edge_index.shape[1] == 0:
-                noise.skipped_rand(kind, torch.float32, h.device)  # what the sampler would draw for the batch
-            noise.push(kind)
-
-        def post(module: torch.nn.Module, args: tuple, out: Any) -> None:
-            if module.training and noise.in_chunk:
-                noise.pop()
-
-        handles += [sampler.register_forward_pre_hook(pre), sampler.register_forward_hook(post)]
-    try:
-        yield noise
-    finally:
-        for h in handles:
-            h.remove()
+    if world_size(group) == 1:
+        return x
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], x.device, group)
+    return _AllGather.apply(x, sizes, group)
 
 
-def batch_embedder(
-    model: Any,
-    data: Any,
-    idx: Tensor,
-    amp: Callable[[], contextlib.AbstractContextManager],
-    noise: GlobalBatchNoise,
-) -> Callable[[Tensor], dict[str, Tensor]]:
-    """``embed(pos)``: embeddings of the positions ``pos`` of the batch ``idx`` (a shard, a micro-batch).
+def gather_embeddings(emb: Mapping[str, Tensor], group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
+    """:func:`all_gather_with_grad` of every value of a dict of ``(n_r, D)`` embeddings (row counts gathered once).
 
-    Every random draw of the forward pass is taken as their rows of the whole batch's draw
-    (:class:`~sigmma_sc.nn.GlobalBatchNoise`); ``noise.start_step(idx)`` begins the step.
+    Parameters
+    ----------
+    emb
+        Key -> this rank's ``(n_r, D)`` embeddings (the same keys and row count for every key).
+    group
+        Process group (default: the world).
+
+    Returns
+    -------
+    Key -> ``(N, D)`` embeddings of the global batch, rows in rank order.
     """
-
-    def embed(pos: Tensor) -> dict[str, Tensor]:
-        start = int(pos[0]) if pos.numel() else 0
-        noise.start_chunk(start, start + pos.numel())
-        try:
-            with amp(), noise:
-                return model.embed_batch(data.select(idx[pos]))
-        finally:
-            noise.end_chunk()
-
-    return embed
+    if world_size(group) == 1:
+        return dict(emb)
+    first = next(iter(emb.values()))
+    sizes = gather_sizes(first.shape[0], first.device, group)
+    return {k: all_gather_with_grad(v, sizes=sizes, group=group) for k, v in emb.items()}
 
 
 def train_step(
@@ -301,7 +331,7 @@ def train_step(
     This rank embeds its shard (in micro-batches of ``state["micro_batch"]`` tiles with GradCache), the shards'
     embeddings are gathered with gradients, the global-batch loss is backpropagated and the gradients
     averaged over ranks (:func:`distributed_backward`); the random draws are those of one process on the
-    global batch (:func:`rank_noise`). ``stats`` runs after the backward (clipping, statistics). No OOM retry:
+    global batch (:func:`~sigmma_sc.train._noise.rank_noise`). ``stats`` runs after the backward (clipping, statistics). No OOM retry:
     the ranks' collectives would fall out of step.
     """
     positions = torch.arange(idx.numel())  # embed() receives batch positions, so each draw knows its rows
@@ -334,7 +364,7 @@ def evaluate(
     """Mean global-batch loss over the validation ``chunks`` and their partner rank (eval mode).
 
     Each rank embeds its shard of each chunk. Every chunk's loss is the loss of the whole chunk (the shards are gathered), as in one process, and the
-    partner rank (:func:`~sigmma_sc.model._diagnostics.partner_rank`) is taken over the gathered embeddings of
+    partner rank (:func:`~sigmma_sc.train._diagnostics.partner_rank`) is taken over the gathered embeddings of
     all chunks; both are broadcast from rank 0 so that every rank takes the same model-selection and
     early-stopping decisions.
     """
@@ -359,3 +389,20 @@ def evaluate(
     value = torch.tensor([float(total / max(count, 1)), rank], dtype=torch.float64, device=data.device)
     dist.broadcast(value, src=0)
     return float(value[0]), float(value[1])
+
+
+def join(device: str | torch.device | None) -> tuple[DistContext | None, torch.device]:
+    """The process group and this rank's device.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the group is joined when the caller has not; a SLURM task alone is not
+    taken as a launch (a notebook inside a multi-task allocation must not wait for other ranks): with ``srun``,
+    use ``sigmma train-bundle`` or initialise the process group before ``fit``.
+    """
+    ctx = current()
+    if ctx is None and (_env_int("WORLD_SIZE") or 1) > 1:
+        ctx, dev = init_from_env(device)
+        return ctx, dev
+    device = resolve_device(device)
+    if ctx is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per process
+    return ctx, device

@@ -1,12 +1,15 @@
-"""A small synthetic :class:`TrainingBundle` for tests, benchmarks and examples (numpy + torch only)."""
+"""A small synthetic :class:`~sigmma_sc.model.TrainingBundle` for tests and ``benchmarks/bench_gpu.py``.
+
+Needs only numpy, torch and ``sigmma_sc.model`` (no scverse packages), so the GPU benchmark can use it on a bare machine.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .._constants import GRID, SCALES
-from ._bundle import TrainingBundle
+from sigmma_sc._constants import GRID, SCALES
+from sigmma_sc.model import TrainingBundle
 
 
 def _nearest(d: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

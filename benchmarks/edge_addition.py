@@ -71,11 +71,11 @@ def candidate_inputs(sdata) -> dict:
     """What ``sg.data.build_bundle`` hands its candidate rule, computed as it does: cells sorted by tile, their
     positions (µm), meso groups, kNN edges and the edges inside a micro block, and ``k`` (the graph's ``n_neighs``)."""
     from scipy import sparse
-    from sigmma_sc.data._build import checked_graph
 
     import sigmma_sc as sg
     from sigmma_sc._constants import GRID
     from sigmma_sc._utils._record import tiling_keys
+    from sigmma_sc.data._build import checked_graph
 
     keys = tiling_keys(sg.data.tile_params(sdata, "sigmma_tiles"))
     cells = sdata.tables["table"]
@@ -118,9 +118,8 @@ def tile_and_graph(sdata, image_key: str) -> None:
 def bundle_of(sdata, image_key: str, *, former: bool = False, image_dim: int = 64):
     """Tile and graph a section (once), build its bundle (``former``: with the former candidate rule); fixed random
     image features (seed 0). Returns the bundle and the seconds of ``build_bundle``."""
-    from sigmma_sc.data._build import candidate_edges
-
     import sigmma_sc as sg
+    from sigmma_sc.data._build import candidate_edges
     from sigmma_sc.model import TrainingBundle
 
     tile_and_graph(sdata, image_key)

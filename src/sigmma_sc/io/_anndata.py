@@ -276,19 +276,10 @@ def check_placement(
         return m if m.usable else None
 
     def preferred(m: Any) -> Any:
-        """The best fit, or the other unit's when it matches the tissue about as well."""
-        best, fits = m.best((other,))
-        if best is not None and other in fits and fits[other].score >= best.score - 0.05:
-            return fits[other], fits
-        return best, fits
+        return _preferred_fit(m, other)
 
     def unit_hint(fit: Any) -> str:
-        if abs(np.log(fit.factor / other)) <= np.log(1.1):
-            return f"pass coordinates={other_unit!r}"
-        return (
-            f"check `pixel_size_um` ({pixel_size_um:g}) and `coordinates` ({coordinates!r}), or whether the "
-            "coordinates refer to another resolution of the image"
-        )
+        return _unit_hint(fit, other, other_unit, pixel_size_um=pixel_size_um, coordinates=coordinates)
 
     inside = on(px)
     if inside.all():
@@ -362,6 +353,24 @@ def check_placement(
         f"{n_off} of {len(px)} cells lie outside the image ({width} x {height} px): their pixel coordinates span "
         f"x {lo[0]:.1f}..{hi[0]:.1f}, y {lo[1]:.1f}..{hi[1]:.1f} (coordinates={coordinates!r}, "
         f"pixel_size_um={pixel_size_um:g}). " + "; ".join(hints) + "."
+    )
+
+
+def _preferred_fit(m: Any, other: float) -> Any:
+    """``(fit, fits)``: the best tissue fit, or the other unit's when it matches the tissue about as well."""
+    best, fits = m.best((other,))
+    if best is not None and other in fits and fits[other].score >= best.score - 0.05:
+        return fits[other], fits
+    return best, fits
+
+
+def _unit_hint(fit: Any, other: float, other_unit: str, *, pixel_size_um: float, coordinates: str) -> str:
+    """The fix a tissue fit at ``fit.factor`` points to: the other unit, or the pixel size / resolution."""
+    if abs(np.log(fit.factor / other)) <= np.log(1.1):
+        return f"pass coordinates={other_unit!r}"
+    return (
+        f"check `pixel_size_um` ({pixel_size_um:g}) and `coordinates` ({coordinates!r}), or whether the "
+        "coordinates refer to another resolution of the image"
     )
 
 

@@ -40,7 +40,8 @@ logger = logging.getLogger("arrangement")
 ROWS = {
     "sigmma": ("Full SIGMMA", {}),
     "graph_multiscale": ("Cell graph + multi-scale (no edge addition)", {"edge_addition": False}),
-    "rewired": ("Control: full SIGMMA, edges rewired (degrees kept)", {"edges": "rewired"}),
+    "rewired": ("Control: full SIGMMA, edges rewired inside their blocks (degrees kept)", {"edges": "rewired"}),
+    "rewired_tile": ("Control: full SIGMMA, edges rewired across the whole tile (degrees kept)", {"edges": "rewired_tile"}),
     "no_edges": ("Control: same GNN and pooling, no edges", {"edge_addition": False, "edges": "none"}),
     "no_graph": ("No graph, multi-scale (MLP of the mean node features)", {"use_graph": False, "edge_addition": False}),
     "sigmma_expected": ("Full SIGMMA, edge_evaluation='expected'", {"edge_evaluation": "expected"}),

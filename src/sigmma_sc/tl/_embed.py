@@ -174,8 +174,9 @@ def embed(
     if table_key is not None:
         cells = get_table(sdata, table_key)
         bundle, rows = build_bundle(
-            sdata, table_key=table_key, tile_key=tile_key, graph_key=graph_key, require_image_features=False
-        )
+            sdata, table_key=table_key, tile_key=tile_key, graph_key=graph_key, require_image_features=False,
+            candidates=(model.meta or {}).get("candidates", "knn"),  # the rule the model was trained with
+        )  # fmt: skip
         _check_st_space(model, bundle.meta, cells, graph_key)
 
     computed = None

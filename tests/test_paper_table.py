@@ -25,11 +25,17 @@ def test_paper_table_end_to_end(tmp_path):
         assert text.count(f"| {row['label']} |") == (3 if "config" in row else 2), row["label"]
     for needle in ("Command: `python benchmarks/paper_table.py", "Machine:", "Runtime:", "HEST PCC", "R@15%"):
         assert needle in text
+    # the paired CIs of the differences the ablation concludes from, and the budget's validation curve
+    assert "## Paired differences (95 % CI)" in text
+    assert "| `sigmma` − `bleep_multiscale` | I→ST R@10% |" in text
+    assert "| `sigmma` − `rewired_tile` | HEST gene PCC |" in text
+    assert "## Validation retrieval against the step" in text
     raw = json.loads(out.with_suffix(".json").read_text())
     assert len(raw["results"]["sigmma"]) == 2
     assert len(raw["results"]["backbone_macro"]) == 1
     full = raw["results"]["sigmma"][0]
-    assert set(full) == {"model", "macro", "config"}
+    assert set(full) == {"model", "macro", "config", "curve"}
+    assert all(0 <= r <= 1 for _, r in full["curve"])
     assert full["model"]["steps"] >= 1
     assert full["model"]["best_step"] <= full["model"]["steps"]
     assert full["config"]["steps"] == 6
@@ -62,3 +68,41 @@ def test_rows_run_the_papers_rows():
     # the controls change only the edges of the row they control
     assert rows["no_edges"].to_dict() == {**multi.to_dict(), "edges": "none"}
     assert rows["rewired"].to_dict() == {**full.to_dict(), "edges": "rewired"}
+
+
+def test_paired_helpers_pool_seeds_and_folds(tmp_path):
+    """``_bench``: a row compared with itself differs by exactly 0; a row that retrieves every partner beats one that
+    retrieves none with a CI above 0; seeds are averaged on each resample and folds pooled by their tiles."""
+    import numpy as np
+
+    bench = load_benchmark("_bench")
+    rng = np.random.default_rng(0)
+    n, d = 40, 8
+    img = rng.normal(size=(n, d))
+    good = {"image": img, "st": img + 0.01 * rng.normal(size=(n, d))}  # every partner found
+    bad = {"image": img, "st": rng.normal(size=(n, d))}  # partners at random
+    store = {"good": [[good], [good]], "bad": [[bad], [bad]], "good2": [[good], [good]]}
+    rows = {(r["a"], r["b"], r["metric"]): r for r in bench.paired_rows(store, [("good", "bad"), ("good", "good2")])}
+    same = rows["good", "good2", "image->st R@10%"]
+    assert (same["diff"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    better = rows["good", "bad", "image->st R@10%"]
+    assert better["value_a"] == 1.0
+    assert better["ci_low"] > 0.5
+    assert bench.verdict(better) == "a higher"
+    assert bench.verdict({"ci_low": -0.02, "ci_high": 0.01}, 0.03) == "equal within ±0.03"
+    assert bench.verdict({"ci_low": -0.05, "ci_high": 0.01}, 0.03) == "undetermined"
+    # seeds: the pooled point estimate is the mean of the seeds' metrics
+    pooled = bench.pooled_metrics([[good], [bad]], ["image->st R@10%"])["image->st R@10%"]
+    ones = np.ones((n, 1))
+    assert np.isclose(pooled.values(ones)[0], (1.0 + bench.metrics_of(bad)["image->st R@10%"].values(ones)[0]) / 2)
+    # folds: retrieval within each fold, pooled by tiles; two folds of the good row still retrieve every partner
+    half = {k: v[: n // 2] for k, v in good.items()}, {k: v[n // 2 :] for k, v in good.items()}
+    folded = bench.pooled_metrics([list(half)], ["image->st R@10%"])["image->st R@10%"]
+    assert folded.n == n
+    assert folded.values(ones)[0] == 1.0
+    # the arrays survive the round trip through the .npz (float32)
+    bench.save_arrays(tmp_path / "a.npz", store)
+    back = bench.load_arrays(tmp_path / "a.npz")
+    assert set(back) == set(store)
+    assert len(back["good"]) == 2
+    np.testing.assert_allclose(back["bad"][1][0]["st"], bad["st"], rtol=1e-6)

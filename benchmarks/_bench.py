@@ -35,7 +35,7 @@ def common_args(p: argparse.ArgumentParser, *, seeds: Sequence[int] = (0, 1, 2),
     """Add ``--seeds``, ``--threads`` and ``--n-boot`` (bootstrap resamples of the paired CIs) to a parser."""
     p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     p.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the paired CIs")
+    p.add_argument("--n-boot", "--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired CIs")
 
 
 def _l2(x: np.ndarray) -> np.ndarray:

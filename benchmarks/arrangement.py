@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import common_args  # noqa: E402
+
 SCALES = ("micro", "meso", "macro")
 logger = logging.getLogger("arrangement")
 
@@ -61,15 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
         "--rows",
         nargs="+",
         default=[r for r in ROWS if "untrained" not in r and r != "sigmma_expected"],
         choices=list(ROWS),
     )
-    p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=2)
+    common_args(p, seeds=(0,), threads=2)
     p.add_argument("--section-seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "bench_out" / "arrangement")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "arrangement.md")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> Path:
     # paired bootstrap over test tiles: the same resamples for every row and seed
     rng = np.random.default_rng(0)
     yt = y[test]
-    idx = rng.integers(0, yt.size, (args.bootstrap, yt.size))
+    idx = rng.integers(0, yt.size, (args.n_boot, yt.size))
 
     def boot_r2(name: str) -> np.ndarray:
         out = []

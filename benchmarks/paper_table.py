@@ -909,9 +909,8 @@ def main(argv: list[str] | None = None) -> Path:
     t_start = time.perf_counter()
     sdata, bundle, info = prepare(args)
     logger.info("Section: %s", info)
-    import sigmma_sc as sg
 
-    rows = [r for r in ROWS if args.rows is None or r["name"] in args.rows]
+    rows = list(ROWS) if args.rows is None else [r for n in args.rows for r in ROWS if r["name"] == n]  # run order
     unknown = set(args.rows or ()) - {r["name"] for r in ROWS}
     if unknown:
         raise SystemExit(f"Unknown rows {sorted(unknown)}; choose from {[r['name'] for r in ROWS]}.")
@@ -923,6 +922,7 @@ def main(argv: list[str] | None = None) -> Path:
         if _arrays_path(args.add_to).exists():
             store = load_arrays(_arrays_path(args.add_to))
     splits = _fold_splits(sdata, bundle, args)
+    own_split = (sdata.tables["sigmma_tiles"].obs["split"].astype(str).to_numpy().copy(), bundle.split.clone())
     for row in rows:
         seeds = args.seeds if "config" in row else [None]
         per_fold = {seed: [] for seed in seeds}
@@ -934,6 +934,8 @@ def main(argv: list[str] | None = None) -> Path:
                 logger.info("%s seed %s fold %d: %s", row["name"], seed, f, _brief(r["model"]))
         results[row["name"]] = [_pool_folds(runs) for runs in per_fold.values()]
         store[row["name"]] = [[r.pop("_arrays") for r in runs] for runs in per_fold.values()]
+        if args.add_to is None and row is not rows[-1]:  # a partial report after every row (long runs)
+            _write(args, argv, info, results, store, sdata, t_start, own_split, partial=True)
     if args.add_to is not None:
         order = [r["name"] for r in ROWS]
         raw["results"] = dict(sorted(results.items(), key=lambda kv: order.index(kv[0])))
@@ -941,7 +943,18 @@ def main(argv: list[str] | None = None) -> Path:
         args.add_to.write_text(json.dumps(raw, indent=1, default=float))
         save_arrays(_arrays_path(args.add_to), store)
         return _rerender(args.add_to)
+    return _write(args, argv, info, results, store, sdata, t_start, own_split)
+
+
+def _write(args, argv, info, results, store, sdata, t_start: float, own_split, *, partial: bool = False) -> Path:
+    """Write the markdown, the JSON and the per-tile arrays of the rows run so far."""
+    import sigmma_sc as sg
+
+    tiles = sdata.tables["sigmma_tiles"]
+    fold_split = tiles.obs["split"].copy()
+    _set_split(sdata, None, own_split[0], None)  # the reference baseline on the section's own split
     baseline = {p: sg.metrics.mean_baseline(sdata, protocol=p, eval_split=args.eval_split) for p in ("paper", "hest")}
+    tiles.obs["split"] = fold_split
     runtime = time.perf_counter() - t_start
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     tag = f"_{args.tag}" if args.tag else ""
@@ -949,6 +962,8 @@ def main(argv: list[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_arrays(_arrays_path(out), store)
     text = render(results, info, args, argv, runtime, baseline, date, store=store)
+    if partial:
+        text = "**Partial report: the run is still going (rows so far).**\n\n" + text
     out.write_text(text)
     raw = {
         "argv": argv,
@@ -960,7 +975,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float))
     logger.info("Wrote %s (%.1f min)", out, runtime / 60)
-    print(text)
+    if not partial:
+        print(text)
     return out
 
 
@@ -1020,7 +1036,8 @@ def _set_split(sdata, bundle, tile_split: np.ndarray, bundle_split) -> None:
 
     tiles = sdata.tables["sigmma_tiles"]
     tiles.obs["split"] = pd.Categorical(tile_split, categories=["train", "val", "test", "buffer"])
-    bundle.split = bundle_split
+    if bundle is not None:
+        bundle.split = bundle_split
 
 
 def _pool_folds(runs: list[dict]) -> dict:

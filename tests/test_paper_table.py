@@ -106,3 +106,43 @@ def test_paired_helpers_pool_seeds_and_folds(tmp_path):
     assert set(back) == set(store)
     assert len(back["good"]) == 2
     np.testing.assert_allclose(back["bad"][1][0]["st"], bad["st"], rtol=1e-6)
+
+
+def test_kfold_splits_test_every_tile_once():
+    """``--folds K``: fold f is the test split and fold f + 1 the validation split, so every tile with cells is tested
+    exactly once and never trains the model that scores it; tiles without cells are unused; numbers pool by tiles."""
+    from types import SimpleNamespace
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    pt = _load()
+    n = 40
+    xy = np.stack(np.meshgrid(np.arange(8), np.arange(5)), -1).reshape(-1, 2) * 64.0
+    obs = pd.DataFrame({"x0": xy[:, 0], "y0": xy[:, 1], "n_cells": np.r_[np.zeros(2), np.full(n - 2, 10)]})
+    obs["split"] = pd.Categorical(["train"] * n)
+    tiles = ad.AnnData(obs=obs.set_index(pd.Index([str(i) for i in range(n)])))
+    sdata = SimpleNamespace(tables={"sigmma_tiles": tiles})
+    bundle = SimpleNamespace(n_tiles=n, split=torch.zeros(n, dtype=torch.int8))
+    args = pt.parse_args(["--dataset", "synthetic", "--folds", "4"])
+    splits = pt._fold_splits(sdata, bundle, args)
+    assert len(splits) == 4
+    tested = np.zeros(n, dtype=int)
+    for names, codes in splits:
+        assert (codes.numpy() == np.array([{"train": 0, "val": 1, "test": 2, "buffer": 3}[x] for x in names])).all()
+        tested += names == "test"
+        assert (names[:2] == "buffer").all()
+        assert {int((names == "val").sum()), int((names == "test").sum())} <= {9, 10}  # 38 tiles in 4 strips
+    assert (tested[2:] == 1).all()
+    assert (tested[:2] == 0).all()
+    pt._set_split(sdata, bundle, *splits[1])
+    assert tiles.obs["split"].astype(str).tolist() == list(splits[1][0])
+    assert torch.equal(bundle.split, splits[1][1])
+    # pooling of one seed's folds: each number weighted by the fold's evaluation tiles
+    runs = [{"model": {"x": 1.0, "n_eval": 10.0}}, {"model": {"x": 0.0, "n_eval": 30.0}}]
+    pooled = pt._pool_folds(runs)
+    assert pooled["model"]["x"] == 0.25
+    assert pooled["model"]["n_eval"] == 40.0
+    assert pooled["n_folds"] == 2

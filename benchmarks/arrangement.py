@@ -214,6 +214,13 @@ def main(argv: list[str] | None = None) -> Path:
                  "seconds": out["seconds"], "steps": out["steps"], "edge": out["edge"]}
             )  # fmt: skip
             logger.info("%s seed %d: %s", name, seed, results[name][-1])
+        _report(args, argv, results, preds, hits, y, split, t_start, done=list(results))
+    return args.out
+
+
+def _report(args, argv, results, preds, hits, y, split, t_start, done) -> None:
+    """Paired comparisons of the rows run so far; write the JSON and the markdown (after every row)."""
+    test = split == 2
 
     # paired bootstrap over test tiles: the same resamples for every row and seed
     rng = np.random.default_rng(0)
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> Path:
         return np.mean([h[idx].mean(1) for h in hits[name]], 0)
 
     comparisons = []
-    names = list(args.rows)
+    names = [n for n in args.rows if n in done]
     for a, b in [(x, z) for i, x in enumerate(names) for z in names[i + 1 :]] + [
         (x, "ref_mean_features") for x in names
     ]:
@@ -257,9 +264,12 @@ def main(argv: list[str] | None = None) -> Path:
     args.out.with_suffix(".json").write_text(
         json.dumps({"info": info, "results": results, "comparisons": comparisons}, indent=1)
     )
-    args.out.write_text(render(info, results, comparisons))
+    partial = [n for n in args.rows if n not in done]
+    text = render(info, results, comparisons)
+    if partial:
+        text = f"**Partial report: rows {partial} still to run.**\n\n" + text
+    args.out.write_text(text)
     logger.info("Wrote %s", args.out)
-    return args.out
 
 
 def render(info: dict, results: dict, comparisons: list) -> str:

@@ -452,7 +452,7 @@ def run_model(row: dict[str, Any], sdata, bundle, seed: int, args: argparse.Name
     history = model.fit(bundle, seed=seed, device=args.device, progress=False)
     seconds = time.perf_counter() - t0
     key = f"{row['name']}_s{seed}"
-    sg.tl.embed(sdata, model, device=args.device, key_added=key)
+    sg.tl.embed(sdata, model, device=args.device, key_added=key, shifts=None)  # tile embeddings are scored: no shifted cell passes
     tiles, cells = sdata.tables["sigmma_tiles"], sdata.tables["table"]
     written = tiles.uns[key]["embed"]["keys"]  # the record sg.tl.embed keeps of what it wrote
     for k in written.get("cell", {}).values():

@@ -452,7 +452,8 @@ def run_model(row: dict[str, Any], sdata, bundle, seed: int, args: argparse.Name
     history = model.fit(bundle, seed=seed, device=args.device, progress=False)
     seconds = time.perf_counter() - t0
     key = f"{row['name']}_s{seed}"
-    sg.tl.embed(sdata, model, device=args.device, key_added=key, shifts=None)  # tile embeddings are scored: no shifted cell passes
+    # only the tile embeddings are scored: no shifted cell passes
+    sg.tl.embed(sdata, model, device=args.device, key_added=key, shifts=None)
     tiles, cells = sdata.tables["sigmma_tiles"], sdata.tables["table"]
     written = tiles.uns[key]["embed"]["keys"]  # the record sg.tl.embed keeps of what it wrote
     for k in written.get("cell", {}).values():
@@ -549,7 +550,9 @@ def render(
             if info.get("contact_program")
             else ""
         ),
-        f"- Training: {_training_line(results, args)}; checkpoint = best validation loss; seeds {args.seeds}",
+        f"- Training: {_training_line(results, args)}; checkpoint = best validation {_selection(results)}; seeds "
+        f"{args.seeds}"
+        + (f"; {args.folds}-fold spatial cross-validation (one model per fold, row and seed)" if args.folds else ""),
         f"- Scored on the {split_name} tiles ({_n_eval(results)} tiles); probes fit on training tiles only, paper "
         "protocol's ridge alpha chosen on validation tiles; cells: mean ± std over seeds (frozen backbone: "
         "deterministic, one value)",
@@ -626,9 +629,12 @@ def _paired_section(store, args: argparse.Namespace) -> list[str]:
     if not rows:
         return []
     n = rows[0]["n_tiles"]
-    tiles = f"{args.folds}-fold spatial cross-validation (every tile with cells tested once)" if args.folds else (
-        f"the {args.eval_split} split"
+    tiles = (
+        f"{args.folds}-fold spatial cross-validation (every tile with cells tested once)"
+        if args.folds
+        else f"the {args.eval_split} split"
     )
+    pooled = ", retrieval ranked among the tiles of one fold and the folds averaged by their resampled tiles"
     out = [
         "",
         "## Paired differences (95 % CI)",
@@ -636,7 +642,7 @@ def _paired_section(store, args: argparse.Namespace) -> list[str]:
         f"Paired bootstrap over the {n} evaluation tiles of {tiles}, {rows[0]['n_boot']} resamples "
         "(`sg.metrics.paired_bootstrap` on `sg.metrics.tile_metrics`). Seeds pooled: on each resample every seed's "
         "metric is recomputed and averaged over the seeds, so the CI is that of the difference of the seed means"
-        + (", retrieval ranked among the tiles of one fold and the folds averaged by their resampled tiles" if args.folds else "")
+        + (pooled if args.folds else "")
         + f". `p`: two-sided bootstrap share. Reading: a CI inside ±{MARGIN:g} on R@10 % is called equal (the "
         "issue's equivalence margin); a CI that straddles 0 and leaves that margin is undetermined.",
         "",
@@ -692,6 +698,12 @@ def _curve_section(results, rows) -> list[str]:
             vals.append(f"{np.nanmean(v):.3f}" if np.isfinite(v).any() else "–")
         out.append(f"| `{name}` | " + " | ".join(vals) + " |")
     return out
+
+
+def _selection(results) -> str:
+    """What chose the kept checkpoint (older JSONs, without ``select_by``: the validation loss)."""
+    cfg = next((runs[0]["config"] for runs in results.values() if "config" in runs[0]), {})
+    return "retrieval (partner rank)" if cfg.get("select_by") == "retrieval" else "loss"
 
 
 def _best(runs) -> str:

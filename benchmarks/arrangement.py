@@ -34,13 +34,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import common_args  # noqa: E402
+
 SCALES = ("micro", "meso", "macro")
 logger = logging.getLogger("arrangement")
 
 ROWS = {
     "sigmma": ("Full SIGMMA", {}),
     "graph_multiscale": ("Cell graph + multi-scale (no edge addition)", {"edge_addition": False}),
-    "rewired": ("Control: full SIGMMA, edges rewired (degrees kept)", {"edges": "rewired"}),
+    "rewired": ("Control: full SIGMMA, edges rewired inside their blocks (degrees kept)", {"edges": "rewired"}),
+    "rewired_tile": ("Control: full SIGMMA, edges rewired across the whole tile (degrees kept)", {"edges": "rewired_tile"}),
     "no_edges": ("Control: same GNN and pooling, no edges", {"edge_addition": False, "edges": "none"}),
     "no_graph": ("No graph, multi-scale (MLP of the mean node features)", {"use_graph": False, "edge_addition": False}),
     "sigmma_expected": ("Full SIGMMA, edge_evaluation='expected'", {"edge_evaluation": "expected"}),
@@ -60,15 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
         "--rows",
         nargs="+",
         default=[r for r in ROWS if "untrained" not in r and r != "sigmma_expected"],
         choices=list(ROWS),
     )
-    p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=2)
+    common_args(p, seeds=(0,), threads=2)
     p.add_argument("--section-seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "bench_out" / "arrangement")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "arrangement.md")
@@ -212,11 +214,18 @@ def main(argv: list[str] | None = None) -> Path:
                  "seconds": out["seconds"], "steps": out["steps"], "edge": out["edge"]}
             )  # fmt: skip
             logger.info("%s seed %d: %s", name, seed, results[name][-1])
+        _report(args, argv, results, preds, hits, y, split, t_start, done=list(results))
+    return args.out
+
+
+def _report(args, argv, results, preds, hits, y, split, t_start, done) -> None:
+    """Paired comparisons of the rows run so far; write the JSON and the markdown (after every row)."""
+    test = split == 2
 
     # paired bootstrap over test tiles: the same resamples for every row and seed
     rng = np.random.default_rng(0)
     yt = y[test]
-    idx = rng.integers(0, yt.size, (args.bootstrap, yt.size))
+    idx = rng.integers(0, yt.size, (args.n_boot, yt.size))
 
     def boot_r2(name: str) -> np.ndarray:
         out = []
@@ -230,7 +239,7 @@ def main(argv: list[str] | None = None) -> Path:
         return np.mean([h[idx].mean(1) for h in hits[name]], 0)
 
     comparisons = []
-    names = list(args.rows)
+    names = [n for n in args.rows if n in done]
     for a, b in [(x, z) for i, x in enumerate(names) for z in names[i + 1 :]] + [
         (x, "ref_mean_features") for x in names
     ]:
@@ -255,9 +264,12 @@ def main(argv: list[str] | None = None) -> Path:
     args.out.with_suffix(".json").write_text(
         json.dumps({"info": info, "results": results, "comparisons": comparisons}, indent=1)
     )
-    args.out.write_text(render(info, results, comparisons))
+    partial = [n for n in args.rows if n not in done]
+    text = render(info, results, comparisons)
+    if partial:
+        text = f"**Partial report: rows {partial} still to run.**\n\n" + text
+    args.out.write_text(text)
     logger.info("Wrote %s", args.out)
-    return args.out
 
 
 def render(info: dict, results: dict, comparisons: list) -> str:

@@ -26,7 +26,18 @@ skip featurization. Every row then trains on the same tiles and the same spatial
 7. control, no edges: rows 5-6's network (six SAGE layers, attention pooling, heads) with no edge at all
    (``edges="none"``), so it differs from row 5 only by the edges;
 8. control, rewired edges: row 6 with every edge set rewired at random inside its blocks, degrees kept
-   (``edges="rewired"``).
+   (``edges="rewired"``);
+9. control, edges rewired across the whole tile: row 6 with every edge set's targets permuted among the tile's
+   cells, degrees kept (``edges="rewired_tile"``): the graph keeps the tile's composition, not its arrangement.
+
+Paired comparisons (issue 26): every trained run's per-tile evaluation arrays (retrieval embeddings, probe
+predictions) are kept (``<out>_tiles.npz``) and the differences the ablation concludes from (full SIGMMA minus
+no graph multi-scale, minus no edges, minus each rewiring, minus no edge addition, ...) get a paired bootstrap CI
+over the evaluation tiles through ``sg.metrics.tile_metrics`` / ``sg.metrics.paired_bootstrap``, seeds pooled as
+``benchmarks/_bench.py`` states (each seed's metric recomputed on each resample, then averaged over seeds).
+``--folds K`` trains every row once per spatial fold (``sg.metrics.spatial_folds``: fold ``f`` = test, fold
+``f + 1`` = validation, the rest training), so every tile with cells is a test tile once; retrieval ranks among
+the tiles of one fold and the folds are pooled.
 
 Training uses the package's defaults (:class:`sigmma_sc.model.SigmmaConfig`: a budget of 1000 optimiser steps,
 batches of at most a quarter of the training tiles, AdamW lr 1e-3 with warm-up and cosine decay, gradient
@@ -57,6 +68,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import load_arrays, paired_rows, save_arrays, verdict  # noqa: E402
 
 logger = logging.getLogger("paper_table")
 
@@ -122,7 +134,33 @@ ROWS: tuple[dict[str, Any], ...] = (
             "edges": "rewired",
         },
     },
+    {
+        "name": "rewired_tile",
+        "label": "Control: full SIGMMA with edges rewired across the whole tile (degrees kept)",
+        "ticks": ("✓", "✓", "✓"),
+        "config": {
+            "scales": SCALES,
+            "use_graph": True,
+            "edge_addition": True,
+            "graph": "hierarchical",
+            "edges": "rewired_tile",
+        },
+    },
 )
+
+#: the paired differences the ablation concludes from (a - b), in this order
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("sigmma", "bleep_multiscale"),
+    ("graph_multiscale", "bleep_multiscale"),
+    ("sigmma", "no_edges"),
+    ("sigmma", "rewired"),
+    ("sigmma", "rewired_tile"),
+    ("sigmma", "graph_multiscale"),
+    ("no_edges", "bleep_multiscale"),
+    ("sigmma", "bleep"),
+)
+#: equivalence margin of R@10% (issue 26: "equal within ±0.03")
+MARGIN = 0.03
 
 
 # the paper's Table 5 (HEST1k-LUAD, UNI backbone, GPU) for reference: PCC, and R@10% in both directions
@@ -179,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the default output name")
     p.add_argument("--from-json", type=Path, default=None, help="re-render the markdown of a finished run's JSON")
     p.add_argument("--add-to", type=Path, default=None, help="run --rows and merge them into a finished run's JSON")
+    p.add_argument("--folds", type=int, default=None, help="spatial k-fold: train every row once per fold")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the paired CIs")
     args = p.parse_args(argv)
     _defaults(args)
     return args
@@ -368,7 +408,32 @@ def run_backbone(row: dict[str, Any], sdata, args: argparse.Namespace) -> dict[s
         keys = [f"sigmma_backbone_{s}" for s in SCALES]
     out = _score(sdata, {"model": keys}, args)
     out["model"]["train_seconds"] = 0.0
+    out["_arrays"] = _tile_arrays(sdata, None, keys, args)
     return out
+
+
+def _eval_mask(tiles, split: str) -> np.ndarray:
+    """The evaluation tiles as ``sg.metrics`` selects them: the split's tiles that hold cells."""
+    mask = tiles.obs["split"].astype(str).to_numpy() == split
+    return mask & (tiles.obs["n_cells"].to_numpy() > 0)
+
+
+def _tile_arrays(sdata, written, keys: list[str], args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Per-tile arrays of one run on the evaluation tiles (``_bench.run_arrays``): retrieval embeddings when the run
+    has them (``written``: ``sg.tl.embed``'s record of its keys), and both protocols' probes of ``keys``."""
+    from _bench import run_arrays
+
+    import sigmma_sc as sg
+
+    tiles = sdata.tables["sigmma_tiles"]
+    probes = [
+        sg.metrics.linear_probe(tiles, keys, protocol=p, eval_split=args.eval_split, n_genes=args.n_genes)
+        for p in ("paper", "hest")
+    ]
+    mask = _eval_mask(tiles, args.eval_split)
+    if written is None:
+        return run_arrays(tiles, {"image": {}, "st": {}}, mask, probes)
+    return run_arrays(tiles, written, mask, probes)
 
 
 def run_model(row: dict[str, Any], sdata, bundle, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -387,7 +452,8 @@ def run_model(row: dict[str, Any], sdata, bundle, seed: int, args: argparse.Name
     history = model.fit(bundle, seed=seed, device=args.device, progress=False)
     seconds = time.perf_counter() - t0
     key = f"{row['name']}_s{seed}"
-    sg.tl.embed(sdata, model, device=args.device, key_added=key)
+    # only the tile embeddings are scored: no shifted cell passes
+    sg.tl.embed(sdata, model, device=args.device, key_added=key, shifts=None)
     tiles, cells = sdata.tables["sigmma_tiles"], sdata.tables["table"]
     written = tiles.uns[key]["embed"]["keys"]  # the record sg.tl.embed keeps of what it wrote
     for k in written.get("cell", {}).values():
@@ -401,6 +467,9 @@ def run_model(row: dict[str, Any], sdata, bundle, seed: int, args: argparse.Name
     if len(model.scales) > 1:
         embeddings["macro"] = [written["image"]["macro"]]
     out = _score(sdata, embeddings, args, use_rep=key)
+    out["_arrays"] = _tile_arrays(sdata, written, embeddings["model"], args)
+    for k in {*written["image"].values(), *written["st"].values()}:  # the arrays are kept; free the tile table
+        del tiles.obsm[k]
     diag = model.diagnostics
     val = [h["val_loss"] for h in history if h["val_loss"] is not None]
     best = diag.get("best_epoch", len(history)) - 1  # the kept weights (select_by decides)
@@ -415,6 +484,8 @@ def run_model(row: dict[str, Any], sdata, bundle, seed: int, args: argparse.Name
         "best_val_rank": float(diag.get("best_val_rank", np.nan)),
         "val_chance": float(history[-1].get("val_chance") or np.nan) if history else float("nan"),
     }
+    # validation retrieval (partner rank, 0.5 = chance) against the optimiser step: is the budget enough?
+    out["curve"] = [[int(h["step"]), float(h["val_rank"])] for h in history if h.get("val_rank") is not None]
     # edge addition at work (issue 9): last epoch's sampled-candidate fraction and mean edge probability
     for s in ("meso", "macro"):
         for k in ("edge_sampled", "edge_prob", "edge_grad"):
@@ -450,7 +521,7 @@ def summarise(results: dict[str, list[dict[str, dict[str, float]]]]) -> dict[str
 
 
 def render(
-    results, info, args, argv, runtime: float, baseline: dict[str, dict[str, float]], date: str, extra=()
+    results, info, args, argv, runtime: float, baseline: dict[str, dict[str, float]], date: str, extra=(), store=None
 ) -> str:
     """The markdown report."""
     import torch
@@ -479,7 +550,9 @@ def render(
             if info.get("contact_program")
             else ""
         ),
-        f"- Training: {_training_line(results, args)}; checkpoint = best validation loss; seeds {args.seeds}",
+        f"- Training: {_training_line(results, args)}; checkpoint = best validation {_selection(results)}; seeds "
+        f"{args.seeds}"
+        + (f"; {args.folds}-fold spatial cross-validation (one model per fold, row and seed)" if args.folds else ""),
         f"- Scored on the {split_name} tiles ({_n_eval(results)} tiles); probes fit on training tiles only, paper "
         "protocol's ridge alpha chosen on validation tiles; cells: mean ± std over seeds (frozen backbone: "
         "deterministic, one value)",
@@ -542,8 +615,95 @@ def render(
             "",
             "Investigation of these numbers (validation split only): `benchmarks/results/" + notes.name + "`.",
         ]
+    lines += _paired_section(store, args)
+    lines += _curve_section(results, rows)
     lines += ["", "## What the numbers say", "", *answers(summarise(results), info | {"n_eval": _n_eval(results)}), ""]
     return "\n".join(lines)
+
+
+def _paired_section(store, args: argparse.Namespace) -> list[str]:
+    """Paired bootstrap CIs of the differences the ablation concludes from (``sg.metrics.paired_bootstrap``)."""
+    if not store:
+        return []
+    rows = paired_rows(store, PAIRS, n_boot=args.n_boot)
+    if not rows:
+        return []
+    n = rows[0]["n_tiles"]
+    tiles = (
+        f"{args.folds}-fold spatial cross-validation (every tile with cells tested once)"
+        if args.folds
+        else f"the {args.eval_split} split"
+    )
+    pooled = ", retrieval ranked among the tiles of one fold and the folds averaged by their resampled tiles"
+    out = [
+        "",
+        "## Paired differences (95 % CI)",
+        "",
+        f"Paired bootstrap over the {n} evaluation tiles of {tiles}, {rows[0]['n_boot']} resamples "
+        "(`sg.metrics.paired_bootstrap` on `sg.metrics.tile_metrics`). Seeds pooled: on each resample every seed's "
+        "metric is recomputed and averaged over the seeds, so the CI is that of the difference of the seed means"
+        + (pooled if args.folds else "")
+        + f". `p`: two-sided bootstrap share. Reading: a CI inside ±{MARGIN:g} on R@10 % is called equal (the "
+        "issue's equivalence margin); a CI that straddles 0 and leaves that margin is undetermined.",
+        "",
+        "| a − b | metric | a | b | difference [95 % CI] | p | seeds | reading |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    labels = dict(_bench_metrics())
+    for r in rows:
+        margin = MARGIN if "R@" in r["metric"] else None
+        out.append(
+            f"| `{r['a']}` − `{r['b']}` | {labels.get(r['metric'], r['metric'])} | {r['value_a']:.3f} | "
+            f"{r['value_b']:.3f} | {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {_p(r['p'])} | "
+            f"{r['n_seeds']} | {verdict(r, margin)} |"
+        )
+    return out
+
+
+def _bench_metrics():
+    from _bench import PAIRED_METRICS
+
+    return PAIRED_METRICS
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def _curve_section(results, rows) -> list[str]:
+    """Validation retrieval (partner rank; 0.5 = chance, lower is better) against the step, per trained row: has the
+    budget been enough? Mean over seeds at each validated step."""
+    curves = {r["name"]: [x.get("curve") for x in results[r["name"]]] for r in rows if "config" in r}
+    curves = {k: v for k, v in curves.items() if v and all(v)}
+    if not curves:
+        return []
+    steps = sorted({int(s) for v in curves.values() for c in v for s, _ in c})
+    if len(steps) > 10:
+        steps = [steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, 10)]
+    out = [
+        "",
+        "## Validation retrieval against the step (the budget)",
+        "",
+        "Validation partner rank (0 = every tile's image finds its own cells first, 0.5 = chance; the selection "
+        "criterion, `select_by='retrieval'`), mean over seeds, at validated steps (nearest validation at or before "
+        "the step). A row whose rank still falls at the end of the budget has not stopped improving.",
+        "",
+        "| row | " + " | ".join(str(s) for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for name, cs in curves.items():
+        vals = []
+        for st in steps:
+            v = [next((r for s, r in reversed(c) if s <= st), np.nan) for c in cs]
+            vals.append(f"{np.nanmean(v):.3f}" if np.isfinite(v).any() else "–")
+        out.append(f"| `{name}` | " + " | ".join(vals) + " |")
+    return out
+
+
+def _selection(results) -> str:
+    """What chose the kept checkpoint (older JSONs, without ``select_by``: the validation loss)."""
+    cfg = next((runs[0]["config"] for runs in results.values() if "config" in runs[0]), {})
+    return "retrieval (partner rank)" if cfg.get("select_by") == "retrieval" else "loss"
 
 
 def _best(runs) -> str:
@@ -761,38 +921,61 @@ def main(argv: list[str] | None = None) -> Path:
     t_start = time.perf_counter()
     sdata, bundle, info = prepare(args)
     logger.info("Section: %s", info)
-    import sigmma_sc as sg
 
-    rows = [r for r in ROWS if args.rows is None or r["name"] in args.rows]
+    rows = list(ROWS) if args.rows is None else [r for n in args.rows for r in ROWS if r["name"] == n]  # run order
     unknown = set(args.rows or ()) - {r["name"] for r in ROWS}
     if unknown:
         raise SystemExit(f"Unknown rows {sorted(unknown)}; choose from {[r['name'] for r in ROWS]}.")
     results: dict[str, list[dict[str, dict[str, float]]]] = {}
+    store: dict[str, list[list[dict[str, np.ndarray]]]] = {}  # row -> seeds -> folds -> per-tile arrays
     if args.add_to is not None:
         raw = json.loads(args.add_to.read_text())
         results = raw["results"]
+        if _arrays_path(args.add_to).exists():
+            store = load_arrays(_arrays_path(args.add_to))
+    splits = _fold_splits(sdata, bundle, args)
+    own_split = (sdata.tables["sigmma_tiles"].obs["split"].astype(str).to_numpy().copy(), bundle.split.clone())
     for row in rows:
-        if "config" not in row:
-            results[row["name"]] = [run_backbone(row, sdata, args)]
-            logger.info("%s: %s", row["name"], _brief(results[row["name"]][-1]["model"]))
-            continue
-        results[row["name"]] = []
-        for seed in args.seeds:
-            results[row["name"]].append(run_model(row, sdata, bundle, seed, args))
-            logger.info("%s seed %d: %s", row["name"], seed, _brief(results[row["name"]][-1]["model"]))
+        seeds = args.seeds if "config" in row else [None]
+        per_fold = {seed: [] for seed in seeds}
+        for f, (tile_split, bundle_split) in enumerate(splits):
+            _set_split(sdata, bundle, tile_split, bundle_split)
+            for seed in seeds:
+                r = run_backbone(row, sdata, args) if seed is None else run_model(row, sdata, bundle, seed, args)
+                per_fold[seed].append(r)
+                logger.info("%s seed %s fold %d: %s", row["name"], seed, f, _brief(r["model"]))
+        results[row["name"]] = [_pool_folds(runs) for runs in per_fold.values()]
+        store[row["name"]] = [[r.pop("_arrays") for r in runs] for runs in per_fold.values()]
+        if args.add_to is None and row is not rows[-1]:  # a partial report after every row (long runs)
+            _write(args, argv, info, results, store, sdata, t_start, own_split, partial=True)
     if args.add_to is not None:
         order = [r["name"] for r in ROWS]
         raw["results"] = dict(sorted(results.items(), key=lambda kv: order.index(kv[0])))
         raw.setdefault("extra_commands", []).append(argv)
         args.add_to.write_text(json.dumps(raw, indent=1, default=float))
+        save_arrays(_arrays_path(args.add_to), store)
         return _rerender(args.add_to)
+    return _write(args, argv, info, results, store, sdata, t_start, own_split)
+
+
+def _write(args, argv, info, results, store, sdata, t_start: float, own_split, *, partial: bool = False) -> Path:
+    """Write the markdown, the JSON and the per-tile arrays of the rows run so far."""
+    import sigmma_sc as sg
+
+    tiles = sdata.tables["sigmma_tiles"]
+    fold_split = tiles.obs["split"].copy()
+    _set_split(sdata, None, own_split[0], None)  # the reference baseline on the section's own split
     baseline = {p: sg.metrics.mean_baseline(sdata, protocol=p, eval_split=args.eval_split) for p in ("paper", "hest")}
+    tiles.obs["split"] = fold_split
     runtime = time.perf_counter() - t_start
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    text = render(results, info, args, argv, runtime, baseline, date)
     tag = f"_{args.tag}" if args.tag else ""
     out = args.out or ROOT / "benchmarks" / "results" / f"paper_table_{args.dataset}{tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    save_arrays(_arrays_path(out), store)
+    text = render(results, info, args, argv, runtime, baseline, date, store=store)
+    if partial:
+        text = "**Partial report: the run is still going (rows so far).**\n\n" + text
     out.write_text(text)
     raw = {
         "argv": argv,
@@ -804,7 +987,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float))
     logger.info("Wrote %s (%.1f min)", out, runtime / 60)
-    print(text)
+    if not partial:
+        print(text)
     return out
 
 
@@ -812,13 +996,84 @@ def _rerender(path: Path) -> Path:
     """Markdown of a finished run from its JSON (same command-line arguments, current rendering code)."""
     raw = json.loads(Path(path).read_text())
     args = parse_args(raw["argv"])
+    store = load_arrays(_arrays_path(path)) if _arrays_path(path).exists() else None
     text = render(
         raw["results"], raw["info"], args, raw["argv"], raw["runtime_seconds"], raw["baseline"], raw["date"],
-        raw.get("extra_commands", ()),
+        raw.get("extra_commands", ()), store=store,
     )  # fmt: skip
     out = Path(path).with_suffix(".md")
     out.write_text(text)
     print(text)
+    return out
+
+
+def _arrays_path(path: Path) -> Path:
+    """Where a run's per-tile evaluation arrays are kept (next to its JSON)."""
+    path = Path(path)
+    return path.with_name(path.stem + "_tiles.npz")
+
+
+def _fold_splits(sdata, bundle, args: argparse.Namespace) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(tile-table split names, bundle split codes)`` per fold: the section's own split, or with ``--folds K``
+    fold ``f`` of ``sg.metrics.spatial_folds`` as test, fold ``f + 1`` as validation and the rest as training
+    (tiles without cells: unused)."""
+    import sigmma_sc as sg
+
+    tiles = sdata.tables["sigmma_tiles"]
+    if bundle.n_tiles != tiles.n_obs:
+        raise SystemExit(f"The bundle has {bundle.n_tiles} tiles, the tile table {tiles.n_obs}: rebuild the cache.")
+    own = (tiles.obs["split"].astype(str).to_numpy().copy(), bundle.split.clone())
+    if args.folds is None:
+        return [own]
+    fold = sg.metrics.spatial_folds(tiles, args.folds)
+    out = []
+    for f in range(args.folds):
+        names = np.where(fold == f, "test", np.where(fold == (f + 1) % args.folds, "val", "train")).astype(object)
+        names[fold < 0] = "buffer"
+        codes = {"train": 0, "val": 1, "test": 2, "buffer": 3}
+        out.append((names, torch_split(np.array([codes[n] for n in names]), bundle.split)))
+    return out
+
+
+def torch_split(codes: np.ndarray, like):
+    """``codes`` as a tensor of ``like``'s dtype and device."""
+    import torch
+
+    return torch.as_tensor(codes, dtype=like.dtype, device=like.device)
+
+
+def _set_split(sdata, bundle, tile_split: np.ndarray, bundle_split) -> None:
+    """Set the split of the tile table (in memory; the cache is never rewritten) and of the bundle."""
+    import pandas as pd
+
+    tiles = sdata.tables["sigmma_tiles"]
+    tiles.obs["split"] = pd.Categorical(tile_split, categories=["train", "val", "test", "buffer"])
+    if bundle is not None:
+        bundle.split = bundle_split
+
+
+def _pool_folds(runs: list[dict]) -> dict:
+    """One seed's result over folds: each number weighted by the fold's evaluation tiles (one fold: as it is)."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict = {}
+    for part in runs[0]:
+        if part in ("config",):
+            out[part] = runs[0][part]
+            continue
+        if part == "curve":
+            out[part] = runs[0][part]  # the first fold's curve
+            continue
+        if part.startswith("_"):
+            continue
+        w = np.array([r[part].get("n_eval", 1.0) for r in runs], dtype=float)
+        out[part] = {}
+        for k in runs[0][part]:
+            v = np.array([r[part].get(k, np.nan) for r in runs], dtype=float)
+            ok = np.isfinite(v)
+            out[part][k] = float((w[ok] * v[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
+        out[part]["n_eval"] = float(w.sum())
+    out["n_folds"] = len(runs)
     return out
 
 

@@ -34,19 +34,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import common_args  # noqa: E402
+
 logger = logging.getLogger("split_buffer")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--buffer", type=int, default=1)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--bootstrap", type=int, default=2000)
+    common_args(p, seeds=(0,), threads=1)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "bench_out" / "split_buffer")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "split_buffer.md")
     return p.parse_args(argv)
@@ -128,7 +128,7 @@ def main(argv=None):
             i2s, s2i = scores(model, bundle, test)
             hits[arm].append((i2s, s2i))
             logger.info("%s seed %d: I->ST R@10%% %.3f, ST->I %.3f", arm, seed, i2s.mean(), s2i.mean())
-    idx = np.random.default_rng(1).integers(0, int(test.sum()), (args.bootstrap, int(test.sum())))
+    idx = np.random.default_rng(1).integers(0, int(test.sum()), (args.n_boot, int(test.sum())))
 
     def boot(arm, d):
         return np.mean([h[d][idx].mean(1) for h in hits[arm]], 0)

@@ -352,7 +352,7 @@ def test_tile_graph_config_train_save_load(bundle, small_config, tmp_path):
     assert SigmmaConfig.from_dict(old).graph == "hierarchical"
 
 
-@pytest.mark.parametrize("edges", ["none", "rewired"])
+@pytest.mark.parametrize("edges", ["none", "rewired", "rewired_tile"])
 def test_edge_controls_train_save_load(bundle, small_config, tmp_path, edges):
     """The no-edges / rewired-edges controls: same parameters as the spatial model, trained, saved and loaded."""
     cfg = SigmmaConfig(n_features=4, image_dim=6, edges=edges)

@@ -447,11 +447,78 @@ def test_rewired_control_keeps_degrees_blocks_and_is_batch_independent(toy_batch
     torch.testing.assert_close(c.pooled["macro"], a.pooled["macro"][[5, 2]], rtol=1e-5, atol=1e-6)
 
 
+def _segregated_tiles(n_tiles=3, side=12, k=6):
+    """Tiles of ``side x side`` cells on a jittered grid, type 0 on the left half and type 1 on the right; 6-NN edges
+    (both directions) and the candidates of the bundle's rule (k nearest in the meso block / tile)."""
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    grid = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+    pos, batch, types, edges, cands = [], [], [], [], {"meso": [], "macro": []}
+    for t in range(n_tiles):
+        p = ((grid + 0.5 + 0.3 * (torch.rand(grid.shape, generator=g) - 0.5)) / side).clamp(0, 0.999)
+        off = t * p.shape[0]
+        d = torch.cdist(p, p) + torch.eye(p.shape[0]) * 10
+        nn_ = d.topk(k, largest=False).indices
+        src = torch.arange(p.shape[0]).repeat_interleave(k)
+        edges.append(torch.stack([src, nn_.flatten()]) + off)
+        for s, gsize in (("meso", GRID["meso"]), ("macro", 1)):
+            blk = torch.floor(p * gsize).long().clamp(0, gsize - 1)
+            same = (blk[:, None] == blk[None]).all(-1)
+            dc = torch.where(same, d, torch.full_like(d, 100.0))
+            far = dc.topk(2 * k, largest=False).indices[:, k:]  # beyond the kNN, inside the block
+            cands[s].append(torch.stack([src, far.flatten()]) + off)
+        pos.append(p)
+        batch.append(torch.full((p.shape[0],), t))
+        types.append((p[:, 0] >= 0.5).long())
+    return (torch.cat(pos), torch.cat(batch), torch.cat(types), torch.cat(edges, 1),
+            torch.cat(cands["meso"], 1), torch.cat(cands["macro"], 1))  # fmt: skip
+
+
+def test_rewired_tile_removes_arrangement_the_in_block_rewiring_keeps():
+    """On segregated tiles (left half one type, right half the other), the in-block rewiring keeps the micro graph
+    homotypic (arrangement kept); the tile-wide rewiring makes about half of every edge set heterotypic, as
+    random partners in the tile would, with every degree and the section sizes kept and every edge in its tile."""
+    pos, batch, types, ei, cm, cM = _segregated_tiles()
+    n = pos.shape[0]
+    x = torch.nn.functional.one_hot(types, 6).float()
+    hetero = {}
+    for edges in ("spatial", "rewired", "rewired_tile"):
+        enc = _encoder(edges=edges).eval()
+        out = enc(x, pos, batch, ei, cm, cM, num_tiles=3)
+        ref = _encoder().eval()(x, pos, batch, ei, cm, cM, num_tiles=3)
+        for s in SCALES:
+            g_ei, _ = out.graphs[s]
+            r_ei, _ = ref.graphs[s]
+            assert g_ei.shape == r_ei.shape
+            assert (batch[g_ei[0]] == batch[g_ei[1]]).all()  # never leaves the tile
+            hetero[edges, s] = float((types[g_ei[0]] != types[g_ei[1]]).float().mean())
+        micro, ref_micro = out.graphs["micro"][0], ref.graphs["micro"][0]
+        for a, c in zip(_degrees(micro, n), _degrees(ref_micro, n), strict=True):
+            assert torch.equal(a, c)
+        for s in ("meso", "macro"):
+            for a, c in zip(_degrees(out.added[s][0], n), _degrees(ref.added[s][0], n), strict=True):
+                assert torch.equal(a, c)
+        if edges == "rewired_tile":
+            assert not same_block(micro, pos, batch, GRID["micro"]).all()  # out of the blocks
+            assert (micro[0] != micro[1]).float().mean() > 0.98
+    for s in SCALES:
+        assert hetero["spatial", s] < 0.1
+        assert hetero["rewired", "micro"] < 0.1  # inside a micro block the partners keep their type
+        assert 0.35 < hetero["rewired_tile", s] < 0.65  # random partners in the tile: about half heterotypic
+    # a fixed draw per tile: the same graph in every pass
+    enc_tile = _encoder(edges="rewired_tile").eval()
+    out = enc_tile(x, pos, batch, ei, cm, cM, num_tiles=3)
+    again = enc_tile(x, pos, batch, ei, cm, cM, num_tiles=3)
+    torch.testing.assert_close(out.pooled["macro"], again.pooled["macro"])  # a fixed draw
+
+
 def test_edges_switch_errors():
     with pytest.raises(ValueError, match="one of"):
         _encoder(edges="random")
     with pytest.raises(ValueError, match="use_graph"):
         _encoder(edges="none", use_graph=False)
+    with pytest.raises(ValueError, match="use_graph"):
+        _encoder(edges="rewired_tile", use_graph=False)
 
 
 def test_tau_changes_the_gradient_not_the_sampled_edges():

@@ -250,3 +250,29 @@ def test_embed_checks_a_new_section_before_writing(prepared):
     with pytest.raises(ValueError, match="genes differ from those the model was trained on"):
         sg.tl.embed(panel, model)
     _assert_nothing_embedded(panel)
+
+
+def test_train_with_the_papers_candidate_rule(prepared):
+    """``candidates='all'`` reaches ``build_bundle``: more candidates than the kNN rule, recorded on the model, and
+    ``sg.tl.embed`` builds the evaluation graph with the same rule (its ST embedding is the 'all' bundle's)."""
+    from sigmma_sc.data import build_bundle
+
+    with pytest.raises(ValueError, match="'knn' or 'all'"):
+        sg.tl.train_sigmma(prepared, epochs=1, candidates="every", **TINY)
+    knn = sg.tl.train_sigmma(prepared, epochs=1, **TINY)
+    model = sg.tl.train_sigmma(prepared, epochs=1, candidates="all", **TINY)
+    assert model.meta["candidates"] == "all"
+    assert knn.meta["candidates"] == "knn"
+    n_cand = {r: build_bundle(prepared, candidates=r)[0].cand_macro.shape[1] for r in ("all", "knn")}
+    assert n_cand["all"] > n_cand["knn"]  # every pair of the tile vs the nearest ones
+    sg.tl.embed(prepared, model, key_added="all")
+    tiles = prepared.tables[Keys.TILE_TABLE]
+    written = tiles.uns["all"]["embed"]["keys"]["st"]["macro"]
+    rows = tiles.obs[Keys.N_CELLS].to_numpy() > 0
+    def unit(z):
+        z = np.asarray(z, dtype=np.float64)[rows]
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    st = {r: unit(model.encode_st(build_bundle(prepared, candidates=r)[0])[0]["macro"]) for r in ("all", "knn")}
+    np.testing.assert_allclose(unit(tiles.obsm[written]), st["all"], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(st["all"], st["knn"], atol=1e-4)

@@ -90,8 +90,9 @@ class SigmmaConfig:
         Table 5; needs ``scales=("macro",)`` and ``edge_addition=False``).
     edges
         The GNN's edges: ``"spatial"`` (default: the cell graphs), ``"none"`` (the no-edges control: the same GNN
-        depth, attention pooling and heads with no edge at all, so no message passing) or ``"rewired"`` (the
-        rewired-edges control: every edge set's targets permuted at random inside its blocks, degrees kept; see
+        depth, attention pooling and heads with no edge at all, so no message passing), ``"rewired"`` (the
+        rewired-edges control: every edge set's targets permuted at random inside its blocks, degrees kept) or
+        ``"rewired_tile"`` (the same across the whole tile: no arrangement left in the graph; see
         :class:`~sigmma_sc.nn.HierarchicalGraphEncoder`). Needs ``use_graph=True``.
     lr, weight_decay
         AdamW parameters (``lr`` is the peak learning rate after warm-up).

@@ -126,8 +126,9 @@ class GraphEncoderOutput:
 
 GRAPHS = ("hierarchical", "tile")
 #: what the GNN's edges are: the spatial graphs, none (self only: the no-edges control) or the spatial graphs with
-#: their targets rewired at random inside each block, every degree kept (the rewired-edges control)
-EDGES = ("spatial", "none", "rewired")
+#: their targets rewired at random inside each block, every degree kept (the rewired-edges control), or across the
+#: whole tile (the tile-wide rewired control: no arrangement left in which cells are linked)
+EDGES = ("spatial", "none", "rewired", "rewired_tile")
 
 
 def check_graph(
@@ -185,7 +186,10 @@ class HierarchicalGraphEncoder(nn.Module):
     same tile) and the targets of the meso / macro candidates among those of the same meso block / tile
     (``sigmma_sc.nn._edges.rewire_edges``): every cell keeps its in- and out-degree in each edge set and every
     edge stays in its block, but which cells are linked is random (a fixed draw per tile, the same in training
-    and at inference).
+    and at inference). Inside a small block the partners stay near each other, so ``"rewired"`` keeps the
+    arrangement at scales above the block; ``edges="rewired_tile"`` permutes the targets of every edge set among
+    the edges of the same kind in the whole tile instead (each cell keeps its in- and out-degree in each edge set,
+    but its partners are any cells of its tile, so the graph carries the tile's composition and no arrangement).
 
     Parameters
     ----------
@@ -212,8 +216,9 @@ class HierarchicalGraphEncoder(nn.Module):
         ``"hierarchical"`` (micro -> meso -> macro, see above) or ``"tile"`` (one GNN over the tile's kNN graph;
         needs ``scales=("macro",)`` and ``edge_addition=False``).
     edges
-        ``"spatial"`` (the graphs above), ``"none"`` (no edges: the no-edges control) or ``"rewired"`` (degree-
-        preserving random rewiring inside blocks: the rewired-edges control); see above.
+        ``"spatial"`` (the graphs above), ``"none"`` (no edges: the no-edges control), ``"rewired"`` (degree-
+        preserving random rewiring inside blocks: the rewired-edges control) or ``"rewired_tile"`` (the same across
+        the whole tile); see above.
     edge_evaluation
         Edge weights of an evaluation pass: ``"threshold"`` (keep ``s_uv > 0.5``) or ``"expected"`` (weight
         ``s_uv``); see :class:`~sigmma_sc.nn.EdgeSampler`.
@@ -326,10 +331,12 @@ class HierarchicalGraphEncoder(nn.Module):
         if self.edges == "none":
             edge_index = cand_meso = cand_macro = _empty_edges(device)
             edge_sections, candidates_in_blocks = (0, 0, 0), True
-        elif self.edges == "rewired":
+        elif self.edges in ("rewired", "rewired_tile"):
+            tile_wide = self.edges == "rewired_tile"
             edge_index, cand_meso, cand_macro, edge_sections = _rewired(
-                edge_index, cand_meso, cand_macro, pos, batch, num_tiles, edge_sections
+                edge_index, cand_meso, cand_macro, pos, batch, num_tiles, edge_sections, tile_wide=tile_wide
             )
+            candidates_in_blocks = candidates_in_blocks or tile_wide  # rewired out of their blocks: keep them
         cands = {"meso": cand_meso, "macro": cand_macro}
         nodes: dict[str, Tensor] = {}
         graphs: dict[str, tuple[Tensor, Tensor]] = {}
@@ -370,11 +377,13 @@ def _rewired(
     batch: Tensor,
     num_tiles: int,
     edge_sections: tuple[int, int, int] | None,
+    *,
+    tile_wide: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[int, int, int]]:
     """The rewired-edges control: every edge set rewired inside its blocks (see :class:`HierarchicalGraphEncoder`).
 
     The kNN edges come back ordered into ``(same micro block, same meso block only, other)`` sections, each
-    rewired inside the blocks of its sources at that scale, with the section sizes.
+    rewired inside the blocks of its sources at that scale (``tile_wide``: inside the tile), with the section sizes.
     """
     local = tile_local_index(batch, num_tiles)
     ids = {s: block_ids(pos, batch, GRID[s]) for s in ("micro", "meso")}
@@ -391,9 +400,12 @@ def _rewired(
         edge_index, group = edge_index[:, order], group[order]
         src = edge_index[0]
     block = torch.where(group == 0, ids["micro"][src], torch.where(group == 1, ids["meso"][src], tile[src]))
+    if tile_wide:
+        block = tile[src]
     edge_index = rewire_edges(edge_index, block * 3 + group, local, salt=0)
     sections = tuple(int(c) for c in torch.bincount(group, minlength=3).tolist())
     out = []
-    for salt, (cand, seg) in enumerate(((cand_meso, ids["meso"]), (cand_macro, tile)), start=1):
+    meso_seg = tile if tile_wide else ids["meso"]
+    for salt, (cand, seg) in enumerate(((cand_meso, meso_seg), (cand_macro, tile)), start=1):
         out.append(None if cand is None else rewire_edges(cand, seg[cand[0]], local, salt=salt))
     return edge_index, out[0], out[1], sections  # type: ignore[return-value]

@@ -176,13 +176,14 @@ def st_bundle(sdata: SpatialData, model: SigmmaModel, tiling: Tiling, graph: Cel
     section's fingerprint matches, so ``embed`` right after ``train_sigmma`` does not draw the candidate edges
     again.
     """
+    rule = (model.meta or {}).get("candidates", "knn")  # the candidate rule the model was trained with
     kept = getattr(model, "training_bundle", None)
     if kept is not None and getattr(kept, "inputs_fingerprint", None) is not None:
         inputs = st_inputs(tiling, graph)
-        if kept.inputs_fingerprint == inputs_fingerprint(inputs, n_candidates=graph.n_neighs, candidates="knn"):
+        if kept.inputs_fingerprint == inputs_fingerprint(inputs, n_candidates=graph.n_neighs, candidates=rule):
             logger.info("Reusing the bundle training built (same cells, tiles, graph and node features).")
             return kept, kept.cell_rows
-    return bundle_from_records(sdata, tiling, graph, require_image_features=False)
+    return bundle_from_records(sdata, tiling, graph, require_image_features=False, candidates=rule)
 
 
 def _check_image_side(sdata: SpatialData, model: SigmmaModel, tiling: Tiling, image_key: str | None) -> bool:

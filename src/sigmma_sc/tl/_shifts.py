@@ -158,7 +158,7 @@ def shifted_cell_embeddings(
         raise ValueError(f"`blend` must be 'tent' or 'mean', got {blend!r}.")
     power = BLEND_POWER if power is None else float(power)
     graph = CellGraph.resolve(sdata, Tiling.resolve(sdata, tile_key), table_key=table_key, graph_key=graph_key)
-    grid = _ShiftedGrids(graph)
+    grid = _ShiftedGrids(graph, (model.meta or {}).get("candidates", "knn"))
     n_obs = graph.cells.n_obs
 
     sums: dict[str, np.ndarray] = {}
@@ -229,9 +229,10 @@ class _ShiftedGrids:
     the bundle from :func:`~sigmma_sc.data._build.bundle_from_arrays`; nothing is written.
     """
 
-    def __init__(self, graph: CellGraph):
+    def __init__(self, graph: CellGraph, candidates: str = "knn"):
         tiling = graph.tiling
         self.graph = graph
+        self.candidates = candidates  # the candidate rule of the model's training (``model.meta['candidates']``)
         self.xy = graph.positions()
         self.tiled = tiling.cell_tiles(graph.cells, graph.table_key) >= 0
         self.x = graph.features()
@@ -253,6 +254,6 @@ class _ShiftedGrids:
         origins = np.c_[origin[0] + (kept % n_cols) * self.size, origin[1] + (kept // n_cols) * self.size]
         bundle, rows = bundle_from_arrays(
             x=self.x, xy=self.xy, tile_of=tile, micro=blocks["micro"], meso=blocks["meso"], connectivities=conn,
-            tile_origins=origins, tile_size=self.size, n_candidates=self.graph.n_neighs,
+            tile_origins=origins, tile_size=self.size, n_candidates=self.graph.n_neighs, candidates=self.candidates,
         )  # fmt: skip
         return origin, bundle, rows

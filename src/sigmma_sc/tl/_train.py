@@ -49,6 +49,7 @@ def train_sigmma(
     n_comps: int | None = None,
     layer: str | None = None,
     callbacks: Sequence[Callback] | None = None,
+    candidates: Literal["knn", "all"] = "knn",
     **config: Any,
 ) -> SigmmaModel:
     """Train the multi-scale graph contrastive model on a tiled section.
@@ -128,6 +129,11 @@ def train_sigmma(
     callbacks
         :class:`~sigmma_sc.train.Callback` hooks that observe training (loss curves, edge-sampler statistics,
         validation retrieval) without changing it.
+    candidates
+        Candidate rule of stochastic edge addition (see :func:`sigmma_sc.data.build_bundle`): ``"knn"`` (each cell's
+        nearest not-yet-linked cells of its block) or ``"all"`` (the paper's rule, §3.2: every not-yet-linked pair
+        inside the meso block / tile; several times the candidates, so more memory and time per step). Recorded in
+        ``model.meta['candidates']``; :func:`sigmma_sc.tl.embed` uses the same rule. One section only.
     **config
         Further :class:`~sigmma_sc.model.SigmmaConfig` fields, e.g. ``hidden``, ``temperature``, ``lr``,
         ``scales=('macro',)``, ``use_graph=False``, ``edge_addition=False`` (Table 5 ablations), or
@@ -148,7 +154,11 @@ def train_sigmma(
     # every cheap check before the slow featurization: settings, checkpoint, then (one section) tiling and graph
     _check_config(preset, budget, config)
     resume = _check_resume(checkpoint_dir, resume=resume)
+    if candidates not in ("knn", "all"):
+        raise ValueError(f"`candidates` must be 'knn' or 'all', got {candidates!r}.")
     if not isinstance(sdata, SpatialData):
+        if candidates != "knn":
+            raise ValueError("`candidates='all'` is not available for a cohort yet: train with `candidates='knn'`.")
         from ._cohort import train_cohort
 
         return train_cohort(
@@ -175,7 +185,9 @@ def train_sigmma(
         input_size=input_size, batch_size=featurize_batch_size, device=device,
     )  # fmt: skip
     finetune = int(config.get("finetune_blocks", 0) or 0) > 0
-    bundle, _ = build_bundle(sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune)
+    bundle, _ = build_bundle(
+        sdata, table_key=table_key, tile_key=tile_key, include_tiles=finetune, candidates=candidates
+    )
     return fit_and_record(
         bundle, [tiles], backbone=backbone, pretrained=pretrained, weights=weights, preset=preset, budget=budget,
         device=device, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, config=config, callbacks=callbacks,

@@ -111,6 +111,128 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "retrieval_val"}, indent=1))
 
 
+def _name(variant: str, seed: int) -> str:
+    return f"{variant.replace('.', 'p')}_s{seed}"
+
+
+def _load_runs(tiles, variants) -> dict[tuple[str, int], str]:
+    """Put every finished run's tile embeddings into ``tiles.obsm`` under ``X_{variant}_s{seed}_{scale}_{kind}``."""
+    import numpy as np
+
+    from sigmma_sc._constants import SCALES
+
+    found = {}
+    for variant in variants:
+        for path in sorted(OUT.glob(f"{variant}_s*.npz")):
+            seed = int(path.stem.rsplit("_s", 1)[1])
+            z = np.load(path)
+            name = _name(variant, seed)
+            for s in SCALES:
+                for kind in ("image", "st"):
+                    tiles.obsm[f"X_{name}_{s}_{kind}"] = z[f"X_sigmma_{s}_{kind}"]
+            found[(variant, seed)] = name
+    return found
+
+
+def _image_keys(name: str) -> list[str]:
+    from sigmma_sc._constants import SCALES
+
+    return [f"X_{name}_{s}_image" for s in SCALES]
+
+
+METRICS = ("hest_gene_pcc", "paper_gene_pcc", "image->st R@10%", "st->image R@10%")
+
+
+def _compare_rows(sg, tiles, a_name, b_name, split, a_keys=None, b_keys=None, n_boot=2000) -> list[dict]:
+    df = sg.metrics.compare(
+        tiles, a=a_keys or _image_keys(a_name), b=b_keys or _image_keys(b_name), split=split, n_boot=n_boot,
+        use_rep=[n for n in (a_name, b_name) if n], protocols=("paper", "hest"),
+    )  # fmt: skip
+    df = df[df["metric"].isin(METRICS)]
+    return json.loads(df.drop(columns=["tiles"]).to_json(orient="records"))
+
+
+def summarize(args: argparse.Namespace) -> None:
+    """Validation table of the variants (mean over seeds) and the paired difference of each vs ``base`` per seed."""
+    import anndata as ad
+    import numpy as np
+
+    import sigmma_sc as sg
+
+    tiles = ad.read_zarr(SECTION / "tables" / "sigmma_tiles")
+    runs = _load_runs(tiles, VARIANTS)
+    res = {json.loads(p.read_text())["variant"] + f"_s{json.loads(p.read_text())['seed']}": json.loads(p.read_text())
+           for p in (RESULTS / "encoder_collapse").glob("*_s*.json")}  # fmt: skip
+    table, pairs = [], []
+    for variant in VARIANTS:
+        seeds = sorted(s for v, s in runs if v == variant)
+        if not seeds:
+            continue
+        recs = [res[f"{variant}_s{s}"] for s in seeds if f"{variant}_s{s}" in res]
+        col = {c["key"]: c for r in recs for c in r["collapse_val"]}
+        by = {}
+        for r in recs:
+            for c in r["collapse_val"]:
+                by.setdefault(c["key"], []).append((c["participation_ratio"], c["mean_cosine"]))
+        row = {"variant": variant, "seeds": seeds, "train_s": [round(r["train_s"]) for r in recs],
+               "steps": [r["steps_run"] for r in recs], "temperature": [r["temperature_learned"] for r in recs]}  # fmt: skip
+        for key, vals in by.items():
+            row[f"PR {key}"] = float(np.mean([v[0] for v in vals]))
+            row[f"cos {key}"] = float(np.mean([v[1] for v in vals]))
+        row["hest_gene_pcc_val"] = float(np.mean([r["hest_gene_pcc_val"] for r in recs]))
+        table.append(row)
+        del col
+        if variant != "base":
+            for s in seeds:
+                if ("base", s) in runs:
+                    for rec in _compare_rows(sg, tiles, runs[(variant, s)], runs[("base", s)], "val"):
+                        pairs.append({"variant": variant, "seed": s} | rec)
+    out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "split": "val",
+           "command": "python " + " ".join(sys.argv), "table": table, "paired_vs_base": pairs}  # fmt: skip
+    (RESULTS / "encoder_collapse.json").write_text(json.dumps(out, indent=1))
+    for row in table:
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    for p in pairs:
+        print(p["variant"], p["seed"], p["metric"], f"{p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]")
+
+
+def heldout(args: argparse.Namespace) -> None:
+    """Test-tile table: frozen backbone, untrained model, SIGMMA frozen (``base``) and ``--variants``, paired CIs."""
+    import spatialdata
+    import torch
+
+    import sigmma_sc as sg
+    from sigmma_sc._constants import SCALES, Keys
+    from sigmma_sc.data._bundle import build_bundle
+    from sigmma_sc.model import SigmmaModel
+
+    torch.set_num_threads(args.threads)
+    sg.settings.progress_bar = False
+    sdata = spatialdata.read_zarr(SECTION)
+    tiles = sdata.tables[Keys.TILE_TABLE]
+    runs = _load_runs(tiles, ["base", *args.variants])
+    bundle, _ = build_bundle(sdata)
+    backbone = [Keys.BACKBONE.format(scale=s) for s in SCALES]
+    rows = []
+    for seed in sorted({s for _, s in runs}):
+        name = f"untrained_s{seed}"  # the initial weights of the seed (no training)
+        model = SigmmaModel.from_bundle(bundle, seed=seed, hidden=BASE["hidden"], out_dim=BASE["out_dim"])
+        sg.tl.embed(sdata, model, shifts=None, key_added=name)
+        models = {"untrained": name} | {v: runs[(v, seed)] for v in ["base", *args.variants] if (v, seed) in runs}
+        for label, run_name in models.items():
+            for rec in _compare_rows(sg, tiles, run_name, None, "test", b_keys=backbone):
+                rows.append({"model": label, "seed": seed, "vs": "backbone"} | rec)
+            if label != "base" and "base" in models:
+                for rec in _compare_rows(sg, tiles, run_name, models["base"], "test"):
+                    rows.append({"model": label, "seed": seed, "vs": "base"} | rec)
+    out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "split": "test",
+           "command": "python " + " ".join(sys.argv), "paired": rows}  # fmt: skip
+    (RESULTS / "encoder_heldout_demo.json").write_text(json.dumps(out, indent=1))
+    for r in rows:
+        print(r["model"], r["seed"], "vs", r["vs"], r["metric"], f"a {r['a']:.3f} b {r['b']:.3f}",
+              f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -120,8 +242,12 @@ def main() -> None:
     r.add_argument("--variant", choices=sorted(VARIANTS), default="base")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
+    sub.add_parser("summarize")
+    h = sub.add_parser("heldout")
+    h.add_argument("--variants", nargs="*", default=[])
+    h.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    {"prepare": prepare, "run": run}[args.cmd](args)
+    {"prepare": prepare, "run": run, "summarize": summarize}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def main() -> None:
     h.add_argument("--variants", nargs="*", default=[])
     h.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    {"prepare": prepare, "run": run, "summarize": summarize}[args.cmd](args)
+    {"prepare": prepare, "run": run, "summarize": summarize, "heldout": heldout}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -187,8 +187,15 @@ def summarize(args: argparse.Namespace) -> None:
                 if ("base", s) in runs:
                     for rec in _compare_rows(sg, tiles, runs[(variant, s)], runs[("base", s)], "val"):
                         pairs.append({"variant": variant, "seed": s} | rec)
+    # the inputs' own spread on the same tiles: the backbone features and the tiles' log expression
+    x = tiles.X.toarray() if hasattr(tiles.X, "toarray") else np.asarray(tiles.X)
+    tiles.obsm["log_expression"] = np.log1p(x)
+    inputs = sg.metrics.embedding_collapse(
+        tiles, [f"sigmma_backbone_{s}" for s in ("micro", "meso", "macro")] + ["log_expression"], split="val"
+    )
     out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "split": "val",
-           "command": "python " + " ".join(sys.argv), "table": table, "paired_vs_base": pairs}  # fmt: skip
+           "command": "python " + " ".join(sys.argv), "table": table, "paired_vs_base": pairs,
+           "inputs_val": json.loads(inputs.to_json(orient="records"))}  # fmt: skip
     (RESULTS / "encoder_collapse.json").write_text(json.dumps(out, indent=1))
     for row in table:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
@@ -198,6 +205,7 @@ def summarize(args: argparse.Namespace) -> None:
 
 def heldout(args: argparse.Namespace) -> None:
     """Test-tile table: frozen backbone, untrained model, SIGMMA frozen (``base``) and ``--variants``, paired CIs."""
+    import numpy as np
     import spatialdata
     import torch
 
@@ -225,8 +233,14 @@ def heldout(args: argparse.Namespace) -> None:
             if label != "base" and "base" in models:
                 for rec in _compare_rows(sg, tiles, run_name, models["base"], "test"):
                     rows.append({"model": label, "seed": seed, "vs": "base"} | rec)
+    # how many directions each embedding uses on the test tiles, next to its inputs' (backbone, log expression)
+    x = tiles.X.toarray() if hasattr(tiles.X, "toarray") else np.asarray(tiles.X)
+    tiles.obsm["log_expression"] = np.log1p(x)
+    names = [k for k in tiles.obsm if k.startswith("X_") and k.endswith(("_image", "_st"))]
+    health = sg.metrics.embedding_collapse(tiles, [*backbone, "log_expression", *sorted(names)], split="test")
     out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "split": "test",
-           "command": "python " + " ".join(sys.argv), "paired": rows}  # fmt: skip
+           "command": "python " + " ".join(sys.argv), "paired": rows,
+           "collapse_test": json.loads(health.to_json(orient="records"))}  # fmt: skip
     (RESULTS / "encoder_heldout_demo.json").write_text(json.dumps(out, indent=1))
     for r in rows:
         print(r["model"], r["seed"], "vs", r["vs"], r["metric"], f"a {r['a']:.3f} b {r['b']:.3f}",

@@ -222,7 +222,7 @@ def heldout(args: argparse.Namespace) -> None:
     bundle, _ = build_bundle(sdata)
     backbone = [Keys.BACKBONE.format(scale=s) for s in SCALES]
     rows = []
-    for seed in sorted({s for _, s in runs}):
+    for seed in sorted({s for _, s in runs if args.seeds is None or s in args.seeds}):
         name = f"untrained_s{seed}"  # the initial weights of the seed (no training)
         model = SigmmaModel.from_bundle(bundle, seed=seed, hidden=BASE["hidden"], out_dim=BASE["out_dim"])
         sg.tl.embed(sdata, model, shifts=None, key_added=name)
@@ -241,7 +241,8 @@ def heldout(args: argparse.Namespace) -> None:
     out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "split": "test",
            "command": "python " + " ".join(sys.argv), "paired": rows,
            "collapse_test": json.loads(health.to_json(orient="records"))}  # fmt: skip
-    (RESULTS / "encoder_heldout_demo.json").write_text(json.dumps(out, indent=1))
+    tag = "" if args.seeds is None else "_s" + "".join(map(str, args.seeds))
+    (RESULTS / f"encoder_heldout_demo{tag}.json").write_text(json.dumps(out, indent=1))
     for r in rows:
         print(r["model"], r["seed"], "vs", r["vs"], r["metric"], f"a {r['a']:.3f} b {r['b']:.3f}",
               f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")  # fmt: skip
@@ -260,6 +261,7 @@ def main() -> None:
     h = sub.add_parser("heldout")
     h.add_argument("--variants", nargs="*", default=[])
     h.add_argument("--threads", type=int, default=1)
+    h.add_argument("--seeds", type=int, nargs="*", default=None, help="only these seeds (one output file per call)")
     args = p.parse_args()
     {"prepare": prepare, "run": run, "summarize": summarize, "heldout": heldout}[args.cmd](args)
 

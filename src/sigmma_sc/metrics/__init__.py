@@ -9,6 +9,7 @@ validation tiles only pick the paper protocol's ridge penalty, test tiles are on
 """
 
 from ._bootstrap import paired_bootstrap, tile_metrics
+from ._collapse import embedding_collapse
 from ._evaluate import compare, evaluate
 from ._folds import spatial_folds
 from ._grid import grid_artefact
@@ -20,6 +21,7 @@ __all__ = [
     "ProbeResult",
     "compare",
     "cross_modal_retrieval",
+    "embedding_collapse",
     "evaluate",
     "graph_reliance",
     "grid_artefact",

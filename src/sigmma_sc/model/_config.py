@@ -172,6 +172,18 @@ class SigmmaConfig:
     cache_dir
         Directory of a memory-mapped fine-tuning cache (default: the temporary directory); the file is unlinked
         as soon as it is mapped, so nothing is left behind.
+    learn_temperature
+        Learn the InfoNCE temperature (CLIP's logit scale, ``1 / temperature``, learned in log space from
+        ``temperature`` and clamped to at most 100, i.e. a temperature of at least 0.01). ``False``: fixed.
+    uniformity
+        Weight of a uniformity term (Wang & Isola 2020: ``log mean exp(-2 ||z_i - z_j||^2)`` over the batch's
+        pairs of tiles, per scale and modality) added to the loss, which spreads the embeddings over the sphere
+        against dimensional collapse. ``0``: none.
+    head_weight_decay
+        AdamW weight decay of the projection heads (``None``: ``weight_decay``, as the rest of the model).
+    head_layers
+        Linear layers of each projection head: ``2`` (default: Linear, LeakyReLU, dropout, Linear) or ``1`` (one
+        linear map).
     """
 
     n_features: int
@@ -212,6 +224,10 @@ class SigmmaConfig:
     seed: int = 0
     finetune_cache: str = "auto"
     cache_dir: str | None = None
+    learn_temperature: bool = False
+    uniformity: float = 0.0
+    head_weight_decay: float | None = None
+    head_layers: int = 2
 
     def __post_init__(self) -> None:
         given = (self.scales,) if isinstance(self.scales, str) else tuple(self.scales)
@@ -264,6 +280,12 @@ class SigmmaConfig:
             raise ValueError(f"`finetune_cache` must be one of {FINETUNE_CACHES}, got {self.finetune_cache!r}.")
         if self.cache_dir is not None:
             self.cache_dir = str(self.cache_dir)
+        if self.uniformity < 0:
+            raise ValueError(f"`uniformity` must be >= 0 (0: no uniformity term), got {self.uniformity}.")
+        if self.head_weight_decay is not None and self.head_weight_decay < 0:
+            raise ValueError(f"`head_weight_decay` must be None or >= 0, got {self.head_weight_decay}.")
+        if self.head_layers not in (1, 2):
+            raise ValueError(f"`head_layers` must be 1 or 2, got {self.head_layers}.")
 
     @classmethod
     def preset(cls, name: str = "default", **fields_: Any) -> SigmmaConfig:

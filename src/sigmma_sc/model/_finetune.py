@@ -261,12 +261,27 @@ def as_tile_tensor(tiles: Tensor | np.ndarray) -> Tensor:
 def optimizer_groups(model: torch.nn.Module, encoder: MultiCropEncoder | None, lr: float, backbone_lr: float) -> list:
     """AdamW parameter groups: the trainable heads/GNN at ``lr`` (group 0), the trainable backbone at ``backbone_lr``.
 
-    Frozen parameters (``requires_grad=False``) are left out, so the optimiser never touches them.
+    Frozen parameters (``requires_grad=False``) are left out, so the optimiser never touches them. With
+    ``config.head_weight_decay`` the projection heads get a group of their own with that weight decay; a learned
+    temperature (``model.log_logit_scale``) gets one without weight decay. Groups without ``weight_decay`` use
+    the optimiser's (``config.weight_decay``).
     """
     backbone = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
     ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    config = getattr(model, "config", None)
+    head_wd = getattr(config, "head_weight_decay", None)
+    heads = []
+    if head_wd is not None:
+        heads = [p for name in ("image_heads", "st_heads") for p in getattr(model, name).parameters() if p.requires_grad]
+    scale = getattr(model, "log_logit_scale", None)
+    special = [scale] if scale is not None else []
+    ids |= {id(p) for p in heads + special}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": rest, "lr": lr}]
+    if heads:
+        groups.append({"params": heads, "lr": lr, "weight_decay": float(head_wd)})
+    if special:
+        groups.append({"params": special, "lr": lr, "weight_decay": 0.0})
     if backbone:
         groups.append({"params": backbone, "lr": backbone_lr})
     return groups

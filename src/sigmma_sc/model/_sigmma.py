@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from .._utils._json import jsonable
 from .._utils._version import package_version
 from ..nn._gnn import HierarchicalGraphEncoder
-from ..nn._loss import ProjectionHead, multiscale_info_nce
+from ..nn._loss import ProjectionHead, multiscale_info_nce, uniformity_loss
 from ..train._determinism import deterministic_on_cpu
 from ..train._memory import inference_chunks
 from ..train._trainer import Callback, Trainer
@@ -39,6 +40,8 @@ from ._inference import (
     reference_from_dict,
 )
 
+#: upper clamp of a learned logit scale (CLIP's 100: a temperature of at least 0.01)
+MAX_LOGIT_SCALE = 100.0
 _FORMAT = "sigmma_sc.SigmmaModel"
 _VERSION = 1
 
@@ -140,12 +143,17 @@ class SigmmaModel(nn.Module):
                 edges=config.edges,
                 edge_evaluation=config.edge_evaluation,
             )
+            layers = config.head_layers
             self.image_heads = nn.ModuleDict(
-                {s: ProjectionHead(config.image_dim, config.out_dim, config.dropout) for s in config.scales}
+                {s: ProjectionHead(config.image_dim, config.out_dim, config.dropout, layers) for s in config.scales}
             )
             self.st_heads = nn.ModuleDict(
-                {s: ProjectionHead(config.hidden, config.out_dim, config.dropout) for s in config.scales}
+                {s: ProjectionHead(config.hidden, config.out_dim, config.dropout, layers) for s in config.scales}
             )
+        #: learned log logit scale (CLIP), only with ``config.learn_temperature``
+        self.log_logit_scale = (
+            nn.Parameter(torch.tensor(math.log(1.0 / config.temperature))) if config.learn_temperature else None
+        )
         self.image_encoder = image_encoder  # after the heads: their initialisation does not depend on it
 
     @classmethod
@@ -256,13 +264,29 @@ class SigmmaModel(nn.Module):
             **{f"st/{s}": self.st_heads[s](st[s]) for s in self.scales},
         }
 
+    def loss_temperature(self) -> float | Tensor:
+        """The InfoNCE temperature of the loss: ``config.temperature``, or the learned one (a tensor, >= 0.01)."""
+        if self.log_logit_scale is None:
+            return self.config.temperature
+        return 1.0 / self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    @property
+    def temperature(self) -> float:
+        """The current InfoNCE temperature (learned with ``config.learn_temperature``, else the configured one)."""
+        t = self.loss_temperature()
+        return float(t.detach()) if isinstance(t, Tensor) else float(t)
+
     def loss_from_embeddings(self, emb: Mapping[str, Tensor]) -> Tensor:
-        """``sum_s InfoNCE_sym(image/s, st/s)`` over the scales of the model."""
+        """``sum_s InfoNCE_sym(image/s, st/s)`` over the scales of the model, plus the uniformity term if any."""
         total, _ = multiscale_info_nce(
             {s: emb[f"image/{s}"] for s in self.scales},
             {s: emb[f"st/{s}"] for s in self.scales},
-            self.config.temperature,
+            self.loss_temperature(),
         )
+        if self.config.uniformity > 0:
+            for s in self.scales:
+                for m in ("image", "st"):
+                    total = total + 0.5 * self.config.uniformity * uniformity_loss(emb[f"{m}/{s}"])
         return total
 
     def forward(self, batch: TileBatch) -> Tensor:

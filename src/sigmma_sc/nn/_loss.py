@@ -20,6 +20,8 @@ class ProjectionHead(nn.Module):
         Width of the shared space (also the hidden width).
     dropout
         Dropout after the activation.
+    layers
+        ``2``: Linear, LeakyReLU, dropout, Linear (the paper's head); ``1``: one linear map.
 
     Shapes
     ------
@@ -27,14 +29,19 @@ class ProjectionHead(nn.Module):
     - output: ``(B, out_channels)``, unit L2 norm per row
     """
 
-    def __init__(self, in_channels: int, out_channels: int = 512, dropout: float = 0.1):
+    def __init__(self, in_channels: int, out_channels: int = 512, dropout: float = 0.1, layers: int = 2):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_channels, out_channels),
-            nn.LeakyReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(out_channels, out_channels),
-        )
+        if layers not in (1, 2):
+            raise ValueError(f"`layers` must be 1 or 2, got {layers}.")
+        if layers == 1:
+            self.net = nn.Sequential(nn.Linear(in_channels, out_channels))
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(in_channels, out_channels),
+                nn.LeakyReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(out_channels, out_channels),
+            )
 
     def reset_parameters(self) -> None:
         """Re-initialise both linear layers."""
@@ -47,7 +54,7 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(x), dim=-1)
 
 
-def info_nce(z_a: Tensor, z_b: Tensor, temperature: float = 0.01) -> Tensor:
+def info_nce(z_a: Tensor, z_b: Tensor, temperature: float | Tensor = 0.01) -> Tensor:
     r"""Symmetric InfoNCE between paired rows of ``z_a`` and ``z_b`` (paper §3.3).
 
     ``0.5 * (CE(z_a z_b^T / tau, arange) + CE(z_b z_a^T / tau, arange))``; row ``i`` of each is the
@@ -59,7 +66,7 @@ def info_nce(z_a: Tensor, z_b: Tensor, temperature: float = 0.01) -> Tensor:
     z_a, z_b
         ``(B, D)`` paired embeddings.
     temperature
-        Softmax temperature ``tau`` (paper Table 3: 0.01).
+        Softmax temperature ``tau`` (paper Table 3: 0.01); a scalar tensor for a learned temperature.
 
     Returns
     -------
@@ -73,7 +80,7 @@ def info_nce(z_a: Tensor, z_b: Tensor, temperature: float = 0.01) -> Tensor:
 
 
 def multiscale_info_nce(
-    image: Mapping[str, Tensor], st: Mapping[str, Tensor], temperature: float = 0.01
+    image: Mapping[str, Tensor], st: Mapping[str, Tensor], temperature: float | Tensor = 0.01
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum over scales of :func:`info_nce` (``L = L_micro + L_meso + L_macro``).
 
@@ -90,3 +97,29 @@ def multiscale_info_nce(
     """
     parts = {s: info_nce(image[s], st[s], temperature) for s in image}
     return torch.stack(list(parts.values())).sum(), parts
+
+
+def uniformity_loss(z: Tensor, t: float = 2.0) -> Tensor:
+    r"""Uniformity of L2-normalised embeddings on the sphere (Wang & Isola 2020).
+
+    "Understanding contrastive representation learning through alignment and uniformity on the hypersphere":
+    ``log mean_{i != j} exp(-t ||z_i - z_j||^2)``: lowest when the rows spread evenly over the sphere, 0 when they
+    all coincide (collapse). Computed in float32.
+
+    Parameters
+    ----------
+    z
+        ``(B, D)`` L2-normalised embeddings.
+    t
+        Scale of the Gaussian potential (the paper's 2).
+
+    Returns
+    -------
+    Scalar loss (``0`` for fewer than 2 rows).
+    """
+    n = z.shape[0]
+    if n < 2:
+        return z.sum() * 0.0
+    sq = torch.pdist(z.float()).pow(2)  # the n (n - 1) / 2 distinct pairs
+    return torch.logsumexp(-t * sq, dim=0) - torch.log(torch.tensor(float(sq.numel()), device=z.device))
+

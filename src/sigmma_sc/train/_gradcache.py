@@ -65,7 +65,10 @@ def grad_cache_backward(
     keys = list(cached[0])
     full = {k: torch.cat([c[k] for c in cached]).requires_grad_(requires_grad=True) for k in keys}
     loss = loss_fn(full if gather is None else gather(full))
-    grads = torch.autograd.grad(loss, [full[k] for k in keys], allow_unused=True)
+    # backward (not autograd.grad on the embeddings): parameters of the loss itself (a learned temperature)
+    # get their gradient here, the embeddings' gradients land in the leaves' .grad
+    loss.backward()
+    grads = [full[k].grad for k in keys]
     sizes = [c[keys[0]].shape[0] for c in cached]
     split = {k: (g.split(sizes) if g is not None else [None] * len(sizes)) for k, g in zip(keys, grads, strict=True)}
     for i, (chunk, state) in enumerate(zip(chunks, states, strict=True)):

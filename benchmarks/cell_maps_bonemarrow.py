@@ -49,6 +49,7 @@ def run(args) -> dict:
     from sigmma_sc.data._tiles import tile_params
     from sigmma_sc.metrics._niches import neighbour_pairs
     from sigmma_sc.model import SigmmaModel, TrainingBundle
+    from sigmma_sc.tl._microenvironments import _knn_transformer
     from sigmma_sc.tl._shifts import AUTO_SHIFTS
 
     sys.path.insert(0, str(HERE))
@@ -105,17 +106,20 @@ def run(args) -> dict:
             leiden_maps(sdata, xy, Keys.MICROENV, window, size, origin,
                         f"bone marrow, {'section grid only' if name == 'one_grid' else 'default blend'}",
                         Path(args.fig_dir) / f"cell_maps_bonemarrow_{name}.png")  # fmt: skip
-        if name == "auto_default_budget" and n_grids < AUTO_SHIFTS:  # the budget cut the blend on this CPU
+        if (
+            args.all16 and name == "auto_default_budget" and n_grids < AUTO_SHIFTS
+        ):  # the budget cut the blend on this CPU
             runs.append(("auto_all16", {"shifts": "auto", "time_budget_s": None}))
         if args.out is not None:
             Path(f"{args.out}.json").write_text(json.dumps(results, indent=1, default=str))
 
-    # resolution sweep on the last (all 16 grids) embeddings
+    # resolution sweep on the last embeddings (the package's k-NN search: approximate above 20,000 cells)
     results["resolution_sweep"] = {}
-    for s in SCALES:
+    for s in SCALES if args.resolutions else ():
         z = np.asarray(cells.obsm[Keys.EMB_CELL.format(scale=s)])[tiled]
-        a = leiden_sweep(z, args.resolutions, metric="cosine", seed=0)
-        b = leiden_sweep(z, args.resolutions, metric="cosine", seed=1)
+        knn = _knn_transformer(len(z), 15, 0)
+        a = leiden_sweep(z, args.resolutions, metric="cosine", seed=0, transformer=knn)
+        b = leiden_sweep(z, args.resolutions, metric="cosine", seed=1, transformer=knn)
         for r in args.resolutions:
             lab = a[r]
             results["resolution_sweep"][f"{s}@{r:g}"] = {
@@ -167,6 +171,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="load this model (trained on the same bundle)")
     parser.add_argument("--save-model", type=Path, default=None)
     parser.add_argument("--resolutions", type=float, nargs="*", default=[1.0, 0.5, 0.3, 0.2, 0.1])
+    parser.add_argument("--all16", action="store_true", help="also blend all 16 grids when the budget cut them")
     parser.add_argument("--window", type=float, default=640.0, help="side of the map window, in µm")
     parser.add_argument("--fig-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cell_maps_bonemarrow")

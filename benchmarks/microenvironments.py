@@ -54,13 +54,15 @@ logger = logging.getLogger("microenvironments")
 RESOLUTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 
 
-def leiden_sweep(rep: np.ndarray, resolutions, *, metric: str, seed: int = 0) -> dict[float, np.ndarray]:
+def leiden_sweep(
+    rep: np.ndarray, resolutions, *, metric: str, seed: int = 0, transformer="sklearn"
+) -> dict[float, np.ndarray]:
     """Leiden labels of ``rep`` at each resolution (one neighbour graph), as ``sg.tl.microenvironments`` runs it."""
     import anndata as ad
     import scanpy as sc
 
     tmp = ad.AnnData(obsm={"X": np.asarray(rep, dtype=np.float32)})
-    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=15, metric=metric, transformer="sklearn")
+    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=15, metric=metric, transformer=transformer)
     out = {}
     for res in resolutions:
         sc.tl.leiden(tmp, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, directed=False)

@@ -21,8 +21,9 @@ log-normalised counts in ``.obsm['sigmma_features']``):
 - ``nbr_expr``: squidpy's spatial 6-NN graph, each cell's features averaged with its neighbours', then scanpy
   Leiden (euclidean 15-NN graph), the usual scanpy/squidpy niche recipe;
 - ``expr``: the same without the neighbourhood average (a control: what spatial context adds);
-- ``backbone_{scale}``: the frozen backbone's features of the crop holding each cell (micro: its 1/16 of the
-  tile, meso: its quarter, macro: the tile), PCA 50, Leiden (cosine), as for SIGMMA.
+- ``backbone_{scale}``: the frozen backbone's features of the crops (micro: 1/16 of a tile, meso: a quarter,
+  macro: the tile), PCA 50, Leiden (cosine 15-NN graph of the crops that hold cells), each cell labelled as the
+  crop holding it (cells of one crop share its features: a Leiden graph of cells would link copies).
 
 Choices are made on validation tiles (the split of ``sg.pp.tile``), never on the scored cells: each Leiden method's
 resolution is the one of ``--resolutions`` with the best ARI on the cells of validation tiles, and SIGMMA's
@@ -106,8 +107,8 @@ def featurize_with_crops(sdata, backbone: str, input_size: int) -> dict[str, np.
     return {s: np.concatenate(v) for s, v in feats.items()}
 
 
-def crops_to_cells(crops: dict[str, np.ndarray], sdata, tile: np.ndarray, xy: np.ndarray) -> dict[str, np.ndarray]:
-    """Scale -> ``(n_cells, D)`` features of the crop holding each cell (NaN for untiled cells)."""
+def crop_index(sdata, tile: np.ndarray, xy: np.ndarray) -> dict[str, np.ndarray]:
+    """Scale -> index of the crop holding each cell among that scale's crops (tile-major, row-major; -1 untiled)."""
     from sigmma_sc._constants import GRID, SCALES, Keys
     from sigmma_sc.data._tiles import tile_params
 
@@ -120,9 +121,9 @@ def crops_to_cells(crops: dict[str, np.ndarray], sdata, tile: np.ndarray, xy: np
         g = GRID[s]
         r = np.clip(np.floor((xy[ok, 1] - y0[tile[ok]]) / size * g), 0, g - 1).astype(int)
         c = np.clip(np.floor((xy[ok, 0] - x0[tile[ok]]) / size * g), 0, g - 1).astype(int)
-        z = np.full((len(tile), crops[s].shape[1]), np.nan, np.float32)
-        z[ok] = crops[s][(tile[ok] * g + r) * g + c]
-        out[s] = z
+        idx = np.full(len(tile), -1, dtype=np.int64)
+        idx[ok] = (tile[ok] * g + r) * g + c
+        out[s] = idx
     return out
 
 
@@ -254,10 +255,12 @@ def run(args) -> dict:
 
     # frozen backbone crops
     t = time.perf_counter()
-    crops = crops_to_cells(crops, sdata, tile, xy)
-    for s in SCALES:
-        z = PCA(50, random_state=0).fit_transform(crops[s][ok])
-        choose(f"backbone_{s}", leiden_sweep(z, res_grid, metric="cosine"), default=RESOLUTION[s])
+    crop_of = crop_index(sdata, tile, xy)
+    for s in SCALES:  # Leiden on the crops that hold cells (cells of one crop share its features), labels to cells
+        used, inverse = np.unique(crop_of[s][ok], return_inverse=True)
+        z = PCA(50, random_state=0).fit_transform(crops[s][used])
+        sweep = leiden_sweep(z, res_grid, metric="cosine")
+        choose(f"backbone_{s}", {r: lab[inverse] for r, lab in sweep.items()}, default=RESOLUTION[s])
     timings["backbone crops"] = time.perf_counter() - t
 
     # SIGMMA, one model per seed

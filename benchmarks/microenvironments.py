@@ -265,9 +265,13 @@ def run(args) -> dict:
 
     # SIGMMA, one model per seed
     seeds = []
-    for i, path in enumerate(args.models):
+    for path in args.models:
         while not Path(path).exists() and time.perf_counter() - t_start < args.wait_models_s:
             time.sleep(30)  # models trained by another job (--wait-models-s)
+        if not Path(path).exists() or time.perf_counter() - t_start > args.wait_models_s:
+            logger.warning("No model %s within --wait-models-s; scoring without it.", path)
+            continue
+        i = len(seeds)
         model = sg.model.SigmmaModel.load(path)
         t = time.perf_counter()
         sg.tl.embed(sdata, model, time_budget_s=None)  # the default blend of 16 grids, not cut by a loaded CPU
@@ -333,7 +337,7 @@ def run(args) -> dict:
                 row["default"]["n_clusters"] = len(set(e["default_labels"][mask]))
             rows[name] = row
         # SIGMMA's mean over seeds, per scale and best scale; paired CIs against every baseline
-        n_seeds = len(args.models)
+        n_seeds = len(seeds)
         sig = {}
         for s in (*SCALES, "best"):
             if n_seeds:

@@ -6,10 +6,12 @@ Example sections to run the package on; the code that turns any section into ten
 from ._arrangement import synthetic_arrangement
 from ._bonemarrow import xenium_bonemarrow
 from ._demo import demo
+from ._domains import add_truth
 from ._layouts import synthetic_cosmx, synthetic_merscope, synthetic_visium_hd
 from ._synthetic import synthetic_xenium
 
 __all__ = [
+    "add_truth",
     "demo",
     "synthetic_arrangement",
     "synthetic_cosmx",

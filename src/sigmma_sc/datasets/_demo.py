@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 DEMO_N_CELLS = 15_000
 
 
-def demo(*, n_cells: int = DEMO_N_CELLS, seed: int = 0, cache_dir: str | Path | None = None) -> SpatialData:
+def demo(
+    *, n_cells: int = DEMO_N_CELLS, seed: int = 0, cache_dir: str | Path | None = None, truth: bool = False
+) -> SpatialData:
     """Synthetic Xenium section with a registered H&E, read as SpatialData (written once, then cached).
 
     With the defaults the section spans about 1.5 x 1.3 mm (tissue with a blank margin and holes), so
@@ -34,12 +36,17 @@ def demo(*, n_cells: int = DEMO_N_CELLS, seed: int = 0, cache_dir: str | Path | 
     cache_dir
         Folder holding the cached Xenium folders; default ``$SIGMMA_SC_CACHE`` or ``~/.cache/sigmma_sc``.
         The section is written to ``<cache_dir>/demo_<n_cells>_<seed>``.
+    truth
+        Also join the planted ground truth into the cell table (:func:`sigmma_sc.datasets.add_truth`):
+        ``.obs['truth_domain']`` (the contiguous tissue domains microenvironments should recover),
+        ``.obs['truth_cell_type']`` and the programme memberships.
 
     Returns
     -------
     SpatialData from :func:`sigmma_sc.io.xenium` with ``he_image="auto"``: images ``'morphology_focus'`` and
     ``'he'``, shapes ``'cell_circles'`` (annotated by ``tables['table']``), ``'cell_boundaries'`` and
-    ``'nucleus_boundaries'``, labels ``'cell_labels'`` and ``'nucleus_labels'``.
+    ``'nucleus_boundaries'``, labels ``'cell_labels'`` and ``'nucleus_labels'``; with ``truth``, the cell table's
+    ``.obs['truth_*']`` columns.
     """
     from ..io import xenium
 
@@ -49,7 +56,12 @@ def demo(*, n_cells: int = DEMO_N_CELLS, seed: int = 0, cache_dir: str | Path | 
     if not _is_current(folder):
         logger.info("Writing the demo section to %s (once)", folder)
         synthetic_xenium(folder, n_cells=n_cells, seed=seed, transcripts=False, overwrite=True)
-    return xenium(folder, he_image="auto")
+    sdata = xenium(folder, he_image="auto")
+    if truth:
+        from ._domains import add_truth
+
+        add_truth(sdata, folder)
+    return sdata
 
 
 def _is_current(folder: Path) -> bool:

@@ -13,6 +13,7 @@ from ._collapse import embedding_collapse
 from ._evaluate import compare, evaluate
 from ._folds import spatial_folds
 from ._grid import grid_artefact
+from ._niches import microenvironment_metrics, spatial_coherence
 from ._probe import ProbeResult, linear_probe, mean_baseline
 from ._reliance import graph_reliance
 from ._retrieval import cross_modal_retrieval, recall_at
@@ -27,8 +28,10 @@ __all__ = [
     "grid_artefact",
     "linear_probe",
     "mean_baseline",
+    "microenvironment_metrics",
     "paired_bootstrap",
     "recall_at",
+    "spatial_coherence",
     "spatial_folds",
     "tile_metrics",
 ]

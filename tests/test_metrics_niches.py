@@ -43,8 +43,16 @@ def test_spatial_coherence_separates_domains_from_noise():
     assert abs(noise - 0.25) < 0.05  # 4 random labels: chance
     table.obs.loc[table.obs_names[:100], "domain"] = None  # missing labels leave cells out
     assert sg.metrics.spatial_coherence(sdata, key="domain") > 0.9
-    with pytest.raises(KeyError, match="sg.tl.microenvironments"):
+    with pytest.raises(KeyError, match="no microenvironments recorded"):
         sg.metrics.spatial_coherence(sdata, key="sigmma_microenv_macro")
+    with pytest.raises(KeyError, match="sg.tl.microenvironments"):  # the default run, not computed yet
+        sg.metrics.spatial_coherence(sdata)
+    # a tl.microenvironments run is read through its record (key = its use_rep, column of `scale`)
+    from sigmma_sc._utils._record import write_record
+
+    write_record(table, "run", "microenvironments", {"keys": {"macro": "domain", "micro": "noise"}})
+    assert sg.metrics.spatial_coherence(sdata, key="run") == sg.metrics.spatial_coherence(sdata, key="domain")
+    assert sg.metrics.spatial_coherence(sdata, key="run", scale="micro") == pytest.approx(noise)
 
 
 def test_agreement_equals_sklearn_and_bootstraps():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._utils._labels import microenvironment_labels
 from .._utils._validate import get_table
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 def spatial_coherence(
     sdata: SpatialData,
     *,
-    key: str,
+    key: str | None = None,
+    scale: str = "macro",
     table_key: str = "table",
     spatial_key: str = "spatial",
     n_neighs: int = 6,
@@ -43,7 +45,11 @@ def spatial_coherence(
     sdata
         SpatialData object with a labelled cell table (e.g. by :func:`sigmma_sc.tl.microenvironments`).
     key
-        ``.obs`` column of the labels, e.g. ``'sigmma_microenv_macro'``.
+        Which labels: an ``.obs`` column (e.g. ``'sigmma_microenv_macro'`` or a cell-type column), or the
+        ``use_rep`` of a :func:`sigmma_sc.tl.microenvironments` run whose column of ``scale`` is read (default: the
+        run of ``'sigmma'``).
+    scale
+        Scale of the microenvironments read when ``key`` names a run.
     table_key
         Cell table.
     spatial_key
@@ -56,11 +62,7 @@ def spatial_coherence(
     The share, in ``[0, 1]``.
     """
     cells = get_table(sdata, table_key)
-    if key not in cells.obs:
-        raise KeyError(
-            f"No .obs[{key!r}] in table {table_key!r}; run sg.tl.microenvironments first or pass `key=` among "
-            f"{list(cells.obs.columns)}."
-        )
+    key = microenvironment_labels(cells, scale=scale, key=key, table_key=table_key)[1]
     if spatial_key not in cells.obsm:
         raise KeyError(f"No .obsm[{spatial_key!r}] (cell coordinates) in table {table_key!r}.")
     if int(n_neighs) < 1:

@@ -11,8 +11,8 @@ import pandas as pd
 from scipy import sparse
 
 from .._constants import Keys
+from .._utils._labels import microenvironment_labels
 from .._utils._validate import get_table
-from ..tl._composition import microenvironment_labels
 from ._utils import (
     NA_COLOR,
     auto_point_size,

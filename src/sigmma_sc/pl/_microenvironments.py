@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .._constants import SCALES, Keys
+from .._utils._labels import microenvironment_labels
 from .._utils._record import read_record
-from ..tl._composition import microenvironment_labels
 from ._utils import (
     category_colors,
     cells_and_tiling,

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._utils._labels import microenvironment_labels
 from .._utils._validate import counts_matrix, get_table
-from ._composition import microenvironment_labels
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

@@ -12,6 +12,8 @@ rendered at each level, so writing never holds a level in memory. ``predict`` ru
 this process and reports wall time and the process's peak RSS (``ru_maxrss``).
 """
 
+# Private imports on purpose: sigmma_sc._cli.main (runs the `sigmma predict` command in-process, as a user's shell would).
+
 from __future__ import annotations
 
 import argparse

@@ -25,6 +25,8 @@ Usage::
 Results: ``benchmarks/results/cell_maps_demo.{json,md}``.
 """
 
+# Private imports on purpose: sigmma_sc._constants (key names, docs/keys.md), tl._shifts and metrics._grid internals (this benchmark measures the shifted-grid blend and its artefact metric themselves).
+
 from __future__ import annotations
 
 import argparse

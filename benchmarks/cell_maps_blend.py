@@ -13,6 +13,8 @@ Usage (after ``python benchmarks/cell_maps.py --epochs 20 --save-model m.pt``, w
 Results: ``benchmarks/results/cell_maps_blend_demo.json``.
 """
 
+# Private imports on purpose: sigmma_sc._constants (key names, docs/keys.md) and tl._shifts (the blend weights and shifted passes measured here).
+
 from __future__ import annotations
 
 import argparse

@@ -23,6 +23,8 @@ Usage::
 Results: ``benchmarks/results/cell_maps_bonemarrow.{json,md}``.
 """
 
+# Private imports on purpose: sigmma_sc._constants (key names, docs/keys.md), tl._shifts.AUTO_SHIFTS, the k-NN transformer and neighbour pairs the package uses (so the benchmark scores what the package computes).
+
 from __future__ import annotations
 
 import argparse

@@ -16,6 +16,8 @@ variant without hogs, and a checksum of the trained weights (the wait policy mus
     python benchmarks/cpu_threads.py --hogs 0 2 --repeats 2 --steps 8
 """
 
+# Private imports on purpose: sigmma_sc._threads.STATE (the thread policy measured here).
+
 from __future__ import annotations
 
 import argparse

@@ -19,6 +19,8 @@ cell type (types recovered from the node features by 2-means: the section has tw
 with the share the evaluation threshold keeps. Results: ``benchmarks/results/edge_scorers.md`` / ``.json``.
 """
 
+# Private imports on purpose: sigmma_sc._constants.GRID, the paper's candidate rule (data._build.all_pair_edges) and nn._edges.block_ids (what the edge scorers see, measured here).
+
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,8 @@ image<->ST Recall@10% (the 3 scales concatenated), each variant paired with the 
 chose the kept weights (retrieval), so every variant's retrieval is optimistic alike.
 """
 
+# Private imports on purpose: sigmma_sc._constants (key names, docs/keys.md) and data._build.build_bundle (the bundle the collapse options train on).
+
 from __future__ import annotations
 
 import argparse

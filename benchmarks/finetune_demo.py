@@ -15,6 +15,8 @@ the validation embeddings (``model.diagnostics``). The per-gene PCCs are kept fo
 validation tiles also chose the kept weights (retrieval) and the probe's penalty, so their retrieval is optimistic.
 """
 
+# Private imports on purpose: sigmma_sc._constants (key names, docs/keys.md) and tl._probe_features.encoder_features (the fine-tuned encoder's features compared here).
+
 from __future__ import annotations
 
 import argparse

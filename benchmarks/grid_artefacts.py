@@ -29,6 +29,8 @@ of ``sg.tl.embed`` is ``shifts='auto'``); the results committed before it (``shi
 micro block, plain mean) were made with the old meaning. ``benchmarks/cell_maps.py`` compares both.
 """
 
+# Private imports on purpose: sigmma_sc._constants (key names, docs/keys.md).
+
 from __future__ import annotations
 
 import argparse

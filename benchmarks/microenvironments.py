@@ -39,6 +39,8 @@ Usage::
 Results: ``benchmarks/results/microenvironments_demo.{json,md}``.
 """
 
+# Private imports on purpose: sigmma_sc._constants (key names, docs/keys.md), data._tiles.tile_params, metrics._niches.neighbour_pairs (the pairs sg.metrics.spatial_coherence uses).
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,8 @@ on the small test section and on the demo section, and stores every array writte
     python benchmarks/records_equivalence.py compare bench_out/before.npz bench_out/after.npz
 """
 
+# Private imports on purpose: sigmma_sc._utils._json.jsonable (records compared as the package serialises them).
+
 from __future__ import annotations
 
 import json

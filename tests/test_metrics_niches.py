@@ -53,6 +53,12 @@ def test_spatial_coherence_separates_domains_from_noise():
     write_record(table, "run", "microenvironments", {"keys": {"macro": "domain", "micro": "noise"}})
     assert sg.metrics.spatial_coherence(sdata, key="run") == sg.metrics.spatial_coherence(sdata, key="domain")
     assert sg.metrics.spatial_coherence(sdata, key="run", scale="micro") == pytest.approx(noise)
+    # without obsm['spatial'], the centroids pp.tile wrote are used; with neither, the error names the fix
+    table.obsm["sigmma_spatial"] = table.obsm.pop("spatial")
+    assert sg.metrics.spatial_coherence(sdata, key="domain") > 0.9
+    del table.obsm["sigmma_spatial"]
+    with pytest.raises(KeyError, match="sg.pp.tile"):
+        sg.metrics.spatial_coherence(sdata, key="domain")
 
 
 def test_agreement_equals_sklearn_and_bootstraps():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._constants import Keys
 from .._utils._labels import microenvironment_labels
 from .._utils._validate import get_table
 
@@ -31,7 +32,7 @@ def spatial_coherence(
     key: str | None = None,
     scale: str = "macro",
     table_key: str = "table",
-    spatial_key: str = "spatial",
+    spatial_key: str | None = None,
     n_neighs: int = 6,
 ) -> float:
     """Share of spatial ``n_neighs``-nearest-neighbour cell pairs whose two cells have the same label.
@@ -53,7 +54,8 @@ def spatial_coherence(
     table_key
         Cell table.
     spatial_key
-        ``.obsm`` key of the cell coordinates.
+        ``.obsm`` key of the cell coordinates (``None``: ``'spatial'`` when the table has it, else the cell
+        centroids :func:`sigmma_sc.pp.tile` wrote, ``.obsm['sigmma_spatial']``).
     n_neighs
         Spatial neighbours per cell.
 
@@ -63,8 +65,14 @@ def spatial_coherence(
     """
     cells = get_table(sdata, table_key)
     key = microenvironment_labels(cells, scale=scale, key=key, table_key=table_key)[1]
+    if spatial_key is None:
+        tiled = Keys.tiling()["cell_spatial"]
+        spatial_key = "spatial" if "spatial" in cells.obsm or tiled not in cells.obsm else tiled
     if spatial_key not in cells.obsm:
-        raise KeyError(f"No .obsm[{spatial_key!r}] (cell coordinates) in table {table_key!r}.")
+        raise KeyError(
+            f"No .obsm[{spatial_key!r}] (cell coordinates) in table {table_key!r}; pass `spatial_key=` among "
+            f"{list(cells.obsm)}, or run `sg.pp.tile` (it writes the cells' centroids)."
+        )
     if int(n_neighs) < 1:
         raise ValueError(f"`n_neighs` must be >= 1, got {n_neighs}.")
     labels = cells.obs[key]

@@ -8,10 +8,12 @@
   ``sg.metrics.paired_bootstrap`` (:func:`paired_rows`). **Pooling:** on each bootstrap resample of the
   evaluation tiles, every seed's metric is recomputed on that resample and the metric is averaged over the seeds
   (:class:`SeedMean`); with folds, each fold's metric is computed among the fold's resampled tiles and the folds
-  are averaged weighted by their resampled tiles (:class:`FoldPool`, retrieval therefore ranks among the tiles of
-  one fold). The interval is that of the difference of the two rows' seed means; both rows are recomputed on the
+  are averaged weighted by their resampled tiles (the k-fold pooling of ``sg.metrics``, ``FoldMetric`` with
+  ``min_tiles=2``: retrieval ranks among the tiles of one fold). The interval is that of the difference of the two rows' seed means; both rows are recomputed on the
   same resamples.
 """
+
+# Private import on purpose: sigmma_sc.metrics._bootstrap.FoldMetric (the package's k-fold pooling of a metric).
 
 from __future__ import annotations
 
@@ -95,38 +97,13 @@ class SeedMean:
         return np.mean([m.values(counts) for m in self.metrics], axis=0)
 
 
-class FoldPool:
-    """A metric computed within each fold (its own tiles) and averaged over folds weighted by their resampled tiles.
-
-    ``folds``: ``(positions of the fold's tiles among the n pooled tiles, metric of those tiles)``.
-    """
-
-    def __init__(self, folds: Sequence[tuple[np.ndarray, object]], n: int):
-        self.folds = [(np.asarray(i), m) for i, m in folds]
-        self.n = int(n)
-
-    def values(self, counts: np.ndarray) -> np.ndarray:
-        num = np.zeros(counts.shape[1])
-        den = np.zeros(counts.shape[1])
-        for idx, metric in self.folds:
-            c = counts[idx]
-            size = c.sum(0).astype(np.float64)
-            some = size > 1  # retrieval needs two tiles
-            v = np.full(counts.shape[1], np.nan)
-            if some.any():
-                v[some] = metric.values(c[:, some])
-            ok = np.isfinite(v)
-            num[ok] += size[ok] * v[ok]
-            den[ok] += size[ok]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
 def pooled_metrics(runs: Sequence[Sequence[Mapping[str, np.ndarray]]], names: Sequence[str]) -> dict[str, object]:
     """Metric name -> seed-averaged (and fold-pooled) metric of one row.
 
     ``runs[seed][fold]`` are the arrays of one seed on one fold's evaluation tiles (one fold: the test split).
     """
+    from sigmma_sc.metrics._bootstrap import FoldMetric
+
     per_seed = []
     for folds in runs:
         ms = [metrics_of(a) for a in folds]
@@ -137,7 +114,11 @@ def pooled_metrics(runs: Sequence[Sequence[Mapping[str, np.ndarray]]], names: Se
         starts = np.cumsum([0, *sizes])
         per_seed.append(
             {
-                k: FoldPool([(np.arange(starts[f], starts[f + 1]), ms[f][k]) for f in range(len(ms))], int(starts[-1]))
+                k: FoldMetric(
+                    [(np.arange(starts[f], starts[f + 1]), ms[f][k]) for f in range(len(ms))],
+                    int(starts[-1]),
+                    min_tiles=2,
+                )
                 for k in names
                 if all(k in m for m in ms)
             }

@@ -139,11 +139,15 @@ class FoldMetric:
         ``(index array into the n tiles, metric of those tiles)`` per fold.
     n
         Number of tiles.
+    min_tiles
+        Fewest tiles of a fold drawn in a resample for its metric to count there (2 for retrieval, which ranks
+        among the fold's tiles).
     """
 
-    def __init__(self, folds: Sequence[tuple[np.ndarray, object]], n: int):
+    def __init__(self, folds: Sequence[tuple[np.ndarray, object]], n: int, *, min_tiles: int = 1):
         self.folds = [(np.asarray(i), m) for i, m in folds]
         self.n = int(n)
+        self.min_tiles = int(min_tiles)
 
     def values(self, counts: np.ndarray) -> np.ndarray:
         """The metric on each resample; ``counts`` is ``(n, B)``: how often each tile was drawn."""
@@ -153,7 +157,7 @@ class FoldMetric:
             c = counts[idx]
             size = c.sum(0).astype(np.float64)
             v = np.full(counts.shape[1], np.nan)
-            some = size > 0
+            some = size >= self.min_tiles
             if some.any():
                 v[some] = metric.values(c[:, some])
             ok = np.isfinite(v)
